@@ -1,0 +1,158 @@
+"""Run one dispatch of a compiled kernel in a child process and read its outputs back.
+
+All buffers of the dispatch live in one file (in /dev/shm when there is one), laid out
+in parameter order; the child maps it, runs, and exits. With the sanitizer, buffers are
+separated by gaps so an access that strays off one lands in no buffer and is reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import signal
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EmulatorError, KernelCrashError, KernelTimeoutError, SanitizerError
+
+
+@dataclass
+class Region:
+    """Bytes of one parameter: `data` goes in at `pointer` bytes into the region."""
+    name: str
+    nbytes: int
+    data: bytes | np.ndarray | None = None   # None: an output, filled with `fill`
+    fill: bytes = b"\xff"
+    pointer: int = 0
+    offset: int = 0
+
+
+def _tmpdir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _layout(regions: list[Region], sanitize: bool) -> int:
+    pos = 0
+    for r in regions:
+        gap = max(256, min(r.nbytes, 1 << 16)) if sanitize else 0
+        pos = (pos + gap + 63) // 64 * 64
+        r.offset = pos
+        pos += max(r.nbytes, 1)
+    return pos + (4096 if sanitize else 64)
+
+
+def timeout_seconds() -> float:
+    return float(os.environ.get("HLH_MLX_EMU_TIMEOUT", "120"))
+
+
+def workers() -> int:
+    return int(os.environ.get("HLH_MLX_EMU_THREADS", str(os.cpu_count() or 1)))
+
+
+def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, sanitize: bool,
+        source: str, header: str, reverse: bool = False) -> list[bytes]:
+    """Run the kernel; return the final bytes of every region (in order)."""
+    size = _layout(regions, sanitize)
+    fd, path = tempfile.mkstemp(prefix="hlh-emu-", dir=_tmpdir())
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as mm:
+            for r in regions:
+                if r.data is None:
+                    mm[r.offset:r.offset + r.nbytes] = (r.fill * (r.nbytes // len(r.fill) + 1))[:r.nbytes]
+                elif r.nbytes:
+                    mm[r.offset:r.offset + r.nbytes] = bytes(r.data) if not isinstance(r.data, bytes) else r.data
+        spec = [f"file {path}", "grid %d %d %d" % tuple(grid), "threadgroup %d %d %d" % tuple(threadgroup),
+                f"workers {workers()}", f"order {'reverse' if reverse else 'forward'}",
+                f"sanitize {int(sanitize)}", f"memlimit {int(os.environ.get('HLH_MLX_EMU_MEMORY', 16 << 30))}"]
+        spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
+        try:
+            proc = subprocess.run([str(exe)], input="\n".join(spec) + "\n", capture_output=True, text=True,
+                                  timeout=timeout_seconds())
+        except subprocess.TimeoutExpired:
+            raise KernelTimeoutError(
+                f"[emulator] kernel '{kernel}' did not finish within {timeout_seconds():g} s and was stopped "
+                "(an endless loop, or a barrier some threads never reach?); HLH_MLX_EMU_TIMEOUT sets the limit"
+            ) from None
+        _check(kernel, exe, proc, source, header)
+        with open(path, "rb") as f:
+            data = f.read()
+        return [data[r.offset:r.offset + r.nbytes] for r in regions]
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def _tagged(stderr: str, tag: str):
+    for line in stderr.splitlines():
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
+    return None
+
+
+def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: str, header: str) -> None:
+    for w in _tagged(proc.stderr, "HLH_WARN") or []:
+        warnings.warn(f"[emulator] kernel '{kernel}': {w['kind']}: {w['what']}", RuntimeWarning, stacklevel=4)
+    if proc.returncode == 0:
+        return
+    fault = _tagged(proc.stderr, "HLH_FAULT")
+    if fault and fault["kind"] in ("spec", "resources"):
+        raise EmulatorError(f"[emulator] kernel '{kernel}': {fault['what']}")
+    if fault and fault["kind"] == "threadgroup-memory":
+        raise ValueError(f"[metal_kernel] kernel '{kernel}': {fault['what']}")
+    if fault:
+        where, line, text = source_line(exe, fault.get("pc"), source, header)
+        raise SanitizerError(kernel, fault["kind"], fault["what"], where, line, text, fault.get("threads", []))
+    crash = _tagged(proc.stderr, "HLH_CRASH")
+    if crash:
+        sig = signal.Signals(crash["signal"]).name
+        who = ""
+        if crash.get("threads"):
+            t = crash["threads"][0]
+            who = f" in thread {tuple(t['thread_position_in_grid'])}"
+        hint = " (stack overflow: too much private memory per thread?)" if crash.get("stack_overflow") else (
+            " (an out-of-bounds access? run with sanitize=True)" if sig in ("SIGSEGV", "SIGBUS") else "")
+        raise KernelCrashError(f"[emulator] kernel '{kernel}' crashed with {sig}{who}{hint}")
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        why = " (a forbidden system call: the kernel tried to reach the host)" if sig == "SIGSYS" else (
+            " (out of memory?)" if sig == "SIGKILL" else "")
+        raise KernelCrashError(f"[emulator] kernel '{kernel}' was killed by {sig}{why}")
+    raise KernelCrashError(f"[emulator] kernel '{kernel}' failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def source_line(exe: Path, pc: str | None, source: str, header: str):
+    """Map a code address of the kernel program to (part, line, text) of the kernel source."""
+    import shutil
+
+    tool = shutil.which("addr2line") or shutil.which("llvm-addr2line")
+    if not pc or not tool:
+        return None, None, ""
+    addr = hex(int(pc, 16) - 1)  # return addresses point after the call
+    out = subprocess.run([tool, "-i", "-e", str(exe), addr], capture_output=True, text=True).stdout
+    for entry in out.splitlines():
+        part, _, rest = entry.partition(":")
+        if part in ("source", "header") and rest.split(" ")[0].isdigit():
+            line = int(rest.split(" ")[0])
+            lines = (source if part == "source" else header).splitlines()
+            return part, line, lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    return None, None, ""
+
+
+def strided_region(arr: np.ndarray) -> tuple[bytes, int, list[int]]:
+    """(bytes spanned by a strided view, offset of element 0 in them, strides in elements)."""
+    item = arr.itemsize
+    if arr.size == 0:
+        return b"", 0, [0] * arr.ndim
+    lo = sum(s * (n - 1) for s, n in zip(arr.strides, arr.shape) if s < 0)
+    hi = sum(s * (n - 1) for s, n in zip(arr.strides, arr.shape) if s > 0) + item
+    start = arr.__array_interface__["data"][0] + lo
+    data = ctypes.string_at(start, hi - lo)
+    return data, -lo, [s // item for s in arr.strides]

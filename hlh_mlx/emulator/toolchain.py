@@ -1,0 +1,203 @@
+"""Compile emulated kernels: find a C++ compiler, build the runtime once, cache kernels.
+
+Everything built lands in a cache directory keyed by what could change the binary
+(compiler identity, flags, runtime sources, the kernel's generated C++), so a second
+run of a process compiles nothing. Builds go to a temporary directory and are renamed
+into place, so concurrent processes never see half a build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EmulatorError, KernelCompileError, UnsafeKernelError
+
+RUNTIME_DIR = Path(__file__).parent / "runtime"
+RUNTIME_FILES = ("msl_types.h", "msl_math.h", "msl_sync.h", "msl_rt_api.h", "mlx_utils.h", "runtime.cpp")
+
+# What a kernel object may call: the runtime, ThreadSanitizer's hooks (sanitizer builds),
+# libm, and the few symbols compilers emit on their own. Anything else (system, fopen,
+# a function the kernel declared itself) is refused before the kernel runs.
+_ALLOWED_SYMBOL = re.compile(
+    r"^(msl_rt_\w+|__tsan_\w+|_GLOBAL_OFFSET_TABLE_|__stack_chk_fail|__dso_handle|__cxa_atexit"
+    r"|__cxa_guard_(acquire|release|abort)|__tls_get_addr|memcpy|memmove|memset"
+    r"|(acos|acosh|asin|asinh|atan|atan2|atanh|cbrt|ceil|copysign|cos|cosh|erf|erfc|exp|exp2|expm1|fabs"
+    r"|fdim|floor|fma|fmax|fmin|fmod|frexp|hypot|ldexp|lgamma|log|log10|log1p|log2|modf|nextafter|pow"
+    r"|remainder|rint|round|sin|sinh|sqrt|tan|tanh|tgamma|trunc|sincos)f?)$"
+)
+
+COMMON_FLAGS = (
+    "-std=gnu++17", "-fwrapv", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-exceptions",
+    "-fno-rtti", "-fno-pie", "-fno-stack-protector", "-Wno-literal-suffix", "-Wno-unknown-pragmas",
+    "-Wno-attributes", "-Wno-ignored-attributes", "-Wno-unused-value",
+)
+MODE_FLAGS = {
+    "fast": ("-O2",),
+    # instrumented loads/stores call the runtime's __tsan_* hooks; frame pointers and
+    # debug lines map a fault back to the kernel source line
+    "sanitize": ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=thread", "-DMSL_SANITIZE"),
+}
+
+
+@dataclass(frozen=True)
+class Compiler:
+    path: str
+    version: str
+    is_clang: bool
+
+    @property
+    def ident(self) -> str:
+        return f"{self.path} {self.version}"
+
+    def mode_flags(self, mode: str) -> tuple[str, ...]:
+        flags = MODE_FLAGS[mode]
+        if mode == "sanitize" and not self.is_clang:
+            flags += ("--param=tsan-instrument-func-entry-exit=0",)
+        if self.is_clang:
+            flags = tuple(f for f in flags if f != "-Wno-literal-suffix") + ("-Wno-user-defined-literals",)
+        return flags
+
+
+@functools.lru_cache(maxsize=None)
+def find_compiler() -> Compiler:
+    """The C++ compiler: $HLH_MLX_CXX, else clang++, else g++, else c++."""
+    candidates = [os.environ["HLH_MLX_CXX"]] if os.environ.get("HLH_MLX_CXX") else ["clang++", "g++", "c++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if not path:
+            continue
+        out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        first = out.splitlines()[0] if out else "unknown"
+        return Compiler(path, first, "clang" in out.lower())
+    raise EmulatorError(
+        "[emulator] no C++ compiler found (tried " + ", ".join(candidates) + "). Install one: "
+        "`apt-get install g++` (Debian/Ubuntu) or `pip install ziglang` and set "
+        "HLH_MLX_CXX='python -m ziglang c++'."
+    )
+
+
+def cache_root() -> Path:
+    root = os.environ.get("HLH_MLX_CACHE")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hlh_mlx"
+    return base / "emulator"
+
+
+def _sha(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def swizzle_members(n: int) -> str:
+    """Union members for every 2-, 3- and 4-component swizzle of an n-vector."""
+    members = []
+    for letters in ("xyzw", "rgba"):
+        for k in (2, 3, 4):
+            for idx in itertools.product(range(n), repeat=k):
+                name = "".join(letters[i] for i in idx)
+                members.append(f"swz<T,{n},{','.join(map(str, idx))}> {name};")
+    return " ".join(members)
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise EmulatorError(f"[emulator] {what} failed:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another process published it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_build(mode: str) -> Path:
+    """Build (once per cache) the runtime object and the precompiled prelude for a mode."""
+    cxx = find_compiler()
+    sources = b"".join((RUNTIME_DIR / f).read_bytes() for f in RUNTIME_FILES)
+    key = _sha(cxx.ident, mode, " ".join(COMMON_FLAGS + cxx.mode_flags(mode)), sources)
+    final = cache_root() / f"runtime-{mode}-{key}"
+    if (final / "runtime.o").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
+    for f in RUNTIME_FILES:
+        shutil.copy(RUNTIME_DIR / f, tmp / f)
+    swz = "".join(f"#define MSL_SWIZZLES_{n} {swizzle_members(n)}\n" for n in (2, 3, 4))
+    (tmp / "prelude.h").write_text(swz + '#include "mlx_utils.h"\n')
+    flags = [*COMMON_FLAGS, *cxx.mode_flags(mode)]
+    # the precompiled prelude: the vector types and their swizzles cost most of a compile
+    _run([cxx.path, *flags, "-x", "c++-header", "prelude.h", "-o", "prelude.h.gch"], "building the prelude", tmp)
+    rt_flags = [f for f in flags if not f.startswith(("-fsanitize", "--param", "-DMSL_SANITIZE"))]
+    _run([cxx.path, *rt_flags, "-O2", "-pthread", "-c", "runtime.cpp", "-o", "runtime.o"], "building the runtime", tmp)
+    _publish(tmp, final)
+    return final
+
+
+_DIAG = re.compile(r"^(source|header):(\d+):(?:(\d+):)? (error|fatal error): (.*)$")
+
+
+def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCompileError:
+    lines = {"source": source.splitlines(), "header": header.splitlines()}
+    for raw in stderr.splitlines():
+        m = _DIAG.match(raw)
+        if m:
+            where, line = m.group(1), int(m.group(2))
+            text = lines[where][line - 1].strip() if 0 < line <= len(lines[where]) else ""
+            return KernelCompileError(name, where, line, m.group(5), text, stderr)
+    return KernelCompileError(name, None, None, "the generated C++ did not compile", "", stderr)
+
+
+def undefined_symbols(obj: Path) -> list[str]:
+    nm = shutil.which("nm") or shutil.which("llvm-nm")
+    if not nm:
+        raise EmulatorError("[emulator] cannot check what the kernel links against: no `nm` (install binutils)")
+    out = _run([nm, "-u", "--format=posix", str(obj)], "listing kernel symbols").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def build_kernel(name: str, tu: str, source: str, header: str, mode: str) -> Path:
+    """Compile a generated translation unit into a runnable kernel program (cached)."""
+    cxx = find_compiler()
+    rt = runtime_build(mode)
+    key = _sha(rt.name, tu)
+    final = cache_root() / "kernels" / key
+    exe = final / "kernel"
+    if exe.exists():
+        return exe
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
+    try:
+        (tmp / "kernel.cpp").write_text(tu)
+        flags = [*COMMON_FLAGS, *cxx.mode_flags(mode), "-I", str(rt), "-include", str(rt / "prelude.h")]
+        proc = subprocess.run([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"],
+                              capture_output=True, text=True, cwd=tmp)
+        if proc.returncode != 0:
+            raise _compile_error(name, proc.stderr, source, header)
+        foreign = [s for s in undefined_symbols(tmp / "kernel.o") if not _ALLOWED_SYMBOL.match(s)]
+        if foreign:
+            raise UnsafeKernelError(
+                f"[emulator] kernel '{name}' calls functions outside the Metal/MLX surface: "
+                + ", ".join(sorted(set(foreign)))
+            )
+        _run([cxx.path, "-no-pie", "-pthread", "kernel.o", str(rt / "runtime.o"), "-lm", "-o", "kernel"],
+             "linking the kernel", tmp)
+        _publish(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return exe
