@@ -108,7 +108,12 @@ def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: st
     if fault and fault["kind"] == "threadgroup-memory":
         raise ValueError(f"[metal_kernel] kernel '{kernel}': {fault['what']}")
     if fault:
-        where, line, text = source_line(exe, fault.get("pc"), source, header)
+        if fault.get("site"):
+            where, line = fault["site"]["part"], fault["site"]["line"]
+            lines = (source if where == "source" else header).splitlines()
+            text = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+        else:
+            where, line, text = source_line(exe, fault.get("pc"), source, header)
         raise SanitizerError(kernel, fault["kind"], fault["what"], where, line, text, fault.get("threads", []))
     crash = _tagged(proc.stderr, "HLH_CRASH")
     if crash:
@@ -138,7 +143,8 @@ def source_line(exe: Path, pc: str | None, source: str, header: str):
     addr = hex(int(pc, 16) - 1)  # return addresses point after the call
     out = subprocess.run([tool, "-i", "-e", str(exe), addr], capture_output=True, text=True).stdout
     for entry in out.splitlines():
-        part, _, rest = entry.partition(":")
+        path, _, rest = entry.rpartition(":")
+        part = os.path.basename(path)
         if part in ("source", "header") and rest.split(" ")[0].isdigit():
             line = int(rest.split(" ")[0])
             lines = (source if part == "source" else header).splitlines()

@@ -30,6 +30,7 @@ RUNTIME_FILES = ("msl_types.h", "msl_math.h", "msl_sync.h", "msl_rt_api.h", "mlx
 _ALLOWED_SYMBOL = re.compile(
     r"^(msl_rt_\w+|__tsan_\w+|_GLOBAL_OFFSET_TABLE_|__stack_chk_fail|__dso_handle|__cxa_atexit"
     r"|__cxa_guard_(acquire|release|abort)|__tls_get_addr|memcpy|memmove|memset"
+    r"|__(extend|trunc)[a-z]{4}2|__(u?div|u?mod|mul)ti3|__popcount[a-z]i2|__(mul|div)[sd]c3"  # libgcc arithmetic
     r"|(acos|acosh|asin|asinh|atan|atan2|atanh|cbrt|ceil|copysign|cos|cosh|erf|erfc|exp|exp2|expm1|fabs"
     r"|fdim|floor|fma|fmax|fmin|fmod|frexp|hypot|ldexp|lgamma|log|log10|log1p|log2|modf|nextafter|pow"
     r"|remainder|rint|round|sin|sinh|sqrt|tan|tanh|tgamma|trunc|sincos)f?)$"

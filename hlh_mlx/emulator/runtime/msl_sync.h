@@ -3,8 +3,8 @@
 // Every cross-thread operation parks the calling thread (a fiber) in the runtime with
 // its operand; the runtime resolves it once every live lane of the simdgroup is parked,
 // over the lanes that called it at the same place (Metal's active-lane rule). The place
-// is the return address of a non-inlined call made from the always-inlined public
-// function, i.e. a point inside the kernel body.
+// is the source line of the call (__builtin_LINE() as a default argument), which
+// survives the optimizer duplicating a call into several branches.
 #pragma once
 #include "msl_math.h"
 #include "msl_rt_api.h"
@@ -23,12 +23,17 @@ enum class mem_flags : uint32_t { mem_none = 0, mem_device = 1, mem_threadgroup 
                                   mem_threadgroup_imageblock = 8, mem_object_data = 16 };
 MSL_INLINE constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(uint32_t(a) | uint32_t(b)); }
 
-MSL_NOINLINE inline void msl_barrier_(int kind) { msl_rt_barrier(kind, __builtin_return_address(0)); }
-MSL_INLINE void threadgroup_barrier(mem_flags = mem_flags::mem_none) { msl_barrier_(MSL_BARRIER_THREADGROUP); }
-MSL_INLINE void simdgroup_barrier(mem_flags = mem_flags::mem_none) { msl_barrier_(MSL_BARRIER_SIMDGROUP); }
-
-MSL_NOINLINE inline void msl_xchg_(const void* in, void* out, uint32_t aux, msl_resolver fn) {
-  msl_rt_simd(in, out, aux, fn, __builtin_return_address(0));
+// A call site: the line in the kernel source, and whether it is in the header.
+#define MSL_SITE const char* msl_file_ = __builtin_FILE(), int msl_line_ = __builtin_LINE()
+#define MSL_SITE_ARG msl_site_(msl_file_, msl_line_)
+MSL_INLINE const void* msl_site_(const char* file, int line) {
+  return (const void*)(uintptr_t)((file[0] == 'h' ? 0u : 1u << 24) | unsigned(line));
+}
+MSL_INLINE void threadgroup_barrier(mem_flags = mem_flags::mem_none, MSL_SITE) {
+  msl_rt_barrier(MSL_BARRIER_THREADGROUP, MSL_SITE_ARG);
+}
+MSL_INLINE void simdgroup_barrier(mem_flags = mem_flags::mem_none, MSL_SITE) {
+  msl_rt_barrier(MSL_BARRIER_SIMDGROUP, MSL_SITE_ARG);
 }
 
 // ---------------------------------------------------------------- resolvers
@@ -116,12 +121,11 @@ template <class T, int W, bool Up> void shuffle_fill_(const msl_simd_ctx* c) {
     }
   });
 }
-template <class T, msl_resolver R> MSL_INLINE T xchg_(const T& x, uint32_t aux = 0) {
+template <class T, msl_resolver R> MSL_INLINE T xchg_(const T& x, uint32_t aux, const void* site) {
   T in = x, out;
-  msl_xchg_(&in, &out, aux, R);
+  msl_rt_simd(&in, &out, aux, R, site);
   return out;
 }
-
 struct simd_vote {
   typedef uint64_t vote_t;
   vote_t v, active_;
@@ -145,52 +149,52 @@ typedef simd_vote quad_vote;
 
 // ---------------------------------------------------------------- simd_ and quad_ functions
 #define MSL_GROUP_FNS(P, W)                                                                                 \
-  template <class A> MSL_INLINE vec_t<A> P##_sum(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_sum_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_product(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_prod_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_min(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_min_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_max(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_max_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_and(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_and_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_or(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_or_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_xor(const A& x) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_xor_, W>>(x); } \
-  template <class A> MSL_INLINE vec_t<A> P##_prefix_inclusive_sum(const A& x) {                              \
-    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_sum_, W, true>>(x); }                                        \
-  template <class A> MSL_INLINE vec_t<A> P##_prefix_exclusive_sum(const A& x) {                              \
-    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_sum_, W, false>>(x); }                                       \
-  template <class A> MSL_INLINE vec_t<A> P##_prefix_inclusive_product(const A& x) {                          \
-    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_prod_, W, true>>(x); }                                       \
-  template <class A> MSL_INLINE vec_t<A> P##_prefix_exclusive_product(const A& x) {                          \
-    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_prod_, W, false>>(x); }                                      \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle(const A& x, ushort lane) {                              \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_IDX>>(x, lane); }                                        \
-  template <class A> MSL_INLINE vec_t<A> P##_broadcast(const A& x, ushort lane) {                            \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_IDX>>(x, lane); }                                        \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_up(const A& x, ushort d) {                              \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_UP>>(x, d); }                                            \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_down(const A& x, ushort d) {                            \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_DOWN>>(x, d); }                                          \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_xor(const A& x, ushort m) {                             \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_XOR>>(x, m); }                                           \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_rotate_up(const A& x, ushort d) {                       \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_ROT_UP>>(x, d); }                                        \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_rotate_down(const A& x, ushort d) {                     \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_ROT_DOWN>>(x, d); }                                      \
-  template <class A> MSL_INLINE vec_t<A> P##_broadcast_first(const A& x) {                                   \
-    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_FIRST>>(x); }                                            \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_and_fill_up(const A& x, const A& f, ushort d) {         \
+  template <class A> MSL_INLINE vec_t<A> P##_sum(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_sum_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_product(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_prod_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_min(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_min_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_max(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_max_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_and(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_and_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_or(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_or_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_xor(const A& x, MSL_SITE) { return xchg_<vec_t<A>, reduce_<vec_t<A>, op_xor_, W>>(x, 0, MSL_SITE_ARG); } \
+  template <class A> MSL_INLINE vec_t<A> P##_prefix_inclusive_sum(const A& x, MSL_SITE) {                              \
+    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_sum_, W, true>>(x, 0, MSL_SITE_ARG); }                                        \
+  template <class A> MSL_INLINE vec_t<A> P##_prefix_exclusive_sum(const A& x, MSL_SITE) {                              \
+    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_sum_, W, false>>(x, 0, MSL_SITE_ARG); }                                       \
+  template <class A> MSL_INLINE vec_t<A> P##_prefix_inclusive_product(const A& x, MSL_SITE) {                          \
+    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_prod_, W, true>>(x, 0, MSL_SITE_ARG); }                                       \
+  template <class A> MSL_INLINE vec_t<A> P##_prefix_exclusive_product(const A& x, MSL_SITE) {                          \
+    return xchg_<vec_t<A>, prefix_<vec_t<A>, op_prod_, W, false>>(x, 0, MSL_SITE_ARG); }                                      \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle(const A& x, ushort lane, MSL_SITE) {                              \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_IDX>>(x, lane, MSL_SITE_ARG); }                                        \
+  template <class A> MSL_INLINE vec_t<A> P##_broadcast(const A& x, ushort lane, MSL_SITE) {                            \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_IDX>>(x, lane, MSL_SITE_ARG); }                                        \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_up(const A& x, ushort d, MSL_SITE) {                              \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_UP>>(x, d, MSL_SITE_ARG); }                                            \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_down(const A& x, ushort d, MSL_SITE) {                            \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_DOWN>>(x, d, MSL_SITE_ARG); }                                          \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_xor(const A& x, ushort m, MSL_SITE) {                             \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_XOR>>(x, m, MSL_SITE_ARG); }                                           \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_rotate_up(const A& x, ushort d, MSL_SITE) {                       \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_ROT_UP>>(x, d, MSL_SITE_ARG); }                                        \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_rotate_down(const A& x, ushort d, MSL_SITE) {                     \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_ROT_DOWN>>(x, d, MSL_SITE_ARG); }                                      \
+  template <class A> MSL_INLINE vec_t<A> P##_broadcast_first(const A& x, MSL_SITE) {                                   \
+    return xchg_<vec_t<A>, shuffle_<vec_t<A>, W, SH_FIRST>>(x, 0, MSL_SITE_ARG); }                                            \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_and_fill_up(const A& x, const A& f, ushort d, MSL_SITE) {         \
     fill_pair_<vec_t<A>> p{vec_t<A>(x), vec_t<A>(f)}; vec_t<A> out;                                          \
-    msl_xchg_(&p, &out, d, shuffle_fill_<vec_t<A>, W, true>); return out; }                                  \
-  template <class A> MSL_INLINE vec_t<A> P##_shuffle_and_fill_down(const A& x, const A& f, ushort d) {       \
+    msl_rt_simd(&p, &out, d, shuffle_fill_<vec_t<A>, W, true>, MSL_SITE_ARG); return out; }                                  \
+  template <class A> MSL_INLINE vec_t<A> P##_shuffle_and_fill_down(const A& x, const A& f, ushort d, MSL_SITE) {       \
     fill_pair_<vec_t<A>> p{vec_t<A>(x), vec_t<A>(f)}; vec_t<A> out;                                          \
-    msl_xchg_(&p, &out, d, shuffle_fill_<vec_t<A>, W, false>); return out; }                                 \
-  MSL_INLINE simd_vote P##_ballot(bool b) {                                                                  \
-    vote_pair_ out; msl_xchg_(&b, &out, 0, ballot_pair_<W>); return simd_vote(out.v, out.active); }          \
-  MSL_INLINE bool P##_all(bool b) { return xchg_<bool, reduce_<bool, op_and_, W>>(b); }                      \
-  MSL_INLINE bool P##_any(bool b) { return xchg_<bool, reduce_<bool, op_or_, W>>(b); }                       \
-  MSL_INLINE simd_vote P##_active_threads_mask() {                                                           \
-    bool t = true; vote_pair_ out; msl_xchg_(&t, &out, 0, ballot_pair_<W>); return simd_vote(out.v, out.active); } \
-  MSL_INLINE bool P##_is_first() {                                                                           \
+    msl_rt_simd(&p, &out, d, shuffle_fill_<vec_t<A>, W, false>, MSL_SITE_ARG); return out; }                                 \
+  MSL_INLINE simd_vote P##_ballot(bool b, MSL_SITE) {                                                                  \
+    vote_pair_ out; msl_rt_simd(&b, &out, 0, ballot_pair_<W>, MSL_SITE_ARG); return simd_vote(out.v, out.active); }          \
+  MSL_INLINE bool P##_all(bool b, MSL_SITE) { return xchg_<bool, reduce_<bool, op_and_, W>>(b, 0, MSL_SITE_ARG); }                      \
+  MSL_INLINE bool P##_any(bool b, MSL_SITE) { return xchg_<bool, reduce_<bool, op_or_, W>>(b, 0, MSL_SITE_ARG); }                       \
+  MSL_INLINE simd_vote P##_active_threads_mask(MSL_SITE) {                                                           \
+    bool t = true; vote_pair_ out; msl_rt_simd(&t, &out, 0, ballot_pair_<W>, MSL_SITE_ARG); return simd_vote(out.v, out.active); } \
+  MSL_INLINE bool P##_is_first(MSL_SITE) {                                                                           \
     uint32_t l = msl_rt_lane() % W;                                                                          \
-    return xchg_<uint32_t, shuffle_<uint32_t, W, SH_FIRST>>(l) == l; }
+    return xchg_<uint32_t, shuffle_<uint32_t, W, SH_FIRST>>(l, 0, MSL_SITE_ARG) == l; }
 MSL_GROUP_FNS(simd, 32)
 MSL_GROUP_FNS(quad, 4)
 #undef MSL_GROUP_FNS
@@ -351,16 +355,17 @@ template <class T> void mma_(const msl_simd_ctx* x) {
 }
 template <class T, class TA, class TB, class TC>
 MSL_INLINE void simdgroup_multiply_accumulate(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
-                                              const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c) {
+                                              const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
+                                              MSL_SITE) {
   mma_in_<float> in{vec<float, 2>(a.e_), vec<float, 2>(b.e_), vec<float, 2>(c.e_)};
   vec<float, 2> out;
-  msl_xchg_(&in, &out, 0, mma_<float>);
+  msl_rt_simd(&in, &out, 0, mma_<float>, MSL_SITE_ARG);
   d.e_ = vec<T, 2>(out);
 }
 template <class T, class TA, class TB>
 MSL_INLINE void simdgroup_multiply(simdgroup_matrix<T, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
-                                   const simdgroup_matrix<TB, 8, 8>& b) {
-  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, 8, 8>(T(0)));
+                                   const simdgroup_matrix<TB, 8, 8>& b, MSL_SITE) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<T, 8, 8>(T(0)), msl_file_, msl_line_);
 }
 
 }  // namespace metal

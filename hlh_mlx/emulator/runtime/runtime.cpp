@@ -204,16 +204,21 @@ std::string thread_desc(int i) {
          ", \"thread_index_in_threadgroup\": " + std::to_string(i) + "}";
 }
 
+std::string site_json(const void* site) {
+  // a call site as encoded by the kernel side (msl_site_): header/source bit and line
+  uintptr_t v = (uintptr_t)site;
+  return std::string("{\"part\": \"") + ((v >> 24) & 1 ? "source" : "header") + "\", \"line\": " +
+         std::to_string(v & 0xffffff) + "}";
+}
+
+// A fault at a code address (memory accesses) or at a call site (barriers).
 [[noreturn]] void sanitizer_fault(const char* kind, const std::string& what, const void* pc,
-                                  const std::vector<int>& threads, const std::vector<const void*>& pcs = {}) {
+                                  const std::vector<int>& threads, const void* site = nullptr) {
   std::string th = "[";
   for (size_t k = 0; k < threads.size(); k++) th += (k ? ", " : "") + thread_desc(threads[k]);
   th += "]";
-  std::string pcl = "[";
-  for (size_t k = 0; k < pcs.size(); k++) pcl += (k ? ", \"" : "\"") + hex(pcs[k]) + "\"";
-  pcl += "]";
-  fault_exit("\"kind\": " + json_str(kind) + ", \"what\": " + json_str(what) + ", \"pc\": \"" + hex(pc) +
-             "\", \"other_pcs\": " + pcl + ", \"threads\": " + th);
+  fault_exit("\"kind\": " + json_str(kind) + ", \"what\": " + json_str(what) + ", \"pc\": \"" + hex(pc) + "\"" +
+             (site ? ", \"site\": " + site_json(site) : std::string()) + ", \"threads\": " + th);
 }
 
 // ---------------------------------------------------------------- fiber plumbing
@@ -284,7 +289,7 @@ void resume(Worker& w, int i) {
 }
 
 // Resolve one simdgroup: called when none of its lanes is runnable and some wait on
-// a simd operation. The lanes waiting at the lowest code address go first: a loop's
+// a simd operation. The lanes waiting at the earliest source line go first: a loop's
 // body comes before the code after the loop, so lanes still looping are resolved
 // before the others meet them at the next common operation.
 bool resolve_simdgroup(Worker& w, int lo, int hi) {
@@ -351,17 +356,22 @@ void run_group_fibers(Worker& w, Group& g) {
     if (done > 0 || diverged) {
       if (g_spec.sanitize) {
         std::vector<int> culprits;
-        std::vector<const void*> pcs;
         if (diverged) {
-          for (int i : at) if (w.fibers[size_t(i)].site != site0) { culprits = {at[0], i}; pcs = {w.fibers[size_t(i)].site}; break; }
-          sanitizer_fault("barrier-divergence", "threads of one threadgroup wait at different threadgroup_barrier calls",
-                          site0, culprits, pcs);
+          for (int i : at) {
+            if (w.fibers[size_t(i)].site == site0) continue;
+            uintptr_t other = (uintptr_t)w.fibers[size_t(i)].site;
+            sanitizer_fault("barrier-divergence",
+                            "threads of one threadgroup wait at different threadgroup_barrier calls (the other at " +
+                                std::string((other >> 24) & 1 ? "source" : "header") + " line " +
+                                std::to_string(other & 0xffffff) + ")",
+                            nullptr, {at[0], i}, site0);
+          }
         }
         for (int i = 0; i < n; i++) if (w.fibers[size_t(i)].st == DONE) { culprits = {at[0], i}; break; }
         sanitizer_fault("barrier-divergence",
                         std::to_string(at.size()) + " of " + std::to_string(n) +
                             " threads reached threadgroup_barrier; the others had returned",
-                        site0, culprits);
+                        nullptr, culprits, site0);
       }
       if (done > 0) g_warn.exited_before_barrier++;
       if (diverged) g_warn.divergent_barrier++;
@@ -374,21 +384,20 @@ void run_group_fibers(Worker& w, Group& g) {
 void run_group_direct(Worker& w, Group& g) {
   msl_thread_info t;
   thread_info(g, 0, t);
-  const unsigned sx = g.size.x, sy = g.size.y;
-  int i = 0;
-  for (uint32_t lz = 0; lz < g.size.z; lz++)
-    for (uint32_t ly = 0; ly < sy; ly++)
-      for (uint32_t lx = 0; lx < sx; lx++, i++) {
-        w.cur = i;
-        t.thread_position_in_threadgroup = {lx, ly, lz};
-        t.thread_position_in_grid = {g.pos.x * g_spec.tx + lx, g.pos.y * g_spec.ty + ly, g.pos.z * g_spec.tz + lz};
-        t.thread_index_in_threadgroup = uint32_t(i);
-        t.thread_index_in_simdgroup = uint32_t(i % kSimdWidth);
-        t.simdgroup_index_in_threadgroup = uint32_t(i / kSimdWidth);
-        t.thread_index_in_quadgroup = uint32_t(i % 4);
-        t.quadgroup_index_in_threadgroup = uint32_t(i / 4);
-        msl_kernel_thread(g_param_ptrs.data(), &t);
-      }
+  const uint32_t sx = g.size.x, sxy = g.size.x * g.size.y;
+  for (int k = 0; k < g.n; k++) {
+    const int i = g_spec.reverse ? g.n - 1 - k : k;
+    const uint32_t lx = uint32_t(i) % sx, ly = (uint32_t(i) % sxy) / sx, lz = uint32_t(i) / sxy;
+    w.cur = i;
+    t.thread_position_in_threadgroup = {lx, ly, lz};
+    t.thread_position_in_grid = {g.pos.x * g_spec.tx + lx, g.pos.y * g_spec.ty + ly, g.pos.z * g_spec.tz + lz};
+    t.thread_index_in_threadgroup = uint32_t(i);
+    t.thread_index_in_simdgroup = uint32_t(i % kSimdWidth);
+    t.simdgroup_index_in_threadgroup = uint32_t(i / kSimdWidth);
+    t.thread_index_in_quadgroup = uint32_t(i % 4);
+    t.quadgroup_index_in_threadgroup = uint32_t(i / 4);
+    msl_kernel_thread(g_param_ptrs.data(), &t);
+  }
   w.cur = -1;
 }
 
