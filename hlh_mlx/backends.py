@@ -1,0 +1,118 @@
+"""Backends: turn a variant into a callable kernel, and say which device we are on.
+
+- metal: `mx.fast.metal_kernel` on an Apple GPU (Metal templates).
+- emulator: the CPU emulator with the same semantics (Metal templates), for correctness only.
+- cuda: `mx.fast.cuda_kernel` on an NVIDIA GPU (CUDA templates).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+
+from .ops.spec import DTYPES
+from .templates import TemplateError
+from .variants import Variant
+
+BACKENDS = ("metal", "emulator", "cuda")
+TEMPLATE_BACKEND = {"metal": "metal", "emulator": "metal", "cuda": "cuda"}
+
+
+def has_metal() -> bool:
+    return bool(getattr(mx, "metal", None) and mx.metal.is_available())
+
+
+def has_cuda() -> bool:
+    return bool(getattr(mx, "cuda", None) and mx.cuda.is_available())
+
+
+def auto() -> str:
+    """metal on a Mac, cuda with an NVIDIA GPU, else the emulator."""
+    return "metal" if has_metal() else "cuda" if has_cuda() else "emulator"
+
+
+def resolve(name: str) -> str:
+    if name == "auto":
+        return auto()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (one of auto, {', '.join(BACKENDS)})")
+    if name == "metal" and not has_metal():
+        raise ValueError("backend 'metal' needs an Apple GPU; off a Mac use --backend emulator")
+    if name == "cuda" and not has_cuda():
+        raise ValueError("backend 'cuda' needs MLX's CUDA back end (pip install 'hlh-mlx[cuda]') and an NVIDIA GPU")
+    return name
+
+
+@dataclass(frozen=True)
+class Device:
+    slug: str          # results folder name: variants/<slug>/
+    name: str
+    architecture: str
+    backend: str
+
+    @property
+    def can_time(self) -> bool:
+        return self.backend != "emulator"
+
+
+@lru_cache(maxsize=None)
+def device(backend: str) -> Device:
+    if backend == "emulator":
+        return Device("emulator", f"CPU emulator ({platform.machine()})", "emulator", backend)
+    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    name = str(info.get("device_name") or info.get("name") or backend)
+    arch = str(info.get("architecture") or name)
+    slug = re.sub(r"[^a-z0-9]+", "-", (arch if backend == "metal" else name).lower()).strip("-")
+    return Device(slug, name, arch, backend)
+
+
+class Kernel:
+    """A compiled variant: call it with the op's inputs for one shape."""
+
+    def __init__(self, variant: Variant, backend: str):
+        t = variant.template
+        if TEMPLATE_BACKEND[backend] != t.backend:
+            raise ValueError(f"{t.path}: a {t.backend} template cannot run on the {backend} backend")
+        self.variant, self.backend = variant, backend
+        r = variant.rendered
+        name = f"hlh_{t.op}_{t.family}_{variant.id}"
+        if backend == "cuda":
+            self._kernel = mx.fast.cuda_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
+                                               source=r.source, header=r.header)
+        elif backend == "metal":
+            self._kernel = mx.fast.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
+                                                source=r.source, header=r.header)
+        else:
+            from . import emulator
+            self._kernel = emulator.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
+                                                 source=r.source, header=r.header)
+
+    def __call__(self, inputs, shape: dict, dtype: str, output_shapes, output_dtypes, init_value=None):
+        v = self.variant
+        return self._kernel(
+            inputs=inputs, template=v.template_args(dtype), grid=v.grid(shape, dtype),
+            threadgroup=v.threadgroup(), output_shapes=output_shapes,
+            output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes],
+            init_value=init_value)
+
+
+def poison_value(dtype) -> float | None:
+    """init_value that makes unwritten outputs visible: NaN for floats."""
+    return math.nan if dtype in (mx.float32, mx.float16, mx.bfloat16) else None
+
+
+def map_compile_error(err: Exception, variant: Variant) -> str:
+    """An emulator compile error, with the template file and line it came from."""
+    from .emulator import KernelCompileError
+    if isinstance(err, KernelCompileError) and err.line:
+        tline = variant.rendered.template_line(err.where, err.line)
+        if tline:
+            return f"{variant.template.path}:{tline}: {err.message} (kernel {err.where} line {err.line})"
+    if isinstance(err, TemplateError):
+        return str(err)
+    return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -1,0 +1,256 @@
+"""The command line: list, render, check, sweep, show.
+
+    python -m hlh_mlx sweep matmul                 # emulator off a Mac: checks variants
+    python -m hlh_mlx sweep matmul --backend cuda  # on an NVIDIA GPU: checks, times, ranks
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import backends, ops, rank, store, sweep as sweep_mod, templates, variants
+from .templates import TemplateError
+from .variants import SpaceError
+
+FORMATS = click.Choice(["table", "json", "csv", "md"])
+
+
+def _op(name: str) -> ops.OpSpec:
+    try:
+        return ops.get(name)
+    except KeyError as e:
+        raise click.UsageError(str(e.args[0])) from None
+
+
+def _template(op: ops.OpSpec, name: str) -> templates.Template:
+    found = [t for t in _templates(op.name) if name in (t.family, t.name, t.path.name)]
+    if not found:
+        known = ", ".join(t.name for t in _templates(op.name)) or "none"
+        raise click.UsageError(f"unknown template {name!r} for {op.name} (known: {known})")
+    return found[0]
+
+
+def _templates(op_name: str | None = None) -> list[templates.Template]:
+    try:
+        return templates.discover(op_name)
+    except TemplateError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _params(template: templates.Template, pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, val = pair.partition("=")
+        if not sep:
+            raise click.UsageError(f"-p takes KEY=VALUE, got {pair!r}")
+        if key not in template.params:
+            raise click.UsageError(f"{template.path}: unknown parameter {key!r} "
+                                   f"(the space has {', '.join(template.params) or 'none'})")
+        choices = template.params[key]
+        match = [c for c in choices if str(c) == val]
+        if not match:
+            raise click.UsageError(f"{template.path}: {key}={val} is outside the space ({key} in {choices})")
+        out[key] = match[0]
+    return out
+
+
+def _shapes(op, texts):
+    try:
+        return [op.parse_shape(t) for t in texts] or None
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hlh-mlx")
+def main():
+    """Write, check, tune and ship custom GPU kernels for MLX."""
+
+
+@main.command("list")
+@click.argument("op", required=False)
+def list_cmd(op):
+    """Ops, their templates, and the size of each parameter space."""
+    names = [_op(op).name] if op else ops.names()
+    for name in names:
+        spec = ops.get(name)
+        click.echo(f"{name}  ({'x'.join(spec.dims)}; dtypes {', '.join(spec.dtypes)})")
+        for t in _templates(name):
+            total = 1
+            for v in t.params.values():
+                total *= len(v)
+            valid = len(variants.expand(t))
+            click.echo(f"  {t.name:<24} {valid:>4} valid of {total:<5} {t.summary}")
+
+
+@main.command()
+@click.argument("op")
+@click.argument("template")
+@click.option("-p", "--param", "pairs", multiple=True, metavar="KEY=VAL", help="A parameter value (repeat).")
+@click.option("--full", is_flag=True, help="The whole kernel source MLX compiles, signature included.")
+@click.option("--dtype", default="float32", show_default=True, help="dtype for --full.")
+def render(op, template, pairs, full, dtype):
+    """Print a variant's kernel body (missing parameters take their first value)."""
+    spec = _op(op)
+    t = _template(spec, template)
+    params = {k: v[0] for k, v in t.params.items()}
+    params.update(_params(t, pairs))
+    try:
+        v = variants.make(t, params)
+        r = v.rendered
+    except (SpaceError, TemplateError) as e:
+        raise click.ClickException(str(e)) from None
+    if not full:
+        if r.header:
+            click.echo(f"// ---- header ----\n{r.header}\n// ---- body ----")
+        click.echo(r.source)
+        return
+    if t.backend != "metal":
+        raise click.UsageError("--full shows the Metal signature MLX writes; CUDA templates print their body only")
+    from .emulator import codegen
+    from .ops.spec import DTYPES
+    import numpy as np
+    shape = spec.emulator_shapes[0]
+    ins = spec.make_inputs(shape, DTYPES[dtype], np.random.default_rng(0))
+    sigs = [codegen.InputSig(n, x.dtype, x.ndim, x.size) for n, x in zip(t.inputs, ins)]
+    click.echo(codegen.metal_source(f"hlh_{spec.name}_{t.family}_{v.id}", r.header, r.source, sigs, t.outputs,
+                                    [DTYPES[dtype]] * len(t.outputs), v.template_args(dtype), False))
+
+
+@main.command()
+@click.argument("op")
+@click.argument("template", required=False)
+@click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
+@click.option("--dtype", "dtypes", multiple=True, help="dtype(s) to check (default: every dtype of the op).")
+@click.option("--sample", type=int, default=None, help="Check a seeded sample of N variants per template.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sanitize/--no-sanitize", default=True, show_default=True,
+              help="Emulator: check for races, out-of-bounds, uninitialized reads, barrier divergence.")
+@click.option("-p", "--param", "pairs", multiple=True, metavar="KEY=VAL", help="Check only this variant (with TEMPLATE).")
+def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
+    """Prove variants correct on fresh random inputs and edge shapes. Exits 1 on a failure."""
+    import os
+
+    import numpy as np
+
+    from . import check as check_mod
+    spec = _op(op)
+    try:
+        be = backends.resolve(backend)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if be == "emulator" and sanitize:
+        os.environ["HLH_MLX_SANITIZE"] = "1"
+    temps = [_template(spec, template)] if template else [
+        t for t in _templates(spec.name) if t.backend == backends.TEMPLATE_BACKEND[be]]
+    if not temps:
+        raise click.UsageError(f"no {backends.TEMPLATE_BACKEND[be]} templates for {spec.name}")
+    rng = np.random.default_rng()
+    failures = total = 0
+    for t in temps:
+        try:
+            vs = [variants.make(t, {**{k: v[0] for k, v in t.params.items()}, **_params(t, pairs)})] if pairs \
+                else variants.sample(variants.expand(t), sample, seed)
+        except (SpaceError, TemplateError) as e:
+            raise click.ClickException(str(e)) from None
+        if not vs:
+            raise click.ClickException(f"{t.path}: the space has no valid variant")
+        for v in vs:
+            for dtype in dtypes or spec.dtypes:
+                shapes = list(spec.edge_shapes) + list(spec.emulator_shapes)
+                shapes = [s for s in shapes if v.supports(s, dtype)]
+                if not shapes:
+                    continue
+                total += 1
+                err = None
+                try:
+                    k = backends.Kernel(v, be)
+                    for s in shapes:
+                        res = check_mod.check(k, spec, s, dtype, rng)
+                        if not res.ok:
+                            err = f"shape {spec.shape_str(s)}: {res.error}"
+                            break
+                except Exception as e:  # report and go on: one bad variant does not stop the check
+                    err = backends.map_compile_error(e, v)
+                failures += err is not None
+                mark = "ok  " if err is None else "FAIL"
+                click.echo(f"{mark} {v.label()} {dtype} [{v.id}]" + (f"\n     {err}" if err else ""))
+    click.echo(f"{total - failures} passed, {failures} failed")
+    sys.exit(1 if failures else 0)
+
+
+@main.command()
+@click.argument("op")
+@click.option("--shape", "shape_texts", multiple=True, help="Shape to tune, e.g. 4096x4096x4096 or M=1,N=4096,K=4096 (repeat).")
+@click.option("--dtype", "dtypes", multiple=True, help="dtype(s) (default float32).")
+@click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
+@click.option("--template", default=None, help="Sweep only this template family.")
+@click.option("--budget", type=int, default=None, help="At most N variants: a seeded sample, then neighbours of the best.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top", type=int, default=None, help="Show only the N best variants.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout, fmt):
+    """Check, time and rank every variant of OP against the MLX built-in; store the results."""
+    spec = _op(op)
+    for d in dtypes:
+        if d not in spec.dtypes:
+            raise click.UsageError(f"[{spec.name}] unsupported dtype {d!r} (one of {', '.join(spec.dtypes)})")
+    try:
+        p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
+                           backend=backend, budget=budget, seed=seed, timeout=timeout, template=template)
+    except (ValueError, TemplateError, SpaceError) as e:
+        raise click.UsageError(str(e)) from None
+    err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))
+    err(f"{spec.name} on {p.device.name} [{p.backend}]: {len(p.candidates)} of {p.space_size} variants, "
+        f"shapes {', '.join(spec.shape_str(s) for s in p.shapes)}, dtypes {', '.join(p.dtypes)}")
+    for n in p.notes:
+        err(f"note: {n}")
+    if not p.device.can_time:
+        err("note: the emulator has no speed: variants are checked for correctness, not timed or ranked")
+    n_jobs = len(p.shapes) * len(p.dtypes) * (len(p.candidates) + (1 if p.device.can_time else 0))
+    try:
+        with click.progressbar(length=n_jobs, label="sweeping", file=sys.stderr) as bar:
+            records = sweep_mod.run(p, progress=lambda *a: bar.update(1))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: finished variants are saved in {store.path_for(p.device.slug, spec.name)}; "
+                   "rerun the same command to resume", err=True)
+        sys.exit(130)
+    for dtype in p.dtypes:
+        for shape in p.shapes:
+            rows = rank.table_rows(records, spec.name, shape, dtype, p.backend, top)
+            title = f"{spec.name} {spec.shape_str(shape)} {dtype} on {p.device.name} [{p.backend}]"
+            click.echo(rank.render(rows, fmt, title))
+    bad = sum(1 for r in records if r.get("template") != "builtin" and not r.get("correct"))
+    err(f"results: {store.path_for(p.device.slug, spec.name)} ({bad} incorrect or failed)")
+
+
+@main.command()
+@click.argument("op")
+@click.option("--device", default=None, help="Device folder under variants/ (default: this machine's).")
+@click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
+@click.option("--shape", "shape_texts", multiple=True)
+@click.option("--dtype", "dtypes", multiple=True)
+@click.option("--source", default=None, help="Only results from this source (local, hub:REPO@REV).")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+def show(op, device, backend, shape_texts, dtypes, source, fmt):
+    """Stored results for OP, ranked against the built-in."""
+    spec = _op(op)
+    be = backends.auto() if backend == "auto" else backend
+    slug = device or backends.device(be).slug
+    records = store.load(slug, spec.name)
+    if source:
+        records = [r for r in records if r.get("source", "local") == source]
+    if not records:
+        raise click.ClickException(f"no stored results for {spec.name} on {slug} "
+                                   f"(in {store.path_for(slug, spec.name)})")
+    wanted = _shapes(spec, shape_texts)
+    keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in records})
+    for be_, sstr, dtype in keys:
+        shape = spec.parse_shape(sstr)
+        if (wanted and shape not in wanted) or (dtypes and dtype not in dtypes):
+            continue
+        rows = rank.table_rows(records, spec.name, shape, dtype, be_)
+        click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}]"))

@@ -1,0 +1,31 @@
+"""matmul: C = A @ B with A (M, K), B (K, N); reference mx.matmul."""
+
+import math
+
+import mlx.core as mx
+
+from .spec import OpSpec, random_array
+
+
+def _inputs(shape, dtype, rng):
+    # scaled so sums of K products stay O(1) in half precision
+    s = 1.0 / math.sqrt(math.sqrt(shape["K"]))
+    return [random_array(rng, (shape["M"], shape["K"]), dtype, s),
+            random_array(rng, (shape["K"], shape["N"]), dtype, s)]
+
+
+OP = OpSpec(
+    name="matmul",
+    dims=("M", "N", "K"),
+    make_inputs=_inputs,
+    reference=lambda a, b: [mx.matmul(a, b)],
+    output_shapes=lambda s: [(s["M"], s["N"])],
+    # normwise: f32 accumulation differs only in order; f16/bf16 add one output rounding
+    tolerance={"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    bytes=lambda s, size: (s["M"] * s["K"] + s["K"] * s["N"] + s["M"] * s["N"]) * size,
+    flops=lambda s: 2 * s["M"] * s["N"] * s["K"],
+    shapes=[{"M": 4096, "N": 4096, "K": 4096}, {"M": 1024, "N": 1024, "K": 1024}],
+    emulator_shapes=[{"M": 64, "N": 64, "K": 64}],
+    edge_shapes=[{"M": 33, "N": 47, "K": 19}, {"M": 1, "N": 70, "K": 5}],
+    bound="compute",
+)

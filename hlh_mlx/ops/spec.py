@@ -1,0 +1,95 @@
+"""The op spec: one object per op, the whole story of what 'correct' and 'fast' mean."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+
+Shape = dict  # {"M": 64, "N": 64, "K": 64}
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def dtype_name(dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def parse_shape(dims: tuple[str, ...], text: str) -> Shape:
+    """'64x32x16' (in the op's dim order) or 'M=64,N=32,K=16'."""
+    text = text.strip()
+    if "=" in text:
+        out = {}
+        for part in text.split(","):
+            k, _, v = part.partition("=")
+            out[k.strip()] = v.strip()
+    else:
+        values = re.split(r"[x×,]", text)
+        if len(values) != len(dims):
+            raise ValueError(f"shape {text!r} needs {len(dims)} sizes ({'x'.join(dims)})")
+        out = dict(zip(dims, values))
+    if set(out) != set(dims):
+        raise ValueError(f"shape {text!r} must give {', '.join(dims)}")
+    try:
+        shape = {k: int(out[k]) for k in dims}
+    except ValueError:
+        raise ValueError(f"shape {text!r}: sizes must be integers") from None
+    if min(shape.values()) < 1:
+        raise ValueError(f"shape {text!r}: sizes must be positive")
+    return shape
+
+
+def shape_str(dims, shape: Shape) -> str:
+    return "x".join(str(shape[d]) for d in dims)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What an op computes and how to judge a kernel for it.
+
+    Args:
+      name: the op (templates live in templates/<name>/).
+      dims: the shape variables templates and shapes use, e.g. ("M", "N", "K").
+      make_inputs: (shape, dtype, rng) -> input arrays, random, never all zeros.
+      reference: the MLX built-in (or the composition users write) on the inputs.
+      output_shapes / output_dtypes: of the kernel's outputs.
+      tolerance: per dtype name, the largest normwise relative error ||y - ref|| / ||ref||.
+      bytes / flops: (shape, dtype) -> the minimum traffic and arithmetic, for the roofline.
+      shapes: default shapes to tune on a GPU; emulator_shapes: small ones for the emulator.
+      edge_shapes: awkward sizes every variant must also get right.
+    """
+    name: str
+    dims: tuple[str, ...]
+    make_inputs: Callable
+    reference: Callable
+    output_shapes: Callable
+    tolerance: dict
+    bytes: Callable
+    flops: Callable
+    shapes: list[Shape]
+    emulator_shapes: list[Shape]
+    edge_shapes: list[Shape]
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    output_dtypes: Callable = field(default=lambda dtype: [dtype])
+    bound: str = "memory"  # which roofline applies: "memory" or "compute"
+
+    def check_shape(self, shape: Shape) -> None:
+        if set(shape) != set(self.dims):
+            raise ValueError(f"[{self.name}] shape must give {', '.join(self.dims)}, got {shape}")
+
+    def parse_shape(self, text: str) -> Shape:
+        try:
+            return parse_shape(self.dims, text)
+        except ValueError as e:
+            raise ValueError(f"[{self.name}] {e}") from None
+
+    def shape_str(self, shape: Shape) -> str:
+        return shape_str(self.dims, shape)
+
+
+def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:
+    """Standard normal values (never zeros), cast to dtype."""
+    return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)

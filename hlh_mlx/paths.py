@@ -1,0 +1,47 @@
+"""Where templates and results live, in a checkout and in an installed wheel."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _package_dir(name: str) -> Path | None:
+    try:
+        p = Path(str(resources.files(name)))
+    except (ModuleNotFoundError, TypeError):
+        return None
+    return p if p.is_dir() else None
+
+
+def template_roots() -> list[Path]:
+    """Shipped templates, then extra folders from $HLH_MLX_TEMPLATES (os.pathsep-separated)."""
+    roots = []
+    shipped = _CHECKOUT / "templates"
+    if not shipped.is_dir():
+        shipped = _package_dir("hlh_mlx.templates")
+    if shipped:
+        roots.append(shipped)
+    for extra in filter(None, os.environ.get("HLH_MLX_TEMPLATES", "").split(os.pathsep)):
+        roots.append(Path(extra))
+    return roots
+
+
+def shipped_results() -> Path | None:
+    """Results that come with hlh_mlx (read-only in a wheel)."""
+    p = _CHECKOUT / "variants"
+    return p if p.is_dir() else _package_dir("hlh_mlx.variants")
+
+
+def results_dir() -> Path:
+    """Where sweeps write: $HLH_MLX_VARIANTS, else the checkout's variants/, else the user's data dir."""
+    if os.environ.get("HLH_MLX_VARIANTS"):
+        return Path(os.environ["HLH_MLX_VARIANTS"])
+    p = _CHECKOUT / "variants"
+    if p.is_dir() and os.access(p, os.W_OK):
+        return p
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "hlh_mlx" / "variants"

@@ -1,0 +1,215 @@
+"""The sweep: template -> variants -> check -> time -> rank -> store.
+
+One worker process (worker.py) does the GPU work; this module decides what to run,
+records each result the moment it arrives, and restarts the worker when a variant
+crashes it or runs past the per-variant timeout. The built-in is timed by the same
+worker, the same way, in the same run; the timed callable of a variant is only ever
+its compiled kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import mlx.core as mx
+
+from . import __version__, backends, ops, store, templates, variants
+from .variants import Variant
+
+DEFAULT_EMULATOR_BUDGET = 16
+
+
+class Worker:
+    """A `python -m hlh_mlx.worker` child that answers one request per line."""
+
+    def __init__(self):
+        self.proc = None
+        self.replies: queue.Queue = queue.Queue()
+
+    def _start(self):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "hlh_mlx.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.replies = queue.Queue()
+        proc, q = self.proc, self.replies
+        threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
+        self._stderr: list[str] = []
+        threading.Thread(target=lambda: [self._stderr.append(line) for line in proc.stderr], daemon=True).start()
+
+    def request(self, req: dict, timeout: float) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        try:
+            line = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            self.stop()
+            return {"status": "timeout", "error": f"no result within {timeout:g} s (hang?); the worker was restarted"}
+        if line is None:
+            code = self.proc.wait()
+            tail = "".join(self._stderr[-5:]).strip()
+            self.proc = None
+            return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + tail[-300:] if tail else ''}"}
+        return json.loads(line)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@dataclass
+class Plan:
+    op: ops.OpSpec
+    backend: str
+    device: backends.Device
+    shapes: list[dict]
+    dtypes: list[str]
+    candidates: list[Variant]
+    space_size: int
+    budget: int | None
+    seed: int
+    timeout: float
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
+         template=None) -> Plan:
+    op = ops.get(op_name)
+    be = backends.resolve(backend)
+    dev = backends.device(be)
+    tbackend = backends.TEMPLATE_BACKEND[be]
+    temps = [t for t in templates.discover(op.name) if t.backend == tbackend]
+    if template:
+        temps = [t for t in temps if t.family == template or t.name == template]
+        if not temps:
+            known = ", ".join(t.name for t in templates.discover(op.name)) or "none"
+            raise ValueError(f"unknown template {template!r} for {op.name} (known: {known})")
+    if not temps:
+        raise ValueError(f"no {tbackend} templates for op {op.name!r}")
+    space = [v for t in temps for v in variants.expand(t)]
+    if not space:
+        raise ValueError(f"the {op.name} space has no valid variant for {tbackend}")
+    notes = []
+    if budget is None and be == "emulator" and len(space) > DEFAULT_EMULATOR_BUDGET:
+        budget = DEFAULT_EMULATOR_BUDGET
+        notes.append(f"emulator: checking a seeded sample of {budget} of {len(space)} variants "
+                     "(--budget N for more)")
+    shapes = shapes or (op.emulator_shapes if be == "emulator" else op.shapes)
+    for s in shapes:
+        op.check_shape(s)
+    dtypes = dtypes or ["float32"]
+    for d in dtypes:
+        if d not in op.dtypes:
+            raise ValueError(f"[{op.name}] unsupported dtype {d!r} (one of {', '.join(op.dtypes)})")
+    # spread the first sample over the templates, so each family is represented
+    first = budget if budget is None or not dev.can_time else max(1, budget // 2)
+    per_template = {t.path: variants.sample([v for v in space if v.template is t], None) for t in temps}
+    picked = _round_robin(list(per_template.values()), first, seed)
+    return Plan(op, be, dev, shapes, dtypes, picked, len(space), budget, seed, timeout, notes)
+
+
+def _round_robin(groups: list[list[Variant]], n: int | None, seed: int) -> list[Variant]:
+    import random
+    rng = random.Random(seed)
+    shuffled = [rng.sample(g, len(g)) for g in groups]
+    out: list[Variant] = []
+    while any(shuffled) and (n is None or len(out) < n):
+        for g in shuffled:
+            if g and (n is None or len(out) < n):
+                out.append(g.pop())
+    return out
+
+
+def _record(plan: Plan, shape, dtype, reply: dict, variant: Variant | None) -> dict:
+    rec = {
+        "op": plan.op.name, "device": plan.device.slug, "device_name": plan.device.name,
+        "architecture": plan.device.architecture, "backend": plan.backend, "mlx": mx.__version__,
+        "hlh_mlx": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "shape": shape, "shape_str": plan.op.shape_str(shape), "dtype": dtype,
+        "status": reply.get("status"), "error": reply.get("error"), "timing": reply.get("timing"),
+        "checks": reply.get("checks"), "source": "local",
+    }
+    if variant is None:
+        rec.update(variant_id=None, template="builtin", params={}, correct=True)
+    else:
+        rec.update(variant_id=variant.id, template=variant.template.relpath, family=variant.template.family,
+                   params=variant.param_dict, source_hash=reply.get("source_hash", variant.source_hash),
+                   correct=reply.get("status") == "ok", seed=reply.get("seed"))
+    return rec
+
+
+def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
+    """Run the plan; return every record of this (device, op) for the planned shapes and dtypes."""
+    path = store.path_for(p.device.slug, p.op.name)
+    done = {store.result_key(r) for r in store.read(path)}
+    worker = worker or Worker()
+    timed = p.device.can_time
+    try:
+        for dtype in p.dtypes:
+            for shape in p.shapes:
+                todo = list(p.candidates)
+                jobs = ([None] if timed else []) + todo
+                seen = set()
+                i = 0
+                while i < len(jobs):
+                    v = jobs[i]
+                    i += 1
+                    if v is not None and (v.id in seen or not v.supports(shape, dtype)):
+                        continue
+                    if v is not None:
+                        seen.add(v.id)
+                    key = store.result_key({
+                        "variant_id": v.id if v else None, "template": v.template.relpath if v else "builtin",
+                        "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__})
+                    if key not in done:
+                        job = _job(p, v, shape, dtype)
+                        reply = worker.request(job, p.timeout)
+                        reply.setdefault("seed", job.get("seed"))
+                        rec = _record(p, shape, dtype, reply, v)
+                        store.append(path, rec)
+                        done.add(key)
+                    if progress:
+                        progress(v, shape, dtype)
+                    # refine: once the first sample is in, add neighbours of the best few
+                    if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
+                        jobs += _refinements(p, path, shape, dtype, seen)
+    finally:
+        worker.stop()
+    return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes]
+
+
+def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
+    if v is None:
+        return {"kind": "builtin", "op": p.op.name, "dtype": dtype, "time_shape": shape}
+    checks = list(p.op.edge_shapes) + [shape]
+    return {"kind": "variant", "op": p.op.name, "backend": p.backend, "dtype": dtype,
+            "template": str(v.template.path), "params": v.param_dict, "check_shapes": checks,
+            "time_shape": shape, "time": p.device.can_time, "seed": secrets.randbits(32)}
+
+
+def _refinements(p: Plan, path, shape, dtype, seen) -> list[Variant]:
+    from .rank import ranked
+    temps = {id(v.template): v.template for v in p.candidates}.values()
+    space = [v for t in temps for v in variants.expand(t)]
+    by_id = {v.id: v for v in space}
+    rows = ranked(store.read(path), shape, dtype, p.backend)
+    out = []
+    for r in rows[:3]:
+        best = by_id.get(r.get("variant_id"))
+        if best:
+            out += [n for n in variants.neighbours(best, space) if n.id not in seen]
+    return out[: max(0, p.budget - len(seen))]

@@ -1,0 +1,67 @@
+"""Timing on a real GPU backend: warm-up out of the numbers, batched launches, medians.
+
+MLX is lazy, so one timed sample is: build `batch` calls into one graph, `mx.eval` it,
+`mx.synchronize()`. Dividing by `batch` removes per-launch host overhead from small
+kernels. The batch grows until a sample lasts `target_ms`. Inputs smaller than the L2
+cache rotate among several copies so repeated calls do not just read the cache; when
+memory does not allow enough copies the result says `cache_resident`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+L2_BYTES = 50 * 2**20          # H100: 50 MB; Apple GPUs have less, so this is conservative
+ROTATE_BUDGET = 2 * 2**30       # at most this many bytes of input copies
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch: int
+    repeats: int
+    input_sets: int
+    cache_resident: bool
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: how noisy this measurement is."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "spread": round(self.spread, 4)}
+
+
+def input_sets(make, nbytes: int) -> tuple[list, bool]:
+    """Enough independent input sets that cycling through them leaves the L2 cache."""
+    want = 1 if nbytes >= 2 * L2_BYTES else -(-2 * L2_BYTES // max(nbytes, 1)) + 1
+    n = max(1, min(want, ROTATE_BUDGET // max(nbytes, 1), 64))
+    sets = [make() for _ in range(n)]
+    mx.eval(sets)
+    return sets, n < want
+
+
+def measure(fn, sets: list, *, cache_resident: bool, warmup: int = 2, repeats: int = 11,
+            target_ms: float = 20.0, max_batch: int = 500) -> Timing:
+    """Median time of one call of `fn(*inputs)` over `repeats` batched samples."""
+    def sample(batch: int) -> float:
+        outs = [fn(*sets[i % len(sets)]) for i in range(batch)]
+        mx.synchronize()
+        t = time.perf_counter()
+        mx.eval(outs)
+        mx.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    for _ in range(warmup):
+        sample(1)
+    one = min(sample(1) for _ in range(3))
+    batch = int(max(1, min(max_batch, target_ms / max(one, 1e-3))))
+    times = sorted(sample(batch) / batch for _ in range(repeats))
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return Timing(statistics.median(times), q[0], q[-1], batch, repeats, len(sets), cache_resident)

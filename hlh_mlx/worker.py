@@ -1,0 +1,82 @@
+"""The sweep's worker process: builds, checks and times one variant per request.
+
+It runs apart from the sweep so that a variant that crashes the process or hangs the
+GPU costs only that variant: the sweep records it and starts a new worker. Protocol:
+one JSON request per line on stdin, one JSON reply per line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import numpy as np
+
+
+def _time(op, fn_for_inputs, shape, dtype):
+    import mlx.core as mx
+
+    from . import timing
+    from .ops.spec import DTYPES
+
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(0)
+    nbytes = sum(x.nbytes for x in op.make_inputs(shape, dt, rng))
+    sets, resident = timing.input_sets(lambda: op.make_inputs(shape, dt, rng), nbytes)
+    mx.eval(sets)
+    t = timing.measure(fn_for_inputs, sets, cache_resident=resident)
+    return t.to_dict()
+
+
+def handle(req: dict) -> dict:
+    from . import backends, check, ops, templates, variants
+    from .ops.spec import DTYPES
+
+    op = ops.get(req["op"])
+    dtype = req["dtype"]
+    shape = req.get("time_shape")
+    if req["kind"] == "builtin":
+        return {"status": "ok", "timing": _time(op, lambda *xs: op.reference(*xs), shape, dtype)}
+
+    template = templates.load(req["template"])
+    variant = variants.make(template, req["params"])
+    reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash}
+    try:
+        kernel = backends.Kernel(variant, req["backend"])
+        rng = np.random.default_rng(req["seed"])
+        for s in req["check_shapes"]:
+            if not variant.supports(s, dtype):
+                continue
+            res = check.check(kernel, op, s, dtype, rng)
+            reply["checks"].append(res.to_dict())
+            if not res.ok:
+                reply["status"] = "incorrect"
+                reply["error"] = f"shape {op.shape_str(s)}: {res.error}"
+                return reply
+    except Exception as e:  # a variant that fails to build or run is a result, not a crash
+        reply["status"] = "compile_error" if "compile" in type(e).__name__.lower() else "error"
+        reply["error"] = backends.map_compile_error(e, variant)
+        return reply
+    if shape is not None and req.get("time"):
+        out_dtypes = op.output_dtypes(DTYPES[dtype])
+        out_shapes = op.output_shapes(shape)
+        reply["timing"] = _time(op, lambda *xs: kernel(list(xs), shape, dtype, out_shapes, out_dtypes),
+                                shape, dtype)
+    return reply
+
+
+def main() -> None:
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            reply = handle(json.loads(line))
+        except Exception as e:
+            reply = {"status": "error", "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
