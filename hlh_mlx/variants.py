@@ -115,8 +115,9 @@ def why_invalid(template: Template, params: dict) -> str | None:
     if threads > MAX_THREADS:
         return f"{threads} threads per threadgroup exceed {MAX_THREADS}"
     if template.threadgroup_memory is not None:
-        worst = max(int(template.threadgroup_memory(**params, dtype=d, dtype_size=s))
-                    for d, s in (("float32", 4), ("float16", 2), ("bfloat16", 2)))
+        sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
+        worst = max(int(template.threadgroup_memory(**params, dtype=d, dtype_size=sizes[d]))
+                    for d in (template.dtypes or sizes))
         limit = THREADGROUP_MEMORY[template.backend]
         if worst > limit:
             return f"{worst} bytes of threadgroup memory exceed {limit}"
