@@ -189,7 +189,12 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
                         jobs += _refinements(p, path, shape, dtype, seen)
     finally:
         worker.stop()
-    return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes]
+    # the current renderings of the plan's templates only: records of older versions of a
+    # template (another source, another id) stay in the file but are not ranked
+    temps = {id(v.template): v.template for v in p.candidates}.values()
+    ids = {v.id for t in temps for v in variants.expand(t)} | {None}
+    return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
+            and r.get("variant_id") in ids]
 
 
 def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:

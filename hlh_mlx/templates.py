@@ -149,7 +149,8 @@ class Template:
             raise TemplateError(self.path, None, f"rendering with {params}: {e}") from None
         source, src_lines = _unmark(body)
         header, hdr_lines = _unmark(header)
-        return Rendered(source, header, src_lines, hdr_lines)
+        # MLX pastes the header right before the kernel's own text: end it with a newline
+        return Rendered(source, header + "\n" if header else "", src_lines, hdr_lines)
 
 
 def _mark_lines(text: str) -> str:
