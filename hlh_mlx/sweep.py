@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import secrets
+import shlex
 import subprocess
 import sys
 import threading
@@ -39,7 +40,10 @@ class Worker:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hlh_mlx.worker"], stdin=subprocess.PIPE,
+        # HLH_MLX_WORKER replaces the worker command (e.g. to run it under compute-sanitizer)
+        cmd = shlex.split(os.environ["HLH_MLX_WORKER"]) if os.environ.get("HLH_MLX_WORKER") else [
+            sys.executable, "-m", "hlh_mlx.worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.replies = queue.Queue()
         proc, q = self.proc, self.replies

@@ -135,11 +135,13 @@ class Template:
         try:
             return ENV.from_string(_mark_lines(self.text))
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(self.path, e.lineno, f"template syntax error: {e.message}") from None
+            line = e.lineno or self.text.count("\n") + 1
+            raise TemplateError(self.path, line, f"template syntax error: {e.message}") from None
 
     def render(self, params: dict) -> Rendered:
+        compiled = self._jinja
         try:
-            module = self._jinja.make_module(dict(params))
+            module = compiled.make_module(dict(params))
             body = str(module)
             header = str(getattr(module, "header", "") or "")
         except jinja2.TemplateError as e:
@@ -247,7 +249,7 @@ def load(path: Path | str) -> Template:
     for key, v in (("grid", grid), ("threadgroup", tg)):
         if not isinstance(v, list) or len(v) != 3:
             raise TemplateError(path, _line_of(text, hdr_off, key, "launch"), f"[launch] {key} must list 3 expressions")
-    return Template(
+    template = Template(
         path=path, op=op, family=family, backend=backend,
         inputs=list(need("meta", "inputs")), outputs=list(need("meta", "outputs")),
         summary=info.get("summary", ""), expect=info.get("expect", ""),
@@ -262,6 +264,8 @@ def load(path: Path | str) -> Template:
         dtypes=info.get("dtypes"),
         text=text,
     )
+    template._jinja  # compile now: a syntax error shows when the template is loaded
+    return template
 
 
 def discover(op: str | None = None) -> list[Template]:

@@ -1,0 +1,153 @@
+"""The sweep end to end on the emulator: results, resume, interruption, isolation, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from hlh_mlx import store
+from hlh_mlx.cli import main
+
+from .conftest import ROOT, copy_template
+
+
+def cli(*args, env=None):
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def lines(store_dir):
+    p = store_dir / "emulator" / "matmul.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def test_sweep_checks_variants_and_prints_ranked_table_with_builtin(store_dir):
+    r = cli("sweep", "matmul", "--budget", "8")
+    assert r.exit_code == 0, r.output
+    recs = lines(store_dir)
+    assert len(recs) == 8 and all(x["correct"] for x in recs)
+    assert {x["family"] for x in recs} == {"naive", "tiled", "regblock", "simdgroup"}
+    assert "mlx built-in" in r.output and "the emulator has no speed" in r.output
+    for x in recs:
+        assert x["device"] == "emulator" and x["mlx"] and x["source_hash"] and x["checks"]
+        assert {c["shape"]["M"] for c in x["checks"]} >= {33, 1}  # edge shapes were checked
+    # a rerun resumes: nothing is run twice
+    r = cli("sweep", "matmul", "--budget", "8")
+    assert r.exit_code == 0 and len(lines(store_dir)) == 8
+
+
+def test_corrupt_results_line_is_reported_and_skipped(store_dir):
+    path = store_dir / "emulator" / "matmul.jsonl"
+    store.append(path, {"variant_id": "x", "template": "builtin"})
+    with open(path, "a") as f:
+        f.write('{"half a line\n')
+    with pytest.warns(RuntimeWarning, match=r"matmul.jsonl:2: skipping a corrupt results line"):
+        assert len(store.read(path)) == 1
+
+
+FAKE_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from hlh_mlx.worker import handle
+    for line in sys.stdin:
+        req = json.loads(line)
+        bs = req.get("params", {}).get("BS")
+        if bs == 16:
+            os._exit(9)          # the process dies, as a GPU fault would take it
+        if bs == 32:
+            time.sleep(3600)     # hangs
+        sys.stdout.write(json.dumps(handle(req)) + "\\n")
+        sys.stdout.flush()
+""")
+
+
+def test_a_crashing_and_a_hanging_variant_are_recorded_and_the_sweep_goes_on(store_dir, tmp_path):
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(FAKE_WORKER)
+    env = {"HLH_MLX_WORKER": f"{sys.executable} {fake}", "PYTHONPATH": str(ROOT)}
+    r = cli("sweep", "matmul", "--template", "tiled", "--timeout", "20", env=env)
+    assert r.exit_code == 0, r.output
+    by_bs = {}
+    for x in lines(store_dir):
+        by_bs.setdefault(x["params"]["BS"], set()).add(x["status"])
+    assert by_bs[16] == {"crashed"} and by_bs[32] == {"timeout"} and by_bs[8] == {"ok"}
+
+
+def test_interrupted_sweep_keeps_what_finished_and_resumes(store_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "hlh_mlx", "sweep", "matmul", "--template", "regblock", "--budget", "6"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(lines(store_dir)) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command to resume" in err
+    before = lines(store_dir)
+    assert 2 <= len(before) < 6
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = lines(store_dir)
+    assert len(after) == 6 and after[:len(before)] == before   # nothing redone, nothing lost
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sweep", "softmaxx"], "unknown op 'softmaxx'"),
+    (["sweep", "matmul", "--template", "nope"], "unknown template 'nope'"),
+    (["sweep", "matmul", "--shape", "12x12"], "needs 3 sizes"),
+    (["sweep", "matmul", "--shape", "M=1,N=2"], "must give M, N, K"),
+    (["sweep", "matmul", "--dtype", "int8"], "unsupported dtype 'int8'"),
+    (["render", "matmul", "tiled", "-p", "BQ=4"], "unknown parameter 'BQ'"),
+    (["render", "matmul", "tiled", "-p", "BS=12"], "BS=12 is outside the space"),
+    (["check", "matmul", "tiled", "--backend", "cuda"], "backend 'cuda' needs"),
+])
+def test_bad_input_gets_a_one_line_error(args, message, store_dir):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_template_syntax_error_names_file_and_line(store_dir, extra_templates):
+    p = extra_templates("matmul", "broken.metal.j2", copy_template("tiled.metal.j2").replace(
+        "{{ BS }}][{{ BS }}]", "{{ BS }][{{ BS }}]", 1))
+    r = CliRunner().invoke(main, ["sweep", "matmul"])
+    assert r.exit_code != 0 and f"{p}:" in r.output and "syntax" in r.output
+
+
+def test_space_with_no_valid_variant_is_an_error(store_dir, extra_templates):
+    extra_templates("matmul", "empty.metal.j2", copy_template("tiled.metal.j2").replace(
+        "[launch]", '[constraints]\nnever = "BS > 100"\n\n[launch]'))
+    r = CliRunner().invoke(main, ["check", "matmul", "empty"])
+    assert r.exit_code != 0 and "no valid variant" in r.output
+
+
+def test_kernel_compile_error_maps_to_the_template_line(store_dir, extra_templates):
+    text = copy_template("tiled.metal.j2").replace("float acc = 0.0f;", "float acc = 0.0f + undefined_thing;")
+    p = extra_templates("matmul", "typo.metal.j2", text)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "undefined_thing" in l)
+    r = CliRunner().invoke(main, ["check", "matmul", "typo", "-p", "BS=8", "-p", "PAD=0", "--dtype", "float32"])
+    assert r.exit_code == 1
+    assert f"{p}:{line}:" in r.output and "undefined_thing" in r.output
+
+
+def test_check_catches_a_kernel_that_skips_outputs(store_dir, extra_templates):
+    text = copy_template("naive.metal.j2").replace("if (row >= M || col >= N) return;",
+                                                   "if (row >= M || col >= N || col % 7 == 3) return;")
+    extra_templates("matmul", "lazy.metal.j2", text)
+    r = CliRunner().invoke(main, ["check", "matmul", "lazy", "-p", "TX=8", "-p", "TY=1", "--dtype", "float32"])
+    assert r.exit_code == 1 and "NaN/inf (unwritten?)" in r.output
+
+
+def test_check_passes_a_sample_of_every_metal_template(store_dir):
+    r = CliRunner().invoke(main, ["check", "matmul", "--sample", "1", "--dtype", "float16"])
+    assert r.exit_code == 0, r.output
+    assert "4 passed, 0 failed" in r.output
+
+
+def test_list_shows_templates_and_space_sizes():
+    r = cli("list")
+    assert r.exit_code == 0 and "simdgroup.metal" in r.output and "valid of" in r.output

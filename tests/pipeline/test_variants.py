@@ -1,0 +1,61 @@
+"""Spaces, constraints, backend limits, ids, sampling."""
+
+import pytest
+
+from hlh_mlx import templates, variants
+from hlh_mlx.variants import SpaceError
+
+
+def tmpl(name):
+    return next(t for t in templates.discover("matmul") if t.name == name)
+
+
+def test_limits_remove_variants_metal_would_refuse():
+    t = tmpl("regblock.metal")
+    for v in variants.expand(t):
+        tx, ty, tz = v.threadgroup()
+        assert tx * ty * tz <= 1024
+        p = v.param_dict
+        assert (p["BK"] * (p["BM"] + p["PAD"]) + p["BK"] * (p["BN"] + p["PAD"])) * 4 <= 32768
+    reason = variants.why_invalid(t, {"BM": 32, "BN": 32, "BK": 8, "TM": 8, "TN": 8, "PAD": 0})
+    assert reason and "constraint" in reason
+
+
+def test_threadgroup_memory_limit_is_enforced(tmp_path):
+    text = (tmpl("tiled.metal").text.replace("BS = [8, 16, 32]", "BS = [8, 16, 32, 64]")
+            .replace('threadgroup = ["BS", "BS", "1"]', 'threadgroup = ["8", "8", "1"]'))
+    p = tmp_path / "matmul" / "big.metal.j2"
+    p.parent.mkdir()
+    p.write_text(text)
+    t = templates.load(p)
+    assert variants.why_invalid(t, {"BS": 64, "PAD": 1}).endswith("bytes of threadgroup memory exceed 32768")
+    kept = {(v.param_dict["BS"], v.param_dict["PAD"]) for v in variants.expand(t)}
+    assert (64, 0) in kept and (64, 1) not in kept  # 32768 bytes fit exactly, 33024 do not
+
+
+def test_make_refuses_unknown_and_out_of_space_values():
+    t = tmpl("tiled.metal")
+    with pytest.raises(SpaceError, match="unknown parameter"):
+        variants.make(t, {"BS": 8, "PAD": 0, "Q": 1})
+    with pytest.raises(SpaceError, match="outside the space"):
+        variants.make(t, {"BS": 12, "PAD": 0})
+    with pytest.raises(SpaceError, match="missing parameter"):
+        variants.make(t, {"BS": 8})
+
+
+def test_ids_are_stable_and_distinct():
+    vs = variants.expand(tmpl("simdgroup.metal"))
+    again = variants.expand(tmpl("simdgroup.metal"))
+    assert [v.id for v in vs] == [v.id for v in again]
+    assert len({v.id for v in vs}) == len(vs)
+
+
+def test_sampling_is_seeded_and_neighbours_differ_by_one_step():
+    vs = variants.expand(tmpl("regblock.metal"))
+    a, b = variants.sample(vs, 10, seed=3), variants.sample(vs, 10, seed=3)
+    assert [v.id for v in a] == [v.id for v in b] and len(a) == 10
+    assert [v.id for v in variants.sample(vs, 10, seed=4)] != [v.id for v in a]
+    best = vs[5]
+    for n in variants.neighbours(best, vs):
+        diff = [k for k in best.param_dict if best.param_dict[k] != n.param_dict[k]]
+        assert len(diff) == 1
