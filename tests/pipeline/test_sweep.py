@@ -151,3 +151,14 @@ def test_check_passes_a_sample_of_every_metal_template(store_dir):
 def test_list_shows_templates_and_space_sizes():
     r = cli("list")
     assert r.exit_code == 0 and "simdgroup.metal" in r.output and "valid of" in r.output
+
+
+def test_bench_writes_markdown_and_json(store_dir, tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--budget", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "bench-emulator.json").read_text())
+    assert data["rows"][0]["op"] == "matmul" and data["rows"][0]["correct_variants"] == 2
+    assert "no speed" in (out / "bench-emulator.md").read_text()
