@@ -246,6 +246,11 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
     if not records:
         raise click.ClickException(f"no stored results for {spec.name} on {slug} "
                                    f"(in {store.path_for(slug, spec.name)})")
+    current = {v.id for t in _templates(spec.name) for v in variants.expand(t)} | {None}
+    stale = [r for r in records if r.get("variant_id") not in current]
+    if stale:
+        click.echo(f"note: {len(stale)} results of older template versions (source changed) are not shown", err=True)
+        records = [r for r in records if r.get("variant_id") in current]
     wanted = _shapes(spec, shape_texts)
     keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in records})
     for be_, sstr, dtype in keys:

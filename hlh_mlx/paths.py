@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def _package_dir(name: str) -> Path | None:
-    try:
-        p = Path(str(resources.files(name)))
-    except (ModuleNotFoundError, TypeError):
-        return None
+    """A data folder installed inside the package (hlh_mlx/_templates in a wheel)."""
+    p = Path(__file__).resolve().parent / name.rsplit(".", 1)[-1]
     return p if p.is_dir() else None
 
 
@@ -22,7 +19,7 @@ def template_roots() -> list[Path]:
     roots = []
     shipped = _CHECKOUT / "templates"
     if not shipped.is_dir():
-        shipped = _package_dir("hlh_mlx.templates")
+        shipped = _package_dir("hlh_mlx._templates")
     if shipped:
         roots.append(shipped)
     for extra in filter(None, os.environ.get("HLH_MLX_TEMPLATES", "").split(os.pathsep)):
@@ -33,7 +30,7 @@ def template_roots() -> list[Path]:
 def shipped_results() -> Path | None:
     """Results that come with hlh_mlx (read-only in a wheel)."""
     p = _CHECKOUT / "variants"
-    return p if p.is_dir() else _package_dir("hlh_mlx.variants")
+    return p if p.is_dir() else _package_dir("hlh_mlx._variants")
 
 
 def results_dir() -> Path:

@@ -162,3 +162,14 @@ def test_bench_writes_markdown_and_json(store_dir, tmp_path):
     data = json.loads((out / "bench-emulator.json").read_text())
     assert data["rows"][0]["op"] == "matmul" and data["rows"][0]["correct_variants"] == 2
     assert "no speed" in (out / "bench-emulator.md").read_text()
+
+
+def test_wheel_ships_templates_results_and_emulator_runtime(tmp_path):
+    import zipfile
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "hlh_mlx/_templates/matmul/simdgroup.metal.j2" in names
+    assert "hlh_mlx/emulator/runtime/runtime.cpp" in names
+    assert any(n.startswith("hlh_mlx/_variants/") and n.endswith("matmul.jsonl") for n in names)
