@@ -166,7 +166,7 @@ def test_bench_writes_markdown_and_json(store_dir, tmp_path):
 
 def test_wheel_ships_templates_results_and_emulator_runtime(tmp_path):
     import zipfile
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT),
                         "-w", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
