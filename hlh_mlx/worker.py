@@ -8,6 +8,7 @@ one JSON request per line on stdin, one JSON reply per line on stdout.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 
@@ -39,6 +40,9 @@ def handle(req: dict) -> dict:
     if req["kind"] == "builtin":
         return {"status": "ok", "timing": _time(op, lambda *xs: op.reference(*xs), shape, dtype)}
 
+    if req["backend"] == "emulator":
+        # the emulator is for proving kernels: sanitize unless the user said otherwise
+        os.environ.setdefault("HLH_MLX_SANITIZE", "1")
     template = templates.load(req["template"])
     variant = variants.make(template, req["params"])
     reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash}
