@@ -259,3 +259,24 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
             continue
         rows = rank.table_rows(records, spec.name, shape, dtype, be_)
         click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}]"))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=__import__("pathlib").Path))
+def guard(paths):
+    """Anti-cheat check of templates (.j2) and kernel files (.py). Exits 1 on a finding.
+
+    Templates must render without host escapes and write every output correctly on fresh
+    random inputs. Python files are scanned for patched timers, identity caches, hard-coded
+    shapes, built-in fallbacks inside `except`, and side streams. Default: templates/.
+    """
+    from pathlib import Path
+
+    from . import guard as guard_mod, paths as paths_mod
+    targets = list(paths) or paths_mod.template_roots()[:1]
+    findings = guard_mod.scan([Path(p) for p in targets])
+    for f in findings:
+        click.echo(("" if f.blocking else "note: ") + str(f))
+    blocking = [f for f in findings if f.blocking]
+    click.echo(f"guard: {len(blocking)} finding(s) in {', '.join(str(p) for p in targets)}")
+    sys.exit(1 if blocking else 0)

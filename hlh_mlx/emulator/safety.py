@@ -76,3 +76,20 @@ def check(kernel: str, part: str, text: str) -> None:
             if tok in _HOST_CALLS and re.match(r"\s*\(", text[m.end():]):
                 raise UnsafeKernelError(
                     f"[emulator] {where}: call to '{tok}' is outside the Metal/MLX surface")
+
+
+_CUDA_DIRECTIVE = re.compile(
+    r"^\s*#\s*(pragma\s+unroll(\s*\d+)?|include\s*<(mma\.h|cuda_fp16\.h|cuda_bf16\.h|cuda_fp8\.h|"
+    r"cuda/pipeline|cuda/barrier|cuda/std/\w+|cooperative_groups\.h|cooperative_groups/\w+\.h)>)\s*$")
+
+
+def check_cuda(kernel: str, text: str) -> None:
+    """CUDA templates: device code cannot reach the host, but only CUDA's own headers
+    may be included, and no host library call may appear."""
+    for m in _TOKENS.finditer(text):
+        line = text.count("\n", 0, m.start()) + 1
+        if m.lastgroup == "directive" and not _CUDA_DIRECTIVE.match(m.group(0)):
+            raise UnsafeKernelError(f"[guard] {kernel}, line {line}: directive '{m.group(0).strip()}' is not allowed "
+                                    "(only #pragma unroll and CUDA's own headers)")
+        if m.lastgroup == "ident" and m.group(0) in _HOST_CALLS - {"printf"} and re.match(r"\s*\(", text[m.end():]):
+            raise UnsafeKernelError(f"[guard] {kernel}, line {line}: call to '{m.group(0)}' is not kernel code")
