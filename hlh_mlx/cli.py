@@ -24,8 +24,11 @@ def _op(name: str) -> ops.OpSpec:
         raise click.UsageError(str(e.args[0])) from None
 
 
-def _template(op: ops.OpSpec, name: str) -> templates.Template:
+def _template(op: ops.OpSpec, name: str, backend: str = "metal") -> templates.Template:
+    """A template by family (`tiled`), or by name (`tiled.cuda`); a bare family name picks
+    the template of `backend` when the family exists for several."""
     found = [t for t in _templates(op.name) if name in (t.family, t.name, t.path.name)]
+    found.sort(key=lambda t: t.backend != backend)
     if not found:
         known = ", ".join(t.name for t in _templates(op.name)) or "none"
         raise click.UsageError(f"unknown template {name!r} for {op.name} (known: {known})")
@@ -143,7 +146,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
         raise click.UsageError(str(e)) from None
     if be == "emulator" and sanitize:
         os.environ["HLH_MLX_SANITIZE"] = "1"
-    temps = [_template(spec, template)] if template else [
+    temps = [_template(spec, template, backends.TEMPLATE_BACKEND[be])] if template else [
         t for t in _templates(spec.name) if t.backend == backends.TEMPLATE_BACKEND[be]]
     if not temps:
         raise click.UsageError(f"no {backends.TEMPLATE_BACKEND[be]} templates for {spec.name}")

@@ -1,0 +1,24 @@
+"""gelu: y = x * (1 + erf(x / sqrt(2))) / 2, elementwise; reference mlx.nn.gelu.
+
+Written by following .codex/skills/author-template (the op spec, then one template).
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .spec import OpSpec, random_array
+
+OP = OpSpec(
+    name="gelu",
+    dims=("N",),
+    make_inputs=lambda s, dtype, rng: [random_array(rng, (s["N"],), dtype, 2.0)],
+    # the reference runs in float32 on the same (rounded) inputs, then rounds once
+    reference=lambda x: [nn.gelu(x.astype(mx.float32)).astype(x.dtype)],
+    output_shapes=lambda s: [(s["N"],)],
+    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    bytes=lambda s, size: 2 * s["N"] * size,
+    flops=lambda s: 20 * s["N"],
+    shapes=[{"N": 1 << 24}, {"N": 4096 * 14336}],
+    emulator_shapes=[{"N": 4096}],
+    edge_shapes=[{"N": 1}, {"N": 1029}],
+)
