@@ -14,6 +14,7 @@ OP = OpSpec(
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["N"],), dtype, 2.0)],
     # the reference runs in float32 on the same (rounded) inputs, then rounds once
     reference=lambda x: [nn.gelu(x.astype(mx.float32)).astype(x.dtype)],
+    builtin=lambda x: [nn.gelu(x)],
     output_shapes=lambda s: [(s["N"],)],
     tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
     bytes=lambda s, size: 2 * s["N"] * size,

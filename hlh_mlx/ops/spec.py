@@ -54,7 +54,9 @@ class OpSpec:
       name: the op (templates live in templates/<name>/).
       dims: the shape variables templates and shapes use, e.g. ("M", "N", "K").
       make_inputs: (shape, dtype, rng) -> input arrays, random, never all zeros.
-      reference: the MLX built-in (or the composition users write) on the inputs.
+      reference: what outputs are compared with (the built-in, in float32 for half inputs).
+      builtin: what the sweep times as the baseline: the MLX call users make today, in the
+        input dtype (default: reference). Never upcast here: casts would inflate speedups.
       output_shapes / output_dtypes: of the kernel's outputs.
       tolerance: per dtype name, the largest normwise relative error ||y - ref|| / ||ref||.
       bytes / flops: (shape, dtype) -> the minimum traffic and arithmetic, for the roofline.
@@ -74,7 +76,11 @@ class OpSpec:
     edge_shapes: list[Shape]
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     output_dtypes: Callable = field(default=lambda dtype: [dtype])
+    builtin: Callable | None = None
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
+
+    def baseline(self, *inputs):
+        return (self.builtin or self.reference)(*inputs)
 
     def check_shape(self, shape: Shape) -> None:
         if set(shape) != set(self.dims):

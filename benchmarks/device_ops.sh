@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the lent NVIDIA GPU (MLX CUDA staged as ../shared/device/README.md says): sweep the
+# given ops' CUDA templates (fp16, default shapes) against the MLX built-ins; results land
+# in the checkout's variants/ (resuming) and are copied to $OUT.
+#   bash benchmarks/device_ops.sh softmax rms_norm swiglu
+set -uo pipefail
+source .device-mlx/env/activate.sh
+export HLH_MLX_VARIANTS="$PWD/variants" PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/hlh-out}"
+mkdir -p "$out/variants"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+for op in "$@"; do
+  python -m hlh_mlx sweep "$op" --backend cuda --dtype float16 --top 5 --timeout 120 --format md 2>&1 | tee "$out/$op.md"
+done
+cp -r variants/. "$out/variants/"

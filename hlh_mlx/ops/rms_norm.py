@@ -1,0 +1,30 @@
+"""rms_norm: y = x / sqrt(mean(x^2, -1) + 1e-5) * w over rows of (rows, cols); built-in mx.fast.rms_norm."""
+
+import mlx.core as mx
+
+from .spec import OpSpec, random_array
+
+EPS = 1e-5
+
+
+def _reference(x, w):
+    x32 = x.astype(mx.float32)
+    r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + EPS)
+    return [(x32 * r * w.astype(mx.float32)).astype(x.dtype)]
+
+
+OP = OpSpec(
+    name="rms_norm",
+    dims=("R", "C"),
+    make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype),
+                                       random_array(rng, (s["C"],), dtype)],
+    reference=_reference,
+    builtin=lambda x, w: [mx.fast.rms_norm(x, w, EPS)],
+    output_shapes=lambda s: [(s["R"], s["C"])],
+    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    bytes=lambda s, size: (2 * s["R"] * s["C"] + s["C"]) * size,
+    flops=lambda s: 4 * s["R"] * s["C"],
+    shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],
+    emulator_shapes=[{"R": 8, "C": 512}],
+    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
+)

@@ -1,0 +1,20 @@
+"""softmax over the last axis of a (rows, cols) array; built-in mx.softmax."""
+
+import mlx.core as mx
+
+from .spec import OpSpec, random_array
+
+OP = OpSpec(
+    name="softmax",
+    dims=("R", "C"),
+    make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype, 3.0)],
+    reference=lambda x: [mx.softmax(x.astype(mx.float32), axis=-1).astype(x.dtype)],
+    builtin=lambda x: [mx.softmax(x, axis=-1)],
+    output_shapes=lambda s: [(s["R"], s["C"])],
+    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    bytes=lambda s, size: 2 * s["R"] * s["C"] * size,
+    flops=lambda s: 5 * s["R"] * s["C"],
+    shapes=[{"R": 8192, "C": 4096}, {"R": 32, "C": 32000}],
+    emulator_shapes=[{"R": 8, "C": 512}],
+    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
+)

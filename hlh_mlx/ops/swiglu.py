@@ -1,0 +1,28 @@
+"""swiglu: y = silu(g) * u, elementwise over (rows, cols); built-in: nn.silu(g) * u as users write it."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .spec import OpSpec, random_array
+
+
+def _reference(g, u):
+    g32 = g.astype(mx.float32)
+    return [(g32 * mx.sigmoid(g32) * u.astype(mx.float32)).astype(g.dtype)]
+
+
+OP = OpSpec(
+    name="swiglu",
+    dims=("R", "C"),
+    make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype, 2.0),
+                                       random_array(rng, (s["R"], s["C"]), dtype)],
+    reference=_reference,
+    builtin=lambda g, u: [nn.silu(g) * u],
+    output_shapes=lambda s: [(s["R"], s["C"])],
+    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    bytes=lambda s, size: 3 * s["R"] * s["C"] * size,
+    flops=lambda s: 6 * s["R"] * s["C"],
+    shapes=[{"R": 8192, "C": 14336}, {"R": 1, "C": 14336}],
+    emulator_shapes=[{"R": 4, "C": 1000}],
+    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
+)
