@@ -9,7 +9,9 @@ export HLH_MLX_VARIANTS="$PWD/variants" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/hlh-out}"
 mkdir -p "$out/variants"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+# HLH_SWEEP_ARGS: extra sweep options (e.g. "--budget 8 --shape 8192x4096")
 for op in "$@"; do
-  python -m hlh_mlx sweep "$op" --backend cuda --dtype float16 --top 5 --timeout 120 --format md 2>&1 | tee "$out/$op.md"
+  python -m hlh_mlx sweep "$op" --backend cuda --dtype float16 --top 5 --timeout 120 --format md \
+    ${HLH_SWEEP_ARGS:-} 2>&1 | tee "$out/$op.md"
+  cp -r variants/. "$out/variants/"   # after each op: a call cut short keeps what finished
 done
-cp -r variants/. "$out/variants/"
