@@ -156,6 +156,12 @@ def _record(plan: Plan, shape, dtype, reply: dict, variant: Variant | None) -> d
     return rec
 
 
+def _key(p: Plan, v: Variant | None, shape, dtype) -> tuple:
+    return store.result_key({
+        "variant_id": v.id if v else None, "template": v.template.relpath if v else "builtin",
+        "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__})
+
+
 def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     """Run the plan; return every record of this (device, op) for the planned shapes and dtypes."""
     path = store.path_for(p.device.slug, p.op.name)
@@ -165,30 +171,24 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     try:
         for dtype in p.dtypes:
             for shape in p.shapes:
-                todo = list(p.candidates)
-                jobs = ([None] if timed else []) + todo
-                seen = set()
+                jobs = ([None] if timed else []) + list(p.candidates)   # None: the built-in
+                seen: set[str] = set()
                 i = 0
                 while i < len(jobs):
                     v = jobs[i]
                     i += 1
-                    if v is not None and (v.id in seen or not v.supports(shape, dtype)):
-                        continue
+                    runnable = v is None or (v.id not in seen and v.supports(shape, dtype))
                     if v is not None:
                         seen.add(v.id)
-                    key = store.result_key({
-                        "variant_id": v.id if v else None, "template": v.template.relpath if v else "builtin",
-                        "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__})
-                    if key not in done:
+                    if runnable and _key(p, v, shape, dtype) not in done:
                         job = _job(p, v, shape, dtype)
                         reply = worker.request(job, p.timeout)
                         reply.setdefault("seed", job.get("seed"))
-                        rec = _record(p, shape, dtype, reply, v)
-                        store.append(path, rec)
-                        done.add(key)
+                        store.append(path, _record(p, shape, dtype, reply, v))
+                        done.add(_key(p, v, shape, dtype))
                     if progress:
                         progress(v, shape, dtype)
-                    # refine: once the first sample is in, add neighbours of the best few
+                    # once the first sample is in, add neighbours of the best few
                     if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
                         jobs += _refinements(p, path, shape, dtype, seen)
     finally:

@@ -77,8 +77,20 @@ def test_a_crashing_and_a_hanging_variant_are_recorded_and_the_sweep_goes_on(sto
     assert by_bs[16] == {"crashed"} and by_bs[32] == {"timeout"} and by_bs[8] == {"ok"}
 
 
-def test_interrupted_sweep_keeps_what_finished_and_resumes(store_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+SLOW_WORKER = textwrap.dedent("""
+    import json, sys, time
+    from hlh_mlx.worker import handle
+    for line in sys.stdin:
+        time.sleep(1.0)          # slow enough that the interrupt lands mid-sweep
+        sys.stdout.write(json.dumps(handle(json.loads(line))) + "\\n")
+        sys.stdout.flush()
+""")
+
+
+def test_interrupted_sweep_keeps_what_finished_and_resumes(store_dir, tmp_path):
+    slow = tmp_path / "slow_worker.py"
+    slow.write_text(SLOW_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HLH_MLX_WORKER=f"{sys.executable} {slow}")
     cmd = [sys.executable, "-m", "hlh_mlx", "sweep", "matmul", "--template", "regblock", "--budget", "6"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
