@@ -74,7 +74,8 @@ def device(backend: str) -> Device:
 class Kernel:
     """A compiled variant: call it with the op's inputs for one shape."""
 
-    def __init__(self, variant: Variant, backend: str):
+    def __init__(self, variant: Variant, backend: str, *, sanitize: bool | None = None):
+        """`sanitize`: emulator only (None: the HLH_MLX_SANITIZE environment variable)."""
         t = variant.template
         if TEMPLATE_BACKEND[backend] != t.backend:
             raise ValueError(f"{t.path}: a {t.backend} template cannot run on the {backend} backend")
@@ -90,7 +91,7 @@ class Kernel:
         else:
             from . import emulator
             self._kernel = emulator.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
-                                                 source=r.source, header=r.header)
+                                                 source=r.source, header=r.header, sanitize=sanitize)
 
     def __call__(self, inputs, shape: dict, dtype: str, output_shapes, output_dtypes, init_value=None):
         v = self.variant

@@ -134,8 +134,6 @@ def render(op, template, pairs, full, dtype):
 @click.option("-p", "--param", "pairs", multiple=True, metavar="KEY=VAL", help="Check only this variant (with TEMPLATE).")
 def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
     """Prove variants correct on fresh random inputs and edge shapes. Exits 1 on a failure."""
-    import os
-
     import numpy as np
 
     from . import check as check_mod
@@ -144,8 +142,6 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
         be = backends.resolve(backend)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if be == "emulator" and sanitize:
-        os.environ["HLH_MLX_SANITIZE"] = "1"
     temps = [_template(spec, template, backends.TEMPLATE_BACKEND[be])] if template else [
         t for t in _templates(spec.name) if t.backend == backends.TEMPLATE_BACKEND[be]]
     if not temps:
@@ -169,7 +165,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
                 total += 1
                 err = None
                 try:
-                    k = backends.Kernel(v, be)
+                    k = backends.Kernel(v, be, sanitize=sanitize)
                     for s in shapes:
                         res = check_mod.check(k, spec, s, dtype, rng)
                         if not res.ok:

@@ -203,7 +203,7 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
         be = "cuda" if t.backend == "cuda" else ("metal" if backends.has_metal() else "emulator")
         dtype = (t.dtypes or ["float32"])[0]
         try:
-            k = backends.Kernel(v, be)
+            k = backends.Kernel(v, be, sanitize=True)
             for shape in op.edge_shapes:
                 if v.supports(shape, dtype):
                     res = check.check(k, op, shape, dtype, rng)

@@ -17,7 +17,7 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -48,7 +48,7 @@ class Worker:
         self.replies = queue.Queue()
         proc, q = self.proc, self.replies
         threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
-        self._stderr: list[str] = []
+        self._stderr: deque[str] = deque(maxlen=20)  # the tail, for a crash report
         threading.Thread(target=lambda: [self._stderr.append(line) for line in proc.stderr], daemon=True).start()
 
     def request(self, req: dict, timeout: float) -> dict:
@@ -63,7 +63,7 @@ class Worker:
             return {"status": "timeout", "error": f"no result within {timeout:g} s (hang?); the worker was restarted"}
         if line is None:
             code = self.proc.wait()
-            tail = "".join(self._stderr[-5:]).strip()
+            tail = "".join(list(self._stderr)[-5:]).strip()
             self.proc = None
             return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + tail[-300:] if tail else ''}"}
         return json.loads(line)

@@ -1,7 +1,6 @@
 """`hlh_mlx guard` catches each known trick on a planted example, naming the line, and
 passes the shipped templates and an honest kernel file."""
 
-import textwrap
 
 import pytest
 from click.testing import CliRunner
