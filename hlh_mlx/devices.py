@@ -14,6 +14,22 @@ CEILINGS = {
     "h100": {"bandwidth_gbs": 2920.0, "tflops": {"float16": 798.0, "bfloat16": 798.0, "float32": 67.0}},
 }
 
+# Apple GPUs, keyed by mx.device_info()["architecture"] (applegpu_g<gen><tier>: gen 13 = M1,
+# 14 = M2, 15 = M3, 16 = M4; tier g = base, s = Pro, c = Max, d = Ultra). Vendor and
+# third-party figures gathered in shared/DESIGN.md (not measured by us); where a range is
+# published (binned parts) the lower bound is used. FP32 rates for M3/M4 are not listed there;
+# those entries have bandwidth only, so their roofline is for memory-bound ops. Half and
+# bfloat are given the FP32 rate (Apple GPUs run them through the same ALUs).
+_APPLE = {
+    "g13g": (68, 2.6), "g13s": (200, 5.3), "g13c": (400, 10.6), "g13d": (800, 21.2),
+    "g14g": (100, 3.6), "g14s": (200, 6.8), "g14c": (400, 13.6), "g14d": (800, 27.2),
+    "g15g": (100, None), "g15s": (150, None), "g15c": (300, None), "g15d": (819, None),
+    "g16g": (120, None), "g16s": (273, None), "g16c": (410, None),
+}
+for _arch, (_bw, _tf) in _APPLE.items():
+    CEILINGS[_arch] = {"bandwidth_gbs": float(_bw),
+                       "tflops": {d: _tf for d in ("float32", "float16", "bfloat16")} if _tf else {}}
+
 
 def ceilings(device_slug: str) -> dict | None:
     for key, value in CEILINGS.items():
@@ -29,6 +45,8 @@ def roofline_pct(device_slug: str, op, shape: dict, dtype: str, median_ms: float
         return None
     from .ops.spec import DTYPES
     if op.bound == "compute":
+        if not c["tflops"].get(dtype):
+            return None
         achieved = op.flops(shape) / (median_ms * 1e-3) / 1e12
         return 100.0 * achieved / c["tflops"][dtype]
     achieved = op.bytes(shape, DTYPES[dtype].size) / (median_ms * 1e-3) / 1e9
