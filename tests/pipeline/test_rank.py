@@ -1,0 +1,36 @@
+"""Ranking and roofline arithmetic on hand-made records."""
+
+import pytest
+
+from hlh_mlx import devices, ops, rank
+
+SHAPE = {"R": 8192, "C": 4096}
+
+
+def rec(vid, ms, correct=True, status="ok"):
+    return {"variant_id": vid, "template": "builtin" if vid is None else "softmax/rows.cuda.j2", "family": "rows",
+            "params": {} if vid is None else {"BLOCK": 256}, "backend": "cuda", "shape": SHAPE, "dtype": "float16",
+            "device": "nvidia-h100-80gb-hbm3", "correct": correct, "status": status,
+            "timing": {"median_ms": ms, "spread": 0.01} if ms else None, "checks": [{"rel_err": 1e-6}]}
+
+
+def test_speedup_and_roofline_against_the_builtin():
+    rows = rank.table_rows([rec(None, 0.064), rec("a", 0.032), rec("b", 0.128), rec("c", None, False, "incorrect")],
+                           "softmax", SHAPE, "float16", "cuda")
+    by = {r["variant"]: r for r in rows}
+    assert by["rows a"]["speedup"] == pytest.approx(2.0)
+    assert by["rows b"]["speedup"] == pytest.approx(0.5)
+    assert by["rows c"]["speedup"] is None and rows[-1]["variant"] == "rows c"  # failures last
+    bytes_moved = 2 * 8192 * 4096 * 2
+    assert by["rows a"]["roofline_pct"] == pytest.approx(100 * bytes_moved / 0.032e-3 / 1e9 / 2920.0)
+
+
+def test_ranked_orders_correct_timed_variants_fastest_first():
+    out = rank.ranked([rec("b", 0.128), rec("a", 0.032), rec("c", 0.01, False, "incorrect")], SHAPE, "float16", "cuda")
+    assert [r["variant_id"] for r in out] == ["a", "b"]
+
+
+def test_apple_ceilings_by_architecture():
+    assert devices.ceilings("applegpu-g13c")["bandwidth_gbs"] == 400
+    assert devices.roofline_pct("applegpu-g16s", ops.get("matmul"), {"M": 8, "N": 8, "K": 8}, "float32", 1.0) is None
+    assert devices.ceilings("some-unknown-gpu") is None
