@@ -4,7 +4,7 @@ import math
 
 import mlx.core as mx
 
-from .spec import OpSpec, random_array
+from .spec import Call, OpSpec, dtype_name, random_array
 
 
 def _inputs(shape, dtype, rng):
@@ -12,6 +12,12 @@ def _inputs(shape, dtype, rng):
     s = 1.0 / math.sqrt(math.sqrt(shape["K"]))
     return [random_array(rng, (shape["M"], shape["K"]), dtype, s),
             random_array(rng, (shape["K"], shape["N"]), dtype, s)]
+
+
+def bind(a, b, **_):
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        return "tuned kernels take two 2-D matrices of one dtype"
+    return Call([a, b], {"M": a.shape[0], "N": b.shape[1], "K": a.shape[1]}, dtype_name(a.dtype))
 
 
 OP = OpSpec(
@@ -26,6 +32,7 @@ OP = OpSpec(
     flops=lambda s: 2 * s["M"] * s["N"] * s["K"],
     shapes=[{"M": 4096, "N": 4096, "K": 4096}, {"M": 1024, "N": 1024, "K": 1024}],
     emulator_shapes=[{"M": 64, "N": 64, "K": 64}],
+    bind=bind,
     edge_shapes=[{"M": 33, "N": 47, "K": 19}, {"M": 1, "N": 70, "K": 5}],
     bound="compute",
 )

@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import OpSpec, random_array
+from .spec import Call, OpSpec, dtype_name, random_array
 
 EPS = 1e-5
 
@@ -11,6 +11,16 @@ def _reference(x, w):
     x32 = x.astype(mx.float32)
     r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + EPS)
     return [(x32 * r * w.astype(mx.float32)).astype(x.dtype)]
+
+
+def bind(x, weight, eps, **_):
+    if weight is None or abs(eps - EPS) > 1e-12:
+        return f"tuned kernels use eps={EPS} and a weight"
+    c = x.shape[-1]
+    if weight.shape != (c,) or weight.dtype != x.dtype:
+        return "weight must be a vector of the last dimension, in x's dtype"
+    return Call([x.reshape(-1, c), weight], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
+                lambda o: o[0].reshape(x.shape))
 
 
 OP = OpSpec(
@@ -26,5 +36,6 @@ OP = OpSpec(
     flops=lambda s: 4 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],
     emulator_shapes=[{"R": 8, "C": 512}],
+    bind=bind,
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )

@@ -62,6 +62,9 @@ class OpSpec:
       bytes / flops: (shape, dtype) -> the minimum traffic and arithmetic, for the roofline.
       shapes: default shapes to tune on a GPU; emulator_shapes: small ones for the emulator.
       edge_shapes: awkward sizes every variant must also get right.
+      bind: (*args, **kwargs) of the MLX function the op replaces -> a Call, or a string
+        saying why a tuned kernel cannot serve these arguments (hlh_mlx.tuned then runs
+        the built-in and records the reason).
     """
     name: str
     dims: tuple[str, ...]
@@ -77,6 +80,7 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     output_dtypes: Callable = field(default=lambda dtype: [dtype])
     builtin: Callable | None = None
+    bind: Callable | None = None
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
 
     def baseline(self, *inputs):
@@ -94,6 +98,16 @@ class OpSpec:
 
     def shape_str(self, shape: Shape) -> str:
         return shape_str(self.dims, shape)
+
+
+@dataclass
+class Call:
+    """User arguments mapped onto the op: kernel inputs, the op's shape, and how to give
+    the kernel's outputs back in the caller's shape."""
+    inputs: list
+    shape: Shape
+    dtype: str
+    finish: Callable = field(default=lambda outs: outs[0])
 
 
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:

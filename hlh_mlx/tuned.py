@@ -1,0 +1,169 @@
+"""Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends.
+
+Each call picks the best stored variant for this device, backend, dtype and shape: the
+exact shape if it was tuned, else the nearest tuned shape whose variant supports this one.
+A variant is used only if it was correct and faster than the built-in where it was
+measured, and only if its template still renders the same source (a stale result is
+ignored with a warning). Otherwise the MLX built-in runs, and that is recorded:
+`explain(op, *args)` says what would run and why, `fallbacks()` counts what did, and
+HLH_MLX_STRICT=1 turns a fallback into an error (for benchmarks and agents).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import backends, ops, store, templates, variants
+from .variants import Variant
+
+_fallbacks: Counter = Counter()
+_kernels: dict = {}
+
+
+class FallbackError(RuntimeError):
+    """HLH_MLX_STRICT=1 and no tuned kernel serves this call."""
+
+
+@dataclass
+class Choice:
+    variant: Variant | None
+    record: dict | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.variant is None:
+            return f"built-in: {self.reason}"
+        t = self.record.get("timing") or {}
+        return (f"variant {self.variant.id} ({self.variant.label()}), tuned at {self.record['shape_str']} "
+                f"{self.record['dtype']} on {self.record['device']}: {t.get('median_ms', float('nan')):.4f} ms; "
+                f"{self.reason}")
+
+
+@lru_cache(maxsize=None)
+def _backend() -> str:
+    return backends.auto()
+
+
+@lru_cache(maxsize=None)
+def _current_variants(op: str) -> dict[tuple, Variant]:
+    """(template relpath, params) -> the variant as the template renders it today."""
+    out = {}
+    for t in templates.discover(op):
+        for v in variants.expand(t):
+            out[(t.relpath, tuple(sorted(v.param_dict.items())))] = v
+    return out
+
+
+@lru_cache(maxsize=None)
+def _candidates(op: str, device: str, backend: str) -> tuple:
+    """Correct, timed variant records with their built-in's time, stale ones dropped."""
+    records = store.load(device, op)
+    builtin = {(r["shape_str"], r["dtype"]): r["timing"]["median_ms"] for r in records
+               if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend}
+    current = _current_variants(op)
+    out = []
+    for r in records:
+        if r.get("template") == "builtin" or r.get("backend") != backend or not r.get("correct") or not r.get("timing"):
+            continue
+        v = current.get((r.get("template"), tuple(sorted((r.get("params") or {}).items()))))
+        if v is None or v.source_hash != r.get("source_hash"):
+            warnings.warn(f"[hlh_mlx.tuned] ignoring stored {op} variant {r.get('variant_id')}: its template "
+                          "changed since it was tuned (re-run the sweep)", RuntimeWarning, stacklevel=3)
+            continue
+        base = builtin.get((r["shape_str"], r["dtype"]))
+        out.append((v, r, base))
+    return tuple(out)
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(abs(math.log(max(a[k], 1)) - math.log(max(b[k], 1))) for k in a)
+
+
+def choose(op_name: str, call) -> Choice:
+    op = ops.get(op_name)
+    be = _backend()
+    dev = backends.device(be).slug
+    if isinstance(call, str):
+        return Choice(None, None, call)
+    best = None
+    for v, r, base in _candidates(op.name, dev, be):
+        if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
+            continue
+        ms = r["timing"]["median_ms"]
+        if base is None or ms >= base:
+            continue  # never use a variant that lost to the built-in where it was measured
+        key = (_distance(r["shape"], call.shape), ms)
+        if best is None or key < best[0]:
+            best = (key, v, r, base)
+    if best is None:
+        return Choice(None, None, f"no stored {op.name} variant beats the built-in for {call.dtype} on {dev} [{be}]")
+    (dist, _), v, r, base = best
+    how = "exact shape" if dist == 0 else f"nearest tuned shape {r['shape_str']}"
+    return Choice(v, r, f"{how}, {base / r['timing']['median_ms']:.2f}x the built-in there")
+
+
+def _run(op_name: str, builtin, *args, **kwargs):
+    op = ops.get(op_name)
+    call = op.bind(*args, **kwargs)
+    choice = choose(op_name, call)
+    if choice.variant is None:
+        if os.environ.get("HLH_MLX_STRICT", "") not in ("", "0"):
+            raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {choice.reason}")
+        _fallbacks[(op_name, choice.reason)] += 1
+        return builtin(*args, **kwargs)
+    v = choice.variant
+    key = (v.id, _backend())
+    if key not in _kernels:
+        _kernels[key] = backends.Kernel(v, _backend())
+    from .ops.spec import DTYPES
+    outs = _kernels[key](call.inputs, call.shape, call.dtype, op.output_shapes(call.shape),
+                         op.output_dtypes(DTYPES[call.dtype]))
+    return call.finish(outs)
+
+
+def explain(op_name: str, *args, **kwargs) -> str:
+    """Which variant (id, parameters, measured speed) or the built-in would run, and why."""
+    return str(choose(op_name, ops.get(op_name).bind(*args, **kwargs)))
+
+
+def fallbacks() -> dict:
+    """{(op, reason): count} of calls that ran the built-in."""
+    return dict(_fallbacks)
+
+
+def refresh() -> None:
+    """Forget cached results and kernels (after a sweep in this process)."""
+    _candidates.cache_clear()
+    _current_variants.cache_clear()
+    _backend.cache_clear()
+    _kernels.clear()
+
+
+def softmax(x, axis=-1, **kwargs):
+    import mlx.core as mx
+    return _run("softmax", lambda x, axis=-1, **kw: mx.softmax(x, axis=axis, **kw), x, axis=axis, **kwargs)
+
+
+def rms_norm(x, weight, eps):
+    import mlx.core as mx
+    return _run("rms_norm", mx.fast.rms_norm, x, weight, eps)
+
+
+def swiglu(g, u):
+    import mlx.nn as nn
+    return _run("swiglu", lambda g, u: nn.silu(g) * u, g, u)
+
+
+def gelu(x):
+    import mlx.nn as nn
+    return _run("gelu", nn.gelu, x)
+
+
+def matmul(a, b):
+    import mlx.core as mx
+    return _run("matmul", mx.matmul, a, b)

@@ -1,0 +1,72 @@
+"""hlh_mlx.tuned picks stored winners, falls back visibly, and refuses stale results.
+
+The emulator measures no speed, so these tests write the timing fields of the records
+themselves (made-up numbers, in a temporary store) to drive the selection; the kernel
+that then runs is the real template on the emulator, checked against MLX."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from hlh_mlx import store, templates, tuned, variants
+
+
+def variant(op, family):
+    t = next(t for t in templates.discover(op) if t.family == family and t.backend == "metal")
+    return variants.expand(t)[0]
+
+
+def write(store_dir, op, shape, dtype, v, ms, base_ms, source_hash=None):
+    path = store_dir / "emulator" / f"{op}.jsonl"
+    common = {"op": op, "device": "emulator", "backend": "emulator", "shape": shape, "dtype": dtype,
+              "shape_str": "x".join(str(x) for x in shape.values()), "mlx": mx.__version__, "status": "ok"}
+    store.append(path, {**common, "variant_id": None, "template": "builtin", "correct": True,
+                        "timing": {"median_ms": base_ms}})
+    store.append(path, {**common, "variant_id": v.id, "template": v.template.relpath, "params": v.param_dict,
+                        "source_hash": source_hash or v.source_hash, "correct": True, "timing": {"median_ms": ms}})
+
+
+@pytest.fixture(autouse=True)
+def fresh(store_dir, monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+def test_nearest_tuned_winner_runs_and_matches_mlx(store_dir, rng):
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((2, 3, 500)).astype(np.float32))
+    assert f"variant {v.id}" in tuned.explain("softmax", x) and "nearest tuned shape 8x512" in tuned.explain("softmax", x)
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
+    assert tuned.fallbacks() == {}
+
+
+def test_a_variant_slower_than_the_builtin_is_not_used(store_dir, rng):
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", variant("softmax", "rows"), ms=2.0, base_ms=1.0)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    assert tuned.explain("softmax", x).startswith("built-in: no stored softmax variant beats the built-in")
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)))
+    assert sum(tuned.fallbacks().values()) == 1
+
+
+def test_strict_mode_turns_a_fallback_into_an_error(store_dir, monkeypatch, rng):
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    x = mx.array(rng.standard_normal((4, 64)).astype(np.float32))
+    with pytest.raises(tuned.FallbackError, match="HLH_MLX_STRICT=1 and the built-in would run"):
+        tuned.rms_norm(x, mx.ones((64,)), 1e-5)
+
+
+def test_unsupported_arguments_fall_back_with_the_reason(rng):
+    x = mx.array(rng.standard_normal((4, 64)).astype(np.float32))
+    assert "eps=1e-05" in tuned.explain("rms_norm", x, mx.ones((64,)), 1e-6)
+    np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, mx.ones((64,)), 1e-6)),
+                               np.asarray(mx.fast.rms_norm(x, mx.ones((64,)), 1e-6)), rtol=1e-6)
+
+
+def test_stale_result_is_ignored_with_a_warning(store_dir, rng):
+    write(store_dir, "gelu", {"N": 4096}, "float32", variant("gelu", "elementwise"), 0.1, 1.0, source_hash="0" * 16)
+    x = mx.array(rng.standard_normal(4096).astype(np.float32))
+    with pytest.warns(RuntimeWarning, match="template changed since it was tuned"):
+        assert tuned.explain("gelu", x).startswith("built-in")
