@@ -279,3 +279,22 @@ def guard(paths):
     blocking = [f for f in findings if f.blocking]
     click.echo(f"guard: {len(blocking)} finding(s) in {', '.join(str(p) for p in targets)}")
     sys.exit(1 if blocking else 0)
+
+
+@main.command()
+@click.argument("op")
+@click.option("--variant", "variant_id", required=True, help="Variant id (from `hlh_mlx show`).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write.")
+@click.option("--format", "fmt", type=click.Choice(["module", "kernelbot"]), default="module", show_default=True,
+              help="kernelbot adds a competition-style custom_kernel(data).")
+def export(op, variant_id, output, fmt):
+    """Write one variant as a self-contained module that needs only mlx."""
+    from . import export as export_mod
+    spec = _op(op)
+    try:
+        text = export_mod.render_module(spec.name, variant_id, fmt)
+    except export_mod.ExportError as e:
+        raise click.ClickException(str(e)) from None
+    with open(output, "w") as f:
+        f.write(text)
+    click.echo(f"wrote {output}")

@@ -26,5 +26,7 @@ OP = OpSpec(
     shapes=[{"N": 1 << 24}, {"N": 4096 * 14336}],
     emulator_shapes=[{"N": 4096}],
     bind=bind,
+    export_dims={"N": "x.shape[0]"},
+    export_outputs=["(N,)"],
     edge_shapes=[{"N": 1}, {"N": 1029}],
 )

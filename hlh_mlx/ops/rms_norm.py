@@ -37,5 +37,7 @@ OP = OpSpec(
     shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],
     emulator_shapes=[{"R": 8, "C": 512}],
     bind=bind,
+    export_dims={"R": "x.shape[0]", "C": "x.shape[1]"},
+    export_outputs=["(R, C)"],
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )

@@ -81,6 +81,10 @@ class OpSpec:
     output_dtypes: Callable = field(default=lambda dtype: [dtype])
     builtin: Callable | None = None
     bind: Callable | None = None
+    # for exported kernels: each dim as a Python expression of the kernel inputs, and each
+    # output shape as an expression of the dims
+    export_dims: dict = field(default_factory=dict)
+    export_outputs: list = field(default_factory=list)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
 
     def baseline(self, *inputs):

@@ -33,5 +33,7 @@ OP = OpSpec(
     shapes=[{"R": 8192, "C": 14336}, {"R": 1, "C": 14336}],
     emulator_shapes=[{"R": 4, "C": 1000}],
     bind=bind,
+    export_dims={"R": "g.shape[0]", "C": "g.shape[1]"},
+    export_outputs=["(R, C)"],
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )
