@@ -1,0 +1,83 @@
+"""`hlh_mlx.patch(model)`: swap layers of an mlx.nn.Module for tuned drop-ins.
+
+Replaced: mlx.nn.RMSNorm -> hlh_mlx.nn.RMSNorm, and MLP blocks with gate_proj, up_proj and
+down_proj -> hlh_mlx.nn.SwiGLU, each only after it is shown to compute the same thing on
+a random input. Everything else stays, and the report says what stayed and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as base_nn
+import numpy as np
+
+from . import nn
+
+
+@dataclass
+class PatchReport:
+    replaced: list = field(default_factory=list)   # (path, old class, new class)
+    kept: list = field(default_factory=list)       # (path, class, reason)
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} layer(s), kept {len(self.kept)}"]
+        lines += [f"  {p}: {a} -> {b}" for p, a, b in self.replaced]
+        lines += [f"  kept {p} ({c}): {why}" for p, c, why in self.kept]
+        return "\n".join(lines)
+
+
+def _same(old, new, dims: int) -> bool:
+    x = mx.array(np.random.default_rng(0).standard_normal((2, 3, dims)).astype(np.float32))
+    dtype = next((v.dtype for _, v in base_nn.utils.tree_flatten(old.parameters())), mx.float32)
+    x = x.astype(dtype)
+    a, b = old(x).astype(mx.float32), new(x).astype(mx.float32)
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    return a.shape == b.shape and bool(mx.allclose(a, b, rtol=tol, atol=tol))
+
+
+def _replacement(module):
+    """(new module, None) or (None, reason) or (None, None) when not a candidate."""
+    if type(module) is base_nn.RMSNorm:
+        new = nn.RMSNorm(module.weight.shape[0], eps=module.eps)
+        new.weight = module.weight
+        return new, None
+    if isinstance(module, base_nn.LayerNorm):
+        return None, "no tuned layer_norm kernel yet"
+    kids = module.children() if isinstance(module, base_nn.Module) else {}
+    if all(k in kids for k in ("gate_proj", "up_proj", "down_proj")) and not isinstance(module, nn.SwiGLU):
+        new = nn.SwiGLU.from_layers(module.gate_proj, module.up_proj, module.down_proj)
+        dims = module.gate_proj.weight.shape[1] * (32 // getattr(module.gate_proj, "bits", 32))
+        if _same(module, new, dims):
+            return new, None
+        return None, "has gate/up/down projections but does not compute down(silu(gate(x)) * up(x))"
+    return None, None
+
+
+def patch(model: base_nn.Module) -> PatchReport:
+    """Swap matching layers in place; return what was replaced and what was kept."""
+    report = PatchReport()
+
+    def visit(parent, key, module, path):
+        new, reason = _replacement(module)
+        if new is not None:
+            parent[key] = new
+            report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
+            return
+        if reason:
+            report.kept.append((path, type(module).__name__, reason))
+        walk(module, path)
+
+    def walk(module, prefix):
+        for name, child in module.children().items():
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, list):
+                for i, c in enumerate(child):
+                    if isinstance(c, base_nn.Module):
+                        visit(child, i, c, f"{path}.{i}")
+            elif isinstance(child, base_nn.Module):
+                visit(module, name, child, path)
+
+    walk(model, "")
+    return report
