@@ -15,16 +15,13 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from .emulator import has_metal
 from .ops.spec import DTYPES
 from .templates import TemplateError
 from .variants import Variant
 
 BACKENDS = ("metal", "emulator", "cuda")
 TEMPLATE_BACKEND = {"metal": "metal", "emulator": "metal", "cuda": "cuda"}
-
-
-def has_metal() -> bool:
-    return bool(getattr(mx, "metal", None) and mx.metal.is_available())
 
 
 def has_cuda() -> bool:

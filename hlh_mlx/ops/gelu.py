@@ -6,7 +6,7 @@ Written by following .codex/skills/author-template (the op spec, then one templa
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 def bind(x, **_):
     return Call([x.reshape(-1)], {"N": x.size}, dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
@@ -20,7 +20,7 @@ OP = OpSpec(
     reference=lambda x: [nn.gelu(x.astype(mx.float32)).astype(x.dtype)],
     builtin=lambda x: [nn.gelu(x)],
     output_shapes=lambda s: [(s["N"],)],
-    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: 2 * s["N"] * size,
     flops=lambda s: 20 * s["N"],
     shapes=[{"N": 1 << 24}, {"N": 4096 * 14336}],

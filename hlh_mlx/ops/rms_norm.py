@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 EPS = 1e-5
 
@@ -31,7 +31,7 @@ OP = OpSpec(
     reference=_reference,
     builtin=lambda x, w: [mx.fast.rms_norm(x, w, EPS)],
     output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: (2 * s["R"] * s["C"] + s["C"]) * size,
     flops=lambda s: 4 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],

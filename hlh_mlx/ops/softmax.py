@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 def bind(x, axis=-1, **_):
     if axis not in (-1, x.ndim - 1):
@@ -18,7 +18,7 @@ OP = OpSpec(
     reference=lambda x: [mx.softmax(x.astype(mx.float32), axis=-1).astype(x.dtype)],
     builtin=lambda x: [mx.softmax(x, axis=-1)],
     output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: 2 * s["R"] * s["C"] * size,
     flops=lambda s: 5 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 4096}, {"R": 32, "C": 32000}],

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 
 def _reference(g, u):
@@ -27,7 +27,7 @@ OP = OpSpec(
     reference=_reference,
     builtin=lambda g, u: [nn.silu(g) * u],
     output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance={"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2},
+    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: 3 * s["R"] * s["C"] * size,
     flops=lambda s: 6 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 14336}, {"R": 1, "C": 14336}],
