@@ -23,6 +23,25 @@ class RMSNorm(nn.RMSNorm):
         return tuned.rms_norm(x, self["weight"], self.eps)
 
 
+class LayerNorm(nn.LayerNorm):
+    """Layer normalization, as mlx.nn.LayerNorm.
+
+    y = (x - mean) / sqrt(var + eps) * weight + bias, through hlh_mlx.tuned.layer_norm when
+    the layer has a weight and a bias (otherwise MLX's own, as mlx.nn.LayerNorm).
+
+    Args:
+        dims: the feature dimension.
+        eps: added to the variance. Default: 1e-5.
+        affine: learn a weight and a bias. Default: True.
+        bias: learn a bias (with affine). Default: True.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "weight" in self and "bias" in self:
+            return tuned.layer_norm(x, self["weight"], self["bias"], self.eps)
+        return super().__call__(x)
+
+
 class SwiGLU(nn.Module):
     """The gated MLP of Llama-style blocks: down_proj(silu(gate_proj(x)) * up_proj(x)).
 

@@ -1,6 +1,6 @@
 """`hlh_mlx.patch(model)`: swap layers of an mlx.nn.Module for tuned drop-ins.
 
-Replaced: mlx.nn.RMSNorm -> hlh_mlx.nn.RMSNorm, and MLP blocks with gate_proj, up_proj and
+Replaced: mlx.nn.RMSNorm and mlx.nn.LayerNorm -> hlh_mlx.nn's, and MLP blocks with gate_proj, up_proj and
 down_proj -> hlh_mlx.nn.SwiGLU, each only after it is shown to compute the same thing on
 a random input. Everything else stays, and the report says what stayed and why.
 """
@@ -43,8 +43,10 @@ def _replacement(module):
         new = nn.RMSNorm(module.weight.shape[0], eps=module.eps)
         new.weight = module.weight
         return new, None
-    if isinstance(module, base_nn.LayerNorm):
-        return None, "no tuned layer_norm kernel yet"
+    if type(module) is base_nn.LayerNorm:
+        new = nn.LayerNorm(module.dims, eps=module.eps, affine="weight" in module, bias="bias" in module)
+        new.update(module.parameters())
+        return new, None
     kids = module.children() if isinstance(module, base_nn.Module) else {}
     if all(k in kids for k in ("gate_proj", "up_proj", "down_proj")) and not isinstance(module, nn.SwiGLU):
         new = nn.SwiGLU.from_layers(module.gate_proj, module.up_proj, module.down_proj)

@@ -1,4 +1,5 @@
-"""Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends.
+"""Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends
+(softmax, rms_norm, layer_norm, swiglu, gelu, matmul).
 
 Each call picks the best stored variant for this device, backend, dtype and shape: the
 exact shape if it was tuned, else the nearest tuned shape whose variant supports this one.
@@ -152,6 +153,11 @@ def softmax(x, axis=-1, **kwargs):
 def rms_norm(x, weight, eps):
     import mlx.core as mx
     return _run("rms_norm", mx.fast.rms_norm, x, weight, eps)
+
+
+def layer_norm(x, weight, bias, eps):
+    import mlx.core as mx
+    return _run("layer_norm", mx.fast.layer_norm, x, weight, bias, eps)
 
 
 def swiglu(g, u):
