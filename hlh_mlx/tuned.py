@@ -138,7 +138,8 @@ def fallbacks() -> dict:
 
 
 def refresh() -> None:
-    """Forget cached results and kernels (after a sweep in this process)."""
+    """Forget cached results, kernels and fallback counts (after a sweep in this process)."""
+    _fallbacks.clear()
     _candidates.cache_clear()
     _current_variants.cache_clear()
     _backend.cache_clear()
