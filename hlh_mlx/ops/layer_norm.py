@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import Call, dtype_name, random_array, rowwise
 
 EPS = 1e-5
 
@@ -24,21 +24,14 @@ def bind(x, weight, bias, eps, **_):
                 lambda o: o[0].reshape(x.shape))
 
 
-OP = OpSpec(
-    name="layer_norm",
-    dims=("R", "C"),
+OP = rowwise(
+    "layer_norm",
+    "x",
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype, 2.0),
                                        random_array(rng, (s["C"],), dtype), random_array(rng, (s["C"],), dtype)],
     reference=_reference,
     builtin=lambda x, w, b: [mx.fast.layer_norm(x, w, b, EPS)],
-    output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: (2 * s["R"] * s["C"] + 2 * s["C"]) * size,
     flops=lambda s: 8 * s["R"] * s["C"],
-    shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],
-    emulator_shapes=[{"R": 8, "C": 512}],
     bind=bind,
-    export_dims={"R": "x.shape[0]", "C": "x.shape[1]"},
-    export_outputs=["(R, C)"],
-    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )

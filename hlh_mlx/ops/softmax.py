@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import Call, dtype_name, random_array, rowwise
 
 def bind(x, axis=-1, **_):
     if axis not in (-1, x.ndim - 1):
@@ -11,20 +11,14 @@ def bind(x, axis=-1, **_):
     return Call([x.reshape(-1, c)], {"R": x.size // c, "C": c}, dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
 
 
-OP = OpSpec(
-    name="softmax",
-    dims=("R", "C"),
+OP = rowwise(
+    "softmax",
+    "x",
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype, 3.0)],
     reference=lambda x: [mx.softmax(x.astype(mx.float32), axis=-1).astype(x.dtype)],
     builtin=lambda x: [mx.softmax(x, axis=-1)],
-    output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: 2 * s["R"] * s["C"] * size,
     flops=lambda s: 5 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 4096}, {"R": 32, "C": 32000}],
-    emulator_shapes=[{"R": 8, "C": 512}],
     bind=bind,
-    export_dims={"R": "x.shape[0]", "C": "x.shape[1]"},
-    export_outputs=["(R, C)"],
-    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )

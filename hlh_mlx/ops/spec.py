@@ -121,3 +121,19 @@ class Call:
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:
     """Standard normal values (never zeros), cast to dtype."""
     return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+
+def rowwise(name: str, first_input: str, **fields) -> OpSpec:
+    """An op over the rows of an (R, C) array, with the shape story row ops share (outputs
+    like the input, LLM-sized default shapes, awkward edge shapes); `fields` override."""
+    defaults = dict(
+        dims=("R", "C"),
+        output_shapes=lambda s: [(s["R"], s["C"])],
+        tolerance=ROUNDED_ONCE,
+        shapes=[{"R": 8192, "C": 4096}, {"R": 1, "C": 4096}],
+        emulator_shapes=[{"R": 8, "C": 512}],
+        edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
+        export_dims={"R": f"{first_input}.shape[0]", "C": f"{first_input}.shape[1]"},
+        export_outputs=["(R, C)"],
+    )
+    return OpSpec(name=name, **{**defaults, **fields})

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import Call, dtype_name, random_array, rowwise
 
 
 def _reference(g, u):
@@ -19,21 +19,16 @@ def bind(g, u, **_):
                 lambda o: o[0].reshape(g.shape))
 
 
-OP = OpSpec(
-    name="swiglu",
-    dims=("R", "C"),
+OP = rowwise(
+    "swiglu",
+    "g",
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype, 2.0),
                                        random_array(rng, (s["R"], s["C"]), dtype)],
     reference=_reference,
     builtin=lambda g, u: [nn.silu(g) * u],
-    output_shapes=lambda s: [(s["R"], s["C"])],
-    tolerance=ROUNDED_ONCE,
     bytes=lambda s, size: 3 * s["R"] * s["C"] * size,
     flops=lambda s: 6 * s["R"] * s["C"],
     shapes=[{"R": 8192, "C": 14336}, {"R": 1, "C": 14336}],
     emulator_shapes=[{"R": 4, "C": 1000}],
     bind=bind,
-    export_dims={"R": "g.shape[0]", "C": "g.shape[1]"},
-    export_outputs=["(R, C)"],
-    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}],
 )
