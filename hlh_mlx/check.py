@@ -64,3 +64,18 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
     tol = op.tolerance[dtype]
     ok, rel, mabs, err = compare(outs, refs, tol)
     return CheckResult(ok, dict(shape), dtype, rel, mabs, tol, err)
+
+
+def check_shapes(kernel, op: OpSpec, variant, shapes, dtype: str, rng) -> tuple[list[CheckResult], str | None]:
+    """Check a variant at every shape it supports, stopping at the first failure.
+
+    Returns the results so far and the failure ("shape RxC: why") or None."""
+    results = []
+    for s in shapes:
+        if not variant.supports(s, dtype):
+            continue
+        res = check(kernel, op, s, dtype, rng)
+        results.append(res)
+        if not res.ok:
+            return results, f"shape {op.shape_str(s)}: {res.error}"
+    return results, None

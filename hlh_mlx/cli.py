@@ -166,11 +166,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
                 err = None
                 try:
                     k = backends.Kernel(v, be, sanitize=sanitize)
-                    for s in shapes:
-                        res = check_mod.check(k, spec, s, dtype, rng)
-                        if not res.ok:
-                            err = f"shape {spec.shape_str(s)}: {res.error}"
-                            break
+                    _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng)
                 except Exception as e:  # report and go on: one bad variant does not stop the check
                     err = backends.map_compile_error(e, v)
                 failures += err is not None
@@ -203,7 +199,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
     except (ValueError, TemplateError, SpaceError) as e:
         raise click.UsageError(str(e)) from None
     err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))
-    err(f"{spec.name} on {p.device.name} [{p.backend}]: {len(p.candidates)} of {p.space_size} variants, "
+    err(f"{spec.name} on {p.device.name} [{p.backend}]: {len(p.candidates)} of {len(p.space)} variants, "
         f"shapes {', '.join(spec.shape_str(s) for s in p.shapes)}, dtypes {', '.join(p.dtypes)}")
     for n in p.notes:
         err(f"note: {n}")

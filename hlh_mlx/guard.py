@@ -204,13 +204,9 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
         dtype = (t.dtypes or ["float32"])[0]
         try:
             k = backends.Kernel(v, be, sanitize=True)
-            for shape in op.edge_shapes:
-                if v.supports(shape, dtype):
-                    res = check.check(k, op, shape, dtype, rng)
-                    if not res.ok:
-                        out.append(Finding(str(path), None, "wrong-or-unwritten",
-                                           f"{v.label()} at {op.shape_str(shape)}: {res.error}"))
-                        break
+            _, failure = check.check_shapes(k, op, v, op.edge_shapes, dtype, rng)
+            if failure:
+                out.append(Finding(str(path), None, "wrong-or-unwritten", f"{v.label()} at {failure}"))
         except Exception as e:
             out.append(Finding(str(path), None, "fails", f"{v.label()}: {backends.map_compile_error(e, v)}"))
     return out

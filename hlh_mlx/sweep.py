@@ -83,7 +83,7 @@ class Plan:
     shapes: list[dict]
     dtypes: list[str]
     candidates: list[Variant]
-    space_size: int
+    space: list[Variant]       # every valid variant of the plan's templates
     budget: int | None
     seed: int
     timeout: float
@@ -121,9 +121,8 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
             raise ValueError(f"[{op.name}] unsupported dtype {d!r} (one of {', '.join(op.dtypes)})")
     # spread the first sample over the templates, so each family is represented
     first = budget if budget is None or not dev.can_time else max(1, budget // 2)
-    per_template = {t.path: variants.sample([v for v in space if v.template is t], None) for t in temps}
-    picked = _round_robin(list(per_template.values()), first, seed)
-    return Plan(op, be, dev, shapes, dtypes, picked, len(space), budget, seed, timeout, notes)
+    picked = _round_robin([[v for v in space if v.template is t] for t in temps], first, seed)
+    return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes)
 
 
 def _round_robin(groups: list[list[Variant]], n: int | None, seed: int) -> list[Variant]:
@@ -195,8 +194,7 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
         worker.stop()
     # the current renderings of the plan's templates only: records of older versions of a
     # template (another source, another id) stay in the file but are not ranked
-    temps = {id(v.template): v.template for v in p.candidates}.values()
-    ids = {v.id for t in temps for v in variants.expand(t)} | {None}
+    ids = {v.id for v in p.space} | {None}
     return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
             and r.get("variant_id") in ids]
 
@@ -212,13 +210,11 @@ def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
 
 def _refinements(p: Plan, path, shape, dtype, seen) -> list[Variant]:
     from .rank import ranked
-    temps = {id(v.template): v.template for v in p.candidates}.values()
-    space = [v for t in temps for v in variants.expand(t)]
-    by_id = {v.id: v for v in space}
+    by_id = {v.id: v for v in p.space}
     rows = ranked(store.read(path), shape, dtype, p.backend)
     out = []
     for r in rows[:3]:
         best = by_id.get(r.get("variant_id"))
         if best:
-            out += [n for n in variants.neighbours(best, space) if n.id not in seen]
+            out += [n for n in variants.neighbours(best, p.space) if n.id not in seen]
     return out[: max(0, p.budget - len(seen))]

@@ -63,16 +63,13 @@ def handle(req: dict) -> dict:
     reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash}
     try:
         kernel = backends.Kernel(variant, req["backend"], sanitize=sanitize)
-        rng = np.random.default_rng(req["seed"])
-        for s in req["check_shapes"]:
-            if not variant.supports(s, dtype):
-                continue
-            res = check.check(kernel, op, s, dtype, rng)
-            reply["checks"].append(res.to_dict())
-            if not res.ok:
-                reply["status"] = "incorrect"
-                reply["error"] = f"shape {op.shape_str(s)}: {res.error}"
-                return reply
+        results, failure = check.check_shapes(kernel, op, variant, req["check_shapes"], dtype,
+                                              np.random.default_rng(req["seed"]))
+        reply["checks"] = [r.to_dict() for r in results]
+        if failure:
+            reply["status"] = "incorrect"
+            reply["error"] = failure
+            return reply
     except Exception as e:  # a variant that fails to build or run is a result, not a crash
         reply["status"] = "compile_error" if "compile" in type(e).__name__.lower() else "error"
         reply["error"] = backends.map_compile_error(e, variant)
