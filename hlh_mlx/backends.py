@@ -93,7 +93,7 @@ class Kernel:
     def __call__(self, inputs, shape: dict, dtype: str, output_shapes, output_dtypes, init_value=None):
         v = self.variant
         return self._kernel(
-            inputs=inputs, template=v.template_args(dtype), grid=v.grid(shape, dtype),
+            inputs=inputs, template=v.template_args(shape, dtype), grid=v.grid(shape, dtype),
             threadgroup=v.threadgroup(), output_shapes=output_shapes,
             output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes],
             init_value=init_value)

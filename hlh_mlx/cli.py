@@ -110,8 +110,10 @@ def render(op, template, pairs, full, dtype):
             click.echo(f"// ---- header ----\n{r.header}\n// ---- body ----")
         click.echo(r.source)
         return
-    if t.backend != "metal":
-        raise click.UsageError("--full shows the Metal signature MLX writes; CUDA templates print their body only")
+    if t.backend == "cuda":
+        from . import cuda_source
+        click.echo(cuda_source.variant_source(v, spec, dtype)[0])
+        return
     from .emulator import codegen
     from .ops.spec import DTYPES
     import numpy as np
@@ -119,7 +121,7 @@ def render(op, template, pairs, full, dtype):
     ins = spec.make_inputs(shape, DTYPES[dtype], np.random.default_rng(0))
     sigs = [codegen.InputSig(n, x.dtype, x.ndim, x.size) for n, x in zip(t.inputs, ins)]
     click.echo(codegen.metal_source(f"hlh_{spec.name}_{t.family}_{v.id}", r.header, r.source, sigs, t.outputs,
-                                    [DTYPES[dtype]] * len(t.outputs), v.template_args(dtype), False))
+                                    [DTYPES[dtype]] * len(t.outputs), v.template_args(shape, dtype), False))
 
 
 @main.command()

@@ -66,11 +66,13 @@ class Variant:
         v = self.values(shape, dtype)
         return tuple(int(e(**v)) for e in self.template.grid)
 
-    def template_args(self, dtype: str) -> list:
+    def template_args(self, shape: dict, dtype: str) -> list:
+        """MLX template arguments: dtype names become MLX dtypes; expressions may use
+        shape variables that select code paths (e.g. rope's TRAD, attention's D)."""
         from .ops.spec import DTYPES
         out = []
         for name, e in self.template.template_args.items():
-            val = e(**self.values({}, dtype))
+            val = e(**self.values(shape, dtype))
             out.append((name, DTYPES[val] if isinstance(val, str) and val in DTYPES else val))
         return out
 

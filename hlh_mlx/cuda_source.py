@@ -1,0 +1,121 @@
+"""The CUDA source MLX compiles for a custom kernel, and an offline compile check.
+
+`kernel_source` writes what `mx.fast.cuda_kernel` (MLX 0.32, mlx/backend/cuda/
+custom_kernel.cpp) builds around a body: MLX's device header, the template's header, then
+`__global__ void name(const T* in, Shape in_shape, ..., T* out)` with `_shape`, `_strides`
+and `_ndim` parameters only for names the body mentions, and template arguments as
+`constexpr` / `using` lines. `compile_check` runs it through nvcc for sm_90a with a small
+stand-in for MLX's device header, so a CUDA template's syntax and types are checked on a
+machine without a GPU before any device time is spent. It proves that the code compiles,
+not that it is correct: that takes the GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+CUDA_TYPES = {mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
+              mx.int64: "int64_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
+              mx.uint64: "uint64_t", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16",
+              mx.float32: "float", mx.float64: "double"}
+
+# What the body may use from mlx/backend/cuda/device/utils.cuh: the fp16/bf16 types and
+# the fixed-size Shape/Strides arrays (MAX_NDIM = 10) passed by value.
+STAND_IN_HEADER = """\
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <cuda/std/array>
+#include <cooperative_groups.h>
+namespace mlx::core::cu {
+using Shape = cuda::std::array<int32_t, 10>;
+using Strides = cuda::std::array<int64_t, 10>;
+}
+"""
+
+
+class CudaCompileError(RuntimeError):
+    pass
+
+
+def kernel_source(name: str, header: str, source: str, inputs: list[tuple[str, object, int]],
+                  outputs: list[tuple[str, object]], template_args: list, prelude: str | None = None) -> str:
+    """inputs: (name, dtype, ndim); outputs: (name, dtype); template_args: (name, value)."""
+    params = []
+    for n, dtype, ndim in inputs:
+        params.append(f"    const {CUDA_TYPES[dtype]}* {n}")
+        if ndim > 0:
+            if f"{n}_shape" in source:
+                params.append(f"    const __grid_constant__ Shape {n}_shape")
+            if f"{n}_strides" in source:
+                params.append(f"    const __grid_constant__ Strides {n}_strides")
+            if f"{n}_ndim" in source:
+                params.append(f"    const __grid_constant__ int {n}_ndim")
+    params += [f"    {CUDA_TYPES[dtype]}* {n}" for n, dtype in outputs]
+    consts = []
+    for n, v in template_args:
+        if isinstance(v, bool):
+            consts.append(f"  constexpr bool {n} = {str(v).lower()};")
+        elif isinstance(v, int):
+            consts.append(f"  constexpr int {n} = {v};")
+        else:
+            consts.append(f"  using {n} = {CUDA_TYPES[v]};")
+    head = prelude if prelude is not None else '#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n'
+    return (f"{head}\n{header}namespace mlx::core::cu {{\n\nnamespace cg = cooperative_groups;\n\n"
+            f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
+            + ("\n".join(consts) + "\n\n" if consts else "") + source + "\n}\n\n} // namespace mlx::core::cu\n")
+
+
+def nvcc() -> str | None:
+    return shutil.which("nvcc")
+
+
+def compile_check(text: str, arch: str = "sm_90a", timeout: float = 120) -> None:
+    """Compile CUDA source to an object with nvcc; CudaCompileError carries its messages."""
+    exe = nvcc()
+    if exe is None:
+        raise CudaCompileError("nvcc not found (install the CUDA toolkit to check CUDA templates offline)")
+    with tempfile.TemporaryDirectory(prefix="hlh_cuda_") as d:
+        src = Path(d) / "kernel.cu"
+        src.write_text(text)
+        r = subprocess.run([exe, "-std=c++17", f"-arch={arch}", "-c", str(src), "-o", str(Path(d) / "kernel.o")],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise CudaCompileError((r.stderr or r.stdout).replace(str(src), "kernel.cu").strip())
+
+
+def variant_source(variant, op, dtype: str, prelude: str | None = None) -> tuple[str, int]:
+    """A variant's full CUDA source for `dtype` at the op's first emulator shape, and the
+    line (1-based) where the body starts."""
+    import numpy as np
+    from .ops.spec import DTYPES
+    t, r = variant.template, variant.rendered
+    shape = op.emulator_shapes[0]
+    arrays = op.make_inputs(shape, DTYPES[dtype], np.random.default_rng(0))
+    outs = op.output_dtypes(DTYPES[dtype])
+    text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", r.header, r.source,
+                         [(n, a.dtype, a.ndim) for n, a in zip(t.inputs, arrays)],
+                         list(zip(t.outputs, outs)), variant.template_args(shape, dtype), prelude)
+    head = text[:text.index(r.source)] if r.source else text
+    return text, head.count("\n") + 1
+
+
+def check_variant(variant, op, dtype: str) -> None:
+    """Compile a CUDA variant offline; errors name the template file and line."""
+    import re
+    text, body = variant_source(variant, op, dtype, STAND_IN_HEADER)
+    try:
+        compile_check(text)
+    except CudaCompileError as e:
+        msg = str(e)
+        m = re.search(r"kernel\.cu\((\d+)\): error: (.*)", msg)
+        if m and int(m.group(1)) >= body:
+            tline = variant.rendered.template_line("source", int(m.group(1)) - body + 1)
+            if tline:
+                raise CudaCompileError(f"{variant.template.path}:{tline}: {m.group(2)} ({dtype})") from None
+        raise CudaCompileError(f"{variant.template.path}: {dtype}: {msg.splitlines()[0] if msg else 'nvcc failed'}") from None

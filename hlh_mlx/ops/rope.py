@@ -1,0 +1,88 @@
+"""rope: mx.fast.rope(x, D, traditional=TRAD, base, scale, offset) over x (R, T, D) with
+all D dims rotated: pair i (of D/2) at position t turns by theta = (scale * (offset + t))
+* inv_freq[i], inv_freq[i] = 2^(-(i / (D/2)) * log2(base)) as MLX computes it; pairs are
+(i, i + D/2), or (2i, 2i + 1) when traditional.
+
+Kernel inputs: x, inv_freq (D/2,) float32, and pos (3,) float32 = [scale, offset,
+traditional]: what a call chooses at run time travels as data, so one compiled variant
+serves every base, offset and both layouts (offsets are exact in float32 below 2^24)."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+
+BASE, SCALE, OFFSET = 10000.0, 1.0, 3
+
+
+def inv_freq(d: int, base: float) -> mx.array:
+    """MLX's frequencies (exp2(-(i / half) * log2(base))), computed in float32."""
+    half = d // 2
+    i = np.arange(half, dtype=np.float32) / np.float32(half)
+    return mx.array(np.exp2(-i * np.float32(math.log2(base))).astype(np.float32))
+
+
+def _inputs(shape, dtype, rng):
+    return [random_array(rng, (shape["R"], shape["T"], shape["D"]), dtype),
+            inv_freq(shape["D"], BASE), mx.array([SCALE, OFFSET, shape["TRAD"]], dtype=mx.float32)]
+
+
+def _args(freqs, pos):
+    scale, offset, trad = pos.tolist()
+    return dict(traditional=bool(trad), base=None, scale=scale, offset=int(offset), freqs=1.0 / freqs)
+
+
+def _reference(x, freqs, pos):
+    return [mx.fast.rope(x.astype(mx.float32), x.shape[-1], **_args(freqs, pos)).astype(x.dtype)]
+
+
+def _builtin(x, freqs, pos):
+    scale, offset, trad = pos.tolist()
+    return [mx.fast.rope(x, x.shape[-1], traditional=bool(trad), base=BASE, scale=scale, offset=int(offset))]
+
+
+_freqs: dict = {}
+
+
+def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
+    d = x.shape[-1]
+    if dims != d or x.ndim < 3:
+        return "tuned rope rotates the whole last dimension of an input with at least 3 dims"
+    if freqs is not None or base is None:
+        return "tuned rope takes base=, not freqs="
+    if not isinstance(offset, int):
+        if offset.size != 1:
+            return "one offset for the whole batch"
+        offset = int(offset.item())  # evaluates: decode loops pass a Python int
+    if not 0 <= offset < 2 ** 24 - x.shape[-2]:
+        return "offset out of the exact float32 range"
+    key = (d, float(base))
+    if key not in _freqs:
+        _freqs[key] = inv_freq(d, base)
+    pos = mx.array([scale, offset, 1.0 if traditional else 0.0], dtype=mx.float32)
+    t = x.shape[-2]
+    return Call([x.reshape(-1, t, d), _freqs[key], pos], {"R": x.size // (t * d), "T": t, "D": d, "TRAD": int(traditional)},
+                dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
+
+
+OP = OpSpec(
+    name="rope",
+    dims=("R", "T", "D", "TRAD"),
+    make_inputs=_inputs,
+    reference=_reference,
+    builtin=_builtin,
+    output_shapes=lambda s: [(s["R"], s["T"], s["D"])],
+    # float32: an angle of up to T radians carries float32 rounding of about T * 6e-8, and
+    # MLX's own back ends (CPU ops vs GPU kernels) differ from each other by that much
+    tolerance={**ROUNDED_ONCE, "float32": 1e-4},
+    bytes=lambda s, size: 2 * s["R"] * s["T"] * s["D"] * size,
+    flops=lambda s: 6 * s["R"] * s["T"] * s["D"],
+    shapes=[{"R": 32, "T": 4096, "D": 128, "TRAD": 0}, {"R": 32, "T": 1, "D": 128, "TRAD": 0},
+            {"R": 32, "T": 4096, "D": 128, "TRAD": 1}],
+    emulator_shapes=[{"R": 4, "T": 16, "D": 64, "TRAD": 0}, {"R": 4, "T": 16, "D": 64, "TRAD": 1}],
+    edge_shapes=[{"R": 1, "T": 1, "D": 2, "TRAD": 0}, {"R": 3, "T": 7, "D": 10, "TRAD": 1},
+                 {"R": 2, "T": 5, "D": 96, "TRAD": 0}],
+    bind=bind,
+)
