@@ -220,7 +220,10 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
             rows = rank.table_rows(records, spec.name, shape, dtype, p.backend, top)
             title = f"{spec.name} {spec.shape_str(shape)} {dtype} on {p.device.name} [{p.backend}]"
             click.echo(rank.render(rows, fmt, title))
-    bad = sum(1 for r in records if r.get("template") != "builtin" and not r.get("correct"))
+            for a in rank.repeat_agreement(records, shape, dtype, p.backend):
+                err(f"timed twice: {a['variant']} {a['first_ms']:.4f} then {a['second_ms']:.4f} ms "
+                    f"({a['diff_pct']:.1f}% apart)")
+    bad = sum(1 for r in records if r.get("template") != "builtin" and not r.get("correct") and not r.get("repeat"))
     err(f"results: {store.path_for(p.device.slug, spec.name)} ({bad} incorrect or failed)")
 
 

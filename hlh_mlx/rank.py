@@ -13,6 +13,8 @@ def _latest(records, shape, dtype, backend):
     """The newest record per variant (and for the built-in) for one shape and dtype."""
     keep = {}
     for r in records:
+        if r.get("repeat"):
+            continue  # second timings check the first; they are not results of their own
         if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend:
             keep[r.get("variant_id") or "builtin"] = r
     return keep
@@ -23,6 +25,24 @@ def ranked(records, shape, dtype, backend) -> list[dict]:
     keep = _latest(records, shape, dtype, backend)
     rows = [r for k, r in keep.items() if k != "builtin" and r.get("correct") and r.get("timing")]
     return sorted(rows, key=lambda r: r["timing"]["median_ms"])
+
+
+def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
+    """Variants timed twice in one run (the sweep re-times the winner and the built-in
+    after the others): first and second median and how far apart they are."""
+    firsts = _latest(records, shape, dtype, backend)
+    out = []
+    for r in records:
+        if not (r.get("repeat") and r.get("shape") == shape and r.get("dtype") == dtype
+                and r.get("backend") == backend and r.get("timing")):
+            continue
+        key = r.get("variant_id") or "builtin"
+        first = firsts.get(key)
+        if first and first.get("timing"):
+            a, b = first["timing"]["median_ms"], r["timing"]["median_ms"]
+            out.append({"variant": "mlx built-in" if key == "builtin" else key, "first_ms": a, "second_ms": b,
+                        "diff_pct": 100 * abs(b - a) / a})
+    return out
 
 
 def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:

@@ -64,6 +64,7 @@ def _current_variants(op: str) -> dict[tuple, Variant]:
 def _candidates(op: str, device: str, backend: str) -> tuple:
     """Correct, timed variant records with their built-in's time, stale ones dropped."""
     records = store.load(device, op)
+    records = [r for r in records if not r.get("repeat")]
     builtin = {(r["shape_str"], r["dtype"]): r["timing"]["median_ms"] for r in records
                if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend}
     current = _current_variants(op)

@@ -34,3 +34,16 @@ def test_apple_ceilings_by_architecture():
     assert devices.ceilings("applegpu-g13c")["bandwidth_gbs"] == 400
     assert devices.roofline_pct("applegpu-g16s", ops.get("matmul"), {"M": 8, "N": 8, "K": 8}, "float32", 1.0) is None
     assert devices.ceilings("some-unknown-gpu") is None
+
+
+def test_second_timings_are_compared_not_ranked():
+    again = dict(rec("a", 0.0336), repeat=True, correct=False)
+    base_again = dict(rec(None, 0.064), repeat=True, correct=False)
+    records = [rec(None, 0.064), rec("a", 0.032), rec("b", 0.040), again, base_again]
+    assert [r["variant_id"] for r in rank.ranked(records, SHAPE, "float16", "cuda")] == ["a", "b"]
+    rows = {r["variant"]: r for r in rank.table_rows(records, "softmax", SHAPE, "float16", "cuda")}
+    assert rows["rows a"]["median_ms"] == 0.032 and rows["rows a"]["speedup"] == pytest.approx(2.0)
+    agree = {a["variant"]: a for a in rank.repeat_agreement(records, SHAPE, "float16", "cuda")}
+    assert agree["a"]["diff_pct"] == pytest.approx(5.0)
+    assert agree["mlx built-in"]["diff_pct"] == pytest.approx(0.0)
+    assert "b" not in agree
