@@ -13,5 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 for op in "$@"; do
   python -m hlh_mlx sweep "$op" --backend cuda --dtype float16 --top 5 --timeout 120 --format md \
     ${HLH_SWEEP_ARGS:-} 2>&1 | tee "$out/$op.md"
-  cp -r variants/. "$out/variants/"   # after each op: a call cut short keeps what finished
+  # after each op (a call cut short keeps what finished); only this op's file: what a
+  # call brings back is limited in count
+  for f in variants/*/"$op".jsonl; do mkdir -p "$out/$(dirname "$f")"; cp "$f" "$out/$f"; done
 done

@@ -21,7 +21,8 @@ SCHEMA = 1
 def result_key(r: dict) -> tuple:
     """What makes two results the same measurement (a rerun skips it)."""
     return (r.get("variant_id") or "builtin", r.get("template"), r.get("backend"), r.get("shape_str"),
-            r.get("dtype"), r.get("mlx"), r.get("source", "local"), bool(r.get("repeat")))
+            r.get("dtype"), r.get("mlx"), r.get("source", "local"), bool(r.get("repeat")),
+            r.get("timing_method", 1))
 
 
 def path_for(device_slug: str, op: str, root: Path | None = None) -> Path:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 import mlx.core as mx
 
-from . import __version__, backends, ops, store, templates, variants
+from . import __version__, backends, ops, store, templates, timing, variants
 from .variants import Variant
 
 DEFAULT_EMULATOR_BUDGET = 16
@@ -144,7 +144,7 @@ def _record(plan: Plan, shape, dtype, reply: dict, variant: Variant | None) -> d
         "hlh_mlx": __version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "shape": shape, "shape_str": plan.op.shape_str(shape), "dtype": dtype,
         "status": reply.get("status"), "error": reply.get("error"), "timing": reply.get("timing"),
-        "checks": reply.get("checks"), "source": "local",
+        "checks": reply.get("checks"), "source": "local", "timing_method": timing.METHOD,
     }
     if variant is None:
         rec.update(variant_id=None, template="builtin", params={}, correct=True)
@@ -158,7 +158,8 @@ def _record(plan: Plan, shape, dtype, reply: dict, variant: Variant | None) -> d
 def _key(p: Plan, v: Variant | None, shape, dtype) -> tuple:
     return store.result_key({
         "variant_id": v.id if v else None, "template": v.template.relpath if v else "builtin",
-        "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__})
+        "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__,
+        "timing_method": timing.METHOD})
 
 
 def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
@@ -209,7 +210,7 @@ def _time_again(p: Plan, path, shape, dtype, worker: Worker, done: set) -> None:
     best = next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
     for v in ([None] + ([best] if best else [])):
-        key = _key(p, v, shape, dtype)[:-1] + (True,)
+        key = _key(p, v, shape, dtype)[:-2] + (True, timing.METHOD)
         if key in done:
             continue
         job = dict(_job(p, v, shape, dtype), repeat=True)

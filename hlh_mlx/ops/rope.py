@@ -85,4 +85,5 @@ OP = OpSpec(
     edge_shapes=[{"R": 1, "T": 1, "D": 2, "TRAD": 0}, {"R": 3, "T": 7, "D": 10, "TRAD": 1},
                  {"R": 2, "T": 5, "D": 96, "TRAD": 0}],
     bind=bind,
+    flags=("TRAD",),
 )

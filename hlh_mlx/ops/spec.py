@@ -22,8 +22,8 @@ def dtype_name(dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 
 
-def parse_shape(dims: tuple[str, ...], text: str) -> Shape:
-    """'64x32x16' (in the op's dim order) or 'M=64,N=32,K=16'."""
+def parse_shape(dims: tuple[str, ...], text: str, flags: tuple[str, ...] = ()) -> Shape:
+    """'64x32x16' (in the op's dim order) or 'M=64,N=32,K=16'; `flags` are 0/1 dims."""
     text = text.strip()
     if "=" in text:
         out = {}
@@ -41,8 +41,11 @@ def parse_shape(dims: tuple[str, ...], text: str) -> Shape:
         shape = {k: int(out[k]) for k in dims}
     except ValueError:
         raise ValueError(f"shape {text!r}: sizes must be integers") from None
-    if min(shape.values()) < 1:
-        raise ValueError(f"shape {text!r}: sizes must be positive")
+    for k, v in shape.items():
+        if k in flags and v not in (0, 1):
+            raise ValueError(f"shape {text!r}: {k} is a flag, 0 or 1")
+        if k not in flags and v < 1:
+            raise ValueError(f"shape {text!r}: sizes must be positive ({k}={v})")
     return shape
 
 
@@ -90,6 +93,7 @@ class OpSpec:
     export_dims: dict = field(default_factory=dict)
     export_outputs: list = field(default_factory=list)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
+    flags: tuple[str, ...] = ()  # dims that are 0/1 switches of the op (rope's TRAD), not sizes
 
     def baseline(self, *inputs):
         return (self.builtin or self.reference)(*inputs)
@@ -100,7 +104,7 @@ class OpSpec:
 
     def parse_shape(self, text: str) -> Shape:
         try:
-            return parse_shape(self.dims, text)
+            return parse_shape(self.dims, text, self.flags)
         except ValueError as e:
             raise ValueError(f"[{self.name}] {e}") from None
 
