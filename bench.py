@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from datetime import date
 from pathlib import Path
@@ -22,37 +24,91 @@ from hlh_mlx import devices, ops, rank, sweep
 
 
 def best_rows(op, p, records):
+    return summary_rows(op, records, [(s, d) for d in p.dtypes for s in p.shapes], p.backend)
+
+
+def summary_rows(op, records, cases, backend):
     rows = []
-    for dtype in p.dtypes:
-        for shape in p.shapes:
-            table = rank.table_rows(records, op.name, shape, dtype, p.backend)
-            base = next((r for r in table if r["variant"] == "mlx built-in"), None)
-            ok = [r for r in table if r["variant"] != "mlx built-in" and r["status"] == "ok"]
-            best = ok[0] if ok else None
-            rows.append({
-                "op": op.name, "shape": op.shape_str(shape), "dtype": dtype,
-                "builtin_ms": base and base["median_ms"],
-                "best_variant": best and best["variant"], "best_params": best and best["params"],
-                "best_ms": best and best["median_ms"], "speedup": best and best["speedup"],
-                "roofline_pct": best and best["roofline_pct"],
-                "correct_variants": len(ok), "failed_variants": sum(1 for r in table if r["status"] not in ("ok", "reference")),
-            })
+    for shape, dtype in cases:
+        table = rank.table_rows(records, op.name, shape, dtype, backend)
+        again = {a["variant"]: a["diff_pct"] for a in rank.repeat_agreement(records, shape, dtype, backend)}
+        base = next((r for r in table if r["variant"] == "mlx built-in"), None)
+        ok = [r for r in table if r["variant"] != "mlx built-in" and r["status"] == "ok"]
+        best = ok[0] if ok else None
+        rows.append({
+            "op": op.name, "shape": op.shape_str(shape), "dtype": dtype,
+            "builtin_ms": base and base["median_ms"],
+            "best_variant": best and best["variant"], "best_params": best and best["params"],
+            "best_ms": best and best["median_ms"], "speedup": best and best["speedup"],
+            "roofline_pct": best and best["roofline_pct"],
+            "correct_variants": len(ok), "failed_variants": sum(1 for r in table if r["status"] not in ("ok", "reference")),
+            "builtin_again_pct": again.get("mlx built-in"),
+            "best_again_pct": again.get(best["variant"].split()[-1]) if best else None,
+        })
     return rows
 
 
-def markdown(rows, device, backend) -> str:
+def stored_cases(records, backend):
+    """Every (shape, dtype) with a built-in timing in the stored records, newest timing method only."""
+    method = max((r.get("timing_method", 1) for r in records), default=1)
+    seen = []
+    for r in records:
+        if (r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend
+                and r.get("timing_method", 1) == method and (r["shape"], r["dtype"]) not in seen):
+            seen.append((r["shape"], r["dtype"]))
+    return [r for r in records if r.get("timing_method", 1) == method], seen
+
+
+def targets(rows) -> list[str]:
+    """Issue #4's targets, from the largest shape of each op."""
+    largest = {}
+    for r in rows:
+        op = ops.get(r["op"])
+        size = math.prod(op.parse_shape(r["shape"]).values()) if r["speedup"] else -1
+        if r["speedup"] and size > largest.get(r["op"], (-1, None))[0]:
+            largest[r["op"]] = (size, r)
+    mem = [r for _, r in largest.values() if ops.get(r["op"]).bound == "memory"]
+    out = []
+    if mem:
+        g = math.exp(sum(math.log(r["speedup"]) for r in mem) / len(mem))
+        out.append(f"memory-bound geometric-mean speedup over {len(mem)} ops at their largest shape: {g:.2f}x "
+                   f"(target 1.8x: {'met' if g >= 1.8 else f'missed by {1.8 / g:.2f}x'})")
+        low = [f"{r['op']} {r['roofline_pct']:.0f}%" for r in mem if r["roofline_pct"] < 85]
+        out.append("winners below 85% of copy bandwidth: " + (", ".join(low) if low else "none"))
+    for name, goal in (("qgemv", 2.5), ("matmul", 0.8)):
+        if name in largest:
+            s = largest[name][1]["speedup"]
+            out.append(f"{name}: {s:.2f}x the built-in (target {goal}x: {'met' if s >= goal else 'missed'})")
+    agree = [v for r in rows for v in (r["builtin_again_pct"], r["best_again_pct"]) if v is not None]
+    if agree:
+        out.append(f"timed twice in one run: {len(agree)} pairs, median {statistics.median(agree):.1f}% apart, "
+                   f"max {max(agree):.1f}% ({sum(v <= 3 for v in agree)} within 3%)")
+    return out
+
+
+def markdown(rows, device, backend, when: dict) -> str:
     out = [f"# hlh_mlx bench on {device.name} [{backend}]", "",
-           f"{date.today().isoformat()}, MLX {mx.__version__}, command: `python bench.py {' '.join(sys.argv[1:])}`", ""]
+           f"measured {when['date']}, MLX {when['mlx']}, command: `python bench.py {' '.join(sys.argv[1:])}`", ""]
     if not device.can_time:
         out += ["The emulator has no speed: this table says which variants are correct, nothing about time.", ""]
-    out += ["| op | shape | dtype | built-in ms | best variant | params | best ms | speedup | roofline | correct | failed |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| op | shape | dtype | built-in ms | best variant | params | best ms | speedup | roofline | correct | failed | timed twice |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, k: rank._fmt(v, k)  # noqa: E731
     for r in rows:
         out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {f(r['builtin_ms'], 'ms')} | {r['best_variant'] or '—'} | "
                    f"{r['best_params'] or ''} | {f(r['best_ms'], 'ms')} | {f(r['speedup'], 'x')} | "
-                   f"{f(r['roofline_pct'], 'pct')} | {r['correct_variants']} | {r['failed_variants']} |")
+                   f"{f(r['roofline_pct'], 'pct')} | {r['correct_variants']} | {r['failed_variants']} | "
+                   f"{_again(r)} |")
+    t = targets(rows) if device.can_time else []
+    if t:
+        out += ["", "## Targets", ""] + [f"- {line}" for line in t]
     return "\n".join(out) + "\n"
+
+
+def _again(r) -> str:
+    """'builtin / best' % apart between two timings in one run."""
+    parts = [rank._fmt(v, "pct") if v is not None else "—" for v in (r.get("builtin_again_pct"), r.get("best_again_pct"))]
+    return " / ".join(parts) if any(p != "—" for p in parts) else "—"
 
 
 def plot(rows, path: Path) -> bool:
@@ -81,7 +137,11 @@ def main():
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--ops", nargs="*", default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--from-store", metavar="DEVICE", default=None,
+                    help="Report what variants/DEVICE/ already holds (e.g. results a GPU machine sent back); run nothing.")
     args = ap.parse_args()
+    if args.from_store:
+        return report_store(args)
     rows, device, backend = [], None, None
     for name in args.ops or ops.names():
         op = ops.get(name)
@@ -94,14 +154,40 @@ def main():
         device, backend = p.device, p.backend
         print(f"{name}: {len(p.candidates)} variants on {p.device.name} [{p.backend}]", file=sys.stderr)
         rows += best_rows(op, p, sweep.run(p))
-    out = Path(args.out)
+    write(rows, device, backend, args.out, {"mlx": mx.__version__, "date": date.today().isoformat()})
+
+
+def report_store(args):
+    from hlh_mlx import backends, store
+    rows, device = [], None
+    dates, versions = set(), set()
+    for name in args.ops or ops.names():
+        records = store.load(args.from_store, name)
+        backend = args.backend if args.backend != "auto" else next((r["backend"] for r in records), None)
+        records, cases = stored_cases(records, backend)
+        if not cases:
+            continue
+        r0 = records[0]
+        device = backends.Device(args.from_store, r0["device_name"], r0["architecture"], backend)
+        dates |= {r["date"][:10] for r in records if r.get("timing")}
+        versions |= {r["mlx"] for r in records if r.get("timing")}
+        rows += summary_rows(ops.get(name), records, [c for c in cases if not args.dtypes or c[1] in args.dtypes],
+                             backend)
+    if device is None:
+        sys.exit(f"no timed results under variants/{args.from_store}/")
+    write(rows, device, device.backend, args.out, {"mlx": ", ".join(sorted(versions)),
+                                                   "date": ", ".join(sorted(dates))})
+
+
+def write(rows, device, backend, out_dir, when: dict):
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"bench-{device.slug}"
-    meta = {"device": device.name, "backend": backend, "mlx": mx.__version__, "date": date.today().isoformat(),
+    meta = {"device": device.name, "backend": backend, **when,
             "command": "python bench.py " + " ".join(sys.argv[1:]),
             "ceilings": devices.ceilings(device.slug)}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    text = markdown(rows, device, backend)
+    text = markdown(rows, device, backend, when)
     stem.with_suffix(".md").write_text(text)
     if plot(rows, stem.with_suffix(".png")):
         print(f"plot: {stem.with_suffix('.png')}", file=sys.stderr)

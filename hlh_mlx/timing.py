@@ -16,10 +16,15 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 # Bumped whenever how we time changes, so a rerun measures again instead of resuming
-# (2: every input rotates among >= 2 sets of >= 4x the L2 in all).
-METHOD = 2
+# (2: >= 2 input sets, >= 4x the L2 in all; 3: input sets filling ROTATE_BYTES).
+METHOD = 3
 L2_BYTES = 50 * 2**20          # H100: 50 MB; Apple GPUs have less, so this is conservative
-ROTATE_BUDGET = 2 * 2**30       # at most this many bytes of input copies
+# Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py,
+# 2026-11-25): a gemv streaming a 117 MB weight read at 5.2 TB/s with 2 copies, 4.2 TB/s
+# with 8 (936 MB) and 2.97 TB/s, the DRAM rate, only with 16 (1.9 GB): the L2 keeps part
+# of a weight from one call to the next unless ~40x its size streams in between.
+ROTATE_BYTES = 2 * 2**30
+MAX_SETS = 64
 
 
 @dataclass
@@ -42,12 +47,11 @@ class Timing:
 
 
 def input_sets(make, nbytes: int) -> tuple[list, bool]:
-    """Enough independent input sets that cycling through them leaves the L2 cache: at
-    least two, and 4x the L2 in all. One set, even one larger than the L2, is not enough:
-    the H100 keeps part of a 117 MB weight resident from one call to the next (a gemv
-    measured at 2x the card's copy rate that way)."""
-    want = max(2, -(-4 * L2_BYTES // max(nbytes, 1)))
-    n = max(1, min(want, ROTATE_BUDGET // max(nbytes, 1), 64))
+    """Independent input sets filling ROTATE_BYTES, cycled so no call finds its inputs in
+    the L2 (see ROTATE_BYTES). When MAX_SETS copies of small inputs cannot fill it, the
+    timing is labelled cache_resident: some of it may come from the cache."""
+    want = max(2, -(-ROTATE_BYTES // max(nbytes, 1)))
+    n = min(want, MAX_SETS)
     sets = [make() for _ in range(n)]
     mx.eval(sets)
     return sets, n < want
