@@ -9,14 +9,24 @@ import json
 from . import devices, ops
 
 
+def newest_method(records) -> list[dict]:
+    """Only the records timed by the newest timing method among them: numbers from an
+    older method (e.g. one the cache could flatter) are never ranked against newer ones."""
+    timed = [r.get("timing_method", 1) for r in records if r.get("timing")]
+    if not timed:
+        return list(records)
+    m = max(timed)
+    return [r for r in records if not r.get("timing") or r.get("timing_method", 1) == m]
+
+
 def _latest(records, shape, dtype, backend):
     """The newest record per variant (and for the built-in) for one shape and dtype."""
     keep = {}
-    for r in records:
+    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    for r in newest_method(mine):
         if r.get("repeat"):
             continue  # second timings check the first; they are not results of their own
-        if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend:
-            keep[r.get("variant_id") or "builtin"] = r
+        keep[r.get("variant_id") or "builtin"] = r
     return keep
 
 
@@ -32,7 +42,7 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
     after the others): first and second median and how far apart they are."""
     firsts = _latest(records, shape, dtype, backend)
     out = []
-    for r in records:
+    for r in newest_method([r for r in records if r.get("shape") == shape and r.get("dtype") == dtype]):
         if not (r.get("repeat") and r.get("shape") == shape and r.get("dtype") == dtype
                 and r.get("backend") == backend and r.get("timing")):
             continue

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from . import backends, ops, store, templates, variants
+from . import backends, ops, rank, store, templates, variants
 from .variants import Variant
 
 _fallbacks: Counter = Counter()
@@ -64,7 +64,11 @@ def _current_variants(op: str) -> dict[tuple, Variant]:
 def _candidates(op: str, device: str, backend: str) -> tuple:
     """Correct, timed variant records with their built-in's time, stale ones dropped."""
     records = store.load(device, op)
-    records = [r for r in records if not r.get("repeat")]
+    # per (shape, dtype): only the newest timing method, never a second timing
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.get("shape_str"), r.get("dtype"), r.get("backend")), []).append(r)
+    records = [r for g in groups.values() for r in rank.newest_method(g) if not r.get("repeat")]
     builtin = {(r["shape_str"], r["dtype"]): r["timing"]["median_ms"] for r in records
                if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend}
     current = _current_variants(op)

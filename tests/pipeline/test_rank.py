@@ -47,3 +47,11 @@ def test_second_timings_are_compared_not_ranked():
     assert agree["a"]["diff_pct"] == pytest.approx(5.0)
     assert agree["mlx built-in"]["diff_pct"] == pytest.approx(0.0)
     assert "b" not in agree
+
+
+def test_only_the_newest_timing_method_is_ranked():
+    old = [dict(rec(None, 0.064), timing_method=2), dict(rec("a", 0.020), timing_method=2)]  # cache-flattered
+    new = [dict(rec(None, 0.064), timing_method=3), dict(rec("b", 0.040), timing_method=3)]
+    rows = rank.table_rows(old + new, "softmax", SHAPE, "float16", "cuda")
+    assert [r["variant"] for r in rows] == ["rows b", "mlx built-in"]
+    assert [r["variant_id"] for r in rank.ranked(old + new, SHAPE, "float16", "cuda")] == ["b"]
