@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import tuned
+from .ops.gemv import MAX_M as GEMV_MAX_ROWS
 
 
 class RMSNorm(nn.RMSNorm):
@@ -40,6 +41,64 @@ class LayerNorm(nn.LayerNorm):
         if "weight" in self and "bias" in self:
             return tuned.layer_norm(x, self["weight"], self["bias"], self.eps)
         return super().__call__(x)
+
+
+class RoPE(nn.RoPE):
+    """Rotary positional encoding, as mlx.nn.RoPE, through hlh_mlx.tuned.rope.
+
+    Args:
+        dims: the feature dimensions to rotate.
+        traditional: rotate consecutive pairs (2i, 2i+1) instead of (i, i + dims/2). Default: False.
+        base: the base of the frequencies. Default: 10000.
+        scale: scale applied to the positions. Default: 1.0.
+    """
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return tuned.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                          offset=offset)
+
+
+class Linear(nn.Linear):
+    """y = x @ weight.T + bias, as mlx.nn.Linear; a few rows (decode) go through
+    hlh_mlx.tuned.gemv, larger inputs through MLX's matmul, as mlx.nn.Linear.
+
+    Args:
+        input_dims: features in.
+        output_dims: features out.
+        bias: learn a bias. Default: True.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size // x.shape[-1] > GEMV_MAX_ROWS:
+            return super().__call__(x)
+        y = tuned.gemv(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """A quantized linear layer, as mlx.nn.QuantizedLinear (same parameters: weight,
+    scales, biases, bias); one token goes through hlh_mlx.tuned.quantized_matmul.
+
+    Args:
+        input_dims, output_dims, bias, group_size, bits, mode: as mlx.nn.QuantizedLinear.
+    """
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = tuned.quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+                                   group_size=self.group_size, bits=self.bits, mode=getattr(self, "mode", "affine"))
+        return y + self["bias"] if "bias" in self else y
+
+    @classmethod
+    def from_layer(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k, v in layer.parameters().items():  # the same arrays, no copy
+            m[k] = v
+        for k in ("group_size", "bits", "mode"):
+            if hasattr(layer, k):
+                setattr(m, k, getattr(layer, k))
+        m.freeze()
+        return m
 
 
 class SwiGLU(nn.Module):

@@ -1,8 +1,11 @@
 """`hlh_mlx.patch(model)`: swap layers of an mlx.nn.Module for tuned drop-ins.
 
-Replaced: mlx.nn.RMSNorm and mlx.nn.LayerNorm -> hlh_mlx.nn's, and MLP blocks with gate_proj, up_proj and
-down_proj -> hlh_mlx.nn.SwiGLU, each only after it is shown to compute the same thing on
-a random input. Everything else stays, and the report says what stayed and why.
+Replaced: mlx.nn.RMSNorm, LayerNorm, RoPE, Linear and QuantizedLinear -> hlh_mlx.nn's, and
+MLP blocks with gate_proj, up_proj and down_proj -> hlh_mlx.nn.SwiGLU (whose projections are
+then patched too), each only after it is shown to compute the same thing on a random input.
+Everything else stays, and the report says what stayed and why. Attention is not patched:
+mlx-lm calls scaled_dot_product_attention as a function inside its Attention modules, so
+use hlh_mlx.tuned.scaled_dot_product_attention there explicitly.
 """
 
 from __future__ import annotations
@@ -39,6 +42,18 @@ def _same(old, new, dims: int) -> bool:
 
 def _replacement(module):
     """(new module, None) or (None, reason) or (None, None) when not a candidate."""
+    if type(module) is base_nn.RoPE:
+        new = nn.RoPE(module.dims, traditional=module.traditional, base=module.base, scale=module.scale)
+        return (new, None) if _same(module, new, module.dims) else (None, "the tuned RoPE differs on a test input")
+    if type(module) is base_nn.Linear:
+        out_dims, in_dims = module.weight.shape
+        new = nn.Linear(in_dims, out_dims, bias="bias" in module)
+        new.update(module.parameters())
+        return new, None
+    if type(module) is base_nn.QuantizedLinear:
+        if getattr(module, "mode", "affine") != "affine" or module.bits != 4 or module.group_size not in (64, 128):
+            return None, "only 4-bit affine weights with group size 64 or 128 have a tuned kernel"
+        return nn.QuantizedLinear.from_layer(module), None
     if type(module) is base_nn.RMSNorm:
         new = nn.RMSNorm(module.weight.shape[0], eps=module.eps)
         new.weight = module.weight
@@ -66,6 +81,7 @@ def patch(model: base_nn.Module) -> PatchReport:
         if new is not None:
             parent[key] = new
             report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
+            walk(new, path)  # a SwiGLU's projections are layers of their own
             return
         if reason:
             report.kept.append((path, type(module).__name__, reason))

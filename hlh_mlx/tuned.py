@@ -1,5 +1,6 @@
 """Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends
-(softmax, rms_norm, layer_norm, swiglu, gelu, matmul).
+(softmax, rms_norm, layer_norm, swiglu, gelu, matmul, gemv, quantized_matmul, rope,
+scaled_dot_product_attention), with the arguments of the MLX function each replaces.
 
 Each call picks the best stored variant for this device, backend, dtype and shape: the
 exact shape if it was tuned, else the nearest tuned shape whose variant supports this one.
@@ -18,6 +19,8 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+
+import mlx.core as mx
 
 from . import backends, ops, rank, store, templates, variants
 from .variants import Variant
@@ -132,6 +135,32 @@ def _run(op_name: str, builtin, *args, **kwargs):
     return call.finish(outs)
 
 
+def _with_builtin_grad(tuned_fn, builtin_fn):
+    """tuned_fn forward, the built-in's gradient backward (mx.custom_function): training
+    through a tuned norm, SwiGLU or RoPE gets exactly MLX's own derivatives."""
+    f = mx.custom_function(tuned_fn)
+
+    @f.vjp
+    def _vjp(primals, cotangent, output):
+        one = isinstance(primals, mx.array)  # MLX passes a single primal bare
+        _, grads = mx.vjp(builtin_fn, [primals] if one else list(primals), [cotangent])
+        return grads[0] if one else tuple(grads)
+    return f
+
+
+_grad_fns: dict = {}
+
+
+def _differentiable(key, tuned_fn, builtin_fn, *arrays):
+    """Call the tuned forward with the built-in's VJP; non-array arguments are in `key`
+    (and closed over by the two functions), so one custom function serves each setting."""
+    if key not in _grad_fns:
+        if len(_grad_fns) >= 512:  # e.g. one per rope offset of a decode loop: stay bounded
+            _grad_fns.clear()
+        _grad_fns[key] = _with_builtin_grad(tuned_fn, builtin_fn)
+    return _grad_fns[key](*arrays)
+
+
 def explain(op_name: str, *args, **kwargs) -> str:
     """Which variant (id, parameters, measured speed) or the built-in would run, and why."""
     return str(choose(op_name, ops.get(op_name).bind(*args, **kwargs)))
@@ -149,26 +178,65 @@ def refresh() -> None:
     _current_variants.cache_clear()
     _backend.cache_clear()
     _kernels.clear()
+    _grad_fns.clear()
 
 
 def softmax(x, axis=-1, **kwargs):
-    import mlx.core as mx
     return _run("softmax", lambda x, axis=-1, **kw: mx.softmax(x, axis=axis, **kw), x, axis=axis, **kwargs)
 
 
 def rms_norm(x, weight, eps):
-    import mlx.core as mx
-    return _run("rms_norm", mx.fast.rms_norm, x, weight, eps)
+    if weight is None:
+        return _run("rms_norm", mx.fast.rms_norm, x, weight, eps)
+    return _differentiable(("rms_norm", eps), lambda x, w: _run("rms_norm", mx.fast.rms_norm, x, w, eps),
+                           lambda x, w: mx.fast.rms_norm(x, w, eps), x, weight)
 
 
 def layer_norm(x, weight, bias, eps):
-    import mlx.core as mx
-    return _run("layer_norm", mx.fast.layer_norm, x, weight, bias, eps)
+    if weight is None or bias is None:
+        return _run("layer_norm", mx.fast.layer_norm, x, weight, bias, eps)
+    return _differentiable(("layer_norm", eps), lambda x, w, b: _run("layer_norm", mx.fast.layer_norm, x, w, b, eps),
+                           lambda x, w, b: mx.fast.layer_norm(x, w, b, eps), x, weight, bias)
+
+
+def _silu_mul(g, u):
+    import mlx.nn as nn
+    return nn.silu(g) * u
 
 
 def swiglu(g, u):
-    import mlx.nn as nn
-    return _run("swiglu", lambda g, u: nn.silu(g) * u, g, u)
+    """silu(g) * u."""
+    return _differentiable(("swiglu",), lambda g, u: _run("swiglu", _silu_mul, g, u), _silu_mul, g, u)
+
+
+def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
+    """mx.fast.rope; the gradient is mx.fast.rope's own."""
+    kw = dict(traditional=traditional, base=base, scale=scale, freqs=freqs)
+    if not isinstance(offset, int) or freqs is not None:  # array offsets and freqs: no closure key
+        return _run("rope", mx.fast.rope, x, dims, offset=offset, **kw)
+    key = ("rope", dims, traditional, base, scale, offset)
+    return _differentiable(key, lambda x: _run("rope", mx.fast.rope, x, dims, offset=offset, **kw),
+                           lambda x: mx.fast.rope(x, dims, offset=offset, **kw), x)
+
+
+def gemv(x, w):
+    """x @ w.T for a few rows of x (what nn.Linear computes at decode)."""
+    return _run("gemv", lambda x, w: x @ w.T, x, w)
+
+
+def quantized_matmul(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, **kwargs):
+    """mx.quantized_matmul; tuned for one token, 4-bit affine weights, transpose=True."""
+    return _run("qgemv", mx.quantized_matmul, x, w, scales, biases, transpose=transpose,
+                group_size=group_size, bits=bits, **kwargs)
+
+
+def scaled_dot_product_attention(q, k, v, *, scale, mask=None, **kwargs):
+    """mx.fast.scaled_dot_product_attention; tuned for one query token (decode)."""
+    return _run("decode_attention", mx.fast.scaled_dot_product_attention, q, k, v, scale=scale, mask=mask, **kwargs)
+
+
+qgemv = quantized_matmul
+decode_attention = scaled_dot_product_attention
 
 
 def gelu(x):
@@ -177,5 +245,4 @@ def gelu(x):
 
 
 def matmul(a, b):
-    import mlx.core as mx
     return _run("matmul", mx.matmul, a, b)

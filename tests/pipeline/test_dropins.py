@@ -1,0 +1,125 @@
+"""The new tuned ops as drop-ins (rope, gemv, 4-bit quantized gemv, decode attention) and
+the gradients of tuned norms, SwiGLU and RoPE, on the emulator: tuned variants are selected
+through hand-written timing fields (the emulator measures no speed), then the real
+templates run and are compared with MLX; gradients are checked by finite differences."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import hlh_mlx
+from hlh_mlx import nn as hnn
+from hlh_mlx import tuned
+
+from .test_tuned import variant, write
+
+
+def arr(rng, *shape, scale=1.0):
+    return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+
+@pytest.fixture(autouse=True)
+def tuned_on_emulator(store_dir, monkeypatch):
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")  # a fallback anywhere below is a failure
+    write(store_dir, "rope", {"R": 4, "T": 16, "D": 64, "TRAD": 0}, "float32", variant("rope", "pairs"), 0.5, 1.0)
+    write(store_dir, "gemv", {"M": 1, "N": 64, "K": 512}, "float32", variant("gemv", "simd"), 0.5, 1.0)
+    write(store_dir, "qgemv", {"N": 64, "K": 512, "G": 64}, "float32", variant("qgemv", "simd"), 0.5, 1.0)
+    write(store_dir, "decode_attention", {"HQ": 8, "HKV": 2, "L": 100, "D": 64}, "float32",
+          variant("decode_attention", "simd"), 0.5, 1.0)
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), 0.5, 1.0)
+    write(store_dir, "layer_norm", {"R": 8, "C": 512}, "float32", variant("layer_norm", "rows"), 0.5, 1.0)
+    write(store_dir, "swiglu", {"R": 4, "C": 1000}, "float32", variant("swiglu", "elementwise"), 0.5, 1.0)
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+def close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_layer_matches_mlx_with_offsets(rng, traditional):
+    ref = nn.RoPE(64, traditional=traditional, base=10000.0)
+    mine = hnn.RoPE(64, traditional=traditional, base=10000.0)
+    x = arr(rng, 1, 4, 7, 64)
+    for offset in (0, 5):
+        close(mine(x, offset=offset), ref(x, offset=offset), 5e-5)
+    assert "variant" in tuned.explain("rope", x, 64, traditional=traditional, base=10000.0, scale=1.0, offset=5)
+
+
+def test_linear_layer_uses_gemv_for_a_token_and_loads_mlx_weights(rng):
+    ref = nn.Linear(512, 64)
+    mine = hnn.Linear(512, 64)
+    mine.load_weights(list(ref.parameters().items()))
+    x = arr(rng, 1, 1, 512)
+    close(mine(x), ref(x), 1e-4)
+    big = arr(rng, 16, 512)
+    close(mine(big), ref(big), 1e-4)  # 16 rows: MLX's matmul, no fallback recorded
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_quantized_linear_layer_matches_mlx(rng, group_size):
+    ref = nn.QuantizedLinear(512, 64, bias=True, group_size=group_size, bits=4)
+    ref.update({"bias": arr(rng, 64)})
+    mine = hnn.QuantizedLinear.from_layer(ref)
+    x = arr(rng, 1, 512)
+    close(mine(x), ref(x), 1e-4)
+
+
+def test_decode_attention_matches_mlx_with_gqa(rng):
+    q, k, v = arr(rng, 1, 8, 1, 64), arr(rng, 1, 2, 90, 64), arr(rng, 1, 2, 90, 64)
+    got = tuned.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(64))
+    close(got, mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(64)), 1e-5)
+
+
+def test_unsupported_arguments_fall_back_visibly(rng, monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    x = arr(rng, 1, 4, 7, 64)
+    out = tuned.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=0)  # partial rotation
+    close(out, mx.fast.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=0))
+    assert any(k[0] == "rope" and "whole last dimension" in k[1] for k in tuned.fallbacks())
+
+
+def _fd_check(name, f, arrays, rng, h=1e-2, directions=2):
+    """Directional derivatives of sum(f(*arrays) * c) by central differences vs mx.grad."""
+    c = arr(rng, *f(*arrays).shape)
+    loss = lambda *xs: mx.sum(f(*xs) * c)  # noqa: E731
+    grads = mx.grad(loss, argnums=list(range(len(arrays))))(*arrays)
+    grads = (grads,) if isinstance(grads, mx.array) else grads  # one argument: a bare array
+    for _ in range(directions):
+        d = [arr(rng, *a.shape) for a in arrays]
+        plus = loss(*[a + h * e for a, e in zip(arrays, d)])
+        minus = loss(*[a - h * e for a, e in zip(arrays, d)])
+        numeric = (plus - minus).item() / (2 * h)
+        analytic = sum(mx.sum(g * e).item() for g, e in zip(grads, d))
+        assert abs(numeric - analytic) <= 2e-2 * max(1.0, abs(analytic)), (name, numeric, analytic)
+
+
+def test_gradients_of_tuned_ops_match_finite_differences(rng):
+    x, w, b = arr(rng, 8, 512), arr(rng, 512), arr(rng, 512)
+    _fd_check("rms_norm", lambda x, w: tuned.rms_norm(x, w, 1e-5), [x, w], rng)
+    _fd_check("layer_norm", lambda x, w, b: tuned.layer_norm(x, w, b, 1e-5), [x, w, b], rng)
+    _fd_check("swiglu", tuned.swiglu, [arr(rng, 4, 1000), arr(rng, 4, 1000)], rng)
+    _fd_check("rope", lambda x: tuned.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=3),
+              [arr(rng, 4, 16, 64)], rng)
+    assert tuned.fallbacks() == {}
+
+
+def test_patch_swaps_rope_linear_and_quantized_linear():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = nn.RoPE(64)
+            self.proj = nn.Linear(512, 64)
+            self.qproj = nn.QuantizedLinear(512, 64, group_size=64, bits=4)
+            self.q8 = nn.QuantizedLinear(512, 64, group_size=64, bits=8)
+
+    net = Block()
+    report = hlh_mlx.patch(net)
+    replaced = {p: new for p, _, new in report.replaced}
+    assert replaced == {"rope": "hlh_mlx.nn.RoPE", "proj": "hlh_mlx.nn.Linear", "qproj": "hlh_mlx.nn.QuantizedLinear"}
+    assert "4-bit" in dict((p, why) for p, _, why in report.kept)["q8"]
