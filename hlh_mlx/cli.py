@@ -247,10 +247,11 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
         raise click.ClickException(f"no stored results for {spec.name} on {slug} "
                                    f"(in {store.path_for(slug, spec.name)})")
     current = {v.id for t in _templates(spec.name) for v in variants.expand(t)} | {None}
-    stale = [r for r in records if r.get("variant_id") not in current]
+    # results from packs name their own templates: only local ones can be stale
+    stale = [r for r in records if r.get("variant_id") not in current and r.get("source", "local") == "local"]
     if stale:
         click.echo(f"note: {len(stale)} results of older template versions (source changed) are not shown", err=True)
-        records = [r for r in records if r.get("variant_id") in current]
+        records = [r for r in records if r not in stale]
     wanted = _shapes(spec, shape_texts)
     keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in records})
     for be_, sstr, dtype in keys:
@@ -299,3 +300,72 @@ def export(op, variant_id, output, fmt):
     with open(output, "w") as f:
         f.write(text)
     click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--op", "op_names", multiple=True, help="Only these ops (repeat; default: every op with results).")
+@click.option("--device", default=None, help="Device folder under variants/ (default: this machine's).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+def push(repo_id, op_names, device, private):
+    """Upload this device's tuned results as a pack to the Hub repo REPO_ID."""
+    from . import hub
+    for name in op_names:
+        _op(name)
+    slug = device or backends.device(backends.auto()).slug
+    try:
+        url, commit = hub.push(repo_id, slug, list(op_names) or None, private=private)
+    except hub.PackError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"pushed {slug} results to {url} (commit {commit})")
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--trust", is_flag=True, help="Let hlh_mlx.tuned build and run this pack's kernels.")
+def pull(repo_id, revision, trust):
+    """Download, verify and install a pack of tuned results from the Hub repo REPO_ID."""
+    from . import hub
+    try:
+        report = hub.pull(repo_id, revision, trust=trust)
+    except hub.PackError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(report))
+
+
+@main.command()
+@click.argument("repo_id")
+@click.option("--revoke", is_flag=True, help="Stop trusting it.")
+def trust(repo_id, revoke):
+    """Trust the installed commit of a pulled pack: hlh_mlx.tuned may then run its kernels."""
+    from . import hub
+    try:
+        source = hub.set_trusted(repo_id, not revoke)
+    except hub.PackError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"no longer trusting {repo_id}" if revoke else f"trusting {source}")
+
+
+@main.command()
+def packs():
+    """List installed packs: source, device, ops, trust."""
+    from . import hub
+    found = hub.installed()
+    if not found:
+        click.echo("no packs installed")
+    for repo_id, meta in found.items():
+        click.echo(f"{meta['source']}  {meta['device']}  {', '.join(meta['ops'])}  "
+                   f"{'trusted' if hub.is_trusted(meta['source']) else 'not trusted'}")
+
+
+@main.command("remove")
+@click.argument("repo_id")
+def remove_pack(repo_id):
+    """Remove a pulled pack and every result it installed."""
+    from . import hub
+    try:
+        n = hub.remove(repo_id)
+    except hub.PackError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"removed {repo_id}: {n} results")

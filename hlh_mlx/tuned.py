@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from . import backends, ops, rank, store, templates, variants
+from . import backends, hub, ops, rank, store, templates, variants
 from .variants import Variant
 
 _fallbacks: Counter = Counter()
@@ -55,18 +55,22 @@ def _backend() -> str:
 
 @lru_cache(maxsize=None)
 def _current_variants(op: str) -> dict[tuple, Variant]:
-    """(template relpath, params) -> the variant as the template renders it today."""
+    """(template relpath, params, source hash) -> the variant, from the templates shipped
+    and in $HLH_MLX_TEMPLATES, and from packs the user trusted (hlh_mlx.hub)."""
     out = {}
-    for t in templates.discover(op):
+    found = templates.discover(op)
+    for root in hub.trusted_template_roots():
+        found += [templates.load(p) for p in sorted((root / op).glob("*.j2"))]
+    for t in found:
         for v in variants.expand(t):
-            out[(t.relpath, tuple(sorted(v.param_dict.items())))] = v
+            out.setdefault((t.relpath, tuple(sorted(v.param_dict.items())), v.source_hash), v)
     return out
 
 
 @lru_cache(maxsize=None)
 def _candidates(op: str, device: str, backend: str) -> tuple:
     """Correct, timed variant records with their built-in's time, stale ones dropped."""
-    records = store.load(device, op)
+    records = [r for r in store.load(device, op) if hub.is_trusted(r.get("source", "local"))]
     # per (shape, dtype): only the newest timing method, never a second timing
     groups: dict = {}
     for r in records:
@@ -79,8 +83,8 @@ def _candidates(op: str, device: str, backend: str) -> tuple:
     for r in records:
         if r.get("template") == "builtin" or r.get("backend") != backend or not r.get("correct") or not r.get("timing"):
             continue
-        v = current.get((r.get("template"), tuple(sorted((r.get("params") or {}).items()))))
-        if v is None or v.source_hash != r.get("source_hash"):
+        v = current.get((r.get("template"), tuple(sorted((r.get("params") or {}).items())), r.get("source_hash")))
+        if v is None:
             warnings.warn(f"[hlh_mlx.tuned] ignoring stored {op} variant {r.get('variant_id')}: its template "
                           "changed since it was tuned (re-run the sweep)", RuntimeWarning, stacklevel=3)
             continue
@@ -110,7 +114,11 @@ def choose(op_name: str, call) -> Choice:
         if best is None or key < best[0]:
             best = (key, v, r, base)
     if best is None:
-        return Choice(None, None, f"no stored {op.name} variant beats the built-in for {call.dtype} on {dev} [{be}]")
+        untrusted = sorted({r["source"] for r in store.load(dev, op.name)
+                            if not hub.is_trusted(r.get("source", "local"))})
+        note = (f" ({len(untrusted)} untrusted pack(s) ignored: {', '.join(untrusted)}; see `hlh_mlx trust`)"
+                if untrusted else "")
+        return Choice(None, None, f"no stored {op.name} variant beats the built-in for {call.dtype} on {dev} [{be}]{note}")
     (dist, _), v, r, base = best
     how = "exact shape" if dist == 0 else f"nearest tuned shape {r['shape_str']}"
     return Choice(v, r, f"{how}, {base / r['timing']['median_ms']:.2f}x the built-in there")
