@@ -33,7 +33,9 @@ class PatchReport:
 
 def _same(old, new, dims: int) -> bool:
     x = mx.array(np.random.default_rng(0).standard_normal((2, 3, dims)).astype(np.float32))
-    dtype = next((v.dtype for _, v in base_nn.utils.tree_flatten(old.parameters())), mx.float32)
+    # the activations' dtype: of the first floating-point parameter (quantized weights are uint32)
+    dtype = next((v.dtype for _, v in base_nn.utils.tree_flatten(old.parameters())
+                  if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
     x = x.astype(dtype)
     a, b = old(x).astype(mx.float32), new(x).astype(mx.float32)
     tol = 1e-4 if dtype == mx.float32 else 2e-2

@@ -123,3 +123,26 @@ def test_patch_swaps_rope_linear_and_quantized_linear():
     replaced = {p: new for p, _, new in report.replaced}
     assert replaced == {"rope": "hlh_mlx.nn.RoPE", "proj": "hlh_mlx.nn.Linear", "qproj": "hlh_mlx.nn.QuantizedLinear"}
     assert "4-bit" in dict((p, why) for p, _, why in report.kept)["q8"]
+
+
+def test_patch_recognizes_the_mlp_of_a_quantized_model(monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT")
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(128, 256), nn.Linear(128, 256), nn.Linear(256, 128)
+
+        def __call__(self, x):
+            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+    net = Net()
+    nn.quantize(net, group_size=64, bits=4)  # weights become uint32: the check must still use float inputs
+    report = hlh_mlx.patch(net)
+    assert isinstance(net.mlp, hnn.SwiGLU), str(report)
+    assert isinstance(net.mlp.gate_proj, hnn.QuantizedLinear)
