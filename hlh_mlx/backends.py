@@ -77,6 +77,7 @@ class Kernel:
         if TEMPLATE_BACKEND[backend] != t.backend:
             raise ValueError(f"{t.path}: a {t.backend} template cannot run on the {backend} backend")
         self.variant, self.backend = variant, backend
+        self._launch: dict = {}  # (shape, dtype) -> (grid, template args): Jinja evaluated once
         r = variant.rendered
         name = f"hlh_{t.op}_{t.family}_{variant.id}"
         if backend == "cuda":
@@ -92,9 +93,12 @@ class Kernel:
 
     def __call__(self, inputs, shape: dict, dtype: str, output_shapes, output_dtypes, init_value=None):
         v = self.variant
+        key = (tuple(sorted(shape.items())), dtype)
+        if key not in self._launch:
+            self._launch[key] = (v.grid(shape, dtype), v.template_args(shape, dtype), v.threadgroup())
+        grid, targs, tg = self._launch[key]
         return self._kernel(
-            inputs=inputs, template=v.template_args(shape, dtype), grid=v.grid(shape, dtype),
-            threadgroup=v.threadgroup(), output_shapes=output_shapes,
+            inputs=inputs, template=targs, grid=grid, threadgroup=tg, output_shapes=output_shapes,
             output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes],
             init_value=init_value)
 

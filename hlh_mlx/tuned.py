@@ -97,7 +97,21 @@ def _distance(a: dict, b: dict) -> float:
     return sum(abs(math.log(max(a[k], 1)) - math.log(max(b[k], 1))) for k in a)
 
 
+_choices: dict = {}
+
+
 def choose(op_name: str, call) -> Choice:
+    """The variant (or the built-in) for a bound call; memoized per shape and dtype, since
+    a decode loop makes the same few calls thousands of times."""
+    if isinstance(call, str):
+        return Choice(None, None, call)
+    key = (op_name, tuple(sorted(call.shape.items())), call.dtype)
+    if key not in _choices:
+        _choices[key] = _choose(op_name, call)
+    return _choices[key]
+
+
+def _choose(op_name: str, call) -> Choice:
     op = ops.get(op_name)
     be = _backend()
     dev = backends.device(be).slug
@@ -187,6 +201,7 @@ def refresh() -> None:
     _backend.cache_clear()
     _kernels.clear()
     _grad_fns.clear()
+    _choices.clear()
 
 
 def softmax(x, axis=-1, **kwargs):
