@@ -70,3 +70,12 @@ def test_stale_result_is_ignored_with_a_warning(store_dir, rng):
     x = mx.array(rng.standard_normal(4096).astype(np.float32))
     with pytest.warns(RuntimeWarning, match="template changed since it was tuned"):
         assert tuned.explain("gelu", x).startswith("built-in")
+
+
+def test_a_winner_is_not_extrapolated_to_far_smaller_launches(store_dir, rng):
+    write(store_dir, "softmax", {"R": 8192, "C": 4096}, "float32", variant("softmax", "rows"), ms=0.05, base_ms=0.07)
+    small = mx.array(rng.standard_normal((1, 4096)).astype(np.float32))
+    why = tuned.explain("softmax", small)
+    assert why.startswith("built-in") and "tuned only at 8192x4096" in why and "--shape 1x4096" in why
+    near = mx.zeros((2048, 4096))
+    assert tuned.explain("softmax", near).startswith("variant ")
