@@ -44,14 +44,29 @@ def _python_expr(text: str, params: dict, where: str) -> str:
 
 
 def _input_shapes(op) -> list[str]:
-    """Each input's shape as a tuple of dim names, read off inputs made at distinct primes."""
+    """Each input's shape as a tuple of dim names: the op's own description, else read off
+    inputs made at distinct primes."""
     import numpy as np
+    if op.export_inputs:
+        return list(op.export_inputs)
 
     from .ops.spec import DTYPES
     primes = dict(zip(op.dims, (101, 103, 107, 109, 113)))
     names = {v: k for k, v in primes.items()}
     made = op.make_inputs(primes, DTYPES["float32"], np.random.default_rng(0))
     return ["(" + ", ".join(names[n] for n in x.shape) + ("," if x.ndim == 1 else "") + ")" for x in made]
+
+
+def _input_dtypes(op, dtypes) -> dict:
+    """{op dtype: (dtype of each input)}, read off inputs made at the first emulator shape."""
+    import numpy as np
+
+    from .ops.spec import DTYPES
+    out = {}
+    for d in dtypes:
+        made = op.make_inputs(op.emulator_shapes[0], DTYPES[d], np.random.default_rng(0))
+        out[d] = tuple(str(x.dtype).split(".")[-1] for x in made)
+    return out
 
 
 def find(op_name: str, variant_id: str) -> Variant:
@@ -80,6 +95,7 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
             targs.append(f"({name!r}, {_python_expr(e.text, p, where)})")
     factory = "mx.fast.metal_kernel" if t.backend == "metal" else "mx.fast.cuda_kernel"
     dtypes = t.dtypes or list(op.dtypes)
+    input_dtypes = _input_dtypes(op, dtypes)
     dims_code = "\n".join(f"    {d} = {op.export_dims[d]}" for d in dims)
     guard = "\n".join(f"    if {x}.shape != {s}:\n        raise ValueError(f\"[{op.name}] {x} must have shape {s}, got {{{x}.shape}}\")"
                       for x, s in zip(t.inputs, _input_shapes(op)))
@@ -97,6 +113,8 @@ SOURCE = {r.source!r}
 HEADER = {r.header!r}
 THREADGROUP = {tg!r}
 DTYPES = {tuple(dtypes)!r}
+# the dtype of each input, by the dtype of the first (the op's dtype)
+INPUT_DTYPES = {input_dtypes!r}
 
 _kernel = {factory}(name="hlh_{op.name}_{t.family}_{v.id}", input_names={t.inputs!r},
                     output_names={t.outputs!r}, source=SOURCE, header=HEADER)
@@ -113,8 +131,10 @@ def {op.name}({args}):
         if not isinstance(_a, mx.array):
             raise TypeError("[{op.name}] inputs must be mx.array")
     dtype = {t.inputs[0]}.dtype
-    if any(_a.dtype != dtype for _a in arrays) or str(dtype).split(".")[-1] not in DTYPES:
-        raise ValueError(f"[{op.name}] inputs must share one dtype of {{DTYPES}}, got {{[_a.dtype for _a in arrays]}}")
+    want = INPUT_DTYPES.get(str(dtype).split(".")[-1])
+    if want is None or tuple(str(_a.dtype).split(".")[-1] for _a in arrays) != want:
+        raise ValueError(f"[{op.name}] inputs must have dtypes {{INPUT_DTYPES}} (by the first input's), "
+                         f"got {{[_a.dtype for _a in arrays]}}")
 {dims_code}
 {guard}
     dtype_size = dtype.size

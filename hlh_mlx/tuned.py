@@ -110,7 +110,7 @@ def choose(op_name: str, call) -> Choice:
     a decode loop makes the same few calls thousands of times."""
     if isinstance(call, str):
         return Choice(None, None, call)
-    key = (op_name, tuple(sorted(call.shape.items())), call.dtype)
+    key = (op_name, tuple(call.shape.items()), call.dtype)  # bind lists dims in the op's order
     if key not in _choices:
         _choices[key] = _choose(op_name, call)
     return _choices[key]

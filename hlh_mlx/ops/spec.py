@@ -18,8 +18,14 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 ROUNDED_ONCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 
 
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
 def dtype_name(dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype} (one of {', '.join(DTYPES)})") from None
 
 
 def parse_shape(dims: tuple[str, ...], text: str, flags: tuple[str, ...] = ()) -> Shape:
@@ -92,6 +98,9 @@ class OpSpec:
     # output shape as an expression of the dims
     export_dims: dict = field(default_factory=dict)
     export_outputs: list = field(default_factory=list)
+    # each input's shape as a tuple expression of the dims, where it is not simply a tuple of
+    # dims (e.g. qgemv's packed weight "(N, K // 8)"); default: read off made inputs
+    export_inputs: list = field(default_factory=list)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
     flags: tuple[str, ...] = ()  # dims that are 0/1 switches of the op (rope's TRAD), not sizes
 

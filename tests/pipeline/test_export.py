@@ -59,3 +59,36 @@ except ValueError as e:
 def test_export_of_an_unknown_variant_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(main, ["export", "matmul", "--variant", "nope", "-o", str(tmp_path / "k.py")])
     assert r.exit_code != 0 and "no current matmul variant with id 'nope'" in r.output
+
+
+@pytest.mark.parametrize("op,family,shape", [
+    ("qgemv", "simd", {"N": 37, "K": 320, "G": 64}),
+    ("rope", "pairs", {"R": 3, "T": 7, "D": 10, "TRAD": 1}),
+    ("decode_attention", "simd", {"HQ": 8, "HKV": 2, "L": 33, "D": 64}),
+    ("gemv", "simd", {"M": 3, "N": 37, "K": 1001}),
+])
+def test_exported_ops_with_mixed_input_dtypes_are_correct(tmp_path, op, family, shape):
+    v = first_variant(op, family)
+    out = tmp_path / "kernel.py"
+    r = CliRunner().invoke(main, ["export", op, "--variant", v.id, "-o", str(out), "--format", "kernelbot"])
+    assert r.exit_code == 0, r.output
+    script = f"""
+import mlx.core as mx, numpy as np, sys
+from hlh_mlx import emulator, ops
+emulator.install()
+sys.path.insert(0, {str(tmp_path)!r})
+import kernel
+spec = ops.get({op!r})
+inputs = spec.make_inputs({shape!r}, mx.float16, np.random.default_rng(3))
+y, ref = kernel.custom_kernel(tuple(inputs)), spec.reference(*inputs)[0]
+err = float(mx.linalg.norm((y - ref).astype(mx.float32)) / mx.linalg.norm(ref.astype(mx.float32)))
+assert err < spec.tolerance["float16"], err
+try:
+    kernel.{op}(inputs[0].astype(mx.int32), *inputs[1:])
+except ValueError as e:
+    print("guarded:", e)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert "guarded:" in p.stdout and "must have dtypes" in p.stdout
