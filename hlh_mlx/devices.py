@@ -17,14 +17,16 @@ CEILINGS = {
 # Apple GPUs, keyed by mx.device_info()["architecture"] (applegpu_g<gen><tier>: gen 13 = M1,
 # 14 = M2, 15 = M3, 16 = M4; tier g = base, s = Pro, c = Max, d = Ultra). Vendor and
 # third-party figures gathered in shared/DESIGN.md (not measured by us); where a range is
-# published (binned parts) the lower bound is used. FP32 rates for M3/M4 are not listed there;
-# those entries have bandwidth only, so their roofline is for memory-bound ops. Half and
-# bfloat are given the FP32 rate (Apple GPUs run them through the same ALUs).
+# published (binned parts) the lower bound is used. FP32 rates for M3/M4: hmc-tech.com's GPU
+# pages (read 2026-11-25; shader count x 2 FLOP x clock): M3 Pro 14-core 5.01, M3 Max 30-core
+# 10.74, M4 8-core 3.01, M4 Pro 16-core 6.02, M4 Max 32-core 13.74 TFLOP/s; M3 8-core (2.86)
+# and M3 Ultra 60-core (21.5) computed the same way at M3's 1398 MHz. Half and bfloat are given
+# the FP32 rate (Apple GPUs run them through the same ALUs).
 _APPLE = {
     "g13g": (68, 2.6), "g13s": (200, 5.3), "g13c": (400, 10.6), "g13d": (800, 21.2),
     "g14g": (100, 3.6), "g14s": (200, 6.8), "g14c": (400, 13.6), "g14d": (800, 27.2),
-    "g15g": (100, None), "g15s": (150, None), "g15c": (300, None), "g15d": (819, None),
-    "g16g": (120, None), "g16s": (273, None), "g16c": (410, None),
+    "g15g": (100, 2.86), "g15s": (150, 5.01), "g15c": (300, 10.74), "g15d": (819, 21.5),
+    "g16g": (120, 3.01), "g16s": (273, 6.02), "g16c": (410, 13.74),
 }
 for _arch, (_bw, _tf) in _APPLE.items():
     CEILINGS[_arch] = {"bandwidth_gbs": float(_bw),

@@ -32,7 +32,13 @@ def test_ranked_orders_correct_timed_variants_fastest_first():
 
 def test_apple_ceilings_by_architecture():
     assert devices.ceilings("applegpu-g13c")["bandwidth_gbs"] == 400
-    assert devices.roofline_pct("applegpu-g16s", ops.get("matmul"), {"M": 8, "N": 8, "K": 8}, "float32", 1.0) is None
+    flops = 2 * 64 ** 3 / 1e-3 / 1e12  # a 64^3 matmul in 1 ms, in TFLOP/s
+    assert devices.roofline_pct("applegpu-g16s", ops.get("matmul"), {"M": 64, "N": 64, "K": 64}, "float32", 1.0) \
+        == pytest.approx(100 * flops / 6.02)
+    for arch in ("g13g", "g13s", "g13c", "g13d", "g14g", "g14s", "g14c", "g14d", "g15g", "g15s", "g15c", "g15d",
+                 "g16g", "g16s", "g16c"):  # every M1-M4 tier has a bandwidth and an FP32 rate
+        c = devices.ceilings(f"applegpu-{arch}")
+        assert c["bandwidth_gbs"] > 0 and c["tflops"]["float32"] > 0
     assert devices.ceilings("some-unknown-gpu") is None
 
 
