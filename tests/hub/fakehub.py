@@ -87,39 +87,38 @@ class FakeHub:
                 return self._send(200, {"commitUrl": f"{hub.url(repo)}/commit/{sha}", "commitOid": sha,
                                         "pullRequestUrl": None})
 
+            ROUTES = (  # (pattern, what it serves); each pattern's groups 1 and 2: repo and revision
+                (r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", "info"),
+                (r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", "tree"),
+                (r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", "file"),
+            )
+
             def _get(self, head):
                 path = unquote(urlparse(self.path).path)
                 hub.requests.append(("HEAD" if head else "GET", path))
-                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
-                if m:
-                    found = hub.commit(m.group(1), m.group(2))
-                    if not found:
-                        return self._missing(head)
-                    sha, files = found
+                for pattern, kind in self.ROUTES:
+                    m = re.fullmatch(pattern, path)
+                    if m:
+                        break
+                else:
+                    return self._missing(head)
+                found = hub.commit(m.group(1), m.group(2))
+                if not found:
+                    return self._missing(head)
+                sha, files = found
+                if kind == "info":
                     return self._send(200, {"id": m.group(1), "modelId": m.group(1), "sha": sha, "private": False,
                                             "siblings": [{"rfilename": p} for p in sorted(files)]}, head=head)
-                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
-                if m:
-                    found = hub.commit(m.group(1), m.group(2))
-                    if not found:
-                        return self._missing(head)
+                if kind == "tree":
                     prefix = (m.group(3) or "").strip("/")
-                    entries = [{"type": "file", "path": p, "size": len(d), "oid": _blob_sha(d)}
-                               for p, d in sorted(found[1].items()) if not prefix or p.startswith(prefix + "/")]
-                    return self._send(200, entries, head=head)
-                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if m:
-                    found = hub.commit(m.group(1), m.group(2))
-                    if not found:
-                        return self._missing(head)
-                    sha, files = found
-                    if m.group(3) not in files:
-                        return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}, head)
-                    data = files[m.group(3)]
-                    etag = _blob_sha(data)
-                    return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{etag}"',
-                                                  "Content-Type": "application/octet-stream"}, head)
-                return self._missing(head)
+                    return self._send(200, [{"type": "file", "path": p, "size": len(d), "oid": _blob_sha(d)}
+                                            for p, d in sorted(files.items())
+                                            if not prefix or p.startswith(prefix + "/")], head=head)
+                if m.group(3) not in files:
+                    return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"}, head)
+                data = files[m.group(3)]
+                return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{_blob_sha(data)}"',
+                                              "Content-Type": "application/octet-stream"}, head)
 
             def do_GET(self):
                 self._get(False)

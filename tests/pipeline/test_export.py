@@ -14,6 +14,15 @@ from hlh_mlx.cli import main
 from .conftest import ROOT
 
 
+def run_guarded(script: str) -> str:
+    """Run a test script in a fresh process; it must succeed and print its 'guarded:' line."""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert "guarded:" in p.stdout, p.stdout
+    return p.stdout
+
+
 def first_variant(op, family):
     t = next(t for t in templates.discover(op) if t.family == family and t.backend == "metal")
     return variants.expand(t)[0]
@@ -50,10 +59,7 @@ try:
 except ValueError as e:
     print("guarded:", e)
 """
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0, p.stderr
-    assert "guarded:" in p.stdout and "must have shape" in p.stdout
+    assert "must have shape" in run_guarded(script)
 
 
 def test_export_of_an_unknown_variant_is_a_clear_error(tmp_path):
@@ -88,7 +94,4 @@ try:
 except ValueError as e:
     print("guarded:", e)
 """
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.returncode == 0, p.stderr
-    assert "guarded:" in p.stdout and "must have dtypes" in p.stdout
+    assert "must have dtypes" in run_guarded(script)
