@@ -93,14 +93,13 @@ class Kernel:
 
     def __call__(self, inputs, shape: dict, dtype: str, output_shapes, output_dtypes, init_value=None):
         v = self.variant
-        key = (tuple(sorted(shape.items())), dtype)
+        key = (tuple(shape.items()), dtype)
         if key not in self._launch:
             self._launch[key] = (v.grid(shape, dtype), v.template_args(shape, dtype), v.threadgroup())
         grid, targs, tg = self._launch[key]
         return self._kernel(
             inputs=inputs, template=targs, grid=grid, threadgroup=tg, output_shapes=output_shapes,
-            output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes],
-            init_value=init_value)
+            output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes], init_value=init_value)
 
 
 def poison_value(dtype) -> float | None:

@@ -23,6 +23,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import backends, hub, ops, rank, store, templates, variants
+from .ops.spec import DTYPES
 from .variants import Variant
 
 _fallbacks: Counter = Counter()
@@ -151,6 +152,20 @@ def _choose(op_name: str, call) -> Choice:
     return Choice(v, r, f"{how}, {base / r['timing']['median_ms']:.2f}x the built-in there")
 
 
+_launches: dict = {}  # (op, shape, dtype) -> (kernel, output shapes, output dtypes)
+
+
+def _launch_for(op, call, choice):
+    key = (op.name, tuple(call.shape.items()), call.dtype)
+    if key not in _launches:
+        v = choice.variant
+        kkey = (v.id, _backend())
+        if kkey not in _kernels:
+            _kernels[kkey] = backends.Kernel(v, _backend())
+        _launches[key] = (_kernels[kkey], op.output_shapes(call.shape), op.output_dtypes(DTYPES[call.dtype]))
+    return _launches[key]
+
+
 def _run(op_name: str, builtin, *args, **kwargs):
     op = ops.get(op_name)
     call = op.bind(*args, **kwargs)
@@ -160,14 +175,8 @@ def _run(op_name: str, builtin, *args, **kwargs):
             raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {choice.reason}")
         _fallbacks[(op_name, choice.reason)] += 1
         return builtin(*args, **kwargs)
-    v = choice.variant
-    key = (v.id, _backend())
-    if key not in _kernels:
-        _kernels[key] = backends.Kernel(v, _backend())
-    from .ops.spec import DTYPES
-    outs = _kernels[key](call.inputs, call.shape, call.dtype, op.output_shapes(call.shape),
-                         op.output_dtypes(DTYPES[call.dtype]))
-    return call.finish(outs)
+    kernel, out_shapes, out_dtypes = _launch_for(op, call, choice)
+    return call.finish(kernel(call.inputs, call.shape, call.dtype, out_shapes, out_dtypes))
 
 
 def _with_builtin_grad(tuned_fn, builtin_fn):
@@ -228,6 +237,7 @@ def refresh() -> None:
     _kernels.clear()
     _grad_fns.clear()
     _choices.clear()
+    _launches.clear()
 
 
 def softmax(x, axis=-1, **kwargs):
