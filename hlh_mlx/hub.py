@@ -157,7 +157,7 @@ def pull(repo_id: str, revision: str | None = None, trust: bool = False, token: 
     report.results = {op: len(rs) for op, rs in records.items()}
     if trust:
         set_trusted(repo_id, True)
-        report.trusted = True
+    report.trusted = is_trusted(source)
     return report
 
 
@@ -225,13 +225,12 @@ def _install(folder: Path, manifest: dict, records: dict, repo_id: str, source: 
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / rel, tmp / rel)
     (tmp / "manifest.json").write_text(json.dumps({**manifest, "source": source}, indent=2))
-    was_trusted = is_trusted_repo(repo_id)
     _replace_results(repo_id, manifest["device"], {op: [{**r, "source": source} for r in rs]
                                                    for op, rs in records.items()})
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    if was_trusted:  # trust is per commit: a new commit must be trusted again
-        set_trusted(repo_id, False)
+    # trust names a commit (is_trusted compares whole sources): a new commit is untrusted
+    # until trusted again, a re-pull of the trusted one stays trusted
 
 
 def _replace_results(repo_id: str, device: str, new: dict[str, list[dict]]) -> None:
@@ -306,10 +305,6 @@ def is_trusted(source: str) -> bool:
     if not str(source).startswith("hub:"):
         return True
     return source in _trusted().values()
-
-
-def is_trusted_repo(repo_id: str) -> bool:
-    return repo_id in _trusted()
 
 
 def trusted_template_roots() -> list[Path]:

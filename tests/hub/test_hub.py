@@ -227,3 +227,15 @@ def test_bad_repo_id_and_nothing_to_push(tmp_path, fake_hub):
     r = run(["push", "me/pack", "--device", "emulator"], a, fake_hub.endpoint, tmp_path / "hf")
     assert r.returncode == 1 and "no local results to push" in r.stderr
     assert fake_hub.repos == {}
+
+
+def test_trust_is_per_commit(tmp_path, fake_hub, pushed):
+    b, hf = fresh(tmp_path, "b")
+    assert run(["pull", "me/pack", "--trust"], b, fake_hub.endpoint, hf).returncode == 0
+    assert "trusted" in run(["packs"], b, fake_hub.endpoint, hf).stdout
+    assert run(["pull", "me/pack"], b, fake_hub.endpoint, hf).returncode == 0  # same commit: still trusted
+    assert "not trusted" not in run(["packs"], b, fake_hub.endpoint, hf).stdout
+    _republish(fake_hub, tmp_path, pushed, lambda d: _rehash(d, created="later"))  # a new commit
+    r = run(["pull", "me/pack"], b, fake_hub.endpoint, hf)
+    assert r.returncode == 0 and "NOT trusted" in r.stdout  # a new commit must be trusted again
+    assert "not trusted" in run(["packs"], b, fake_hub.endpoint, hf).stdout
