@@ -166,9 +166,19 @@ def _launch_for(op, call, choice):
     return _launches[key]
 
 
+_TUNED_DTYPES = frozenset(DTYPES.values())
+
+
+def _bind(op, args, kwargs):
+    """The op's Call for these arguments, or why no tuned kernel serves them."""
+    if args and isinstance(args[0], mx.array) and args[0].dtype not in _TUNED_DTYPES:
+        return f"dtype {args[0].dtype} has no tuned kernels (only {', '.join(DTYPES)})"
+    return op.bind(*args, **kwargs)
+
+
 def _run(op_name: str, builtin, *args, **kwargs):
     op = ops.get(op_name)
-    call = op.bind(*args, **kwargs)
+    call = _bind(op, args, kwargs)
     choice = choose(op_name, call)
     if choice.variant is None:
         if os.environ.get("HLH_MLX_STRICT", "") not in ("", "0") and not _lenient:
@@ -220,7 +230,7 @@ class lenient:
 
 def explain(op_name: str, *args, **kwargs) -> str:
     """Which variant (id, parameters, measured speed) or the built-in would run, and why."""
-    return str(choose(op_name, ops.get(op_name).bind(*args, **kwargs)))
+    return str(choose(op_name, _bind(ops.get(op_name), args, kwargs)))
 
 
 def fallbacks() -> dict:

@@ -79,3 +79,14 @@ def test_a_winner_is_not_extrapolated_to_far_smaller_launches(store_dir, rng):
     assert why.startswith("built-in") and "tuned only at 8192x4096" in why and "--shape 1x4096" in why
     near = mx.zeros((2048, 4096))
     assert tuned.explain("softmax", near).startswith("variant ")
+
+
+def test_an_unsupported_dtype_falls_back_visibly(store_dir, rng):
+    x = mx.array(rng.standard_normal((4, 64)).astype(np.float32)).astype(mx.int32)
+    assert "has no tuned kernels" in tuned.explain("softmax", x)
+    w = mx.ones((64,), dtype=mx.int32)
+    with pytest.raises(Exception) as builtin_error:
+        mx.fast.rms_norm(x, w, 1e-5)
+    with pytest.raises(type(builtin_error.value)):  # the built-in's own error, not a wrong answer
+        tuned.rms_norm(x, w, 1e-5)
+    assert any("has no tuned kernels" in why for _, why in tuned.fallbacks())
