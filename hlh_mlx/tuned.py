@@ -62,7 +62,11 @@ def _current_variants(op: str) -> dict[tuple, Variant]:
     out = {}
     found = templates.discover(op)
     for root in hub.trusted_template_roots():
-        found += [templates.load(p) for p in sorted((root / op).glob("*.j2"))]
+        for p in sorted((root / op).glob("*.j2")):
+            try:
+                found.append(templates.load(p))
+            except templates.TemplateError as e:  # a broken pack costs its results, not the call
+                warnings.warn(f"[hlh_mlx.tuned] skipping a trusted pack's template: {e}", RuntimeWarning, stacklevel=3)
     for t in found:
         for v in variants.expand(t):
             out.setdefault((t.relpath, tuple(sorted(v.param_dict.items())), v.source_hash), v)
