@@ -60,16 +60,19 @@ def _current_variants(op: str) -> dict[tuple, Variant]:
     """(template relpath, params, source hash) -> the variant, from the templates shipped
     and in $HLH_MLX_TEMPLATES, and from packs the user trusted (hlh_mlx.hub)."""
     out = {}
-    found = templates.discover(op)
+
+    def add(t):
+        for v in variants.expand(t):
+            out.setdefault((t.relpath, tuple(sorted(v.param_dict.items())), v.source_hash), v)
+
+    for t in templates.discover(op):
+        add(t)
     for root in hub.trusted_template_roots():
         for p in sorted((root / op).glob("*.j2")):
             try:
-                found.append(templates.load(p))
+                add(templates.load(p))
             except templates.TemplateError as e:  # a broken pack costs its results, not the call
                 warnings.warn(f"[hlh_mlx.tuned] skipping a trusted pack's template: {e}", RuntimeWarning, stacklevel=3)
-    for t in found:
-        for v in variants.expand(t):
-            out.setdefault((t.relpath, tuple(sorted(v.param_dict.items())), v.source_hash), v)
     return out
 
 
