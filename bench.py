@@ -50,13 +50,13 @@ def summary_rows(op, records, cases, backend):
 
 def stored_cases(records, backend):
     """Every (shape, dtype) with a built-in timing in the stored records, newest timing method only."""
-    method = max((r.get("timing_method", 1) for r in records), default=1)
+    records = rank.newest_method(records)
     seen = []
     for r in records:
         if (r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend
-                and r.get("timing_method", 1) == method and (r["shape"], r["dtype"]) not in seen):
+                and (r["shape"], r["dtype"]) not in seen):
             seen.append((r["shape"], r["dtype"]))
-    return [r for r in records if r.get("timing_method", 1) == method], seen
+    return records, seen
 
 
 def targets(rows) -> list[str]:

@@ -233,20 +233,24 @@ def _install(folder: Path, manifest: dict, records: dict, repo_id: str, source: 
     # until trusted again, a re-pull of the trusted one stays trusted
 
 
-def _replace_results(repo_id: str, device: str, new: dict[str, list[dict]]) -> None:
+def _replace_results(repo_id: str, device: str, new: dict[str, list[dict]]) -> int:
+    """Swap this repo's results for `new`; return how many old ones were dropped."""
     prefix = f"hub:{repo_id}@"
+    dropped = 0
     root = paths.results_dir() / device
     ops = set(new) | {p.stem for p in root.glob("*.jsonl")} if root.is_dir() else set(new)
     for op in sorted(ops):
         path = store.path_for(device, op)
         old = store.read(path)
         kept = [r for r in old if not str(r.get("source", "")).startswith(prefix)]
+        dropped += len(old) - len(kept)
         if len(kept) == len(old) and op not in new:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept + new.get(op, [])))
         os.replace(tmp, path)
+    return dropped
 
 
 def remove(repo_id: str) -> int:
@@ -255,12 +259,10 @@ def remove(repo_id: str) -> int:
     meta = installed().get(repo_id)
     if meta is None:
         raise PackError(f"no pack from {repo_id} is installed")
-    before = sum(len(store.read(p)) for p in (paths.results_dir() / meta["device"]).glob("*.jsonl"))
-    _replace_results(repo_id, meta["device"], {})
-    after = sum(len(store.read(p)) for p in (paths.results_dir() / meta["device"]).glob("*.jsonl"))
+    dropped = _replace_results(repo_id, meta["device"], {})
     set_trusted(repo_id, False)
     shutil.rmtree(pack_dir(repo_id), ignore_errors=True)
-    return before - after
+    return dropped
 
 
 def installed() -> dict[str, dict]:

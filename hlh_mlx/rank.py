@@ -41,10 +41,10 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
     """Variants timed twice in one run (the sweep re-times the winner and the built-in
     after the others): first and second median and how far apart they are."""
     firsts = _latest(records, shape, dtype, backend)
+    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
     out = []
-    for r in newest_method([r for r in records if r.get("shape") == shape and r.get("dtype") == dtype]):
-        if not (r.get("repeat") and r.get("shape") == shape and r.get("dtype") == dtype
-                and r.get("backend") == backend and r.get("timing")):
+    for r in newest_method(mine):
+        if not (r.get("repeat") and r.get("timing")):
             continue
         key = r.get("variant_id") or "builtin"
         first = firsts.get(key)

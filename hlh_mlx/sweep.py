@@ -155,11 +155,11 @@ def _record(plan: Plan, shape, dtype, reply: dict, variant: Variant | None) -> d
     return rec
 
 
-def _key(p: Plan, v: Variant | None, shape, dtype) -> tuple:
+def _key(p: Plan, v: Variant | None, shape, dtype, repeat: bool = False) -> tuple:
     return store.result_key({
         "variant_id": v.id if v else None, "template": v.template.relpath if v else "builtin",
         "backend": p.backend, "shape_str": p.op.shape_str(shape), "dtype": dtype, "mlx": mx.__version__,
-        "timing_method": timing.METHOD})
+        "timing_method": timing.METHOD, "repeat": repeat})
 
 
 def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
@@ -210,7 +210,7 @@ def _time_again(p: Plan, path, shape, dtype, worker: Worker, done: set) -> None:
     best = next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
     for v in ([None] + ([best] if best else [])):
-        key = _key(p, v, shape, dtype)[:-2] + (True, timing.METHOD)
+        key = _key(p, v, shape, dtype, repeat=True)
         if key in done:
             continue
         job = dict(_job(p, v, shape, dtype), repeat=True)

@@ -18,7 +18,6 @@ import mlx.core as mx
 # Bumped whenever how we time changes, so a rerun measures again instead of resuming
 # (2: >= 2 input sets, >= 4x the L2 in all; 3: input sets filling ROTATE_BYTES).
 METHOD = 3
-L2_BYTES = 50 * 2**20          # H100: 50 MB; Apple GPUs have less, so this is conservative
 # Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py,
 # 2026-11-25): a gemv streaming a 117 MB weight read at 5.2 TB/s with 2 copies, 4.2 TB/s
 # with 8 (936 MB) and 2.97 TB/s, the DRAM rate, only with 16 (1.9 GB): the L2 keeps part

@@ -128,10 +128,8 @@ def _choose(op_name: str, call) -> Choice:
     op = ops.get(op_name)
     be = _backend()
     dev = backends.device(be).slug
-    if isinstance(call, str):
-        return Choice(None, None, call)
     best, too_far = None, []
-    size = ops.spec.DTYPES[call.dtype].size
+    size = DTYPES[call.dtype].size
     for v, r, base in _candidates(op.name, dev, be):
         if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
             continue
