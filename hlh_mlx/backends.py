@@ -82,7 +82,8 @@ class Kernel:
         name = f"hlh_{t.op}_{t.family}_{variant.id}"
         if backend == "cuda":
             self._kernel = mx.fast.cuda_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
-                                               source=r.source, header=r.header)
+                                               source=r.source, header=r.header,
+                                               shared_memory=variant.shared_memory())
         elif backend == "metal":
             self._kernel = mx.fast.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
                                                 source=r.source, header=r.header)

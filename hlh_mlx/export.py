@@ -94,6 +94,8 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
         else:
             targs.append(f"({name!r}, {_python_expr(e.text, p, where)})")
     factory = "mx.fast.metal_kernel" if t.backend == "metal" else "mx.fast.cuda_kernel"
+    smem = v.shared_memory()
+    shared = f", shared_memory={smem}" if smem else ""
     dtypes = t.dtypes or list(op.dtypes)
     input_dtypes = _input_dtypes(op, dtypes)
     dims_code = "\n".join(f"    {d} = {op.export_dims[d]}" for d in dims)
@@ -117,7 +119,7 @@ DTYPES = {tuple(dtypes)!r}
 INPUT_DTYPES = {input_dtypes!r}
 
 _kernel = {factory}(name="hlh_{op.name}_{t.family}_{v.id}", input_names={t.inputs!r},
-                    output_names={t.outputs!r}, source=SOURCE, header=HEADER)
+                    output_names={t.outputs!r}, source=SOURCE, header=HEADER{shared})
 
 
 def ceil_div(a, b):

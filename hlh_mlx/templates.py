@@ -118,6 +118,7 @@ class Template:
     grid: tuple[Expr, Expr, Expr]
     threadgroup: tuple[Expr, Expr, Expr]
     threadgroup_memory: Expr | None
+    shared_memory: Expr | None  # CUDA: dynamic shared memory bytes (mx.fast.cuda_kernel shared_memory=)
     template_args: dict[str, Expr]
     dtypes: list[str] | None
     text: str = field(repr=False)
@@ -249,6 +250,10 @@ def load(path: Path | str) -> Template:
     for key, v in (("grid", grid), ("threadgroup", tg)):
         if not isinstance(v, list) or len(v) != 3:
             raise TemplateError(path, _line_of(text, hdr_off, key, "launch"), f"[launch] {key} must list 3 expressions")
+    if "shared_memory" in launch and backend != "cuda":
+        raise TemplateError(path, _line_of(text, hdr_off, "shared_memory", "launch"),
+                            "[launch] shared_memory (dynamic shared memory) is for CUDA templates; "
+                            "Metal templates declare threadgroup memory in the body")
     template = Template(
         path=path, op=op, family=family, backend=backend,
         inputs=list(need("meta", "inputs")), outputs=list(need("meta", "outputs")),
@@ -260,6 +265,8 @@ def load(path: Path | str) -> Template:
         threadgroup=tuple(expr("launch", "threadgroup", v) for v in tg),
         threadgroup_memory=expr("launch", "threadgroup_memory", launch["threadgroup_memory"])
         if "threadgroup_memory" in launch else None,
+        shared_memory=expr("launch", "shared_memory", launch["shared_memory"])
+        if "shared_memory" in launch else None,
         template_args={k: expr("template_args", k, v) for k, v in meta.get("template_args", {}).items()},
         dtypes=info.get("dtypes"),
         text=text,

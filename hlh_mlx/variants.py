@@ -21,6 +21,9 @@ from .templates import Rendered, Template, TemplateError
 MAX_THREADS = 1024                      # Metal and CUDA: threads per threadgroup/block
 THREADGROUP_MEMORY = {"metal": 32768,   # Metal: 32 KB of threadgroup memory
                       "cuda": 49152}    # CUDA: 48 KB of static shared memory per block
+# CUDA: static + dynamic shared memory per block on sm_90 (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+CUDA_SHARED_MEMORY_OPTIN = 232448
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SIMD_WIDTH = 32
 
 
@@ -65,6 +68,11 @@ class Variant:
     def grid(self, shape: dict, dtype: str) -> tuple[int, int, int]:
         v = self.values(shape, dtype)
         return tuple(int(e(**v)) for e in self.template.grid)
+
+    def shared_memory(self) -> int:
+        """CUDA dynamic shared memory to request, in bytes: the most any of the template's
+        dtypes needs (MLX sets it once per compiled kernel, not per call)."""
+        return _worst_bytes(self.template, self.template.shared_memory, self.param_dict)
 
     def template_args(self, shape: dict, dtype: str) -> list:
         """MLX template arguments: dtype names become MLX dtypes; expressions may use
@@ -116,14 +124,21 @@ def why_invalid(template: Template, params: dict) -> str | None:
         return f"threadgroup {tg} has an empty dimension"
     if threads > MAX_THREADS:
         return f"{threads} threads per threadgroup exceed {MAX_THREADS}"
-    if template.threadgroup_memory is not None:
-        sizes = {"float32": 4, "float16": 2, "bfloat16": 2}
-        worst = max(int(template.threadgroup_memory(**params, dtype=d, dtype_size=sizes[d]))
-                    for d in (template.dtypes or sizes))
-        limit = THREADGROUP_MEMORY[template.backend]
-        if worst > limit:
-            return f"{worst} bytes of threadgroup memory exceed {limit}"
+    static = _worst_bytes(template, template.threadgroup_memory, params)
+    limit = THREADGROUP_MEMORY[template.backend]
+    if static > limit:
+        return f"{static} bytes of threadgroup memory exceed {limit}"
+    dynamic = _worst_bytes(template, template.shared_memory, params)
+    if static + dynamic > CUDA_SHARED_MEMORY_OPTIN:
+        return f"{static} + {dynamic} bytes of shared memory exceed {CUDA_SHARED_MEMORY_OPTIN} per block"
     return None
+
+
+def _worst_bytes(template: Template, e, params: dict) -> int:
+    """A memory expression's largest value over the template's dtypes (0 if absent)."""
+    if e is None:
+        return 0
+    return max(int(e(**params, dtype=d, dtype_size=DTYPE_SIZES[d])) for d in (template.dtypes or DTYPE_SIZES))
 
 
 def make(template: Template, params: dict) -> Variant:

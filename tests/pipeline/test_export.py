@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from hlh_mlx import guard, templates, variants
+from hlh_mlx import export, guard, templates, variants
 from hlh_mlx.cli import main
 
 from .conftest import ROOT
@@ -95,3 +96,15 @@ except ValueError as e:
     print("guarded:", e)
 """
     assert "must have dtypes" in run_guarded(script)
+
+
+def test_cuda_export_requests_the_variants_dynamic_shared_memory(monkeypatch):
+    """A CUDA kernel whose tiles live in dynamic shared memory must ask MLX for it, or it
+    would launch with none; no GPU here, so the factory call itself is what is checked."""
+    t = next(t for t in templates.discover("matmul") if t.name == "mma.cuda")
+    v = variants.make(t, {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 3, "SWZ": 8})
+    seen = {}
+    monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: seen.update(kw), raising=False)
+    exec(compile(export.render_module("matmul", v.id), "kernel.py", "exec"), {})
+    assert seen["shared_memory"] == v.shared_memory() == 3 * (128 * 40 + 32 * 136) * 2
+    assert seen["source"] == v.rendered.source

@@ -33,6 +33,27 @@ def test_threadgroup_memory_limit_is_enforced(tmp_path):
     assert (64, 0) in kept and (64, 1) not in kept  # 32768 bytes fit exactly, 33024 do not
 
 
+def test_dynamic_shared_memory_is_sized_and_limited():
+    t = next(t for t in templates.discover("matmul") if t.name == "mma.cuda")
+    p = {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 4, "SWZ": 8}
+    # 4 stages of padded A (128 x 40) and B (32 x 136) tiles of 2-byte elements
+    assert variants.make(t, p).shared_memory() == 4 * (128 * 40 + 32 * 136) * 2
+    too_big = {**p, "BM": 256, "BN": 256, "BK": 64, "WM": 4, "WN": 4}
+    assert "exceed 232448 per block" in variants.why_invalid(t, too_big)
+    assert all(v.shared_memory() <= variants.CUDA_SHARED_MEMORY_OPTIN for v in variants.expand(t))
+
+
+def test_dynamic_shared_memory_is_refused_in_metal_templates(tmp_path):
+    text = tmpl("tiled.metal").text.replace('threadgroup = ["BS", "BS", "1"]',
+                                            'threadgroup = ["BS", "BS", "1"]\nshared_memory = "1024"')
+    p = tmp_path / "matmul" / "dyn.metal.j2"
+    p.parent.mkdir()
+    p.write_text(text)
+    with pytest.raises(templates.TemplateError, match="shared_memory .*CUDA templates") as e:
+        templates.load(p)
+    assert e.value.line == text.splitlines().index('shared_memory = "1024"') + 1
+
+
 def test_make_refuses_unknown_and_out_of_space_values():
     t = tmpl("tiled.metal")
     with pytest.raises(SpaceError, match="unknown parameter"):
