@@ -38,9 +38,18 @@ def test_dynamic_shared_memory_is_sized_and_limited():
     p = {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 4, "SWZ": 8}
     # 4 stages of padded A (128 x 40) and B (32 x 136) tiles of 2-byte elements
     assert variants.make(t, p).shared_memory() == 4 * (128 * 40 + 32 * 136) * 2
-    too_big = {**p, "BM": 256, "BN": 256, "BK": 64, "WM": 4, "WN": 4}
-    assert "exceed 232448 per block" in variants.why_invalid(t, too_big)
     assert all(v.shared_memory() <= variants.CUDA_SHARED_MEMORY_OPTIN for v in variants.expand(t))
+
+
+def test_dynamic_shared_memory_over_the_opt_in_limit_is_refused(tmp_path):
+    t = next(t for t in templates.discover("matmul") if t.name == "mma.cuda")
+    p = tmp_path / "matmul" / "deep.cuda.j2"
+    p.parent.mkdir()
+    p.write_text(t.text.replace("STAGES = [3, 4]", "STAGES = [3, 4, 8]"))
+    deep = templates.load(p)
+    params = {"BM": 256, "BN": 128, "BK": 64, "WM": 4, "WN": 2, "SWZ": 1}
+    assert variants.why_invalid(deep, {**params, "STAGES": 4}) is None  # 217088 bytes fit
+    assert variants.why_invalid(deep, {**params, "STAGES": 8}) == "0 + 434176 bytes of shared memory exceed 232448 per block"
 
 
 def test_dynamic_shared_memory_is_refused_in_metal_templates(tmp_path):
