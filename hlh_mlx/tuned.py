@@ -181,15 +181,51 @@ def _bind(op, args, kwargs):
     return op.bind(*args, **kwargs)
 
 
-def _run(op_name: str, builtin, *args, **kwargs):
+_fallback_memo: dict = {}  # (op, argument shapes/dtypes/values) -> Choice of the built-in
+
+
+def _memo_key(op_name: str, args, kwargs):
+    """What decides a call's choice without binding it: array shapes and dtypes, other
+    argument values; None when an argument cannot be a key."""
+    parts = [op_name, tuple(kwargs)]
+    for a in (*args, *kwargs.values()):
+        parts.append((a.shape, a.dtype) if isinstance(a, mx.array) else a)
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _choice_for(op_name: str, args, kwargs) -> tuple:
+    """(op, bound call, choice) for these arguments; a call the built-in serves is
+    remembered before binding (a decode loop's fallbacks then cost a dict lookup)."""
+    key = _memo_key(op_name, args, kwargs)
+    known = _fallback_memo.get(key) if key is not None else None
+    if known is not None:
+        return None, None, known
     op = ops.get(op_name)
     call = _bind(op, args, kwargs)
     choice = choose(op_name, call)
+    if choice.variant is None and key is not None:
+        if len(_fallback_memo) >= 4096:  # e.g. one key per rope offset: stay bounded
+            _fallback_memo.clear()
+        _fallback_memo[key] = choice
+    return op, call, choice
+
+
+def _fallback(op_name: str, choice: Choice, builtin, *args, **kwargs):
+    if os.environ.get("HLH_MLX_STRICT", "") not in ("", "0") and not _lenient:
+        raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {choice.reason}")
+    _fallbacks[(op_name, choice.reason)] += 1
+    return builtin(*args, **kwargs)
+
+
+def _run(op_name: str, builtin, *args, **kwargs):
+    op, call, choice = _choice_for(op_name, args, kwargs)
     if choice.variant is None:
-        if os.environ.get("HLH_MLX_STRICT", "") not in ("", "0") and not _lenient:
-            raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {choice.reason}")
-        _fallbacks[(op_name, choice.reason)] += 1
-        return builtin(*args, **kwargs)
+        return _fallback(op_name, choice, builtin, *args, **kwargs)
     kernel, out_shapes, out_dtypes = _launch_for(op, call, choice)
     return call.finish(kernel(call.inputs, call.shape, call.dtype, out_shapes, out_dtypes))
 
@@ -210,9 +246,15 @@ def _with_builtin_grad(tuned_fn, builtin_fn):
 _grad_fns: dict = {}
 
 
-def _differentiable(key, tuned_fn, builtin_fn, *arrays):
+def _differentiable(key, tuned_fn, builtin_fn, *arrays, bind_args=None):
     """Call the tuned forward with the built-in's VJP; non-array arguments are in `key`
-    (and closed over by the two functions), so one custom function serves each setting."""
+    (and closed over by the two functions), so one custom function serves each setting.
+    When no tuned kernel serves the call, the built-in runs directly: a custom function
+    costs ~2.5 us of host time per call, which a decode loop pays ~50 times a token."""
+    op_name = key[0]
+    _, _, choice = _choice_for(op_name, *(bind_args or (arrays, {})))
+    if choice.variant is None:
+        return _fallback(op_name, choice, builtin_fn, *arrays)
     if key not in _grad_fns:
         if len(_grad_fns) >= 512:  # e.g. one per rope offset of a decode loop: stay bounded
             _grad_fns.clear()
@@ -253,6 +295,7 @@ def refresh() -> None:
     _grad_fns.clear()
     _choices.clear()
     _launches.clear()
+    _fallback_memo.clear()
 
 
 def softmax(x, axis=-1, **kwargs):
@@ -263,14 +306,15 @@ def rms_norm(x, weight, eps):
     if weight is None:
         return _run("rms_norm", mx.fast.rms_norm, x, weight, eps)
     return _differentiable(("rms_norm", eps), lambda x, w: _run("rms_norm", mx.fast.rms_norm, x, w, eps),
-                           lambda x, w: mx.fast.rms_norm(x, w, eps), x, weight)
+                           lambda x, w: mx.fast.rms_norm(x, w, eps), x, weight, bind_args=((x, weight, eps), {}))
 
 
 def layer_norm(x, weight, bias, eps):
     if weight is None or bias is None:
         return _run("layer_norm", mx.fast.layer_norm, x, weight, bias, eps)
     return _differentiable(("layer_norm", eps), lambda x, w, b: _run("layer_norm", mx.fast.layer_norm, x, w, b, eps),
-                           lambda x, w, b: mx.fast.layer_norm(x, w, b, eps), x, weight, bias)
+                           lambda x, w, b: mx.fast.layer_norm(x, w, b, eps), x, weight, bias,
+                           bind_args=((x, weight, bias, eps), {}))
 
 
 def _silu_mul(g, u):
@@ -290,7 +334,8 @@ def rope(x, dims, *, traditional, base, scale, offset, freqs=None):
         return _run("rope", mx.fast.rope, x, dims, offset=offset, **kw)
     key = ("rope", dims, traditional, base, scale, offset)
     return _differentiable(key, lambda x: _run("rope", mx.fast.rope, x, dims, offset=offset, **kw),
-                           lambda x: mx.fast.rope(x, dims, offset=offset, **kw), x)
+                           lambda x: mx.fast.rope(x, dims, offset=offset, **kw), x,
+                           bind_args=((x, dims), dict(offset=offset, **kw)))
 
 
 def gemv(x, w):

@@ -58,6 +58,25 @@ def test_strict_mode_turns_a_fallback_into_an_error(store_dir, monkeypatch, rng)
         tuned.rms_norm(x, mx.ones((64,)), 1e-5)
 
 
+def test_a_remembered_fallback_is_still_counted_strict_and_forgotten_after_a_sweep(store_dir, monkeypatch, rng):
+    """Fallbacks are remembered before binding (decode loops make the same call thousands
+    of times); that shortcut must not hide them, survive strict mode, or outlive new results."""
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)))
+    assert sum(tuned.fallbacks().values()) == 3
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    with pytest.raises(tuned.FallbackError):
+        tuned.rms_norm(x, w, 1e-5)
+    v = variant("rms_norm", "rows")
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    tuned.refresh()  # what a sweep in this process does
+    np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)),
+                               rtol=2e-5, atol=1e-6)
+    assert tuned.fallbacks() == {} and f"variant {v.id}" in tuned.explain("rms_norm", x, w, 1e-5)
+
+
 def test_unsupported_arguments_fall_back_with_the_reason(rng):
     x = mx.array(rng.standard_normal((4, 64)).astype(np.float32))
     assert "eps=1e-05" in tuned.explain("rms_norm", x, mx.ones((64,)), 1e-6)
