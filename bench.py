@@ -89,6 +89,9 @@ def targets(rows) -> list[str]:
 def markdown(rows, device, backend, when: dict) -> str:
     out = [f"# hlh_mlx bench on {device.name} [{backend}]", "",
            f"measured {when['date']}, MLX {when['mlx']}, command: `python bench.py {' '.join(sys.argv[1:])}`", ""]
+    if when.get("stale"):
+        out += [f"Not reported: {when['stale']} stored results of variants whose template changed since they "
+                "were measured (kept in variants/ as history; `hlh_mlx.tuned` does not run them).", ""]
     if not device.can_time:
         out += ["The emulator has no speed: this table says which variants are correct, nothing about time.", ""]
     out += ["| op | shape | dtype | built-in ms | best variant | params | best ms | speedup | roofline | correct | failed | timed twice |",
@@ -158,8 +161,8 @@ def main():
 
 
 def report_store(args):
-    from hlh_mlx import backends, store
-    rows, device = [], None
+    from hlh_mlx import backends, store, tuned
+    rows, device, stale = [], None, 0
     dates, versions = set(), set()
     for name in args.ops or ops.names():
         records = store.load(args.from_store, name)
@@ -167,6 +170,13 @@ def report_store(args):
         records, cases = stored_cases(records, backend)
         if not cases:
             continue
+        # results of variants whose template has changed since (or left the space) are
+        # history: hlh_mlx.tuned would not run them, so the report does not claim them
+        current = tuned.current_variants(name)
+        fresh = [r for r in records if r.get("template") == "builtin"
+                 or (r.get("template"), tuple(sorted((r.get("params") or {}).items())), r.get("source_hash")) in current]
+        stale += len(records) - len(fresh)
+        records = fresh
         r0 = records[0]
         device = backends.Device(args.from_store, r0["device_name"], r0["architecture"], backend)
         dates |= {r["date"][:10] for r in records if r.get("timing")}
@@ -176,7 +186,7 @@ def report_store(args):
     if device is None:
         sys.exit(f"no timed results under variants/{args.from_store}/")
     write(rows, device, device.backend, args.out, {"mlx": ", ".join(sorted(versions)),
-                                                   "date": ", ".join(sorted(dates))})
+                                                   "date": ", ".join(sorted(dates)), "stale": stale})
 
 
 def write(rows, device, backend, out_dir, when: dict):

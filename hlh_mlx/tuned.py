@@ -56,7 +56,7 @@ def _backend() -> str:
 
 
 @lru_cache(maxsize=None)
-def _current_variants(op: str) -> dict[tuple, Variant]:
+def current_variants(op: str) -> dict[tuple, Variant]:
     """(template relpath, params, source hash) -> the variant, from the templates shipped
     and in $HLH_MLX_TEMPLATES, and from packs the user trusted (hlh_mlx.hub)."""
     out = {}
@@ -87,7 +87,7 @@ def _candidates(op: str, device: str, backend: str) -> tuple:
     records = [r for g in groups.values() for r in rank.newest_method(g) if not r.get("repeat")]
     builtin = {(r["shape_str"], r["dtype"]): r["timing"]["median_ms"] for r in records
                if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend}
-    current = _current_variants(op)
+    current = current_variants(op)
     out = []
     for r in records:
         if r.get("template") == "builtin" or r.get("backend") != backend or not r.get("correct") or not r.get("timing"):
@@ -289,7 +289,7 @@ def refresh() -> None:
     """Forget cached results, kernels and fallback counts (after a sweep in this process)."""
     _fallbacks.clear()
     _candidates.cache_clear()
-    _current_variants.cache_clear()
+    current_variants.cache_clear()
     _backend.cache_clear()
     _kernels.clear()
     _grad_fns.clear()
