@@ -102,7 +102,7 @@ def test_cuda_export_requests_the_variants_dynamic_shared_memory(monkeypatch):
     """A CUDA kernel whose tiles live in dynamic shared memory must ask MLX for it, or it
     would launch with none; no GPU here, so the factory call itself is what is checked."""
     t = next(t for t in templates.discover("matmul") if t.name == "mma.cuda")
-    v = variants.make(t, {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 3, "SWZ": 8})
+    v = variants.make(t, {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 3, "SWZ": 8, "FB": 2})
     seen = {}
     monkeypatch.setattr(mx.fast, "cuda_kernel", lambda **kw: seen.update(kw), raising=False)
     exec(compile(export.render_module("matmul", v.id), "kernel.py", "exec"), {})

@@ -35,7 +35,7 @@ def test_threadgroup_memory_limit_is_enforced(tmp_path):
 
 def test_dynamic_shared_memory_is_sized_and_limited():
     t = next(t for t in templates.discover("matmul") if t.name == "mma.cuda")
-    p = {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 4, "SWZ": 8}
+    p = {"BM": 128, "BN": 128, "BK": 32, "WM": 2, "WN": 2, "STAGES": 4, "SWZ": 8, "FB": 1}
     # 4 stages of padded A (128 x 40) and B (32 x 136) tiles of 2-byte elements
     assert variants.make(t, p).shared_memory() == 4 * (128 * 40 + 32 * 136) * 2
     assert all(v.shared_memory() <= variants.CUDA_SHARED_MEMORY_OPTIN for v in variants.expand(t))
@@ -47,7 +47,7 @@ def test_dynamic_shared_memory_over_the_opt_in_limit_is_refused(tmp_path):
     p.parent.mkdir()
     p.write_text(t.text.replace("STAGES = [3, 4]", "STAGES = [3, 4, 8]"))
     deep = templates.load(p)
-    params = {"BM": 256, "BN": 128, "BK": 64, "WM": 4, "WN": 2, "SWZ": 1}
+    params = {"BM": 256, "BN": 128, "BK": 64, "WM": 4, "WN": 2, "SWZ": 1, "FB": 1}
     assert variants.why_invalid(deep, {**params, "STAGES": 4}) is None  # 217088 bytes fit
     assert variants.why_invalid(deep, {**params, "STAGES": 8}) == "0 + 434176 bytes of shared memory exceed 232448 per block"
 
