@@ -59,15 +59,23 @@ def stored_cases(records, backend):
     return records, seen
 
 
+# the memory-bound suite issue #4 sets its geometric-mean target over (fp16)
+SUITE = ("softmax", "rms_norm", "layer_norm", "swiglu", "rope", "gemv", "qgemv")
+
+
 def targets(rows) -> list[str]:
-    """Issue #4's targets, from the largest shape of each op."""
+    """Issue #4's targets, from the largest fp16 shape of each op (the issue's numbers are
+    fp16); memory-bound ops outside its suite are listed, not averaged in."""
     largest = {}
     for r in rows:
+        if r["dtype"] != "float16":
+            continue
         op = ops.get(r["op"])
         size = math.prod(op.parse_shape(r["shape"]).values()) if r["speedup"] else -1
         if r["speedup"] and size > largest.get(r["op"], (-1, None))[0]:
             largest[r["op"]] = (size, r)
-    mem = [r for _, r in largest.values() if ops.get(r["op"]).bound == "memory"]
+    mem = [r for _, r in largest.values() if r["op"] in SUITE]
+    others = [r for _, r in largest.values() if r["op"] not in SUITE and ops.get(r["op"]).bound == "memory"]
     out = []
     if mem:
         g = math.exp(sum(math.log(r["speedup"]) for r in mem) / len(mem))
@@ -75,6 +83,9 @@ def targets(rows) -> list[str]:
                    f"(target 1.8x: {'met' if g >= 1.8 else f'missed by {1.8 / g:.2f}x'})")
         low = [f"{r['op']} {r['roofline_pct']:.0f}%" for r in mem if r["roofline_pct"] < 85]
         out.append("winners below 85% of copy bandwidth: " + (", ".join(low) if low else "none"))
+    if others:
+        out.append("outside that suite (not averaged in): " + ", ".join(
+            f"{r['op']} {r['shape']} {r['speedup']:.2f}x ({r['roofline_pct']:.0f}% of copy bandwidth)" for r in others))
     for name, goal in (("qgemv", 2.5), ("matmul", 0.8)):
         if name in largest:
             s = largest[name][1]["speedup"]
