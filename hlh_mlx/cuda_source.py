@@ -83,7 +83,11 @@ def compile_check(text: str, arch: str = "sm_90a", timeout: float = 120) -> None
     with tempfile.TemporaryDirectory(prefix="hlh_cuda_") as d:
         src = Path(d) / "kernel.cu"
         src.write_text(text)
-        r = subprocess.run([exe, "-std=c++17", f"-arch={arch}", "-c", str(src), "-o", str(Path(d) / "kernel.o")],
+        # as MLX's NVRTC call (--gpu-architecture=sm_90a): PTX for compute_90a, so Hopper-only
+        # instructions (wgmma, setmaxnreg) assemble; plain -arch=sm_90a emits compute_90 PTX
+        virt = arch.replace("sm_", "compute_")
+        r = subprocess.run([exe, "-std=c++17", f"-gencode=arch={virt},code={arch}", "-c", str(src),
+                            "-o", str(Path(d) / "kernel.o")],
                            capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise CudaCompileError((r.stderr or r.stdout).replace(str(src), "kernel.cu").strip())
