@@ -188,8 +188,10 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--top", type=int, default=None, help="Show only the N best variants.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
+@click.option("--retime", is_flag=True, help="Time the built-in and the stored winner again in this run, "
+              "even if no variant is new (e.g. on another machine, before comparing).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout, fmt):
+def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout, retime, fmt):
     """Check, time and rank every variant of OP against the MLX built-in; store the results."""
     spec = _op(op)
     for d in dtypes:
@@ -197,7 +199,8 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
             raise click.UsageError(f"[{spec.name}] unsupported dtype {d!r} (one of {', '.join(spec.dtypes)})")
     try:
         p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
-                           backend=backend, budget=budget, seed=seed, timeout=timeout, template=template)
+                           backend=backend, budget=budget, seed=seed, timeout=timeout, template=template,
+                           retime=retime)
     except (ValueError, TemplateError, SpaceError) as e:
         raise click.UsageError(str(e)) from None
     err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))

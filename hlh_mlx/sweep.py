@@ -88,10 +88,11 @@ class Plan:
     seed: int
     timeout: float
     notes: list[str] = field(default_factory=list)
+    retime: bool = False       # time the built-in and the stored winner again even if nothing is new
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
-         template=None) -> Plan:
+         template=None, retime=False) -> Plan:
     op = ops.get(op_name)
     be = backends.resolve(backend)
     dev = backends.device(be)
@@ -122,7 +123,7 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
     # spread the first sample over the templates, so each family is represented
     first = budget if budget is None or not dev.can_time else max(1, budget // 2)
     picked = _round_robin([[v for v in space if v.template is t] for t in temps], first, seed)
-    return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes)
+    return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime)
 
 
 def _round_robin(groups: list[list[Variant]], n: int | None, seed: int) -> list[Variant]:
@@ -171,8 +172,20 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     try:
         for dtype in p.dtypes:
             for shape in p.shapes:
-                jobs = ([None] if timed else []) + list(p.candidates)   # None: the built-in
+                # The built-in is timed in every run that times anything for this shape, so
+                # new variants are ranked against a built-in measured on the same machine
+                # in the same run (a resumed sweep may run on another machine, days later).
+                todo = [v for v in p.candidates if v.supports(shape, dtype) and _key(p, v, shape, dtype) not in done]
+                builtin_now = timed and bool(todo or p.retime or _key(p, None, shape, dtype) not in done)
+                jobs = ([None] if builtin_now else []) + list(p.candidates)   # None: the built-in
+                forced = set()
+                if timed and p.retime:  # the stored winner is timed again next to the built-in
+                    best = _stored_best(p, path, shape, dtype)
+                    if best is not None:
+                        jobs.insert(1, best)
+                        forced.add(best.id)
                 seen: set[str] = set()
+                ran = False
                 i = 0
                 while i < len(jobs):
                     v = jobs[i]
@@ -180,19 +193,20 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
                     runnable = v is None or (v.id not in seen and v.supports(shape, dtype))
                     if v is not None:
                         seen.add(v.id)
-                    if runnable and _key(p, v, shape, dtype) not in done:
+                    if runnable and (v is None or v.id in forced or _key(p, v, shape, dtype) not in done):
                         job = _job(p, v, shape, dtype)
                         reply = worker.request(job, p.timeout)
                         reply.setdefault("seed", job.get("seed"))
                         store.append(path, _record(p, shape, dtype, reply, v))
                         done.add(_key(p, v, shape, dtype))
+                        ran = True
                     if progress:
                         progress(v, shape, dtype)
                     # once the first sample is in, add neighbours of the best few
                     if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
                         jobs += _refinements(p, path, shape, dtype, seen)
-                if timed:
-                    _time_again(p, path, shape, dtype, worker, done)
+                if timed and (ran or p.retime):
+                    _time_again(p, path, shape, dtype, worker)
     finally:
         worker.stop()
     # the current renderings of the plan's templates only: records of older versions of a
@@ -202,22 +216,23 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
             and r.get("variant_id") in ids]
 
 
-def _time_again(p: Plan, path, shape, dtype, worker: Worker, done: set) -> None:
-    """Time the winner and the built-in a second time, after everything else: the report
-    shows how far two timings of one kernel in one run drift apart."""
+def _stored_best(p: Plan, path, shape, dtype) -> Variant | None:
+    """The fastest correct stored variant of the plan's space at this shape and dtype."""
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    best = next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
+    return next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
+
+
+def _time_again(p: Plan, path, shape, dtype, worker: Worker) -> None:
+    """Time the winner and the built-in a second time, after everything else in this run:
+    the report shows how far two timings of one kernel in one run drift apart."""
+    best = _stored_best(p, path, shape, dtype)
     for v in ([None] + ([best] if best else [])):
-        key = _key(p, v, shape, dtype, repeat=True)
-        if key in done:
-            continue
         job = dict(_job(p, v, shape, dtype), repeat=True)
         rec = _record(p, shape, dtype, worker.request(job, p.timeout), v)
         rec.update(repeat=True, correct=False)  # never ranked or used: it only checks the first timing
         store.append(path, rec)
-        done.add(key)
 
 
 def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:

@@ -187,3 +187,47 @@ def test_wheel_ships_templates_results_and_emulator_runtime(tmp_path):
     assert "hlh_mlx/_templates/matmul/simdgroup.metal.j2" in names
     assert "hlh_mlx/emulator/runtime/runtime.cpp" in names
     assert any(n.startswith("hlh_mlx/_variants/") and n.endswith("matmul.jsonl") for n in names)
+
+
+class ScriptedGPU:
+    """Stands in for the timing worker of a GPU run: answers with given times, records asks."""
+
+    def __init__(self, builtin_ms, variant_ms):
+        self.builtin_ms, self.variant_ms, self.asked = builtin_ms, variant_ms, []
+
+    def request(self, job, timeout):
+        self.asked.append(("builtin" if job["kind"] == "builtin" else job["params"]["BS"], bool(job.get("repeat"))))
+        ms = self.builtin_ms if job["kind"] == "builtin" else self.variant_ms[job["params"]["BS"]]
+        return {"status": "ok", "timing": {"median_ms": ms}, "checks": []}
+
+    def stop(self):
+        pass
+
+
+def test_every_run_that_times_variants_times_the_builtin_again(store_dir):
+    """New variants are ranked against a built-in timed in the same run (a resumed sweep
+    may run on another lent machine); a run with nothing new times nothing."""
+    import dataclasses
+
+    from hlh_mlx import backends, rank, sweep
+    base = sweep.plan("matmul", backend="emulator", template="tiled", shapes=[{"M": 64, "N": 64, "K": 64}],
+                      dtypes=["float32"])
+    gpu = backends.Device("scripted-gpu", "Scripted GPU", "none", "cuda")
+    by_bs = {v.param_dict["BS"]: v for v in base.space if v.param_dict.get("PAD", 0) == 0}
+    first = dataclasses.replace(base, device=gpu, candidates=[by_bs[8]], budget=None)
+    w = ScriptedGPU(1.0, {8: 0.9, 16: 0.5})
+    sweep.run(first, worker=w)
+    assert w.asked == [("builtin", False), (8, False), ("builtin", True), (8, True)]
+    w.asked.clear()
+    sweep.run(first, worker=w)
+    assert w.asked == []  # a rerun resumes: nothing new, nothing timed
+    w.builtin_ms = 0.6  # the next run's machine is faster
+    sweep.run(dataclasses.replace(first, candidates=[by_bs[8], by_bs[16]]), worker=w)
+    assert w.asked == [("builtin", False), (16, False), ("builtin", True), (16, True)]
+    records = store.read(store_dir / "scripted-gpu" / "matmul.jsonl")
+    rows = rank.table_rows(records, "matmul", {"M": 64, "N": 64, "K": 64}, "float32", "emulator")
+    base_row = next(r for r in rows if r["variant"] == "mlx built-in")
+    assert base_row["median_ms"] == 0.6  # ranked against this run's built-in, not the first run's
+    w.asked.clear()
+    sweep.run(dataclasses.replace(first, retime=True), worker=w)  # --retime: built-in and winner, twice each
+    assert w.asked == [("builtin", False), (16, False), ("builtin", True), (16, True)]
