@@ -35,9 +35,11 @@ def _f64(x: mx.array) -> np.ndarray:
     return np.asarray(x.astype(mx.float32)).astype(np.float64)
 
 
-def compare(outs, refs, tol: float) -> tuple[bool, float, float, str | None]:
+def compare(outs, refs, tol: float, scales=None) -> tuple[bool, float, float, str | None]:
+    """Normwise relative error; with `scales` (the op's magnitude) the denominator is the
+    larger of the reference's norm and theirs."""
     rel, mabs = 0.0, 0.0
-    for y, r in zip(outs, refs):
+    for i, (y, r) in enumerate(zip(outs, refs)):
         y64, r64 = _f64(y), _f64(r)
         if y64.shape != r64.shape:
             return False, float("inf"), float("inf"), f"output shape {y64.shape}, expected {r64.shape}"
@@ -48,7 +50,10 @@ def compare(outs, refs, tol: float) -> tuple[bool, float, float, str | None]:
                 f"{int(bad.sum())} of {y64.size} outputs are NaN/inf (unwritten?), first at {first}")
         diff = np.abs(y64 - r64)
         mabs = max(mabs, float(diff.max(initial=0.0)))
-        rel = max(rel, float(np.linalg.norm(diff) / max(np.linalg.norm(r64), 1e-30)))
+        denom = np.linalg.norm(r64)
+        if scales is not None:
+            denom = max(denom, float(np.linalg.norm(_f64(scales[i]))))
+        rel = max(rel, float(np.linalg.norm(diff) / max(denom, 1e-30)))
     ok = rel <= tol
     return ok, rel, mabs, None if ok else f"relative error {rel:.3g} > tolerance {tol:g}"
 
@@ -60,9 +65,10 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
     out_dtypes = op.output_dtypes(dt)
     outs = kernel(inputs, shape, dtype, op.output_shapes(shape), out_dtypes, init_value=poison_value(out_dtypes[0]))
     refs = op.reference(*inputs)
-    mx.eval(outs, refs)
+    scales = op.magnitude(*inputs) if op.magnitude else None
+    mx.eval(outs, refs, scales)
     tol = op.tolerance[dtype]
-    ok, rel, mabs, err = compare(outs, refs, tol)
+    ok, rel, mabs, err = compare(outs, refs, tol, scales)
     return CheckResult(ok, dict(shape), dtype, rel, mabs, tol, err)
 
 

@@ -32,6 +32,7 @@ OP = OpSpec(
     dims=("M", "N", "K"),
     make_inputs=_inputs,
     reference=lambda x, w: [(x.astype(mx.float32) @ w.astype(mx.float32).T).astype(x.dtype)],
+    magnitude=lambda x, w: [mx.sqrt(mx.square(x.astype(mx.float32)) @ mx.square(w.astype(mx.float32)).T)],
     builtin=lambda x, w: [x @ w.T],
     output_shapes=lambda s: [(s["M"], s["N"])],
     tolerance={**ROUNDED_ONCE, "float32": 2e-5},

@@ -25,6 +25,7 @@ OP = OpSpec(
     dims=("M", "N", "K"),
     make_inputs=_inputs,
     reference=lambda a, b: [mx.matmul(a, b)],
+    magnitude=lambda a, b: [mx.sqrt(mx.square(a.astype(mx.float32)) @ mx.square(b.astype(mx.float32)))],
     output_shapes=lambda s: [(s["M"], s["N"])],
     # normwise: f32 accumulation differs only in order; f16/bf16 add one output rounding
     tolerance={"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2},

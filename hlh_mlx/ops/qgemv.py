@@ -24,6 +24,13 @@ def _reference(x, wq, scales, biases):
     return [(x.astype(mx.float32) @ w.T).astype(x.dtype)]
 
 
+def _magnitude(x, wq, scales, biases):
+    g = wq.shape[1] * 8 // scales.shape[1]
+    w = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=g, bits=4)
+    x = x.astype(mx.float32)
+    return [mx.sqrt((x * x) @ (w * w).T)]
+
+
 def _builtin(x, wq, scales, biases):
     g = wq.shape[1] * 8 // scales.shape[1]
     return [mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=g, bits=4)]
@@ -49,6 +56,7 @@ OP = OpSpec(
     dims=("N", "K", "G"),
     make_inputs=_inputs,
     reference=_reference,
+    magnitude=_magnitude,
     builtin=_builtin,
     output_shapes=lambda s: [(1, s["N"])],
     tolerance={**ROUNDED_ONCE, "float32": 2e-5},

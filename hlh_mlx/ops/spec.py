@@ -72,6 +72,11 @@ class OpSpec:
         input dtype (default: reference). Never upcast here: casts would inflate speedups.
       output_shapes / output_dtypes: of the kernel's outputs.
       tolerance: per dtype name, the largest normwise relative error ||y - ref|| / ||ref||.
+      magnitude: for sums of products (dot products, matmuls): inputs -> per output, the
+        root sum of squares of the products it sums (sqrt(x^2 @ (w^2).T)), the size that
+        rounding error scales with. The error's denominator is then the larger of ||ref||
+        and ||magnitude||: the same as ||ref|| for typical outputs, but a dot product that
+        cancels to nearly zero is not failed for rounding that any summation order has.
       bytes / flops: (shape, dtype) -> the minimum traffic and arithmetic, for the roofline.
       shapes: default shapes to tune on a GPU; emulator_shapes: small ones for the emulator.
       edge_shapes: awkward sizes every variant must also get right.
@@ -102,6 +107,7 @@ class OpSpec:
     # dims (e.g. qgemv's packed weight "(N, K // 8)"); default: read off made inputs
     export_inputs: list = field(default_factory=list)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
+    magnitude: Callable | None = None
     flags: tuple[str, ...] = ()  # dims that are 0/1 switches of the op (rope's TRAD), not sizes
 
     def baseline(self, *inputs):

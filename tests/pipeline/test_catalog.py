@@ -26,3 +26,20 @@ def test_sample_of_each_metal_template_is_correct(op, store_dir):
 def test_whole_metal_space_is_correct(op, store_dir):
     r = CliRunner().invoke(main, ["check", op])
     assert r.exit_code == 0, r.output
+
+
+def test_a_cancelling_dot_product_is_judged_by_the_size_of_its_terms():
+    """One output whose products cancel to ~0: a 1e-6 difference, as another summation
+    order gives, is within float32 tolerance; a wrong term is still an error."""
+    import mlx.core as mx
+
+    from hlh_mlx import check, ops
+    x = mx.array([[1.0, 1.0, 1.0, 1.0]])
+    w = mx.array([[0.5, -0.5, 0.25, -0.25 + 1e-6]])
+    op = ops.get("gemv")
+    ref = op.reference(x, w)
+    scales = op.magnitude(x, w)
+    near = [ref[0] + 1e-7]
+    assert not check.compare(near, ref, 2e-5)[0]          # by ||ref|| alone: 0.1 relative
+    assert check.compare(near, ref, 2e-5, scales)[0]      # by the terms' size: 1.4e-7
+    assert not check.compare([ref[0] + 0.25], ref, 2e-5, scales)[0]
