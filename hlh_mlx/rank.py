@@ -42,11 +42,12 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
     after the others): first and second median and how far apart they are."""
     firsts = _latest(records, shape, dtype, backend)
     mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
-    out = []
+    seconds = {}  # the newest second timing per variant: the one taken after the newest first
     for r in newest_method(mine):
-        if not (r.get("repeat") and r.get("timing")):
-            continue
-        key = r.get("variant_id") or "builtin"
+        if r.get("repeat") and r.get("timing"):
+            seconds[r.get("variant_id") or "builtin"] = r
+    out = []
+    for key, r in seconds.items():
         first = firsts.get(key)
         if first and first.get("timing"):
             a, b = first["timing"]["median_ms"], r["timing"]["median_ms"]

@@ -53,6 +53,10 @@ def test_second_timings_are_compared_not_ranked():
     assert agree["a"]["diff_pct"] == pytest.approx(5.0)
     assert agree["mlx built-in"]["diff_pct"] == pytest.approx(0.0)
     assert "b" not in agree
+    # a later run times the pair again: only its pair is reported, once
+    later = records + [rec(None, 0.070), dict(rec(None, 0.077), repeat=True, correct=False)]
+    pairs = [a for a in rank.repeat_agreement(later, SHAPE, "float16", "cuda") if a["variant"] == "mlx built-in"]
+    assert len(pairs) == 1 and pairs[0]["first_ms"] == 0.070 and pairs[0]["diff_pct"] == pytest.approx(10.0)
 
 
 def test_only_the_newest_timing_method_is_ranked():
