@@ -186,10 +186,16 @@ _fallback_memo: dict = {}  # (op, argument shapes/dtypes/values) -> Choice of th
 
 def _memo_key(op_name: str, args, kwargs):
     """What decides a call's choice without binding it: array shapes and dtypes, other
-    argument values; None when an argument cannot be a key."""
+    argument values; None when an argument cannot be a key, or is a one-element array
+    (a value passed as an array, like rope's offset, which binding may check)."""
     parts = [op_name, tuple(kwargs)]
     for a in (*args, *kwargs.values()):
-        parts.append((a.shape, a.dtype) if isinstance(a, mx.array) else a)
+        if isinstance(a, mx.array):
+            if a.size == 1:
+                return None
+            parts.append((a.shape, a.dtype))
+        else:
+            parts.append(a)
     key = tuple(parts)
     try:
         hash(key)
