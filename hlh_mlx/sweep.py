@@ -172,40 +172,49 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     try:
         for dtype in p.dtypes:
             for shape in p.shapes:
-                # The built-in is timed in every run that times anything for this shape, so
-                # new variants are ranked against a built-in measured on the same machine
-                # in the same run (a resumed sweep may run on another machine, days later).
-                todo = [v for v in p.candidates if v.supports(shape, dtype) and _key(p, v, shape, dtype) not in done]
-                builtin_now = timed and bool(todo or p.retime or _key(p, None, shape, dtype) not in done)
-                jobs = ([None] if builtin_now else []) + list(p.candidates)   # None: the built-in
+                # The built-in is timed in every run that times anything for this shape,
+                # before the first variant, so new variants are ranked against a built-in
+                # measured on the same machine in the same run (a resumed sweep may run on
+                # another machine, days later).
+                builtin_timed = False
+
+                def run_job(v):
+                    job = _job(p, v, shape, dtype)
+                    reply = worker.request(job, p.timeout)
+                    reply.setdefault("seed", job.get("seed"))
+                    store.append(path, _record(p, shape, dtype, reply, v))
+                    done.add(_key(p, v, shape, dtype))
+
+                if timed and (p.retime or _key(p, None, shape, dtype) not in done):
+                    run_job(None)
+                    builtin_timed = True
+                if progress and timed:
+                    progress(None, shape, dtype)
+                jobs = list(p.candidates)
                 forced = set()
                 if timed and p.retime:  # the stored winner is timed again next to the built-in
                     best = _stored_best(p, path, shape, dtype)
                     if best is not None:
-                        jobs.insert(1, best)
+                        jobs.insert(0, best)
                         forced.add(best.id)
                 seen: set[str] = set()
-                ran = False
                 i = 0
                 while i < len(jobs):
                     v = jobs[i]
                     i += 1
-                    runnable = v is None or (v.id not in seen and v.supports(shape, dtype))
-                    if v is not None:
-                        seen.add(v.id)
-                    if runnable and (v is None or v.id in forced or _key(p, v, shape, dtype) not in done):
-                        job = _job(p, v, shape, dtype)
-                        reply = worker.request(job, p.timeout)
-                        reply.setdefault("seed", job.get("seed"))
-                        store.append(path, _record(p, shape, dtype, reply, v))
-                        done.add(_key(p, v, shape, dtype))
-                        ran = True
+                    runnable = v.id not in seen and v.supports(shape, dtype)
+                    seen.add(v.id)
+                    if runnable and (v.id in forced or _key(p, v, shape, dtype) not in done):
+                        if timed and not builtin_timed:
+                            run_job(None)
+                            builtin_timed = True
+                        run_job(v)
                     if progress:
                         progress(v, shape, dtype)
                     # once the first sample is in, add neighbours of the best few
                     if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
                         jobs += _refinements(p, path, shape, dtype, seen)
-                if timed and (ran or p.retime):
+                if builtin_timed:
                     _time_again(p, path, shape, dtype, worker)
     finally:
         worker.stop()
