@@ -100,6 +100,8 @@ def targets(rows) -> list[str]:
 def markdown(rows, device, backend, when: dict) -> str:
     out = [f"# hlh_mlx bench on {device.name} [{backend}]", "",
            f"measured {when['date']}, MLX {when['mlx']}, command: `python bench.py {' '.join(sys.argv[1:])}`", ""]
+    out += ["Speedup = the built-in's time in the same run as the variant's / the variant's (the built-in "
+            "column shows its newest time).", ""]
     if when.get("stale"):
         out += [f"Not reported: {when['stale']} stored results of variants whose template changed since they "
                 "were measured (kept in variants/ as history; `hlh_mlx.tuned` does not run them).", ""]

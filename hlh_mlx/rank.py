@@ -21,13 +21,31 @@ def newest_method(records) -> list[dict]:
 
 def _latest(records, shape, dtype, backend):
     """The newest record per variant (and for the built-in) for one shape and dtype."""
-    keep = {}
+    return _latest_with_baselines(records, shape, dtype, backend)[0]
+
+
+def _latest_with_baselines(records, shape, dtype, backend):
+    """The newest record per variant, and for each the built-in time of the same run: the
+    built-in record written last before it (a sweep times the built-in before the first
+    variant of every run), so a speedup never divides times from two machines or days."""
+    keep, base = {}, {}
+    last_builtin = None
     mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
     for r in newest_method(mine):
         if r.get("repeat"):
             continue  # second timings check the first; they are not results of their own
-        keep[r.get("variant_id") or "builtin"] = r
-    return keep
+        key = r.get("variant_id") or "builtin"
+        keep[key] = r
+        if key == "builtin":
+            last_builtin = (r.get("timing") or {}).get("median_ms")
+        else:
+            base[key] = last_builtin
+    return keep, base
+
+
+def baselines(records, shape, dtype, backend) -> dict:
+    """variant id -> the built-in's median ms timed in the same run as its newest record."""
+    return _latest_with_baselines(records, shape, dtype, backend)[1]
 
 
 def ranked(records, shape, dtype, backend) -> list[dict]:
@@ -59,13 +77,14 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
 def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
     """Rows of the ranked table: every variant (failures last) and the built-in."""
     op = ops.get(op_name)
-    keep = _latest(records, shape, dtype, backend)
+    keep, run_base = _latest_with_baselines(records, shape, dtype, backend)
     base = keep.get("builtin")
-    base_ms = base["timing"]["median_ms"] if base and base.get("timing") else None
+    newest_base_ms = base["timing"]["median_ms"] if base and base.get("timing") else None
     rows = []
     for key, r in keep.items():
         t = r.get("timing") or {}
         ms = t.get("median_ms")
+        base_ms = run_base.get(key) or newest_base_ms  # the same run's built-in, when there is one
         rows.append({
             "variant": "mlx built-in" if key == "builtin" else f"{r.get('family')} {key}",
             "params": "" if key == "builtin" else ",".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()),

@@ -85,11 +85,12 @@ def _candidates(op: str, device: str, backend: str) -> tuple:
     for r in records:
         groups.setdefault((r.get("shape_str"), r.get("dtype"), r.get("backend")), []).append(r)
     records = [r for g in groups.values() for r in rank.newest_method(g) if not r.get("repeat")]
-    builtin = {(r["shape_str"], r["dtype"]): r["timing"]["median_ms"] for r in records
-               if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend}
     current = current_variants(op)
     out = []
+    builtin: dict = {}  # (shape, dtype) -> the built-in's time in the run being read (it precedes its variants)
     for r in records:
+        if r.get("template") == "builtin" and r.get("timing") and r.get("backend") == backend:
+            builtin[(r["shape_str"], r["dtype"])] = r["timing"]["median_ms"]
         if r.get("template") == "builtin" or r.get("backend") != backend or not r.get("correct") or not r.get("timing"):
             continue
         v = current.get((r.get("template"), tuple(sorted((r.get("params") or {}).items())), r.get("source_hash")))

@@ -65,3 +65,13 @@ def test_only_the_newest_timing_method_is_ranked():
     rows = rank.table_rows(old + new, "softmax", SHAPE, "float16", "cuda")
     assert [r["variant"] for r in rows] == ["rows b", "mlx built-in"]
     assert [r["variant_id"] for r in rank.ranked(old + new, SHAPE, "float16", "cuda")] == ["b"]
+
+
+def test_speedups_divide_times_from_the_same_run():
+    """A later run re-times the built-in on its machine; variants of the earlier run keep
+    the earlier built-in as their baseline."""
+    records = [rec(None, 0.064), rec("a", 0.032), rec(None, 0.070), rec("b", 0.040)]
+    assert rank.baselines(records, SHAPE, "float16", "cuda") == {"a": 0.064, "b": 0.070}
+    rows = {r["variant"]: r for r in rank.table_rows(records, "softmax", SHAPE, "float16", "cuda")}
+    assert rows["rows a"]["speedup"] == pytest.approx(2.0) and rows["rows b"]["speedup"] == pytest.approx(1.75)
+    assert rows["mlx built-in"]["median_ms"] == 0.070
