@@ -185,9 +185,7 @@ def report_store(args):
             continue
         # results of variants whose template has changed since (or left the space) are
         # history: hlh_mlx.tuned would not run them, so the report does not claim them
-        current = tuned.current_variants(name)
-        fresh = [r for r in records if r.get("template") == "builtin"
-                 or (r.get("template"), tuple(sorted((r.get("params") or {}).items())), r.get("source_hash")) in current]
+        fresh = [r for r in records if r.get("template") == "builtin" or tuned.variant_of(name, r) is not None]
         stale += len(records) - len(fresh)
         records = fresh
         r0 = records[0]

@@ -76,6 +76,13 @@ def current_variants(op: str) -> dict[tuple, Variant]:
     return out
 
 
+def variant_of(op: str, record: dict) -> Variant | None:
+    """The current variant a stored record was measured with, or None if its template has
+    changed since (another source) or the variant left the space."""
+    return current_variants(op).get((record.get("template"), tuple(sorted((record.get("params") or {}).items())),
+                                     record.get("source_hash")))
+
+
 @lru_cache(maxsize=None)
 def _candidates(op: str, device: str, backend: str) -> tuple:
     """Correct, timed variant records with their built-in's time, stale ones dropped."""
@@ -85,7 +92,6 @@ def _candidates(op: str, device: str, backend: str) -> tuple:
     for r in records:
         groups.setdefault((r.get("shape_str"), r.get("dtype"), r.get("backend")), []).append(r)
     records = [r for g in groups.values() for r in rank.newest_method(g) if not r.get("repeat")]
-    current = current_variants(op)
     out = []
     builtin: dict = {}  # (shape, dtype) -> the built-in's time in the run being read (it precedes its variants)
     for r in records:
@@ -93,7 +99,7 @@ def _candidates(op: str, device: str, backend: str) -> tuple:
             builtin[(r["shape_str"], r["dtype"])] = r["timing"]["median_ms"]
         if r.get("template") == "builtin" or r.get("backend") != backend or not r.get("correct") or not r.get("timing"):
             continue
-        v = current.get((r.get("template"), tuple(sorted((r.get("params") or {}).items())), r.get("source_hash")))
+        v = variant_of(op, r)
         if v is None:
             warnings.warn(f"[hlh_mlx.tuned] ignoring stored {op} variant {r.get('variant_id')}: its template "
                           "changed since it was tuned (re-run the sweep)", RuntimeWarning, stacklevel=3)
@@ -182,7 +188,7 @@ def _bind(op, args, kwargs):
     return op.bind(*args, **kwargs)
 
 
-_fallback_memo: dict = {}  # (op, argument shapes/dtypes/values) -> Choice of the built-in
+_choice_memo: dict = {}  # (op, argument shapes/dtypes/values) -> Choice
 
 
 def _memo_key(op_name: str, args, kwargs):
@@ -205,21 +211,18 @@ def _memo_key(op_name: str, args, kwargs):
     return key
 
 
-def _choice_for(op_name: str, args, kwargs) -> tuple:
-    """(op, bound call, choice) for these arguments; a call the built-in serves is
-    remembered before binding (a decode loop's fallbacks then cost a dict lookup)."""
+def _choice_for(op_name: str, args, kwargs) -> Choice:
+    """The choice for these arguments, remembered by their shapes before binding: a decode
+    loop makes the same calls thousands of times, and binding validates in Python."""
     key = _memo_key(op_name, args, kwargs)
-    known = _fallback_memo.get(key) if key is not None else None
-    if known is not None:
-        return None, None, known
-    op = ops.get(op_name)
-    call = _bind(op, args, kwargs)
-    choice = choose(op_name, call)
-    if choice.variant is None and key is not None:
-        if len(_fallback_memo) >= 4096:  # e.g. one key per rope offset: stay bounded
-            _fallback_memo.clear()
-        _fallback_memo[key] = choice
-    return op, call, choice
+    choice = _choice_memo.get(key) if key is not None else None
+    if choice is None:
+        choice = choose(op_name, _bind(ops.get(op_name), args, kwargs))
+        if key is not None:
+            if len(_choice_memo) >= 4096:  # e.g. one key per rope offset: stay bounded
+                _choice_memo.clear()
+            _choice_memo[key] = choice
+    return choice
 
 
 def _fallback(op_name: str, choice: Choice, builtin, *args, **kwargs):
@@ -230,9 +233,11 @@ def _fallback(op_name: str, choice: Choice, builtin, *args, **kwargs):
 
 
 def _run(op_name: str, builtin, *args, **kwargs):
-    op, call, choice = _choice_for(op_name, args, kwargs)
+    choice = _choice_for(op_name, args, kwargs)
     if choice.variant is None:
         return _fallback(op_name, choice, builtin, *args, **kwargs)
+    op = ops.get(op_name)
+    call = _bind(op, args, kwargs)  # the kernel's inputs in the op's layout
     kernel, out_shapes, out_dtypes = _launch_for(op, call, choice)
     return call.finish(kernel(call.inputs, call.shape, call.dtype, out_shapes, out_dtypes))
 
@@ -259,7 +264,7 @@ def _differentiable(key, tuned_fn, builtin_fn, *arrays, bind_args=None):
     When no tuned kernel serves the call, the built-in runs directly: a custom function
     costs ~2.5 us of host time per call, which a decode loop pays ~50 times a token."""
     op_name = key[0]
-    _, _, choice = _choice_for(op_name, *(bind_args or (arrays, {})))
+    choice = _choice_for(op_name, *(bind_args or (arrays, {})))
     if choice.variant is None:
         return _fallback(op_name, choice, builtin_fn, *arrays)
     if key not in _grad_fns:
@@ -302,7 +307,7 @@ def refresh() -> None:
     _grad_fns.clear()
     _choices.clear()
     _launches.clear()
-    _fallback_memo.clear()
+    _choice_memo.clear()
 
 
 def softmax(x, axis=-1, **kwargs):
