@@ -37,9 +37,10 @@ def summary_rows(op, records, cases, backend):
         best = ok[0] if ok else None
         rows.append({
             "op": op.name, "shape": op.shape_str(shape), "dtype": dtype,
-            "builtin_ms": base and base["median_ms"],
+            "builtin_ms": base and base["median_ms"], "builtin_host_us": base and base["host_us"],
             "best_variant": best and best["variant"], "best_params": best and best["params"],
-            "best_ms": best and best["median_ms"], "speedup": best and best["speedup"],
+            "best_ms": best and best["median_ms"], "best_host_us": best and best["host_us"],
+            "speedup": best and best["speedup"], "gpu_speedup": best and best["gpu_speedup"],
             "roofline_pct": best and best["roofline_pct"],
             "correct_variants": len(ok), "failed_variants": sum(1 for r in table if r["status"] not in ("ok", "reference")),
             "builtin_again_pct": again.get("mlx built-in"),
@@ -100,19 +101,25 @@ def targets(rows) -> list[str]:
 def markdown(rows, device, backend, when: dict) -> str:
     out = [f"# hlh_mlx bench on {device.name} [{backend}]", "",
            f"measured {when['date']}, MLX {when['mlx']}, command: `python bench.py {' '.join(sys.argv[1:])}`", ""]
-    out += ["Speedup = the built-in's time in the same run as the variant's / the variant's (the built-in "
-            "column shows its newest time).", ""]
+    out += ["Times are latencies of one call in a dependent chain (each call consumes the previous call's "
+            "output, as in a model) with inputs rotated past the L2; host = microseconds to build one call. "
+            "e2e = the built-in's (chain latency + host) in the same run as the variant's / the variant's: what "
+            "a program that waits for each op sees, and how variants are ranked and chosen. gpu = chain latency "
+            "alone.", ""]
     if when.get("stale"):
         out += [f"Not reported: {when['stale']} stored results of variants whose template changed since they "
                 "were measured (kept in variants/ as history; `hlh_mlx.tuned` does not run them).", ""]
     if not device.can_time:
         out += ["The emulator has no speed: this table says which variants are correct, nothing about time.", ""]
-    out += ["| op | shape | dtype | built-in ms | best variant | params | best ms | speedup | roofline | correct | failed | timed twice |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| op | shape | dtype | built-in ms | host us | best variant | params | best ms | host us | e2e | gpu | "
+            "roofline | correct | failed | timed twice |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, k: rank._fmt(v, k)  # noqa: E731
     for r in rows:
-        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {f(r['builtin_ms'], 'ms')} | {r['best_variant'] or '—'} | "
-                   f"{r['best_params'] or ''} | {f(r['best_ms'], 'ms')} | {f(r['speedup'], 'x')} | "
+        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {f(r['builtin_ms'], 'ms')} | "
+                   f"{f(r.get('builtin_host_us'), 'us')} | {r['best_variant'] or '—'} | "
+                   f"{r['best_params'] or ''} | {f(r['best_ms'], 'ms')} | {f(r.get('best_host_us'), 'us')} | "
+                   f"{f(r['speedup'], 'x')} | {f(r.get('gpu_speedup'), 'x')} | "
                    f"{f(r['roofline_pct'], 'pct')} | {r['correct_variants']} | {r['failed_variants']} | "
                    f"{_again(r)} |")
     t = targets(rows) if device.can_time else []

@@ -22,6 +22,9 @@ from .variants import Variant
 
 BACKENDS = ("metal", "emulator", "cuda")
 TEMPLATE_BACKEND = {"metal": "metal", "emulator": "metal", "cuda": "cuda"}
+# Back ends whose custom kernels are graph nodes `mx.compile` can trace and replay (the
+# emulator computes eagerly on the host, so a trace of it would be a constant).
+COMPILABLE = frozenset({"metal", "cuda"})
 
 
 def has_cuda() -> bool:
@@ -101,6 +104,19 @@ class Kernel:
         return self._kernel(
             inputs=inputs, template=targs, grid=grid, threadgroup=tg, output_shapes=output_shapes,
             output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes], init_value=init_value)
+
+    def launcher(self, shape: dict, dtype: str, output_shapes, output_dtypes):
+        """`f(*inputs) -> outputs` for one shape and dtype, every launch argument worked out
+        once: the hot path of a tuned call is this one raw kernel call."""
+        v = self.variant
+        kwargs = dict(template=v.template_args(shape, dtype), grid=v.grid(shape, dtype), threadgroup=v.threadgroup(),
+                      output_shapes=[tuple(s) for s in output_shapes],
+                      output_dtypes=[DTYPES[d] if isinstance(d, str) else d for d in output_dtypes])
+        raw = self._kernel
+
+        def launch(*inputs):
+            return raw(inputs=list(inputs), **kwargs)
+        return launch
 
 
 def poison_value(dtype) -> float | None:

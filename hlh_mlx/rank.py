@@ -1,4 +1,7 @@
-"""Rank stored results against the built-in, and format them as tables."""
+"""Rank stored results against the built-in, and format them as tables.
+
+Variants are ranked by what a program pays per call: latency in a dependent chain plus
+host time (`timing.end_to_end_ms`); the selection rule itself lives in `select`."""
 
 from __future__ import annotations
 
@@ -7,52 +10,26 @@ import io
 import json
 
 from . import devices, ops
-
-
-def newest_method(records) -> list[dict]:
-    """Only the records timed by the newest timing method among them: numbers from an
-    older method (e.g. one the cache could flatter) are never ranked against newer ones."""
-    timed = [r.get("timing_method", 1) for r in records if r.get("timing")]
-    if not timed:
-        return list(records)
-    m = max(timed)
-    return [r for r in records if not r.get("timing") or r.get("timing_method", 1) == m]
+from .select import latest_with_baselines, newest_method, ratio  # noqa: F401  (newest_method: bench.py)
+from .timing import end_to_end_ms
 
 
 def _latest(records, shape, dtype, backend):
     """The newest record per variant (and for the built-in) for one shape and dtype."""
-    return _latest_with_baselines(records, shape, dtype, backend)[0]
-
-
-def _latest_with_baselines(records, shape, dtype, backend):
-    """The newest record per variant, and for each the built-in time of the same run: the
-    built-in record written last before it (a sweep times the built-in before the first
-    variant of every run), so a speedup never divides times from two machines or days."""
-    keep, base = {}, {}
-    last_builtin = None
-    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
-    for r in newest_method(mine):
-        if r.get("repeat"):
-            continue  # second timings check the first; they are not results of their own
-        key = r.get("variant_id") or "builtin"
-        keep[key] = r
-        if key == "builtin":
-            last_builtin = (r.get("timing") or {}).get("median_ms")
-        else:
-            base[key] = last_builtin
-    return keep, base
+    return latest_with_baselines(records, shape, dtype, backend)[0]
 
 
 def baselines(records, shape, dtype, backend) -> dict:
     """variant id -> the built-in's median ms timed in the same run as its newest record."""
-    return _latest_with_baselines(records, shape, dtype, backend)[1]
+    base = latest_with_baselines(records, shape, dtype, backend)[1]
+    return {k: ((b or {}).get("timing") or {}).get("median_ms") for k, b in base.items()}
 
 
 def ranked(records, shape, dtype, backend) -> list[dict]:
-    """Correct, timed variants, fastest first."""
+    """Correct, timed variants, cheapest end to end first."""
     keep = _latest(records, shape, dtype, backend)
     rows = [r for k, r in keep.items() if k != "builtin" and r.get("correct") and r.get("timing")]
-    return sorted(rows, key=lambda r: r["timing"]["median_ms"])
+    return sorted(rows, key=lambda r: end_to_end_ms(r["timing"]))
 
 
 def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
@@ -77,20 +54,21 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
 def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
     """Rows of the ranked table: every variant (failures last) and the built-in."""
     op = ops.get(op_name)
-    keep, run_base = _latest_with_baselines(records, shape, dtype, backend)
+    keep, run_base = latest_with_baselines(records, shape, dtype, backend)
     base = keep.get("builtin")
-    newest_base_ms = base["timing"]["median_ms"] if base and base.get("timing") else None
     rows = []
     for key, r in keep.items():
         t = r.get("timing") or {}
         ms = t.get("median_ms")
-        base_ms = run_base.get(key) or newest_base_ms  # the same run's built-in, when there is one
+        b = run_base.get(key) or base  # the same run's built-in, when there is one
+        x = ratio(t, (b or {}).get("timing"))
         rows.append({
             "variant": "mlx built-in" if key == "builtin" else f"{r.get('family')} {key}",
             "params": "" if key == "builtin" else ",".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()),
             "status": r.get("status") if key != "builtin" else "reference",
-            "median_ms": ms, "spread": t.get("spread"),
-            "speedup": (base_ms / ms) if base_ms and ms else None,
+            "median_ms": ms, "spread": t.get("spread"), "host_us": t.get("host_us"),
+            "throughput_ms": t.get("throughput_ms"),
+            "gpu_speedup": x["gpu"], "speedup": x["end_to_end"],
             "roofline_pct": devices.roofline_pct(r.get("device", ""), op, shape, dtype, ms) if ms else None,
             "rel_err": max((c.get("rel_err") or 0) for c in r.get("checks") or [{}]) if r.get("checks") else None,
             "error": r.get("error"),
@@ -98,9 +76,10 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
         })
     if base is None:  # the emulator times nothing: the built-in is still the reference
         rows.append({"variant": "mlx built-in", "params": "", "status": "reference", "median_ms": None,
-                     "spread": None, "speedup": None, "roofline_pct": None, "rel_err": None, "error": None,
-                     "_ok": True})
-    rows.sort(key=lambda x: (not x["_ok"], x["median_ms"] is None, x["median_ms"] or 0, x["variant"]))
+                     "spread": None, "host_us": None, "throughput_ms": None, "gpu_speedup": None, "speedup": None,
+                     "roofline_pct": None, "rel_err": None, "error": None, "_ok": True})
+    rows.sort(key=lambda x: (not x["_ok"], x["median_ms"] is None,
+                             (x["median_ms"] or 0) + (x["host_us"] or 0) / 1e3, x["variant"]))
     if top:
         kept = [x for x in rows if x["_ok"] and x["variant"] != "mlx built-in"][:top]
         rows = kept + [x for x in rows if x["variant"] == "mlx built-in"] + [x for x in rows if not x["_ok"]]
@@ -122,12 +101,19 @@ def _fmt(v, kind):
         return f"{v:.1e}"
     if kind == "spread":
         return f"±{100 * v:.1f}%"
+    if kind == "us":
+        return f"{v:.1f}"
     return str(v)
 
 
+# "chain ms": latency of one call in a dependent chain (each call waits for the one before,
+# as in a model); "host us": building one call on the host; "e2e vs built-in": built-in
+# over variant of chain latency + host time, what the program sees (the ranking); "gpu vs
+# built-in": chain latency alone; "batch ms": independent calls (throughput), when measured.
 COLUMNS = [("variant", "variant", None), ("params", "params", None), ("status", "status", None),
-           ("median_ms", "median ms", "ms"), ("spread", "spread", "spread"), ("speedup", "vs built-in", "x"),
-           ("roofline_pct", "roofline", "pct"), ("rel_err", "rel err", "err")]
+           ("median_ms", "chain ms", "ms"), ("spread", "spread", "spread"), ("host_us", "host us", "us"),
+           ("speedup", "e2e vs built-in", "x"), ("gpu_speedup", "gpu vs built-in", "x"),
+           ("throughput_ms", "batch ms", "ms"), ("roofline_pct", "roofline", "pct"), ("rel_err", "rel err", "err")]
 
 
 def render(rows: list[dict], fmt: str, title: str = "") -> str:

@@ -1,10 +1,16 @@
-"""Timing on a real GPU backend: warm-up out of the numbers, batched launches, medians.
+"""Timing on a real GPU backend, measured the way a program runs its ops.
 
-MLX is lazy, so one timed sample is: build `batch` calls into one graph, `mx.eval` it,
-`mx.synchronize()`. Dividing by `batch` removes per-launch host overhead from small
-kernels. The batch grows until a sample lasts `target_ms`. Inputs smaller than the L2
-cache rotate among several copies so repeated calls do not just read the cache; when
-memory does not allow enough copies the result says `cache_resident`.
+A model's ops wait for each other: each consumes what the one before produced. MLX's CUDA
+back end runs *independent* kernels concurrently, so a batch of independent calls measures
+throughput under concurrency, which a kernel that under-fills the GPU can win while gaining
+nothing in a model. The primary figure is therefore the **latency in a dependent chain**:
+`batch` calls built into one graph, each call's first input fed from the previous call's
+first output, then `mx.eval` + `mx.synchronize()`, divided by `batch`. Inputs other than the
+chained one rotate through copies filling ROTATE_BYTES, so no call finds them in the L2.
+
+Beside it: the **host cost** of one call (building its graph, no evaluation), which a
+decode loop pays every token, and optionally the **throughput** of independent calls
+(labelled as such, never used to rank).
 """
 
 from __future__ import annotations
@@ -15,34 +21,51 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
-# Bumped whenever how we time changes, so a rerun measures again instead of resuming
-# (2: >= 2 input sets, >= 4x the L2 in all; 3: input sets filling ROTATE_BYTES).
-METHOD = 3
-# Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py,
-# 2026-11-25): a gemv streaming a 117 MB weight read at 5.2 TB/s with 2 copies, 4.2 TB/s
-# with 8 (936 MB) and 2.97 TB/s, the DRAM rate, only with 16 (1.9 GB): the L2 keeps part
-# of a weight from one call to the next unless ~40x its size streams in between.
+# Bumped whenever how we time changes, so a rerun measures again instead of resuming and
+# older numbers are never ranked against newer ones (2: >= 2 input sets; 3: input sets
+# filling ROTATE_BYTES; 4: latency in a dependent chain plus host cost per call).
+METHOD = 4
+# Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py): the
+# L2 keeps part of a 117 MB weight from one call to the next unless ~40x its size streams
+# in between, so copies fill 2 GB.
 ROTATE_BYTES = 2 * 2**30
 MAX_SETS = 64
+HOST_CALLS = 200
 
 
 @dataclass
 class Timing:
-    median_ms: float
+    median_ms: float          # latency of one call in a dependent chain (or, mode="batch", throughput)
     p10_ms: float
     p90_ms: float
     batch: int
     repeats: int
     input_sets: int
     cache_resident: bool
+    mode: str = "chain"       # "chain": each call consumes the previous output; "batch": independent calls
+    link: str = "view"        # how a chained call gets the previous output: a "view" of it, or a "copy" into place
+    host_us: float | None = None        # building one call's graph on the host, no evaluation
+    throughput_ms: float | None = None  # independent calls, per call (labelled; never ranked)
 
     @property
     def spread(self) -> float:
         """(p90 - p10) / median: how noisy this measurement is."""
         return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms else 0.0
 
+    @property
+    def end_to_end_ms(self) -> float:
+        """What one call costs a program that waits for it: chain latency plus host time."""
+        return self.median_ms + (self.host_us or 0.0) / 1e3
+
     def to_dict(self) -> dict:
         return {**asdict(self), "spread": round(self.spread, 4)}
+
+
+def end_to_end_ms(timing: dict | None) -> float | None:
+    """A stored timing's chain latency plus host cost (None when it has no timing)."""
+    if not timing or timing.get("median_ms") is None:
+        return None
+    return timing["median_ms"] + (timing.get("host_us") or 0.0) / 1e3
 
 
 def input_sets(make, nbytes: int) -> tuple[list, bool]:
@@ -59,21 +82,75 @@ def input_sets(make, nbytes: int) -> tuple[list, bool]:
     return sets, n < want
 
 
-def measure(fn, sets: list, *, cache_resident: bool, warmup: int = 2, repeats: int = 11,
+def chained(previous: mx.array, x: mx.array) -> tuple[mx.array, str]:
+    """x's place filled from `previous` (the last call's first output), so the call that
+    reads it must wait for the call that wrote it. A view when `previous` has enough
+    elements of x's dtype (no extra kernel); otherwise the previous output is copied over
+    the front of x (one small copy kernel, paid by the built-in and every variant alike)."""
+    if previous.dtype == x.dtype and previous.size >= x.size:
+        return previous.reshape(-1)[: x.size].reshape(x.shape), "view"
+    flat = previous.reshape(-1)[: x.size].astype(x.dtype)
+    return mx.concatenate([flat, x.reshape(-1)[flat.size:]]).reshape(x.shape), "copy"
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def measure(fn, sets: list, *, cache_resident: bool, chain: bool = True, warmup: int = 2, repeats: int = 11,
             target_ms: float = 20.0, max_batch: int = 500) -> Timing:
-    """Median time of one call of `fn(*inputs)` over `repeats` batched samples."""
+    """Median time of one call of `fn(*inputs)` over `repeats` samples of `batch` calls:
+    chained (each call's first input from the previous call's first output) or, with
+    chain=False, independent (throughput)."""
+    link = "view"
+
     def sample(batch: int) -> float:
-        outs = [fn(*sets[i % len(sets)]) for i in range(batch)]
+        nonlocal link
+        outs, prev = [], None
+        for i in range(batch):
+            xs = sets[i % len(sets)]
+            if chain and prev is not None:
+                head, link = chained(prev, xs[0])
+                xs = [head, *xs[1:]]
+            out = fn(*xs)
+            prev = _first(out)
+            outs.append(prev)
         mx.synchronize()
         t = time.perf_counter()
-        mx.eval(outs)
+        mx.eval(outs[-1] if chain else outs)
         mx.synchronize()
         return (time.perf_counter() - t) * 1e3
 
     for _ in range(warmup):
-        sample(1)
+        sample(2)
     one = min(sample(1) for _ in range(3))
-    batch = int(max(1, min(max_batch, target_ms / max(one, 1e-3))))
+    batch = int(max(2 if chain else 1, min(max_batch, target_ms / max(one, 1e-3))))
     times = sorted(sample(batch) / batch for _ in range(repeats))
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return Timing(statistics.median(times), q[0], q[-1], batch, repeats, len(sets), cache_resident)
+    return Timing(statistics.median(times), q[0], q[-1], batch, repeats, len(sets), cache_resident,
+                  mode="chain" if chain else "batch", link=link if chain else "none")
+
+
+def host_us(fn, inputs: list, calls: int = HOST_CALLS) -> float:
+    """Microseconds of host time to build one call's graph (best of 5 rounds of `calls`
+    calls, nothing evaluated while the clock runs): what a program pays per call before
+    the GPU sees anything."""
+    mx.eval(fn(*inputs))
+    best = float("inf")
+    for _ in range(5):
+        outs = []
+        t = time.perf_counter()
+        for _ in range(calls):
+            outs.append(fn(*inputs))
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+        del outs
+    return best
+
+
+def measure_all(fn, sets: list, *, cache_resident: bool, throughput: bool = False) -> Timing:
+    """Chain latency, host cost, and (when asked) the throughput of independent calls."""
+    t = measure(fn, sets, cache_resident=cache_resident, chain=True)
+    t.host_us = round(host_us(fn, sets[0]), 3)
+    if throughput:
+        t.throughput_ms = measure(fn, sets, cache_resident=cache_resident, chain=False).median_ms
+    return t

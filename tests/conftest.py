@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _settings_read_afresh():
+    """HLH_MLX_* settings are read once per process (hlh_mlx.config); tests set them with
+    monkeypatch, so each test starts and ends with them unread."""
+    from hlh_mlx import config
+    config.reset()
+    yield
+    config.reset()

@@ -3,9 +3,11 @@ all D dims rotated: pair i (of D/2) at position t turns by theta = (scale * (off
 * inv_freq[i], inv_freq[i] = 2^(-(i / (D/2)) * log2(base)) as MLX computes it; pairs are
 (i, i + D/2), or (2i, 2i + 1) when traditional.
 
-Kernel inputs: x, inv_freq (D/2,) float32, and pos (3,) float32 = [scale, offset,
-traditional]: what a call chooses at run time travels as data, so one compiled variant
-serves every base, offset and both layouts (offsets are exact in float32 below 2^24)."""
+Kernel inputs: x, inv_freq (D/2,) float32, pos (2,) float32 = [scale, traditional] and
+offset (1,) int32: what a call chooses at run time travels as data, so one compiled
+variant serves every base, offset and both layouts (offsets are exact in float32 below
+2^24). The offset changes every decode step, so it is its own input: hlh_mlx.tuned passes
+it as data to a plan made once (OpSpec.dynamic), never as part of the plan."""
 
 import math
 
@@ -26,21 +28,26 @@ def inv_freq(d: int, base: float) -> mx.array:
 
 def _inputs(shape, dtype, rng):
     return [random_array(rng, (shape["R"], shape["T"], shape["D"]), dtype),
-            inv_freq(shape["D"], BASE), mx.array([SCALE, OFFSET, shape["TRAD"]], dtype=mx.float32)]
+            inv_freq(shape["D"], BASE), mx.array([SCALE, shape["TRAD"]], dtype=mx.float32),
+            mx.array([OFFSET], dtype=mx.int32)]
 
 
-def _args(freqs, pos):
-    scale, offset, trad = pos.tolist()
-    return dict(traditional=bool(trad), base=None, scale=scale, offset=int(offset), freqs=1.0 / freqs)
+def _args(freqs, pos, offset):
+    scale, trad = pos.tolist()
+    return dict(traditional=bool(trad), base=None, scale=scale, offset=int(offset.item()), freqs=1.0 / freqs)
 
 
-def _reference(x, freqs, pos):
-    return [mx.fast.rope(x.astype(mx.float32), x.shape[-1], **_args(freqs, pos)).astype(x.dtype)]
+def _reference(x, freqs, pos, offset):
+    return [mx.fast.rope(x.astype(mx.float32), x.shape[-1], **_args(freqs, pos, offset)).astype(x.dtype)]
 
 
-def _builtin(x, freqs, pos):
-    scale, offset, trad = pos.tolist()
-    return [mx.fast.rope(x, x.shape[-1], traditional=bool(trad), base=BASE, scale=scale, offset=int(offset))]
+def _builtin(x, freqs, pos, offset):
+    scale, trad = pos.tolist()
+    return [mx.fast.rope(x, x.shape[-1], traditional=bool(trad), base=BASE, scale=scale, offset=int(offset.item()))]
+
+
+def _offset_array(offset) -> mx.array:
+    return mx.array([offset], dtype=mx.int32)
 
 
 _freqs: dict = {}
@@ -48,22 +55,29 @@ _freqs: dict = {}
 
 def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
     d = x.shape[-1]
+    if d % 2:
+        return "odd dims (the built-in raises: dims must be even)"
     if dims != d or x.ndim < 3:
         return "tuned rope rotates the whole last dimension of an input with at least 3 dims"
     if freqs is not None or base is None:
         return "tuned rope takes base=, not freqs="
-    if not isinstance(offset, int):
+    if isinstance(offset, mx.array):
         if offset.size != 1:
             return "one offset for the whole batch"
-        offset = int(offset.item())  # evaluates: decode loops pass a Python int
-    if not 0 <= offset < 2 ** 24 - x.shape[-2]:
+        if not mx.issubdtype(offset.dtype, mx.integer):
+            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
+        off = offset.reshape(1).astype(mx.int32)  # its value is data: never read here
+    elif isinstance(offset, int) and 0 <= offset < 2 ** 24 - x.shape[-2]:
+        off = _offset_array(offset)
+    else:
         return "offset out of the exact float32 range"
     key = (d, float(base))
     if key not in _freqs:
         _freqs[key] = inv_freq(d, base)
-    pos = mx.array([scale, offset, 1.0 if traditional else 0.0], dtype=mx.float32)
+    pos = mx.array([scale, 1.0 if traditional else 0.0], dtype=mx.float32)
     t = x.shape[-2]
-    return Call([x.reshape(-1, t, d), _freqs[key], pos], {"R": x.size // (t * d), "T": t, "D": d, "TRAD": int(traditional)},
+    return Call([x.reshape(-1, t, d), _freqs[key], pos, off], {"R": x.size // (t * d), "T": t, "D": d,
+                                                                "TRAD": int(traditional)},
                 dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
 
 
@@ -85,9 +99,10 @@ OP = OpSpec(
     edge_shapes=[{"R": 1, "T": 1, "D": 2, "TRAD": 0}, {"R": 3, "T": 7, "D": 10, "TRAD": 1},
                  {"R": 2, "T": 5, "D": 96, "TRAD": 0}],
     bind=bind,
+    dynamic={"offset": _offset_array},
     flags=("TRAD",),
     # TRAD travels in pos at run time: the exported kernel needs only the sizes
     export_dims={"R": "x.shape[0]", "T": "x.shape[1]", "D": "x.shape[2]"},
-    export_inputs=["(R, T, D)", "(D // 2,)", "(3,)"],
+    export_inputs=["(R, T, D)", "(D // 2,)", "(2,)", "(1,)"],
     export_outputs=["(R, T, D)"],
 )

@@ -82,7 +82,10 @@ class OpSpec:
       edge_shapes: awkward sizes every variant must also get right.
       bind: (*args, **kwargs) of the MLX function the op replaces -> a Call, or a string
         saying why a tuned kernel cannot serve these arguments (hlh_mlx.tuned then runs
-        the built-in and records the reason).
+        the built-in and records the reason). hlh_mlx.tuned calls it once per distinct
+        call to decide, then again inside the compiled launch plan with traced arrays:
+        it may check shapes, dtypes and plain values, reshape arrays, and build constant
+        arrays, but must not read an array's values (`.item()`, `.tolist()`).
     """
     name: str
     dims: tuple[str, ...]
@@ -106,6 +109,11 @@ class OpSpec:
     # each input's shape as a tuple expression of the dims, where it is not simply a tuple of
     # dims (e.g. qgemv's packed weight "(N, K // 8)"); default: read off made inputs
     export_inputs: list = field(default_factory=list)
+    # arguments of the MLX function whose value changes from call to call (rope's offset):
+    # name -> a converter of a Python value to the array the kernel reads. hlh_mlx.tuned
+    # keeps them out of a plan's signature and passes them as data; bind must accept them
+    # as arrays without reading their values.
+    dynamic: dict = field(default_factory=dict)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
     magnitude: Callable | None = None
     flags: tuple[str, ...] = ()  # dims that are 0/1 switches of the op (rope's TRAD), not sizes

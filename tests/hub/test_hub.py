@@ -84,11 +84,11 @@ def test_push_then_pull_round_trips_between_two_stores(tmp_path, fake_hub, pushe
     monkeypatch.setenv("HLH_MLX_VARIANTS", str(b))
     tuned.refresh()
     x = mx.array(np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32))
-    assert "untrusted pack" in tuned.explain("softmax", x)
+    assert "untrusted pack" in tuned.explain("softmax", x, axis=-1)
     assert run(["trust", "me/pack"], b, fake_hub.endpoint, hf).returncode == 0
     tuned.refresh()
-    assert tuned.explain("softmax", x).startswith("variant ")
-    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
+    assert tuned.explain("softmax", x, axis=-1).startswith("variant ")
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
     tuned.refresh()
 
     removed = run(["remove", "me/pack"], b, fake_hub.endpoint, hf)
@@ -207,15 +207,15 @@ def test_untrusted_pack_code_is_never_loaded(tmp_path, fake_hub, pushed, monkeyp
     monkeypatch.setattr(templates, "load", lambda p: loaded.append(str(p)) or real_load(p))
     tuned.refresh()
     x = mx.array(np.random.default_rng(1).standard_normal((8, 512)).astype(np.float32))
-    assert tuned.explain("softmax", x).startswith("built-in")
-    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-6)
+    assert tuned.explain("softmax", x, axis=-1).startswith("built-in")
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-6)
     assert not [p for p in loaded if ".packs" in p]
 
     assert run(["trust", "me/pack"], b, fake_hub.endpoint, hf).returncode == 0
     tuned.refresh()
-    choice = tuned.explain("softmax", x)
+    choice = tuned.explain("softmax", x, axis=-1)
     assert choice.startswith("variant ") and v.id not in choice  # the pack's variant, not ours
-    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
     assert [p for p in loaded if ".packs" in p]
     tuned.refresh()
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hlh_mlx import store, templates, tuned, variants
+from hlh_mlx import config, store, templates, timing, tuned, variants
 
 
 def variant(op, family):
@@ -16,14 +16,17 @@ def variant(op, family):
     return variants.expand(t)[0]
 
 
-def write(store_dir, op, shape, dtype, v, ms, base_ms, source_hash=None):
+def write(store_dir, op, shape, dtype, v, ms, base_ms, source_hash=None, host_us=None, base_host_us=None,
+          method=timing.METHOD):
     path = store_dir / "emulator" / f"{op}.jsonl"
     common = {"op": op, "device": "emulator", "backend": "emulator", "shape": shape, "dtype": dtype,
-              "shape_str": "x".join(str(x) for x in shape.values()), "mlx": mx.__version__, "status": "ok"}
+              "shape_str": "x".join(str(x) for x in shape.values()), "mlx": mx.__version__, "status": "ok",
+              "timing_method": method}
     store.append(path, {**common, "variant_id": None, "template": "builtin", "correct": True,
-                        "timing": {"median_ms": base_ms}})
+                        "timing": {"median_ms": base_ms, "host_us": base_host_us}})
     store.append(path, {**common, "variant_id": v.id, "template": v.template.relpath, "params": v.param_dict,
-                        "source_hash": source_hash or v.source_hash, "correct": True, "timing": {"median_ms": ms}})
+                        "source_hash": source_hash or v.source_hash, "correct": True,
+                        "timing": {"median_ms": ms, "host_us": host_us}})
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +41,16 @@ def test_nearest_tuned_winner_runs_and_matches_mlx(store_dir, rng):
     v = variant("softmax", "rows")
     write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
     x = mx.array(rng.standard_normal((2, 3, 500)).astype(np.float32))
-    assert f"variant {v.id}" in tuned.explain("softmax", x) and "nearest tuned shape 8x512" in tuned.explain("softmax", x)
-    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
+    assert f"variant {v.id}" in tuned.explain("softmax", x, axis=-1) and "nearest tuned shape 8x512" in tuned.explain("softmax", x, axis=-1)
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-7)
     assert tuned.fallbacks() == {}
 
 
 def test_a_variant_slower_than_the_builtin_is_not_used(store_dir, rng):
     write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", variant("softmax", "rows"), ms=2.0, base_ms=1.0)
     x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
-    assert tuned.explain("softmax", x).startswith("built-in: no stored softmax variant beats the built-in")
-    np.testing.assert_allclose(np.asarray(tuned.softmax(x)), np.asarray(mx.softmax(x, axis=-1)))
+    assert tuned.explain("softmax", x, axis=-1).startswith("built-in: no stored softmax variant beats the built-in end to end")
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)))
     assert sum(tuned.fallbacks().values()) == 1
 
 
@@ -67,6 +70,7 @@ def test_a_remembered_fallback_is_still_counted_strict_and_forgotten_after_a_swe
         np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)))
     assert sum(tuned.fallbacks().values()) == 3
     monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()  # settings are read once; the remembered fallback must still obey the new one
     with pytest.raises(tuned.FallbackError):
         tuned.rms_norm(x, w, 1e-5)
     v = variant("rms_norm", "rows")
@@ -94,15 +98,15 @@ def test_stale_result_is_ignored_with_a_warning(store_dir, rng):
 def test_a_winner_is_not_extrapolated_to_far_smaller_launches(store_dir, rng):
     write(store_dir, "softmax", {"R": 8192, "C": 4096}, "float32", variant("softmax", "rows"), ms=0.05, base_ms=0.07)
     small = mx.array(rng.standard_normal((1, 4096)).astype(np.float32))
-    why = tuned.explain("softmax", small)
+    why = tuned.explain("softmax", small, axis=-1)
     assert why.startswith("built-in") and "tuned only at 8192x4096" in why and "--shape 1x4096" in why
     near = mx.zeros((2048, 4096))
-    assert tuned.explain("softmax", near).startswith("variant ")
+    assert tuned.explain("softmax", near, axis=-1).startswith("variant ")
 
 
 def test_an_unsupported_dtype_falls_back_visibly(store_dir, rng):
     x = mx.array(rng.standard_normal((4, 64)).astype(np.float32)).astype(mx.int32)
-    assert "has no tuned kernels" in tuned.explain("softmax", x)
+    assert "has no tuned kernels" in tuned.explain("softmax", x, axis=-1)
     w = mx.ones((64,), dtype=mx.int32)
     with pytest.raises(Exception) as builtin_error:
         mx.fast.rms_norm(x, w, 1e-5)

@@ -1,0 +1,75 @@
+"""Every HLH_MLX_* setting, typed, with one default and one line saying what it does.
+
+Values are read from the environment when first asked for and then kept: the hot path of
+a tuned call must not parse the environment. `reset()` (also called by
+`hlh_mlx.tuned.refresh()`) forgets them, for a process that changes a setting mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: object
+    parse: Callable
+    doc: str
+
+
+KNOBS = {k.name: k for k in (
+    Knob("HLH_MLX_STRICT", False, _flag, "a tuned call the built-in would serve raises FallbackError instead"),
+    Knob("HLH_MLX_THROUGHPUT", False, _flag,
+         "sweeps also time independent calls (throughput, labelled; never used to rank)"),
+    Knob("HLH_MLX_VARIANTS", None, str, "results folder (default: the checkout's variants/, else the user data dir)"),
+    Knob("HLH_MLX_TEMPLATES", None, str, "extra template folders, os.pathsep-separated"),
+    Knob("HLH_MLX_SANITIZE", None, _flag, "emulator: check races, out-of-bounds, uninitialized reads (sweep/check: on)"),
+    Knob("HLH_MLX_CACHE", None, str, "compiled emulator kernels (default ~/.cache/hlh_mlx)"),
+    Knob("HLH_MLX_CXX", None, str, "the emulator's C++ compiler command (default g++, else clang++)"),
+    Knob("HLH_MLX_EMU_TIMEOUT", 120.0, float, "emulator: seconds one kernel launch may run"),
+    Knob("HLH_MLX_EMU_THREADS", None, int, "emulator: OS threads running threadgroups (default: the cores)"),
+    Knob("HLH_MLX_EMU_MEMORY", None, int, "emulator: address-space limit of a kernel process, bytes"),
+    Knob("HLH_MLX_EMU_ORDER", None, str, "emulator: 'reverse' runs threads in reverse order to expose races"),
+    Knob("HLH_MLX_WORKER", None, str, "the sweep's worker command (e.g. to run it under compute-sanitizer)"),
+)}
+
+_values: dict = {}
+_on_reset: list = []
+
+
+def get(name: str):
+    """The setting's value (parsed once; its default when unset or empty)."""
+    if name not in _values:
+        knob = KNOBS[name]
+        raw = os.environ.get(name, "")
+        try:
+            _values[name] = knob.parse(raw) if raw.strip() else knob.default
+        except ValueError:
+            raise ValueError(f"[hlh_mlx] {name}={raw!r}: {knob.doc}") from None
+    return _values[name]
+
+
+def reset() -> None:
+    """Read every setting from the environment again on next use."""
+    _values.clear()
+    for hook in _on_reset:
+        hook()
+
+
+def on_reset(hook) -> None:
+    """Call `hook()` whenever settings are reset (for values derived from them)."""
+    _on_reset.append(hook)
+
+
+def table() -> str:
+    """The settings as a Markdown table (the README's copy is tested against this)."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    rows += [f"| `{k.name}` | {'' if k.default is None else k.default} | {k.doc} |" for k in KNOBS.values()]
+    return "\n".join(rows)

@@ -1,0 +1,287 @@
+"""The dispatch path behind `hlh_mlx.tuned`: each distinct call resolved once into a plan.
+
+A decode loop makes the same few calls thousands of times, so a call's cost must be what
+the op costs, not what deciding costs. The first call with a given signature (array
+shapes and dtypes, every other argument's value) binds it (validation in Python), chooses
+(`select.choose`) and builds a plan; every later call is one dictionary lookup and the plan:
+
+- the built-in, when no stored variant beats it end to end (counted in `fallbacks()`;
+  an error under HLH_MLX_STRICT=1);
+- the variant's kernel, launched with every argument worked out once, wrapped with the
+  reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
+  kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python
+  of the binding and MLX's own per-call work of a custom-kernel call. Differentiable ops
+  carry the built-in's VJP (`mx.custom_function`) inside the compiled plan, so
+  `mx.grad` works at no cost to calls that take no gradient.
+
+Arguments an op names as dynamic (rope's offset) change every call: they are not part of
+the signature and reach the kernel as data.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import mlx.core as mx
+
+from . import backends, config, ops, select
+from .ops.spec import DTYPES
+
+_ARRAY = mx.array
+_fallbacks: Counter = Counter()
+_dispatches: list = []    # every Dispatch, so refresh() can forget their plans
+_lenient_depth = [0]      # inside `lenient` blocks
+_strict = [None]          # strict() as last worked out; None: work it out again
+_kernels: dict = {}       # (variant id, back end) -> backends.Kernel
+_choices: dict = {}       # (op, shape, dtype) -> select.Choice
+MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
+
+
+class FallbackError(RuntimeError):
+    """HLH_MLX_STRICT=1 and no tuned kernel serves this call."""
+
+
+def backend() -> str:
+    if "backend" not in _kernels:
+        _kernels["backend"] = backends.auto()
+    return _kernels["backend"]
+
+
+def compiled_for(backend_name: str, fn):
+    """`fn` compiled where the back end's custom kernels can be traced and replayed."""
+    return mx.compile(fn) if backend_name in backends.COMPILABLE else fn
+
+
+def strict() -> bool:
+    """A fallback is an error: HLH_MLX_STRICT=1 (read once; `config.reset()` re-reads it),
+    except inside a `lenient` block."""
+    if _strict[0] is None:
+        _strict[0] = not _lenient_depth[0] and bool(config.get("HLH_MLX_STRICT"))
+    return _strict[0]
+
+
+config.on_reset(lambda: _strict.__setitem__(0, None))
+
+
+class lenient:
+    """Within this block a fallback is never an error (HLH_MLX_STRICT notwithstanding):
+    for checks on made-up inputs, whose shapes nobody tuned for."""
+
+    def __enter__(self):
+        _lenient_depth[0] += 1
+        _strict[0] = None
+
+    def __exit__(self, *exc):
+        _lenient_depth[0] -= 1
+        _strict[0] = None
+
+
+def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
+    """What a plan depends on: each array's shape and dtype, every other value; a dynamic
+    argument only by kind (a number or an array). Flat, since it is built on every call."""
+    key = []
+    for a in args:
+        if type(a) is _ARRAY:
+            key += (_ARRAY, a.shape, a.dtype)
+        else:
+            key.append(a)
+    for k, v in kwargs.items():
+        key.append(k)
+        if type(v) is _ARRAY:
+            key += (_ARRAY, v.shape, v.dtype)
+        else:
+            key.append(type(v) if k in dynamic else v)
+    return tuple(key)
+
+
+def _bind(op, args, kwargs):
+    """The op's Call for these arguments, or why no tuned kernel serves them. Whatever the
+    built-in accepts must reach it: an argument our binding cannot read is a reason to
+    run the built-in (which gives its own answer or error), never a traceback from here."""
+    first = args[0] if args else None
+    if type(first) is _ARRAY:
+        if first.dtype not in _TUNED_DTYPES:
+            return f"dtype {first.dtype} has no tuned kernels (only {', '.join(DTYPES)})"
+        if first.size == 0 or first.ndim == 0:
+            return "empty or 0-d input"
+    elif first is not None:
+        return f"the first argument is a {type(first).__name__}, not an mx.array"
+    if any(type(a) is _ARRAY and a.size == 0 for a in (*args, *kwargs.values())):
+        return "an empty input"
+    try:
+        return op.bind(*args, **kwargs)
+    except (TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+        return f"arguments the tuned kernels do not take ({type(e).__name__}: {e})"
+
+
+_TUNED_DTYPES = frozenset(DTYPES.values())
+
+
+def choose(op_name: str, call) -> select.Choice:
+    """The variant (or the built-in) for a bound call, remembered per shape and dtype."""
+    if isinstance(call, str):
+        return select.Choice(None, None, call)
+    key = (op_name, tuple(call.shape.items()), call.dtype)
+    if key not in _choices:
+        be = backend()
+        _choices[key] = select.choose(op_name, call, backends.device(be).slug, be)
+    return _choices[key]
+
+
+def _fallback_plan(op_name: str, reason: str, builtin):
+    count = (op_name, reason)
+
+    def plan(*args, **kwargs):
+        if _strict[0] is None:
+            strict()
+        if _strict[0]:
+            raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {reason}")
+        _fallbacks[count] += 1
+        return builtin(*args, **kwargs)
+    return plan
+
+
+def _kernel(variant):
+    key = (variant.id, backend())
+    if key not in _kernels:
+        _kernels[key] = backends.Kernel(variant, backend())
+    return _kernels[key]
+
+
+def _array_slots(args, kwargs, dynamic):
+    """Where the arrays (and dynamic values) are among the arguments: positions and names."""
+    pos = tuple(i for i, a in enumerate(args) if type(a) is _ARRAY)
+    names = tuple(k for k, v in kwargs.items() if type(v) is _ARRAY or k in dynamic)
+    return pos, names
+
+
+def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
+    """The variant's launch for this signature: caller's arrays in, caller's outputs out."""
+    launch = _kernel(choice.variant).launcher(call.shape, call.dtype, op.output_shapes(call.shape),
+                                              op.output_dtypes(DTYPES[call.dtype]))
+    pos, names = _array_slots(args, kwargs, op.dynamic)
+    static_args, static_kwargs = list(args), dict(kwargs)
+    n_pos = len(pos)
+
+    def rebuild(arrays):
+        a, k = list(static_args), dict(static_kwargs)
+        for i, x in zip(pos, arrays):
+            a[i] = x
+        for name, x in zip(names, arrays[n_pos:]):
+            k[name] = x
+        return a, k
+
+    def forward(*arrays):
+        a, k = rebuild(arrays)
+        bound = op.bind(*a, **k)
+        return bound.finish(launch(*bound.inputs))
+
+    fn = forward
+    if differentiable:
+        fn = mx.custom_function(forward)
+
+        data = [n_pos + j for j, n in enumerate(names) if n in op.dynamic]  # values, not variables
+
+        def builtin_of(*arrays):
+            a, k = rebuild(arrays)
+            return builtin(*a, **k)
+
+        @fn.vjp
+        def _vjp(primals, cotangent, output):
+            one = isinstance(primals, _ARRAY)  # MLX passes a single primal bare
+            prim = [primals] if one else list(primals)
+            wrt = [i for i in range(len(prim)) if i not in data]
+            grads = mx.vjp(lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i]
+                                                    for i in range(len(prim))]),
+                           [prim[i] for i in wrt], [cotangent])[1]
+            full = [grads[wrt.index(i)] if i in wrt else mx.zeros_like(prim[i]) for i in range(len(prim))]
+            return full[0] if one else tuple(full)
+    core = compiled_for(backend(), fn)
+    dynamic = tuple(n for n in names if n in op.dynamic)
+
+    if not names and pos == tuple(range(n_pos)):
+        def plan(*args, **kwargs):
+            return core(*args[:n_pos])
+    else:
+        def plan(*args, **kwargs):
+            arrays = [args[i] for i in pos] + [kwargs[n] for n in names]
+            for j, n in enumerate(names):
+                if n in dynamic and type(arrays[n_pos + j]) is not _ARRAY:
+                    arrays[n_pos + j] = op.dynamic[n](arrays[n_pos + j])
+            return core(*arrays)
+    return plan
+
+
+def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False):
+    """The plan for these arguments (not remembered): the built-in or the variant."""
+    op = ops.get(op_name)
+    call = _bind(op, args, kwargs)
+    choice = choose(op_name, call)
+    if choice.variant is None:
+        return _fallback_plan(op_name, choice.reason, builtin), choice
+    return _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable), choice
+
+
+class Dispatch:
+    """One op's entry point: `Dispatch("rms_norm", mx.fast.rms_norm)(x, w, eps)`."""
+
+    def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = ""):
+        self.op_name, self.builtin, self.differentiable = op_name, builtin, differentiable
+        self.__doc__ = doc or f"hlh_mlx.tuned {op_name}, with the arguments of {builtin}."
+        self.plans: dict = {}  # signature -> plan
+        self._dynamic = None
+        _dispatches.append(self)
+
+    def _plan(self, args, kwargs):
+        if self._dynamic is None:
+            self._dynamic = tuple(ops.get(self.op_name).dynamic)
+        try:
+            key = signature(args, kwargs, self._dynamic)
+            return self.plans[key]
+        except KeyError:  # first call with this signature
+            pass
+        except TypeError:  # an unhashable argument (a list, a numpy array): decide every call
+            return resolve(self.op_name, self.builtin, args, kwargs, differentiable=self.differentiable)[0]
+        plan = resolve(self.op_name, self.builtin, args, kwargs, differentiable=self.differentiable)[0]
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = plan
+        return plan
+
+    def __call__(self, *args, **kwargs):
+        try:
+            plan = self.plans[signature(args, kwargs, self._dynamic or ())]
+        except (KeyError, TypeError):
+            plan = self._plan(args, kwargs)
+        return plan(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<hlh_mlx.tuned {self.op_name}>"
+
+
+def explain(op_name: str, *args, **kwargs) -> str:
+    """Which variant (id, parameters, chain latency, host cost, the built-in's) or the
+    built-in would run for these arguments, and why."""
+    return str(choose(op_name, _bind(ops.get(op_name), args, kwargs)))
+
+
+def decisions() -> dict:
+    """{(op, shape, dtype): what runs and why} for every call decided so far."""
+    return {(op, "x".join(str(v) for _, v in shape), dtype): str(c) for (op, shape, dtype), c in _choices.items()}
+
+
+def fallbacks() -> dict:
+    """{(op, reason): count} of calls that ran the built-in."""
+    return dict(_fallbacks)
+
+
+def refresh() -> None:
+    """Forget plans, choices, kernels, settings and fallback counts (after a sweep in this
+    process, or a change of HLH_MLX_* settings)."""
+    config.reset()
+    select.refresh()
+    _fallbacks.clear()
+    for d in _dispatches:
+        d.plans.clear()
+    _kernels.clear()
+    _choices.clear()

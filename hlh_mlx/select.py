@@ -1,0 +1,208 @@
+"""The selection rule, in one place: which stored variant serves a call, or the built-in.
+
+A record counts only if it was timed by the newest timing method among its (shape, dtype,
+back end), is not a second timing, is correct, and its template still renders the same
+source. It is compared with the built-in timed in the same run (the built-in record
+written last before it), by what a program pays per call: latency in a dependent chain
+plus host time to build the call. `rank`, `hlh_mlx.tuned`, `bench.py`, `export` and `hub`
+all ask here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import hub, ops, store, templates, variants
+from .ops.spec import DTYPES
+from .timing import end_to_end_ms
+from .variants import Variant
+
+# A variant serves shapes moving at most this many times more or fewer bytes than the shape
+# it won at: kernels that win at LLM prefill sizes lose at decode sizes, where launch
+# overhead dominates.
+MAX_EXTRAPOLATION = 8
+# Results of older timing methods are history, never a reason to run a variant: methods
+# 1-3 timed batches of independent calls, which the GPU overlaps (throughput, not the
+# latency a program sees) and stored no host cost.
+MIN_METHOD = 4
+
+
+def is_builtin(record: dict) -> bool:
+    return record.get("template") == "builtin"
+
+
+def newest_method(records) -> list[dict]:
+    """Only the records timed by the newest timing method among them: numbers from an
+    older method (e.g. independent calls, which the GPU overlaps) are never ranked against
+    newer ones."""
+    timed = [r.get("timing_method", 1) for r in records if r.get("timing")]
+    if not timed:
+        return list(records)
+    m = max(timed)
+    return [r for r in records if not r.get("timing") or r.get("timing_method", 1) == m]
+
+
+def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
+    """The newest record per variant ("builtin" for the built-in), and for each variant the
+    built-in record of the same run: the one written last before it (a sweep times the
+    built-in before the first variant of every run), so a ratio never divides times from
+    two machines or days."""
+    keep, base = {}, {}
+    last_builtin = None
+    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    for r in newest_method(mine):
+        if r.get("repeat"):
+            continue  # second timings check the first; they are not results of their own
+        key = r.get("variant_id") or "builtin"
+        keep[key] = r
+        if key == "builtin":
+            last_builtin = r
+        else:
+            base[key] = last_builtin
+    return keep, base
+
+
+def ratio(variant_timing: dict | None, builtin_timing: dict | None) -> dict:
+    """Built-in over variant: GPU chain latency alone, and end to end (latency + host)."""
+    v, b = variant_timing or {}, builtin_timing or {}
+    gpu = b["median_ms"] / v["median_ms"] if v.get("median_ms") and b.get("median_ms") else None
+    ve, be = end_to_end_ms(v), end_to_end_ms(b)
+    return {"gpu": gpu, "end_to_end": be / ve if ve and be else None}
+
+
+@lru_cache(maxsize=None)
+def current_variants(op: str) -> dict[tuple, Variant]:
+    """(template relpath, params, source hash) -> the variant, from the templates shipped
+    and in $HLH_MLX_TEMPLATES, and from packs the user trusted (hlh_mlx.hub)."""
+    out = {}
+
+    def add(t):
+        for v in variants.expand(t):
+            out.setdefault((t.relpath, tuple(sorted(v.param_dict.items())), v.source_hash), v)
+
+    for t in templates.discover(op):
+        add(t)
+    for root in hub.trusted_template_roots():
+        for p in sorted((root / op).glob("*.j2")):
+            try:
+                add(templates.load(p))
+            except templates.TemplateError as e:  # a broken pack costs its results, not the call
+                warnings.warn(f"[hlh_mlx.tuned] skipping a trusted pack's template: {e}", RuntimeWarning, stacklevel=3)
+    return out
+
+
+def variant_of(op: str, record: dict) -> Variant | None:
+    """The current variant a stored record was measured with, or None if its template has
+    changed since (another source) or the variant left the space."""
+    return current_variants(op).get((record.get("template"), tuple(sorted((record.get("params") or {}).items())),
+                                     record.get("source_hash")))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: Variant
+    record: dict
+    builtin: dict | None  # the built-in's timing from the same run
+
+    @property
+    def speedup(self) -> dict:
+        return ratio(self.record.get("timing"), self.builtin)
+
+
+@lru_cache(maxsize=None)
+def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
+    """Correct, timed, current variants on this device and back end, each with the built-in
+    of its run; stale ones dropped with a warning."""
+    records = [r for r in store.load(device, op) if hub.is_trusted(r.get("source", "local"))]
+    groups: dict = {}
+    for r in records:
+        if r.get("backend") == backend:
+            groups.setdefault((r.get("shape_str"), r.get("dtype")), []).append(r)
+    out = []
+    for g in groups.values():
+        g0 = g[0]
+        keep, base = latest_with_baselines(g, g0.get("shape"), g0.get("dtype"), backend)
+        for key, r in keep.items():
+            if key == "builtin" or not r.get("correct") or not r.get("timing"):
+                continue
+            if r.get("timing_method", 1) < MIN_METHOD:
+                continue
+            v = variant_of(op, r)
+            if v is None:
+                warnings.warn(f"[hlh_mlx.tuned] ignoring stored {op} variant {r.get('variant_id')}: its template "
+                              "changed since it was tuned (re-run the sweep)", RuntimeWarning, stacklevel=3)
+                continue
+            out.append(Candidate(v, r, (base.get(key) or {}).get("timing")))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Choice:
+    variant: Variant | None
+    record: dict | None
+    reason: str
+    builtin: dict | None = None
+
+    def __str__(self) -> str:
+        if self.variant is None:
+            return f"built-in: {self.reason}"
+        t, b = self.record.get("timing") or {}, self.builtin or {}
+        host = f", host {t['host_us']:.1f} us" if t.get("host_us") is not None else ""
+        bhost = f", host {b['host_us']:.1f} us" if b.get("host_us") is not None else ""
+        base = f" vs built-in {b['median_ms']:.4f} ms{bhost}" if b.get("median_ms") else ""
+        return (f"variant {self.variant.id} ({self.variant.label()}), tuned at {self.record['shape_str']} "
+                f"{self.record['dtype']} on {self.record['device']}: chain latency {t.get('median_ms', math.nan):.4f} ms"
+                f"{host}{base}; {self.reason}")
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(abs(math.log(max(a[k], 1)) - math.log(max(b[k], 1))) for k in a)
+
+
+def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -> Choice:
+    """The variant for a bound call: the exact shape if it was tuned, else the nearest tuned
+    shape (within MAX_EXTRAPOLATION in bytes) whose variant supports it; used only where it
+    beat the built-in end to end (chain latency + host cost) in its own run."""
+    if isinstance(call, str):
+        return Choice(None, None, call)
+    op = ops.get(op_name)
+    best, too_far = None, []
+    size = DTYPES[call.dtype].size
+    for c in candidates(op.name, device, backend):
+        r, v = c.record, c.variant
+        if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
+            continue
+        ratio_bytes = op.bytes(call.shape, size) / max(op.bytes(r["shape"], size), 1)
+        if not 1 / MAX_EXTRAPOLATION <= ratio_bytes <= MAX_EXTRAPOLATION:
+            too_far.append(r["shape_str"])  # a winner at 64 MB says nothing about a 16 KB launch
+            continue
+        e2e = c.speedup["end_to_end"]
+        if e2e is None or e2e <= 1.0:
+            continue  # never use a variant that did not beat the built-in where it was measured
+        key = (_distance(r["shape"], call.shape), end_to_end_ms(r["timing"]))
+        if best is None or key < best[0]:
+            best = (key, c)
+    if best is None:
+        untrusted = sorted({r["source"] for r in store.load(device, op.name)
+                            if not hub.is_trusted(r.get("source", "local"))})
+        note = (f" ({len(untrusted)} untrusted pack(s) ignored: {', '.join(untrusted)}; see `hlh_mlx trust`)"
+                if untrusted else "")
+        if too_far:
+            note += (f" (tuned only at {', '.join(sorted(set(too_far)))}: more than {MAX_EXTRAPOLATION}x "
+                     f"away in bytes moved; sweep --shape {op.shape_str(call.shape)} to tune this size)")
+        return Choice(None, None, f"no stored {op.name} variant beats the built-in end to end for {call.dtype} "
+                                  f"on {device} [{backend}]{note}")
+    (dist, _), c = best
+    how = "exact shape" if dist == 0 else f"nearest tuned shape {c.record['shape_str']}"
+    s = c.speedup
+    gpu = f"{s['gpu']:.2f}x" if s["gpu"] else "?"
+    return Choice(c.variant, c.record, f"{how}, {s['end_to_end']:.2f}x the built-in end to end there "
+                                       f"({gpu} on GPU chain latency alone)", c.builtin)
+
+
+def refresh() -> None:
+    candidates.cache_clear()
+    current_variants.cache_clear()
