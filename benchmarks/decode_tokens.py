@@ -1,6 +1,11 @@
 """Tokens/s of a greedy decode loop before and after `hlh_mlx.patch(model)`.
 
-    python benchmarks/decode_tokens.py [--layers 4] [--bits 4|16] [--tokens 64] [--small]
+    python benchmarks/decode_tokens.py [--layers 4] [--bits 4|16] [--tokens 64] [--small] [--json F]
+
+Each side runs four ways: uncompiled and compiled (the block's projections, norms and MLP
+through mx.compile, the offset-dependent attention outside it), each synchronous (evaluate
+every token before building the next) and pipelined like mlx-lm's loop (build token n+1
+while the GPU runs token n, mx.async_eval). Both sides are run the same way in each mode.
 
 The model is a Llama-style decoder written with mlx.nn layers (RMSNorm, Linear or
 QuantizedLinear, RoPE, a gate/up/down MLP, GQA attention through
@@ -32,18 +37,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * self.hd, dims, bias=False)
         self.rope = nn.RoPE(self.hd, traditional=False, base=500000.0)
 
-    def __call__(self, x, cache, offset):
+    def project(self, x):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.heads, self.hd).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.kv_heads, self.hd).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def __call__(self, q, k, v, cache, offset):
+        b, _, t, _ = q.shape
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         cache[0][:, :, offset:offset + t, :] = k
         cache[1][:, :, offset:offset + t, :] = v
         keys, values = cache[0][:, :, :offset + t, :], cache[1][:, :, :offset + t, :]
         mask = "causal" if t > 1 else None
         o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.hd ** -0.5, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(b, t, -1))
+        return o.transpose(0, 2, 1, 3).reshape(b, t, -1)
 
 
 class MLP(nn.Module):
@@ -65,9 +74,22 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(dims, eps=1e-5)
         self.mlp = MLP(dims, hidden)
 
+        self.qkv, self.out = self._qkv, self._out
+
+    def _qkv(self, x):
+        return self.self_attn.project(self.input_layernorm(x))
+
+    def _out(self, x, o):
+        h = x + self.self_attn.o_proj(o)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def compile(self):
+        """The parts that do not depend on the offset, through mx.compile."""
+        self.qkv, self.out = mx.compile(self._qkv), mx.compile(self._out)
+
     def __call__(self, x, cache, offset):
-        x = x + self.self_attn(self.input_layernorm(x), cache, offset)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        q, k, v = self.qkv(x)
+        return self.out(x, self.self_attn(q, k, v, cache, offset))
 
 
 class Decoder(nn.Module):
@@ -90,19 +112,33 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x[:, -1:, :]))
 
 
-def decode(model, prompt, n_tokens, dtype):
-    cache = model.new_cache(prompt.shape[1] + n_tokens + 1, dtype)
+def decode(model, prompt, n_tokens, dtype, pipelined=False):
+    cache = model.new_cache(prompt.shape[1] + n_tokens + 2, dtype)
     logits = model(prompt, cache, 0)
     tok = mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
     mx.eval(tok, cache)
     out, offset = [], prompt.shape[1]
+
+    def step(tok, offset):
+        return mx.argmax(model(tok, cache, offset)[:, -1, :], axis=-1, keepdims=True)
+
     start = time.perf_counter()
-    for _ in range(n_tokens):
-        logits = model(tok, cache, offset)
-        tok = mx.argmax(logits[:, -1, :], axis=-1, keepdims=True)
-        mx.eval(tok)
-        out.append(tok.item())
-        offset += 1
+    if pipelined:  # as mlx-lm's generate_step: the next token's graph is built while the GPU runs this one
+        y = step(tok, offset)
+        mx.async_eval(y)
+        for _ in range(n_tokens):
+            offset += 1
+            nxt = step(y, offset)
+            mx.async_eval(nxt)
+            out.append(y.item())
+            y = nxt
+        mx.eval(y)
+    else:
+        for _ in range(n_tokens):
+            tok = step(tok, offset)
+            mx.eval(tok)
+            out.append(tok.item())
+            offset += 1
     return out, n_tokens / (time.perf_counter() - start)
 
 
@@ -142,23 +178,36 @@ def main():
         nn.quantize(model, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and p != "lm_head")
     mx.eval(model.parameters())
     prompt = mx.random.randint(0, vocab, (1, args.prompt))
-    decode(model, prompt, 4, dtype)  # warm-up: compile kernels
-    base_tokens, base_tps = decode(model, prompt, args.tokens, dtype)
+    modes = [(c, p) for c in (False, True) for p in (False, True)]
+
+    def run_all(m):
+        res = {}
+        for compiled, pipelined in modes:
+            for layer in m.layers:
+                layer.compile() if compiled else setattr(layer, "qkv", layer._qkv) or setattr(layer, "out", layer._out)
+            decode(m, prompt, 4, dtype, pipelined)  # warm-up: kernels and traces
+            res[(compiled, pipelined)] = decode(m, prompt, args.tokens, dtype, pipelined)
+        return res
+
+    base = run_all(model)
     report = hlh_mlx.patch(model)
     tuned.refresh()
-    decode(model, prompt, 4, dtype)
     before = dict(tuned.fallbacks())
-    tuned_tokens, tuned_tps = decode(model, prompt, args.tokens, dtype)
+    patched = run_all(model)
     fallbacks = {f"{op}: {why}": n - before.get((op, why), 0) for (op, why), n in tuned.fallbacks().items()
                  if n - before.get((op, why), 0)}
-    agree = sum(a == b for a, b in zip(base_tokens, tuned_tokens))
+    runs = {}
+    for (compiled, pipelined) in modes:
+        (bt, bs), (pt, ps) = base[(compiled, pipelined)], patched[(compiled, pipelined)]
+        runs[f"{'compiled' if compiled else 'uncompiled'}, {'pipelined' if pipelined else 'synchronous'}"] = {
+            "tokens_per_s_builtin": round(bs, 1), "tokens_per_s_patched": round(ps, 1), "speedup": round(ps / bs, 3),
+            "greedy_tokens_agree": f"{sum(a == b for a, b in zip(bt, pt))}/{len(bt)}"}
     be = backends.auto()
     result = {
         "device": backends.device(be).name, "backend": be, "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d"),
         "model": f"{args.layers} Llama-3-8B-sized layers, {'4-bit (group 64)' if args.bits == 4 else 'fp16'} weights, "
                  f"prompt {args.prompt}, {args.tokens} decode tokens" + (" (small)" if args.small else ""),
-        "tokens_per_s_builtin": round(base_tps, 1), "tokens_per_s_patched": round(tuned_tps, 1),
-        "speedup": round(tuned_tps / base_tps, 3), "greedy_tokens_agree": f"{agree}/{len(base_tokens)}",
+        "runs": runs,
         "replaced_layers": len(report.replaced), "kept_layers": [f"{p}: {why}" for p, _, why in report.kept],
         "fallback_calls_per_run": fallbacks,
         "explain_at_decode": explain_decode(dims, heads, kv_heads, hidden, args.bits, dtype),

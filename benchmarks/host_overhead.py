@@ -1,14 +1,16 @@
-"""Host time per call (building the graph, no evaluation) of a built-in, of the same op
-through hlh_mlx.tuned, and of the tuned variant's kernel object called directly.
+"""Where the host time of one call goes: a built-in, the same op through hlh_mlx.tuned
+(a variant, and a fallback), and each step of the tuned path alone.
 
-    python benchmarks/host_overhead.py [--small]   # microseconds per call, JSON last
+    python benchmarks/host_overhead.py [--small] [--json F]   # microseconds per call
 
-(--small: a 256x512 weight, for a smoke run on a CPU.)
+(--small: small shapes, for a smoke run on a CPU.)
 
 A decode loop is host-bound when its GPU work per token is shorter than the Python and
 MLX work that builds it; there a tuned kernel that saves GPU time can still slow the loop
-down. This says where the host time of one tuned call goes: hlh_mlx's Python (binding,
-choosing, caching) or the custom-kernel call in MLX itself.
+down. The tuned path is: the call's signature (shapes, dtypes, other arguments), one
+dictionary lookup, then the plan: the built-in for a fallback, or the variant's launch,
+compiled on Metal/CUDA so a replay skips the binding and MLX's own per-call work of a
+custom-kernel call (shown alone as "raw custom-kernel call").
 """
 
 import json
@@ -18,14 +20,13 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from hlh_mlx import ops, tuned
+from hlh_mlx import backends, ops, runtime, tuned
 
 CALLS = 2000
 
 
 def per_call_us(fn) -> float:
-    outs = [fn() for _ in range(10)]
-    mx.eval(outs)
+    mx.eval(fn())
     best = float("inf")
     for _ in range(5):
         outs = []
@@ -33,35 +34,61 @@ def per_call_us(fn) -> float:
         for _ in range(CALLS):
             outs.append(fn())
         best = min(best, (time.perf_counter() - t) / CALLS * 1e6)
-        mx.eval(outs)
+        del outs
     return best
 
 
-def main():
-    rng = np.random.default_rng(0)
-    res = {"device": mx.device_info().get("device_name", "?"), "mlx": mx.__version__}
-    shape = {"N": 256, "K": 512, "G": 64} if "--small" in sys.argv else {"N": 14336, "K": 4096, "G": 64}
-    x, w, s, b = ops.get("qgemv").make_inputs(shape, mx.float16, rng)
-    mx.eval(x, w, s, b)
-    res["mx.quantized_matmul"] = per_call_us(lambda: mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
-    res["tuned.quantized_matmul"] = per_call_us(lambda: tuned.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4))
-    res["explain"] = tuned.explain("qgemv", x, w, s, b)
-    choice = tuned.choose("qgemv", ops.get("qgemv").bind(x, w, s, b))
+def case(name, op_name, builtin, tuned_fn, args, kwargs):
+    op = ops.get(op_name)
+    res = {"builtin": per_call_us(lambda: builtin(*args, **kwargs)),
+           "tuned": per_call_us(lambda: tuned_fn(*args, **kwargs)),
+           "explain": tuned.explain(op_name, *args, **kwargs)}
+    res["tuned over built-in"] = res["tuned"] - res["builtin"]
+    res["signature"] = per_call_us(lambda: runtime.signature(args, kwargs, tuple(op.dynamic)))
+    key = runtime.signature(args, kwargs, tuple(op.dynamic))
+    plan = tuned_fn.plans[key]
+    res["plan alone"] = per_call_us(lambda: plan(*args, **kwargs))
+    fallback = runtime._fallback_plan(op_name, "forced for this measurement", builtin)
+    res["fallback plan alone"] = per_call_us(lambda: fallback(*args, **kwargs))
+    call = runtime._bind(op, args, kwargs)
+    choice = runtime.choose(op_name, call)
     if choice.variant is not None:
-        op = ops.get("qgemv")
-        call = op.bind(x, w, s, b)
-        kernel, out_shapes, out_dtypes = tuned._launch_for(op, call, choice)
-        res["kernel object call"] = per_call_us(lambda: kernel(call.inputs, call.shape, call.dtype, out_shapes, out_dtypes))
-        raw, (grid, targs, tg) = kernel._kernel, kernel._launch[(tuple(call.shape.items()), call.dtype)]
-        res["mx.fast.cuda_kernel call"] = per_call_us(lambda: raw(inputs=call.inputs, template=targs, grid=grid, threadgroup=tg,
-                                                                  output_shapes=out_shapes, output_dtypes=out_dtypes))
-    xr = mx.random.normal((1, 1, shape["K"])).astype(mx.float16)
-    wr = mx.ones((shape["K"],), dtype=mx.float16)
-    res["mx.fast.rms_norm"] = per_call_us(lambda: mx.fast.rms_norm(xr, wr, 1e-5))
-    res["tuned.rms_norm (fallback)"] = per_call_us(lambda: tuned.rms_norm(xr, wr, 1e-5))
-    for k, v in res.items():
-        print(f"{k}: {v:.2f} us" if isinstance(v, float) else f"{k}: {v}")
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))
+        launch = runtime._kernel(choice.variant).launcher(call.shape, call.dtype, op.output_shapes(call.shape),
+                                                          op.output_dtypes(mx.float16))
+        res["raw custom-kernel call"] = per_call_us(lambda: launch(*call.inputs))
+        core = runtime.compiled_for(runtime.backend(), launch)
+        res["compiled custom-kernel call"] = per_call_us(lambda: core(*call.inputs))
+        res["binding (op.bind)"] = per_call_us(lambda: op.bind(*args, **kwargs))
+    return {name: {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}}
+
+
+def main():
+    small = "--small" in sys.argv
+    rng = np.random.default_rng(0)
+    be = backends.auto()
+    out = {"device": backends.device(be).name, "backend": be, "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")}
+    qs = {"N": 256, "K": 512, "G": 64} if small else {"N": 14336, "K": 4096, "G": 64}
+    x, w, s, b = ops.get("qgemv").make_inputs(qs, mx.float16, rng)
+    mx.eval(x, w, s, b)
+    out.update(case("quantized_matmul", "qgemv", mx.quantized_matmul, tuned.quantized_matmul, (x, w, s, b),
+                    dict(transpose=True, group_size=qs["G"], bits=4)))
+    c = 256 if small else 4096
+    xr = mx.random.normal((1, 1, c)).astype(mx.float16)
+    wr = mx.random.normal((c,)).astype(mx.float16)
+    out.update(case("rms_norm", "rms_norm", mx.fast.rms_norm, tuned.rms_norm, (xr, wr, 1e-5), {}))
+    q = mx.random.normal((1, 32, 1, 128)).astype(mx.float16)
+    out.update(case("rope", "rope", mx.fast.rope, tuned.rope, (q, 128),
+                    dict(traditional=False, base=500000.0, scale=1.0, offset=100, freqs=None)))
+    for name, res in out.items():
+        if isinstance(res, dict):
+            print(name)
+            for k, v in res.items():
+                print(f"  {k}: {v:.2f} us" if isinstance(v, float) else f"  {k}: {v}")
+    text = json.dumps(out, indent=2)
+    if "--json" in sys.argv:
+        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+            f.write(text)
+    print(text)
 
 
 if __name__ == "__main__":

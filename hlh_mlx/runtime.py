@@ -197,6 +197,8 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
             full = [grads[wrt.index(i)] if i in wrt else mx.zeros_like(prim[i]) for i in range(len(prim))]
             return full[0] if one else tuple(full)
     core = compiled_for(backend(), fn)
+    if backend() not in backends.COMPILABLE:
+        core = _eager_or_builtin(core, op.name, builtin, rebuild)
     dynamic = tuple(n for n in names if n in op.dynamic)
 
     if not names and pos == tuple(range(n_pos)):
@@ -210,6 +212,26 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
                     arrays[n_pos + j] = op.dynamic[n](arrays[n_pos + j])
             return core(*arrays)
     return plan
+
+
+def _eager_or_builtin(core, op_name: str, builtin, rebuild):
+    """An eager kernel (the emulator computes on the host) cannot run inside a function
+    the user compiles: there the built-in runs, counted as a fallback, instead of an error."""
+    reason = "the emulator's kernels cannot run inside mx.compile"
+
+    def call(*arrays):
+        try:
+            return core(*arrays)
+        except ValueError as e:
+            if "transformations" not in str(e):
+                raise
+            if strict():
+                raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: "
+                                    f"{reason}") from None
+            _fallbacks[(op_name, reason)] += 1
+            a, k = rebuild(arrays)
+            return builtin(*a, **k)
+    return call
 
 
 def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False):

@@ -1,0 +1,234 @@
+"""How hlh_mlx times and runs tuned kernels, checked on the CPU: the timing order (a
+dependent chain, host cost beside it), selection by what a program pays end to end, the
+dispatch path (each distinct call decided once), mx.compile and mx.grad through it, and
+arguments the built-in accepts that our kernels do not."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from hlh_mlx import backends, config, runtime, select, timing, tuned
+from tests.pipeline.test_tuned import variant, write
+
+
+@pytest.fixture(autouse=True)
+def fresh(store_dir, monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+# -- timing ---------------------------------------------------------------------------
+
+def test_a_chain_feeds_every_call_the_previous_calls_output():
+    seen = []
+
+    def fn(x, one):
+        y = x + one
+        seen.append(y)
+        return [y]
+    sets = [[mx.zeros((4, 8)), mx.ones((4, 8))], [mx.zeros((4, 8)), mx.ones((4, 8))]]
+    t = timing.measure(fn, sets, cache_resident=True, warmup=0, repeats=1, max_batch=6, target_ms=1e9)
+    assert t.mode == "chain" and t.link == "view" and t.batch == 6
+    last = [float(y[0, 0].item()) for y in seen[-6:]]
+    assert last == [1, 2, 3, 4, 5, 6]  # independent calls would all give 1
+
+
+def test_independent_calls_are_throughput_and_say_so():
+    seen = []
+
+    def fn(x, one):
+        seen.append(x + one)
+        return [seen[-1]]
+    sets = [[mx.zeros((4, 8)), mx.ones((4, 8))]]
+    t = timing.measure(fn, sets, cache_resident=True, chain=False, warmup=0, repeats=1, max_batch=3, target_ms=1e9)
+    assert t.mode == "batch" and t.link == "none"
+    assert [float(y[0, 0].item()) for y in seen[-3:]] == [1, 1, 1]
+
+
+def test_a_smaller_output_is_copied_over_the_front_of_the_next_input():
+    prev = mx.arange(4, dtype=mx.float16).reshape(1, 4)
+    x = mx.full((1, 10), 7, dtype=mx.float16)
+    y, link = timing.chained(prev, x)
+    assert link == "copy" and y.shape == x.shape and y.dtype == x.dtype
+    assert y.tolist() == [[0, 1, 2, 3, 7, 7, 7, 7, 7, 7]]
+    big = mx.arange(12, dtype=mx.float16).reshape(3, 4)
+    z, link = timing.chained(big, x)
+    assert link == "view" and z.reshape(-1).tolist() == list(range(10))
+
+
+def test_measure_all_stores_host_cost_and_throughput_only_when_asked():
+    fn = lambda x, w: [x * w]  # noqa: E731
+    sets = [[mx.ones((8, 8)), mx.ones((8, 8))]] * 2
+    t = timing.measure_all(fn, sets, cache_resident=True).to_dict()
+    assert t["host_us"] > 0 and t["throughput_ms"] is None and t["mode"] == "chain"
+    t2 = timing.measure_all(fn, sets, cache_resident=True, throughput=True)
+    assert t2.throughput_ms is not None and t2.throughput_ms > 0
+    assert timing.end_to_end_ms(t) == pytest.approx(t["median_ms"] + t["host_us"] / 1e3)
+
+
+# -- selection ------------------------------------------------------------------------
+
+def test_a_variant_faster_on_the_gpu_but_slower_end_to_end_is_not_used(store_dir, rng):
+    v = variant("softmax", "rows")
+    # 10 us faster per call on the GPU, 30 us more host time: a program pays more
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.040, base_ms=0.050,
+          host_us=31.0, base_host_us=1.0)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    assert tuned.explain("softmax", x, axis=-1).startswith("built-in: no stored softmax variant beats the built-in end to end")
+
+
+def test_a_variant_faster_end_to_end_is_used_and_explained_with_both_costs(store_dir, rng):
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.020, base_ms=0.050,
+          host_us=2.0, base_host_us=1.0)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    why = tuned.explain("softmax", x, axis=-1)
+    assert why.startswith(f"variant {v.id}") and "host 2.0 us" in why and "vs built-in 0.0500 ms, host 1.0 us" in why
+    assert "2.32x the built-in end to end" in why and "2.50x on GPU chain latency" in why  # 0.051 / 0.022
+
+
+def test_results_of_older_timing_methods_are_history(store_dir, rng):
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", variant("softmax", "rows"), ms=0.01, base_ms=1.0,
+          method=3)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    assert tuned.explain("softmax", x, axis=-1).startswith("built-in")
+    assert select.MIN_METHOD == timing.METHOD == 4
+
+
+# -- dispatch -------------------------------------------------------------------------
+
+@pytest.fixture
+def resolves(monkeypatch):
+    calls = []
+    real = runtime.resolve
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+    monkeypatch.setattr(runtime, "resolve", counting)
+    return calls
+
+
+def test_each_distinct_call_is_decided_once(store_dir, rng, resolves):
+    v = variant("rms_norm", "rows")
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    for _ in range(4):
+        x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))  # new values, same signature
+        np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)),
+                                   rtol=2e-5, atol=1e-6)
+    assert resolves == ["rms_norm"]
+    tuned.rms_norm(x.astype(mx.float16), w.astype(mx.float16), 1e-5)  # another dtype: decided again
+    tuned.rms_norm(x, w, 1e-6)                                          # another eps: decided again
+    assert resolves == ["rms_norm"] * 3
+
+
+def test_one_rope_plan_serves_every_offset(store_dir, rng, resolves):
+    v = variant("rope", "pairs")
+    write(store_dir, "rope", {"R": 4, "T": 1, "D": 64, "TRAD": 0}, "float32", v, ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    for offset in (0, 7, 300, 1023):
+        kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
+        got, ref = np.asarray(tuned.rope(x, 64, **kw)), np.asarray(mx.fast.rope(x, 64, **kw))
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4  # rope's float32 tolerance (angles ~ offset)
+    assert resolves == ["rope"] and tuned.fallbacks() == {}
+
+
+def test_a_remembered_fallback_counts_every_call(rng, resolves):
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    for _ in range(5):
+        tuned.softmax(x, axis=-1)
+    assert resolves == ["softmax"] and sum(tuned.fallbacks().values()) == 5
+
+
+# -- mx.compile and mx.grad -----------------------------------------------------------
+
+class _GraphKernel:
+    """Stands in for a compiled GPU kernel: an MLX graph, so mx.compile can trace it (the
+    emulator computes eagerly on the host and cannot be traced)."""
+
+    def __init__(self, variant, backend):
+        pass
+
+    def launcher(self, shape, dtype, out_shapes, out_dtypes):
+        return lambda x, w: [mx.fast.rms_norm(x, w, 1e-5) * 1.0]
+
+
+def test_a_compiled_plan_replays_matches_and_differentiates(store_dir, rng, monkeypatch, resolves):
+    monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
+    monkeypatch.setattr(backends, "Kernel", _GraphKernel)
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((2, 4, 512)).astype(np.float32))
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    ref = mx.fast.rms_norm(x, w, 1e-5)
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(ref), rtol=1e-6)
+    f = mx.compile(lambda x, w: tuned.rms_norm(x, w, 1e-5) * 2)
+    np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(ref * 2), rtol=1e-6)
+    g = mx.grad(lambda x, w: tuned.rms_norm(x, w, 1e-5).sum(), argnums=(0, 1))(x, w)
+    g_ref = mx.grad(lambda x, w: mx.fast.rms_norm(x, w, 1e-5).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert tuned.fallbacks() == {} and resolves == ["rms_norm"]
+
+
+def test_on_the_emulator_a_users_compiled_function_runs_the_builtin_visibly(store_dir, rng):
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    f = mx.compile(lambda x, w: tuned.rms_norm(x, w, 1e-5))
+    np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)), rtol=1e-6)
+    assert any("inside mx.compile" in why for _, why in tuned.fallbacks())
+
+
+# -- what the built-in accepts, the tuned call accepts and answers identically --------
+
+def _same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+
+
+def test_empty_and_0d_inputs_answer_as_the_builtin():
+    _same(tuned.softmax(mx.zeros((0, 4)), axis=-1), mx.softmax(mx.zeros((0, 4)), axis=-1))
+    _same(tuned.softmax(mx.array(1.5)), mx.softmax(mx.array(1.5)))
+    _same(tuned.rms_norm(mx.zeros((0, 8)), mx.ones((8,)), 1e-5), mx.fast.rms_norm(mx.zeros((0, 8)), mx.ones((8,)), 1e-5))
+
+
+def test_softmax_defaults_to_every_axis_as_mlx_does(rng):
+    x = mx.array(rng.standard_normal((3, 5)).astype(np.float32))
+    _same(tuned.softmax(x), mx.softmax(x))
+
+
+def test_odd_rope_dims_raise_what_mlx_raises():
+    x = mx.zeros((1, 2, 3))
+    with pytest.raises(ValueError, match="dims must be even"):
+        tuned.rope(x, 3, traditional=False, base=1e4, scale=1.0, offset=0)
+
+
+def test_lists_raise_what_mlx_raises():
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        tuned.softmax([1.0, 2.0], axis=-1)
+
+
+def test_transposed_broadcast_and_sliced_inputs_run_the_variant_correctly(store_dir, rng):
+    v = variant("rms_norm", "rows")
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    base = mx.array(rng.standard_normal((512, 8)).astype(np.float32))
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    for x in (base.T, mx.broadcast_to(base[:1, :].T[:1], (8, 512)) + 0 * base.T, base.T[::2, :],
+              mx.broadcast_to(mx.array(rng.standard_normal(512).astype(np.float32)), (8, 512))):
+        _same(tuned.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+    assert tuned.fallbacks() == {}
+
+
+def test_strict_mode_still_refuses_a_remembered_fallback(monkeypatch, rng):
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    tuned.softmax(x, axis=-1)
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(x, axis=-1)
+    with tuned.lenient():
+        tuned.softmax(x, axis=-1)
