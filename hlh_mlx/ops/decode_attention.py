@@ -23,6 +23,12 @@ def _reference(q, k, v, scale):
     return [(mx.softmax(s, axis=-1)[:, None, :] @ vf)[:, 0, :].astype(q.dtype)]
 
 
+def _builtin_for(s):
+    hq, hkv, d, sc = s["HQ"], s["HKV"], s["D"], 1.0 / math.sqrt(s["D"])
+    return lambda q, k, v, *_: [mx.fast.scaled_dot_product_attention(
+        q.reshape(1, hq, 1, d), k.reshape(1, hkv, -1, d), v.reshape(1, hkv, -1, d), scale=sc).reshape(hq, d)]
+
+
 def _builtin(q, k, v, scale):
     o = mx.fast.scaled_dot_product_attention(q[None, :, None, :], k[None], v[None], scale=scale.item())
     return [o.reshape(q.shape)]
@@ -47,6 +53,7 @@ OP = OpSpec(
     make_inputs=_inputs,
     reference=_reference,
     builtin=_builtin,
+    builtin_for=_builtin_for,
     output_shapes=lambda s: [(s["HQ"], s["D"])],
     # float32 accumulation over L keys, exp of differences: order effects only
     tolerance={"float32": 2e-5, "float16": 3e-3, "bfloat16": 1.5e-2},

@@ -46,6 +46,12 @@ def _builtin(x, freqs, pos, offset):
     return [mx.fast.rope(x, x.shape[-1], traditional=bool(trad), base=BASE, scale=scale, offset=int(offset.item()))]
 
 
+def _builtin_for(shape):
+    kw = dict(traditional=bool(shape["TRAD"]), base=BASE, scale=SCALE, offset=OFFSET)
+    d = shape["D"]
+    return lambda x, *_: [mx.fast.rope(x, d, **kw)]
+
+
 def _offset_array(offset) -> mx.array:
     return mx.array([offset], dtype=mx.int32)
 
@@ -87,6 +93,7 @@ OP = OpSpec(
     make_inputs=_inputs,
     reference=_reference,
     builtin=_builtin,
+    builtin_for=_builtin_for,
     output_shapes=lambda s: [(s["R"], s["T"], s["D"])],
     # float32: an angle of up to T radians carries float32 rounding of about T * 6e-8, and
     # MLX's own back ends (CPU ops vs GPU kernels) differ from each other by that much

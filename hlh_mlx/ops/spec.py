@@ -101,6 +101,10 @@ class OpSpec:
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     output_dtypes: Callable = field(default=lambda dtype: [dtype])
     builtin: Callable | None = None
+    # (shape) -> fn(*inputs) -> outputs: the built-in as a program calls it at this shape,
+    # its static arguments bound once (what the sweep times, host cost included); default:
+    # `builtin`. Needed where `builtin` must read values from inputs (rope's offset).
+    builtin_for: Callable | None = None
     bind: Callable | None = None
     # for exported kernels: each dim as a Python expression of the kernel inputs, and each
     # output shape as an expression of the dims
@@ -120,6 +124,10 @@ class OpSpec:
 
     def baseline(self, *inputs):
         return (self.builtin or self.reference)(*inputs)
+
+    def baseline_for(self, shape: Shape):
+        """The built-in to time at this shape (see builtin_for)."""
+        return self.builtin_for(shape) if self.builtin_for else self.baseline
 
     def check_shape(self, shape: Shape) -> None:
         if set(shape) != set(self.dims):

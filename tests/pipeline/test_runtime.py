@@ -232,3 +232,15 @@ def test_strict_mode_still_refuses_a_remembered_fallback(monkeypatch, rng):
         tuned.softmax(x, axis=-1)
     with tuned.lenient():
         tuned.softmax(x, axis=-1)
+
+
+@pytest.mark.parametrize("name", ["rope", "decode_attention"])
+def test_the_builtin_timed_at_a_shape_computes_the_builtin(name, rng):
+    """The sweep times `baseline_for(shape)` (static arguments bound once, as a program
+    calls it); it must be the same computation as the op's built-in on those inputs."""
+    from hlh_mlx import ops
+    op = ops.get(name)
+    shape = op.emulator_shapes[0]
+    xs = op.make_inputs(shape, mx.float32, rng)
+    np.testing.assert_allclose(np.asarray(op.baseline_for(shape)(*xs)[0]), np.asarray(op.baseline(*xs)[0]),
+                               rtol=1e-6, atol=1e-6)
