@@ -185,22 +185,33 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 @click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
 @click.option("--template", default=None, help="Sweep only this template family.")
 @click.option("--budget", type=int, default=None, help="At most N variants: a seeded sample, then neighbours of the best.")
+@click.option("--variant", "picks", multiple=True, metavar="K=V,K=V",
+              help="Run this variant of --template first (repeat); the budget beyond these goes to their neighbours.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--top", type=int, default=None, help="Show only the N best variants.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
 @click.option("--retime", is_flag=True, help="Time the built-in and the stored winner again in this run, "
               "even if no variant is new (e.g. on another machine, before comparing).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout, retime, fmt):
+def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, timeout, retime, fmt):
     """Check, time and rank every variant of OP against the MLX built-in; store the results."""
     spec = _op(op)
     for d in dtypes:
         if d not in spec.dtypes:
             raise click.UsageError(f"[{spec.name}] unsupported dtype {d!r} (one of {', '.join(spec.dtypes)})")
+    if picks and not template:
+        raise click.UsageError("--variant needs --template (the family the parameters belong to)")
     try:
+        pick_params = None
+        if picks:
+            tb = backends.TEMPLATE_BACKEND[backends.resolve(backend)]
+            t = next((t for t in _templates(spec.name) if template in (t.family, t.name) and t.backend == tb), None)
+            if t is None:
+                raise click.UsageError(f"unknown template {template!r} for {spec.name}")
+            pick_params = [_params(t, text.split(",")) for text in picks]
         p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
                            backend=backend, budget=budget, seed=seed, timeout=timeout, template=template,
-                           retime=retime)
+                           retime=retime, picks=pick_params)
     except (ValueError, TemplateError, SpaceError) as e:
         raise click.UsageError(str(e)) from None
     err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))

@@ -92,7 +92,9 @@ class Plan:
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
-         template=None, retime=False) -> Plan:
+         template=None, retime=False, picks=None) -> Plan:
+    """What to run. `picks`: parameter dicts of variants of `template` to run first (e.g.
+    the ones its author expects to win); the budget beyond them goes to their neighbours."""
     op = ops.get(op_name)
     be = backends.resolve(backend)
     dev = backends.device(be)
@@ -120,6 +122,12 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
     for d in dtypes:
         if d not in op.dtypes:
             raise ValueError(f"[{op.name}] unsupported dtype {d!r} (one of {', '.join(op.dtypes)})")
+    if picks:
+        if len(temps) != 1:
+            raise ValueError("picked variants need one --template")
+        picked = [variants.make(temps[0], p) for p in picks]
+        budget = max(budget or 0, len(picked))
+        return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime)
     # spread the first sample over the templates, so each family is represented
     first = budget if budget is None or not dev.can_time else max(1, budget // 2)
     picked = _round_robin([[v for v in space if v.template is t] for t in temps], first, seed)
