@@ -258,6 +258,14 @@ def _read_claims(path: Path) -> dict:
         return {}  # none yet, or corrupt: claims are advisory, results are what count
 
 
+def _write_claims(path: Path, claims: dict) -> None:
+    """(under the lock) the claims file, removed when no claim is left."""
+    if claims:
+        write_atomic(_claims_path(path), json.dumps(claims).encode())
+    else:
+        _claims_path(path).unlink(missing_ok=True)
+
+
 def _claim_key(key: tuple) -> str:
     return json.dumps(list(key))
 
@@ -290,7 +298,7 @@ def claim(path: Path, key: tuple, is_done, stale_after: float = 3600.0) -> str:
         if owner and (owner.get("pid"), owner.get("host")) != (me["pid"], me["host"]) and _alive(owner, stale_after):
             return "claimed"
         claims[k] = me
-        write_atomic(_claims_path(path), json.dumps(claims).encode())
+        _write_claims(path, claims)
         return "mine"
 
 
@@ -307,7 +315,7 @@ def release(path: Path, keys=None) -> None:
         if mine:
             for k in mine:
                 claims.pop(k)
-            write_atomic(_claims_path(path), json.dumps(claims).encode())
+            _write_claims(path, claims)
 
 
 def append_result(path: Path, record: dict, key: tuple | None = None) -> None:
@@ -319,4 +327,4 @@ def append_result(path: Path, record: dict, key: tuple | None = None) -> None:
         if key is not None and _claims_path(path).exists():
             claims = _read_claims(path)
             if claims.pop(_claim_key(key), None) is not None:
-                write_atomic(_claims_path(path), json.dumps(claims).encode())
+                _write_claims(path, claims)
