@@ -278,15 +278,21 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     # the current renderings of the plan's templates only: records of older versions of a
     # template (another source, another id) stay in the file but are not ranked
     ids = {v.id for v in p.space} | {None}
-    return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
+    return [r for r in _local(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
             and r.get("variant_id") in ids]
+
+
+def _local(path) -> list[dict]:
+    """This machine's own records: a pulled pack's results share the file but are never
+    ranked, refined from or retimed as the user's own."""
+    return [r for r in store.read(path) if r.get("source", "local") == "local"]
 
 
 def _stored_best(p: Plan, path, shape, dtype) -> Variant | None:
     """The fastest correct stored variant of the plan's space at this shape and dtype."""
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    return next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
+    return next((by_id[r["variant_id"]] for r in ranked(_local(path), shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
 
 
@@ -313,7 +319,7 @@ def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
 def _refinements(p: Plan, path, shape, dtype, seen) -> list[Variant]:
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    rows = ranked(store.read(path), shape, dtype, p.backend)
+    rows = ranked(_local(path), shape, dtype, p.backend)
     out = []
     for r in rows[:3]:
         best = by_id.get(r.get("variant_id"))

@@ -156,3 +156,18 @@ def test_no_compiler_fails_the_sweep_then_a_rerun_with_one_retries(store_dir):
     assert r.returncode == 0, r.stderr
     recs = results(store_dir)
     assert [x["status"] for x in recs] == ["error", "error", "ok", "ok"]
+
+
+def test_a_sweep_ranks_and_refines_from_local_results_only(store_dir):
+    """A pack's record of the same variant shares the file: the sweep still runs the
+    variant itself and returns (prints, ranks) only its own results."""
+    p = _plan()
+    v = p.candidates[0]
+    path = store.path_for(p.device.slug, "matmul")
+    theirs = {**sweep._record(p, p.shapes[0], "float32", {"status": "ok", "timing": {"median_ms": 0.0001}}, v),
+              "source": "hub:me/pack@abc"}
+    store.append(path, theirs)
+    w = Scripted()
+    records = sweep.run(p, worker=w)
+    assert v.param_dict["BS"] in w.asked
+    assert {r["source"] for r in records} == {"local"} and len(records) == 3
