@@ -275,8 +275,9 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
 def show(op, device, backend, shape_texts, dtypes, source, fmt):
     """Stored results for OP, ranked against the built-in of the same source.
 
-    Only this machine's own (`local`) results by default: a pulled pack's numbers are never
-    ranked with, or shown as, the user's own. Every table names its source."""
+    Only this machine's own (`local`) results by default (or, when there are none, the
+    results shipped with hlh_mlx): a pulled pack's numbers are never ranked with, or shown
+    as, the user's own. Every table names its source."""
     spec = _op(op)
     be = backends.auto() if backend == "auto" else backend
     slug = device or backends.device(be).slug
@@ -285,7 +286,15 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
     counts: dict[str, int] = {}
     for r in records:
         counts[src_of(r)] = counts.get(src_of(r), 0) + 1
-    wanted_sources = sorted(counts, key=lambda s_: (s_ != "local", s_)) if source == "all" else [source or "local"]
+    if source == "all":
+        wanted_sources = sorted(counts, key=lambda s_: (s_ != "local", s_ != "shipped", s_))
+    elif source:
+        wanted_sources = [source]
+    elif "local" not in counts and "shipped" in counts:  # nothing of your own: what hlh_mlx ships, labelled
+        click.echo("note: no local results; showing the results shipped with hlh_mlx (source shipped)", err=True)
+        wanted_sources = ["shipped"]
+    else:
+        wanted_sources = ["local"]
     others = {s_: n for s_, n in counts.items() if s_ not in wanted_sources}
     for s_, n in sorted(others.items()):
         click.echo(f"note: {n} results from {s_} are not shown (--source {s_}, or --source all)", err=True)
@@ -297,7 +306,7 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
     for src in wanted_sources:
         mine = [r for r in records if src_of(r) == src]
         # results from packs name their own templates: only local ones can be stale
-        stale = [r for r in mine if r.get("variant_id") not in current and src == "local"]
+        stale = [r for r in mine if r.get("variant_id") not in current and src in ("local", "shipped")]
         if stale:
             click.echo(f"note: {len(stale)} results of older template versions (source changed) are not shown",
                        err=True)
