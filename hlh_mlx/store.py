@@ -190,8 +190,14 @@ def rewrite(path: Path, change) -> tuple[list[dict], list[dict]]:
 
 # ---- reading ----------------------------------------------------------------------------
 
+_warned: set[str] = set()
+
+
 def _warn(msg: str) -> None:
-    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    """Warn once per process about each bad line (a sweep reads its file many times)."""
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def _parse(path: Path) -> list[tuple[int, bytes, dict | None]]:

@@ -19,6 +19,13 @@ from .conftest import ROOT
 LOGGING_WORKER = textwrap.dedent("""
     import json, os, sys, time
     log = os.environ["WORKER_LOG"]
+    barrier = os.environ.get("WORKER_BARRIER")  # a folder: wait there until N sweeps have started
+    if barrier:
+        n = int(os.environ["WORKER_BARRIER_N"])
+        open(os.path.join(barrier, str(os.getppid())), "w").close()
+        deadline = time.time() + 120
+        while len(os.listdir(barrier)) < n and time.time() < deadline:
+            time.sleep(0.05)
     for line in sys.stdin:
         req = json.loads(line)
         with open(log, "a") as f:
@@ -47,10 +54,13 @@ def results(store_dir, op="matmul"):
     return [json.loads(x) for x in (store_dir / "emulator" / f"{op}.jsonl").read_text().splitlines()]
 
 
-def test_two_sweeps_of_one_op_share_the_work(store_dir, fake_worker):
+def test_two_sweeps_of_one_op_share_the_work(store_dir, fake_worker, tmp_path):
     env, log = fake_worker
     cmd = [sys.executable, "-m", "hlh_mlx", "sweep", "matmul", "--template", "regblock", "--budget", "8"]
-    e = dict(os.environ, **env)
+    barrier = tmp_path / "started"
+    barrier.mkdir()
+    # both sweeps are running (each holding a claim) before either gets an answer
+    e = dict(os.environ, **env, WORKER_BARRIER=str(barrier), WORKER_BARRIER_N="2")
     procs = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
