@@ -102,6 +102,27 @@ def failed(rec: dict) -> bool:
     return rec.get("status") != "ok"
 
 
+# a variant that timed out or crashed its worker this many times is not retried on its own
+# any more (a kernel that hangs would cost --timeout on every run); --retry-failed still does
+MAX_HANG_ATTEMPTS = 2
+
+
+def to_redo(records: list[dict], mode: str = "environment") -> list[dict]:
+    """The stored records a new sweep does not count as done. mode "environment": failures
+    of the machine (a missing compiler every time; a timeout or crash until a variant has
+    had MAX_HANG_ATTEMPTS of them); "failed": every failure; "all": everything."""
+    if mode == "all":
+        return list(records)
+    if mode == "failed":
+        return [r for r in records if failed(r)]
+    hangs: dict[tuple, int] = {}
+    for r in records:
+        if r.get("status") in RETRY_STATUSES:
+            hangs[result_key(r)] = hangs.get(result_key(r), 0) + 1
+    return [r for r in records if retryable(r)
+            and (r.get("status") not in RETRY_STATUSES or hangs[result_key(r)] < MAX_HANG_ATTEMPTS)]
+
+
 def result_key(r: dict) -> tuple:
     """What makes two results the same measurement (a rerun skips it)."""
     return (r.get("variant_id") or "builtin", r.get("template"), r.get("backend"), r.get("shape_str"),

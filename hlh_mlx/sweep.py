@@ -167,14 +167,10 @@ def _key(p: Plan, v: Variant | None, shape, dtype, repeat: bool = False) -> tupl
         "timing_method": timing.METHOD, "repeat": repeat})
 
 
-def _redo(p: Plan):
-    """Which stored records this run does not count as done: environmental failures
-    (no compiler, timeout, crash) always; every failure with --retry-failed; all with --force."""
-    if p.force:
-        return lambda r: True
-    if p.retry_failed:
-        return store.failed
-    return store.retryable
+def _redo_mode(p: Plan) -> str:
+    """Which stored records this run does not count as done (store.to_redo): environmental
+    failures by default, every failure with --retry-failed, everything with --force."""
+    return "all" if p.force else "failed" if p.retry_failed else "environment"
 
 
 def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
@@ -184,8 +180,7 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
     it runs; a variant claimed by another live sweep is left to it (and waited for at the
     end of its shape), one whose claimant died is run here."""
     path = store.path_for(p.device.slug, p.op.name)
-    redo = _redo(p)
-    stale = {json.dumps(r, sort_keys=True) for r in store.read(path) if redo(r)}
+    stale = {json.dumps(r, sort_keys=True) for r in store.to_redo(store.read(path), _redo_mode(p))}
 
     def is_done(r):  # a record written before this run that it redoes does not count
         return json.dumps(r, sort_keys=True) not in stale

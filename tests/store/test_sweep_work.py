@@ -181,3 +181,16 @@ def test_a_sweep_ranks_and_refines_from_local_results_only(store_dir):
     records = sweep.run(p, worker=w)
     assert v.param_dict["BS"] in w.asked
     assert {r["source"] for r in records} == {"local"} and len(records) == 3
+
+
+def test_a_variant_that_keeps_hanging_is_not_retried_forever(store_dir):
+    p = _plan()
+    bs = p.candidates[0].param_dict["BS"]
+    everything = sorted(v.param_dict["BS"] for v in p.candidates)
+    for expected in (everything, [bs], []):  # hangs once, is retried, hangs again: then it stays
+        w = Scripted({bs: "timeout"})
+        sweep.run(p, worker=w)
+        assert sorted(w.asked) == expected
+    w = Scripted()
+    sweep.run(_plan(retry_failed=True), worker=w)  # the user asks: it runs again
+    assert w.asked == [bs]
