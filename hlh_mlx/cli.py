@@ -259,7 +259,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
         kinds = sorted({str(r.get("status")) for r in latest.values()})
         click.echo(f"error: no variant passed ({bad} failed: {', '.join(kinds) or 'none run'})"
                    + ("; environmental failures are retried on the next run"
-                      if any(store.retryable(r) for r in latest.values()) else ""), err=True)
+                      if any(r in latest.values() for r in store.to_redo(records)) else ""), err=True)
         sys.exit(1)
 
 
