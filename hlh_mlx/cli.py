@@ -234,7 +234,8 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, seed, top, timeout
     n_jobs = len(p.shapes) * len(p.dtypes) * (len(p.candidates) + (1 if p.device.can_time else 0))
     try:
         with click.progressbar(length=n_jobs, label="sweeping", file=sys.stderr) as bar:
-            records = sweep_mod.run(p, progress=lambda *a: bar.update(1))
+            records = sweep_mod.run(p, progress=lambda *a: bar.update(1),
+                                    notify=lambda m: click.echo(f"\n{m}", err=True))
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished variants are saved in {store.path_for(p.device.slug, spec.name)}; "
                    "rerun the same command to resume", err=True)

@@ -173,7 +173,7 @@ def _redo_mode(p: Plan) -> str:
     return "all" if p.force else "failed" if p.retry_failed else "environment"
 
 
-def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
+def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None) -> list[dict]:
     """Run the plan; return every record of this (device, op) for the planned shapes and dtypes.
 
     Concurrent sweeps of one op share the work: each variant is claimed in the store before
@@ -254,6 +254,9 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
                         jobs += _refinements(p, path, shape, dtype, seen)
                 # variants another sweep is running: wait for its results; run any whose
                 # claimant died
+                if deferred and notify:
+                    notify(f"waiting for {len(deferred)} variant(s) another sweep of {p.op.name} is running "
+                           f"(claims in {path}.claims)")
                 while deferred:
                     waiting = []
                     for v in deferred:

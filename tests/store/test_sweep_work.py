@@ -74,6 +74,7 @@ def test_two_sweeps_of_one_op_share_the_work(store_dir, fake_worker, tmp_path):
     assert len(recs) == 8 and len({r["variant_id"] for r in recs}) == 8
     for out, _ in outs:                                   # each sweep still shows the whole table
         assert all(r["variant_id"] in out for r in recs)
+    assert any("another sweep of matmul is running" in err for _, err in outs)
 
 
 def test_a_claim_whose_owner_died_is_run_again(store_dir):
