@@ -150,7 +150,11 @@ def locked(path: Path):
 
 
 def _encode(record: dict) -> bytes:
-    return (json.dumps({"schema": SCHEMA, **record}, sort_keys=True) + "\n").encode()
+    """One line; a record that does not match the schema is refused here (RecordError),
+    not written to be skipped by every later read."""
+    record = {"schema": SCHEMA, **record}
+    validate(record)
+    return (json.dumps(record, sort_keys=True) + "\n").encode()
 
 
 def _append_unlocked(path: Path, data: bytes) -> None:

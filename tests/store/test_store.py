@@ -118,3 +118,10 @@ def test_retryable_failures_are_the_environmental_ones():
     assert not store.retryable(record(1, status="compile_error", correct=False, error="source:3: error: x"))
     assert not store.retryable(record(1, status="incorrect", correct=False, error="max rel err 0.5"))
     assert not store.retryable(record(1))
+
+
+def test_a_record_that_does_not_match_the_schema_is_refused_on_write(store_dir):
+    path = store_dir / "emulator" / "matmul.jsonl"
+    with pytest.raises(store.RecordError, match="missing field backend"):
+        store.append(path, {k: v for k, v in record(1).items() if k != "backend"})
+    assert not path.exists() or path.read_text() == ""
