@@ -151,7 +151,8 @@ def pull(repo_id: str, revision: str | None = None, trust: bool = False, token: 
     manifest, records = verify(folder)
     source = f"hub:{repo_id}@{commit}"
     report = PullReport(repo_id, commit, source, manifest["device"])
-    _install(folder, manifest, records, repo_id, source)
+    with store.locked(pack_dir(repo_id)):  # two pulls of one pack: one after the other
+        _install(folder, manifest, records, repo_id, source)
     for p in sorted(manifest["files"]):
         if p.startswith(("templates/", "sources/")):
             report.code.append((p.split("/")[0][:-1], p, (folder / p).stat().st_size))
@@ -267,6 +268,11 @@ def remove(repo_id: str) -> int:
     """Remove an installed pack and its results; return how many results went. A pack
     whose manifest is unreadable is removed too (its results from every device)."""
     check_repo_id(repo_id)
+    with store.locked(pack_dir(repo_id)):
+        return _remove(repo_id)
+
+
+def _remove(repo_id: str) -> int:
     meta = installed().get(repo_id)
     if meta is not None:
         devices = [meta["device"]]
