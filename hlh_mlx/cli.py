@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -70,6 +71,20 @@ def _shapes(op, texts):
 @click.version_option(package_name="hlh-mlx")
 def main():
     """Write, check, tune and ship custom GPU kernels for MLX."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """One line per warning (a skipped results line names its own file:line), no source echo."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def _enforce_cache_bound():
+    from . import cache
+    n, freed = cache.enforce()
+    if n:
+        click.echo(f"cache: evicted {n} least recently used entries ({cache.human(freed)}) to stay within "
+                   f"{cache.human(cache.max_bytes())} (HLH_MLX_CACHE_MAX; `hlh_mlx cache info`)", err=True)
 
 
 @main.command("list")
@@ -175,6 +190,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
                 mark = "ok  " if err is None else "FAIL"
                 click.echo(f"{mark} {v.label()} {dtype} [{v.id}]" + (f"\n     {err}" if err else ""))
     click.echo(f"{total - failures} passed, {failures} failed")
+    _enforce_cache_bound()
     sys.exit(1 if failures else 0)
 
 
@@ -192,9 +208,15 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
 @click.option("--retime", is_flag=True, help="Time the built-in and the stored winner again in this run, "
               "even if no variant is new (e.g. on another machine, before comparing).")
+@click.option("--retry-failed", is_flag=True, help="Run again every stored failure (environmental ones - no "
+              "compiler, timeout, crash - are always retried).")
+@click.option("--force", is_flag=True, help="Run every variant again, whatever is stored.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
-def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, timeout, retime, fmt):
-    """Check, time and rank every variant of OP against the MLX built-in; store the results."""
+def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, timeout, retime, retry_failed, force,
+          fmt):
+    """Check, time and rank every variant of OP against the MLX built-in; store the results.
+
+    Exits 1 when no variant passed, 0 otherwise."""
     spec = _op(op)
     for d in dtypes:
         if d not in spec.dtypes:
@@ -211,7 +233,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
             pick_params = [_params(t, text.split(",")) for text in picks]
         p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
                            backend=backend, budget=budget, seed=seed, timeout=timeout, template=template,
-                           retime=retime, picks=pick_params)
+                           retime=retime, retry_failed=retry_failed, force=force, picks=pick_params)
     except (ValueError, TemplateError, SpaceError) as e:
         raise click.UsageError(str(e)) from None
     err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))
@@ -224,7 +246,8 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
     n_jobs = len(p.shapes) * len(p.dtypes) * (len(p.candidates) + (1 if p.device.can_time else 0))
     try:
         with click.progressbar(length=n_jobs, label="sweeping", file=sys.stderr) as bar:
-            records = sweep_mod.run(p, progress=lambda *a: bar.update(1))
+            records = sweep_mod.run(p, progress=lambda *a: bar.update(1),
+                                    notify=lambda m: click.echo(f"\n{m}", err=True))
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished variants are saved in {store.path_for(p.device.slug, spec.name)}; "
                    "rerun the same command to resume", err=True)
@@ -237,8 +260,20 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
             for a in rank.repeat_agreement(records, shape, dtype, p.backend):
                 err(f"timed twice: {a['variant']} {a['first_ms']:.4f} then {a['second_ms']:.4f} ms "
                     f"({a['diff_pct']:.1f}% apart)")
-    bad = sum(1 for r in records if r.get("template") != "builtin" and not r.get("correct") and not r.get("repeat"))
+    latest = {}  # the newest record of each variant: a retried failure counts as its retry
+    for r in records:
+        if r.get("template") != "builtin" and not r.get("repeat"):
+            latest[store.result_key(r)] = r
+    passed = [r for r in latest.values() if r.get("correct")]
+    bad = len(latest) - len(passed)
     err(f"results: {store.path_for(p.device.slug, spec.name)} ({bad} incorrect or failed)")
+    _enforce_cache_bound()
+    if not passed:
+        kinds = sorted({str(r.get("status")) for r in latest.values()})
+        click.echo(f"error: no variant passed ({bad} failed: {', '.join(kinds) or 'none run'})"
+                   + ("; environmental failures are retried on the next run"
+                      if any(r in latest.values() for r in store.to_redo(records)) else ""), err=True)
+        sys.exit(1)
 
 
 @main.command()
@@ -247,33 +282,61 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
 @click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
 @click.option("--shape", "shape_texts", multiple=True)
 @click.option("--dtype", "dtypes", multiple=True)
-@click.option("--source", default=None, help="Only results from this source (local, hub:REPO@REV).")
+@click.option("--source", default=None, help="Results from this source: local (the default), shipped, "
+              "hub:OWNER/NAME@REV, or all (one table per source).")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def show(op, device, backend, shape_texts, dtypes, source, fmt):
-    """Stored results for OP, ranked against the built-in."""
+    """Stored results for OP, ranked against the built-in of the same source.
+
+    Only this machine's own (`local`) results by default (or, when there are none, the
+    results shipped with hlh_mlx): a pulled pack's numbers are never ranked with, or shown
+    as, the user's own. Every table names its source."""
     spec = _op(op)
     be = backends.auto() if backend == "auto" else backend
     slug = device or backends.device(be).slug
     records = store.load(slug, spec.name)
-    if source:
-        records = [r for r in records if r.get("source", "local") == source]
-    if not records:
-        raise click.ClickException(f"no stored results for {spec.name} on {slug} "
+    src_of = lambda r: r.get("source", "local")  # noqa: E731
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[src_of(r)] = counts.get(src_of(r), 0) + 1
+    if source == "all":
+        wanted_sources = sorted(counts, key=lambda s_: (s_ != "local", s_ != "shipped", s_))
+    elif source:
+        wanted_sources = [source]
+    elif "local" not in counts and "shipped" in counts:  # nothing of your own: what hlh_mlx ships, labelled
+        click.echo("note: no local results; showing the results shipped with hlh_mlx (source shipped)", err=True)
+        wanted_sources = ["shipped"]
+    else:
+        wanted_sources = ["local"]
+    others = {s_: n for s_, n in counts.items() if s_ not in wanted_sources}
+    for s_, n in sorted(others.items()):
+        click.echo(f"note: {n} results from {s_} are not shown (--source {s_}, or --source all)", err=True)
+    if not any(s_ in counts for s_ in wanted_sources):
+        raise click.ClickException(f"no stored results for {spec.name} on {slug} from {' or '.join(wanted_sources)} "
                                    f"(in {store.path_for(slug, spec.name)})")
     current = {v.id for t in _templates(spec.name) for v in variants.expand(t)} | {None}
-    # results from packs name their own templates: only local ones can be stale
-    stale = [r for r in records if r.get("variant_id") not in current and r.get("source", "local") == "local"]
-    if stale:
-        click.echo(f"note: {len(stale)} results of older template versions (source changed) are not shown", err=True)
-        records = [r for r in records if r not in stale]
     wanted = _shapes(spec, shape_texts)
-    keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in records})
-    for be_, sstr, dtype in keys:
-        shape = spec.parse_shape(sstr)
-        if (wanted and shape not in wanted) or (dtypes and dtype not in dtypes):
-            continue
-        rows = rank.table_rows(records, spec.name, shape, dtype, be_)
-        click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}]"))
+    for src in wanted_sources:
+        mine = [r for r in records if src_of(r) == src]
+        # results from packs name their own templates: only local ones can be stale
+        stale = [r for r in mine if r.get("variant_id") not in current and src in ("local", "shipped")]
+        if stale:
+            click.echo(f"note: {len(stale)} results of older template versions (source changed) are not shown",
+                       err=True)
+            mine = [r for r in mine if r not in stale]
+        keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in mine})
+        for be_, sstr, dtype in keys:
+            try:
+                shape = spec.parse_shape(sstr)
+            except ValueError as e:
+                click.echo(f"warning: skipping results of shape {sstr!r} from {src}: {e}", err=True)
+                continue
+            if (wanted and shape not in wanted) or (dtypes and dtype not in dtypes):
+                continue
+            rows = rank.table_rows(mine, spec.name, shape, dtype, be_)
+            for row in rows:
+                row["source"] = src
+            click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}] source {src}"))
 
 
 @main.command()
@@ -365,12 +428,16 @@ def trust(repo_id, revoke):
 def packs():
     """List installed packs: source, device, ops, trust."""
     from . import hub
-    found = hub.installed()
-    if not found:
+    found, broken = hub.installed(), hub.broken()
+    if not found and not broken:
         click.echo("no packs installed")
     for repo_id, meta in found.items():
-        click.echo(f"{meta['source']}  {meta['device']}  {', '.join(meta['ops'])}  "
+        click.echo(f"{meta['source']}  {meta['device']}  {', '.join(map(str, meta['ops']))}  "
                    f"{'trusted' if hub.is_trusted(meta['source']) else 'not trusted'}")
+    for repo_id, e in broken.items():
+        click.echo(f"hub:{repo_id}  BROKEN: {e} (`hlh_mlx remove {repo_id}`, then pull it again)")
+    if broken:
+        sys.exit(1)
 
 
 @main.command("remove")
@@ -383,3 +450,37 @@ def remove_pack(repo_id):
     except hub.PackError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"removed {repo_id}: {n} results")
+
+
+@main.group()
+def cache():
+    """The compile cache ($HLH_MLX_CACHE, default ~/.cache/hlh_mlx), bounded by $HLH_MLX_CACHE_MAX."""
+
+
+@cache.command("info")
+def cache_info():
+    """Where the cache is, how big, and its bound."""
+    from . import cache as cache_mod
+    try:
+        i = cache_mod.info()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    bound = cache_mod.human(i["max_bytes"]) if i["max_bytes"] else "none"
+    click.echo(f"{i['root']}: {cache_mod.human(i['bytes'])} ({i['kernels']} kernels, {i['runtimes']} runtimes, "
+               f"{i['partial']} partial builds); bound {bound} (HLH_MLX_CACHE_MAX)")
+
+
+@cache.command("clean")
+@click.option("--all", "everything", is_flag=True, help="Remove everything (rebuilt on demand).")
+@click.option("--max-size", default=None, metavar="SIZE", help="Evict least recently used kernels down to SIZE "
+              "(e.g. 500M; default the bound, $HLH_MLX_CACHE_MAX or 1G).")
+def cache_clean(everything, max_size):
+    """Evict compiled kernels, least recently used first (everything with --all)."""
+    from . import cache as cache_mod
+    try:
+        limit = cache_mod.parse_size(max_size) if max_size is not None else None
+        n, freed = cache_mod.clean(limit, everything=everything)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"removed {n} entries ({cache_mod.human(freed)}); {cache_mod.human(cache_mod.total_bytes())} left "
+               f"in {cache_mod.root()}")

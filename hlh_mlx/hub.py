@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -150,7 +151,8 @@ def pull(repo_id: str, revision: str | None = None, trust: bool = False, token: 
     manifest, records = verify(folder)
     source = f"hub:{repo_id}@{commit}"
     report = PullReport(repo_id, commit, source, manifest["device"])
-    _install(folder, manifest, records, repo_id, source)
+    with store.locked(pack_dir(repo_id)):  # two pulls of one pack: one after the other
+        _install(folder, manifest, records, repo_id, source)
     for p in sorted(manifest["files"]):
         if p.startswith(("templates/", "sources/")):
             report.code.append((p.split("/")[0][:-1], p, (folder / p).stat().st_size))
@@ -200,7 +202,11 @@ def verify(folder: Path) -> tuple[dict, dict[str, list[dict]]]:
                 r = json.loads(line)
             except ValueError as e:
                 raise PackError(f"{rel}:{n}: results line does not parse ({e})") from None
-            if not isinstance(r, dict) or r.get("op") != op or r.get("device") != device or "template" not in r:
+            try:
+                store.validate(r)
+            except store.RecordError as e:
+                raise PackError(f"{rel}:{n}: not a results line ({e})") from None
+            if r.get("op") != op or r.get("device") != device:
                 raise PackError(f"{rel}:{n}: not a results line of {op} on {device}")
             records[op].append(r)
     return manifest, records
@@ -215,8 +221,8 @@ def pack_dir(repo_id: str) -> Path:
 
 
 def _install(folder: Path, manifest: dict, records: dict, repo_id: str, source: str) -> None:
-    """Copy the pack's files, then replace this repo's results op by op (each file written
-    to a temporary name and renamed over the old one)."""
+    """Copy the pack's files to a temporary folder, replace this repo's results op by op
+    (each under the results file's lock, written atomically), then swap the folder in."""
     dest = pack_dir(repo_id)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -224,56 +230,103 @@ def _install(folder: Path, manifest: dict, records: dict, repo_id: str, source: 
     for rel in manifest["files"]:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / rel, tmp / rel)
-    (tmp / "manifest.json").write_text(json.dumps({**manifest, "source": source}, indent=2))
-    _replace_results(repo_id, manifest["device"], {op: [{**r, "source": source} for r in rs]
-                                                   for op, rs in records.items()})
-    shutil.rmtree(dest, ignore_errors=True)
+    store.write_atomic(tmp / "manifest.json", json.dumps({**manifest, "source": source}, indent=2).encode())
+    _replace_results(repo_id, [manifest["device"]], {op: [{**r, "source": source} for r in rs]
+                                                     for op, rs in records.items()})
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     # trust names a commit (is_trusted compares whole sources): a new commit is untrusted
     # until trusted again, a re-pull of the trusted one stays trusted
 
 
-def _replace_results(repo_id: str, device: str, new: dict[str, list[dict]]) -> int:
-    """Swap this repo's results for `new`; return how many old ones were dropped."""
+def _replace_results(repo_id: str, devices: list[str], new: dict[str, list[dict]]) -> int:
+    """Swap this repo's results for `new` (the results of devices[0]; the others only lose
+    the repo's results); return how many old ones were dropped. Each file is changed under
+    its lock and replaced atomically, so a sweep appending at the same time loses nothing."""
     prefix = f"hub:{repo_id}@"
     dropped = 0
-    root = paths.results_dir() / device
-    ops = set(new) | {p.stem for p in root.glob("*.jsonl")} if root.is_dir() else set(new)
-    for op in sorted(ops):
-        path = store.path_for(device, op)
-        old = store.read(path)
-        kept = [r for r in old if not str(r.get("source", "")).startswith(prefix)]
-        dropped += len(old) - len(kept)
-        if len(kept) == len(old) and op not in new:
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept + new.get(op, [])))
-        os.replace(tmp, path)
+    for i, device in enumerate(devices):
+        root = paths.results_dir() / device
+        ops = {p.stem for p in root.glob("*.jsonl")} if root.is_dir() else set()
+        if i == 0:
+            ops |= set(new)
+        for op in sorted(ops):
+            add = new.get(op, []) if i == 0 else []
+
+            def change(old, add=add):
+                return [r for r in old if not str(r.get("source", "")).startswith(prefix)] + add
+            old, kept = store.rewrite(store.path_for(device, op), change)
+            dropped += len(old) - (len(kept) - len(add))
     return dropped
 
 
 def remove(repo_id: str) -> int:
-    """Remove an installed pack and its results; return how many results went."""
+    """Remove an installed pack and its results; return how many results went. A pack
+    whose manifest is unreadable is removed too (its results from every device)."""
     check_repo_id(repo_id)
+    with store.locked(pack_dir(repo_id)):
+        return _remove(repo_id)
+
+
+def _remove(repo_id: str) -> int:
     meta = installed().get(repo_id)
-    if meta is None:
+    if meta is not None:
+        devices = [meta["device"]]
+    elif pack_dir(repo_id).is_dir():
+        root = paths.results_dir()
+        devices = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    else:
         raise PackError(f"no pack from {repo_id} is installed")
-    dropped = _replace_results(repo_id, meta["device"], {})
-    set_trusted(repo_id, False)
+    dropped = _replace_results(repo_id, devices, {})
+    _set_trust(repo_id, None)
     shutil.rmtree(pack_dir(repo_id), ignore_errors=True)
     return dropped
 
 
+def _repo_of(folder: Path) -> str:
+    return folder.name.replace("--", "/", 1)
+
+
+def _read_manifest(m: Path) -> dict:
+    """An installed manifest, or a PackError naming the file (and line) when it is corrupt."""
+    try:
+        meta = json.loads(m.read_text())
+    except ValueError as e:
+        raise PackError(f"{m}:{getattr(e, 'lineno', 1)}: installed manifest does not parse ({e})") from None
+    except OSError as e:
+        raise PackError(f"{m}: cannot read the installed manifest ({e.strerror})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("source"), str) and meta["source"].startswith("hub:")
+            and isinstance(meta.get("device"), str) and isinstance(meta.get("ops"), list)):
+        raise PackError(f"{m}: installed manifest lacks its source, device or ops")
+    return meta
+
+
 def installed() -> dict[str, dict]:
-    """repo id -> the installed pack's manifest (with its `source`)."""
+    """repo id -> the installed pack's manifest (with its `source`). A pack whose manifest
+    is unreadable is left out (see `broken()`)."""
+    return {repo: meta for repo, meta in _scan().items() if not isinstance(meta, PackError)}
+
+
+def broken() -> dict[str, PackError]:
+    """repo id -> why an installed pack's manifest cannot be read (`hlh_mlx remove` clears it)."""
+    return {repo: err for repo, err in _scan().items() if isinstance(err, PackError)}
+
+
+def _scan() -> dict:
     out = {}
     root = _packs_dir()
-    for m in sorted(root.glob("*/manifest.json")) if root.is_dir() else []:
-        if m.parent.name.endswith(".tmp"):
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if not d.is_dir() or d.name.endswith((".tmp", ".old")):
             continue
-        meta = json.loads(m.read_text())
-        out[meta["source"].split("@")[0].removeprefix("hub:")] = meta
+        try:
+            meta = _read_manifest(d / "manifest.json")
+            out[meta["source"].split("@")[0].removeprefix("hub:")] = meta
+        except PackError as e:
+            out[_repo_of(d)] = e
     return out
 
 
@@ -284,21 +337,44 @@ def _trust_file() -> Path:
 
 
 def _trusted() -> dict:
+    """repo id -> trusted source. A corrupt trust file trusts nothing (with a warning naming
+    it): hlh_mlx.tuned then runs only local results and the built-ins, never raises."""
     f = _trust_file()
-    return json.loads(f.read_text()) if f.is_file() else {}
+    try:
+        t = json.loads(f.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{f}:{getattr(e, 'lineno', 1)}: unreadable trust file, no pack is trusted ({e}); "
+                      "`hlh_mlx trust OWNER/NAME` writes it again", RuntimeWarning, stacklevel=2)
+        return {}
+    if not isinstance(t, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in t.items()):
+        warnings.warn(f"{f}:1: the trust file is not an object of repo -> source; no pack is trusted",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return t
+
+
+def _set_trust(repo_id: str, source: str | None) -> None:
+    """Change one entry of the trust file, under its lock, written atomically."""
+    f = _trust_file()
+    with store.locked(f):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a corrupt file is being replaced
+            t = _trusted()
+        t.pop(repo_id, None)
+        if source:
+            t[repo_id] = source
+        store.write_atomic(f, (json.dumps(t, indent=2) + "\n").encode())
 
 
 def set_trusted(repo_id: str, on: bool) -> str | None:
     """Trust (or stop trusting) the installed commit of a pack; return its source."""
     meta = installed().get(repo_id)
     if on and meta is None:
-        raise PackError(f"no pack from {repo_id} is installed (hlh_mlx pull {repo_id} first)")
-    t = _trusted()
-    t.pop(repo_id, None)
-    if on:
-        t[repo_id] = meta["source"]
-    _trust_file().parent.mkdir(parents=True, exist_ok=True)
-    _trust_file().write_text(json.dumps(t, indent=2))
+        err = broken().get(repo_id)
+        raise PackError(str(err) if err else f"no pack from {repo_id} is installed (hlh_mlx pull {repo_id} first)")
+    _set_trust(repo_id, meta["source"] if on else None)
     return meta["source"] if on else None
 
 
@@ -312,9 +388,10 @@ def is_trusted(source: str) -> bool:
 def trusted_template_roots() -> list[Path]:
     """templates/ of every trusted, installed pack (for hlh_mlx.tuned)."""
     out = []
+    packs = installed()
     for repo_id, source in _trusted().items():
         root = pack_dir(repo_id) / "templates"
-        meta = installed().get(repo_id)
+        meta = packs.get(repo_id)
         if meta and meta.get("source") == source and root.is_dir():
             out.append(root)
     return out

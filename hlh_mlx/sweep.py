@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -89,10 +90,12 @@ class Plan:
     timeout: float
     notes: list[str] = field(default_factory=list)
     retime: bool = False       # time the built-in and the stored winner again even if nothing is new
+    retry_failed: bool = False  # run again every stored failure (not only environmental ones)
+    force: bool = False         # run everything again, stored results or not
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
-         template=None, retime=False, picks=None) -> Plan:
+         template=None, retime=False, retry_failed=False, force=False, picks=None) -> Plan:
     """What to run. `picks`: parameter dicts of variants of `template` to run first (e.g.
     the ones its author expects to win); the budget beyond them goes to their neighbours."""
     op = ops.get(op_name)
@@ -127,11 +130,13 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
             raise ValueError("picked variants need one --template")
         picked = [variants.make(temps[0], p) for p in picks]
         budget = max(budget or 0, len(picked))
-        return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime)
+        return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime,
+                    retry_failed, force)
     # spread the first sample over the templates, so each family is represented
     first = budget if budget is None or not dev.can_time else max(1, budget // 2)
     picked = _round_robin([[v for v in space if v.template is t] for t in temps], first, seed)
-    return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime)
+    return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime,
+                retry_failed, force)
 
 
 def _round_robin(groups: list[list[Variant]], n: int | None, seed: int) -> list[Variant]:
@@ -171,12 +176,28 @@ def _key(p: Plan, v: Variant | None, shape, dtype, repeat: bool = False) -> tupl
         "timing_method": timing.METHOD, "repeat": repeat})
 
 
-def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
-    """Run the plan; return every record of this (device, op) for the planned shapes and dtypes."""
+def _redo_mode(p: Plan) -> str:
+    """Which stored records this run does not count as done (store.to_redo): environmental
+    failures by default, every failure with --retry-failed, everything with --force."""
+    return "all" if p.force else "failed" if p.retry_failed else "environment"
+
+
+def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None) -> list[dict]:
+    """Run the plan; return every record of this (device, op) for the planned shapes and dtypes.
+
+    Concurrent sweeps of one op share the work: each variant is claimed in the store before
+    it runs; a variant claimed by another live sweep is left to it (and waited for at the
+    end of its shape), one whose claimant died is run here."""
     path = store.path_for(p.device.slug, p.op.name)
-    done = {store.result_key(r) for r in store.read(path)}
+    stale = {json.dumps(r, sort_keys=True) for r in store.to_redo(store.read(path), _redo_mode(p))}
+
+    def is_done(r):  # a record written before this run that it redoes does not count
+        return json.dumps(r, sort_keys=True) not in stale
+
+    done = {store.result_key(r) for r in store.read(path) if is_done(r)}
     worker = worker or Worker()
     timed = p.device.can_time
+    stale_after = 2 * p.timeout + 60
     try:
         for dtype in p.dtypes:
             for shape in p.shapes:
@@ -190,8 +211,22 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
                     job = _job(p, v, shape, dtype)
                     reply = worker.request(job, p.timeout)
                     reply.setdefault("seed", job.get("seed"))
-                    store.append(path, _record(p, shape, dtype, reply, v))
+                    store.append_result(path, _record(p, shape, dtype, reply, v), _key(p, v, shape, dtype))
                     done.add(_key(p, v, shape, dtype))
+
+                def take(v) -> str:
+                    """"mine" (run it), "done" (by another sweep) or "claimed" (running elsewhere)."""
+                    state = store.claim(path, _key(p, v, shape, dtype), is_done, stale_after)
+                    if state == "done":
+                        done.add(_key(p, v, shape, dtype))
+                    return state
+
+                def run_variant(v):
+                    nonlocal builtin_timed
+                    if timed and not builtin_timed:
+                        run_job(None)
+                        builtin_timed = True
+                    run_job(v)
 
                 if timed and (p.retime or _key(p, None, shape, dtype) not in done):
                     run_job(None)
@@ -206,38 +241,65 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None) -> list[dict]:
                         jobs.insert(0, best)
                         forced.add(best.id)
                 seen: set[str] = set()
+                deferred: list[Variant] = []
                 i = 0
                 while i < len(jobs):
                     v = jobs[i]
                     i += 1
                     runnable = v.id not in seen and v.supports(shape, dtype)
                     seen.add(v.id)
-                    if runnable and (v.id in forced or _key(p, v, shape, dtype) not in done):
-                        if timed and not builtin_timed:
-                            run_job(None)
-                            builtin_timed = True
-                        run_job(v)
+                    if runnable and v.id in forced:
+                        run_variant(v)
+                    elif runnable and _key(p, v, shape, dtype) not in done:
+                        state = take(v)
+                        if state == "mine":
+                            run_variant(v)
+                        elif state == "claimed":
+                            deferred.append(v)
                     if progress:
                         progress(v, shape, dtype)
                     # once the first sample is in, add neighbours of the best few
                     if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
                         jobs += _refinements(p, path, shape, dtype, seen)
+                # variants another sweep is running: wait for its results; run any whose
+                # claimant died
+                if deferred and notify:
+                    notify(f"waiting for {len(deferred)} variant(s) another sweep of {p.op.name} is running "
+                           f"(claims in {path}.claims)")
+                while deferred:
+                    waiting = []
+                    for v in deferred:
+                        state = take(v)
+                        if state == "mine":
+                            run_variant(v)
+                        elif state == "claimed":
+                            waiting.append(v)
+                    deferred = waiting
+                    if deferred:
+                        time.sleep(0.25)
                 if builtin_timed:
                     _time_again(p, path, shape, dtype, worker)
     finally:
         worker.stop()
+        store.release(path)
     # the current renderings of the plan's templates only: records of older versions of a
     # template (another source, another id) stay in the file but are not ranked
     ids = {v.id for v in p.space} | {None}
-    return [r for r in store.read(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
+    return [r for r in _local(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
             and r.get("variant_id") in ids]
+
+
+def _local(path) -> list[dict]:
+    """This machine's own records: a pulled pack's results share the file but are never
+    ranked, refined from or retimed as the user's own."""
+    return [r for r in store.read(path) if r.get("source", "local") == "local"]
 
 
 def _stored_best(p: Plan, path, shape, dtype) -> Variant | None:
     """The fastest correct stored variant of the plan's space at this shape and dtype."""
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    return next((by_id[r["variant_id"]] for r in ranked(store.read(path), shape, dtype, p.backend)
+    return next((by_id[r["variant_id"]] for r in ranked(_local(path), shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
 
 
@@ -264,7 +326,7 @@ def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
 def _refinements(p: Plan, path, shape, dtype, seen) -> list[Variant]:
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    rows = ranked(store.read(path), shape, dtype, p.backend)
+    rows = ranked(_local(path), shape, dtype, p.backend)
     out = []
     for r in rows[:3]:
         best = by_id.get(r.get("variant_id"))

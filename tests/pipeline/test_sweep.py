@@ -43,7 +43,9 @@ def test_sweep_checks_variants_and_prints_ranked_table_with_builtin(store_dir):
 
 def test_corrupt_results_line_is_reported_and_skipped(store_dir):
     path = store_dir / "emulator" / "matmul.jsonl"
-    store.append(path, {"variant_id": "x", "template": "builtin"})
+    store.append(path, {"op": "matmul", "device": "emulator", "backend": "emulator", "variant_id": None,
+                        "template": "builtin", "shape": {"M": 1, "N": 1, "K": 1}, "shape_str": "1x1x1",
+                        "dtype": "float32"})
     with open(path, "a") as f:
         f.write('{"half a line\n')
     with pytest.warns(RuntimeWarning, match=r"matmul.jsonl:2: skipping a corrupt results line"):
