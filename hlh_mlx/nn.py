@@ -21,7 +21,7 @@ class RMSNorm(nn.RMSNorm):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        return tuned.rms_norm(x, self["weight"], self.eps)
+        return (tuned.rms_norm if self.training else tuned.rms_norm.no_grad)(x, self["weight"], self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -39,7 +39,8 @@ class LayerNorm(nn.LayerNorm):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "weight" in self and "bias" in self:
-            return tuned.layer_norm(x, self["weight"], self["bias"], self.eps)
+            f = tuned.layer_norm if self.training else tuned.layer_norm.no_grad
+            return f(x, self["weight"], self["bias"], self.eps)
         return super().__call__(x)
 
 
@@ -54,8 +55,8 @@ class RoPE(nn.RoPE):
     """
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        return tuned.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
-                          offset=offset)
+        return (tuned.rope if self.training else tuned.rope.no_grad)(
+            x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale, offset=offset)
 
 
 class Linear(nn.Linear):
@@ -127,4 +128,5 @@ class SwiGLU(nn.Module):
         return m
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(tuned.swiglu(self.gate_proj(x), self.up_proj(x)))
+        f = tuned.swiglu if self.training else tuned.swiglu.no_grad
+        return self.down_proj(f(self.gate_proj(x), self.up_proj(x)))

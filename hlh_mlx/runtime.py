@@ -52,6 +52,20 @@ def compiled_for(backend_name: str, fn):
     return mx.compile(fn) if backend_name in backends.COMPILABLE else fn
 
 
+def dispatched(fn, dynamic: tuple = ()):
+    """`fn` behind a tuned call's hot path (the signature and its lookup), so the sweep
+    measures the host cost a program pays per call, not the kernel call's alone."""
+    plans: dict = {}
+
+    def call(*args):
+        key = signature(args, {}, dynamic)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = fn
+        return plan(*args)
+    return call
+
+
 def strict() -> bool:
     """A fallback is an error: HLH_MLX_STRICT=1 (read once; `config.reset()` re-reads it),
     except inside a `lenient` block."""
@@ -157,7 +171,7 @@ def _array_slots(args, kwargs, dynamic):
 
 def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
     """The variant's launch for this signature: caller's arrays in, caller's outputs out."""
-    launch = _kernel(choice.variant).launcher(call.shape, call.dtype, op.output_shapes(call.shape),
+    launch = _kernel(choice.variant).launcher(call.shape, call.dtype, call.out_shapes or op.output_shapes(call.shape),
                                               op.output_dtypes(DTYPES[call.dtype]))
     pos, names = _array_slots(args, kwargs, op.dynamic)
     static_args, static_kwargs = list(args), dict(kwargs)
@@ -250,6 +264,10 @@ class Dispatch:
     def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = ""):
         self.op_name, self.builtin, self.differentiable = op_name, builtin, differentiable
         self.__doc__ = doc or f"hlh_mlx.tuned {op_name}, with the arguments of {builtin}."
+        # the same op without the built-in's VJP attached: one graph node fewer per call,
+        # for inference (hlh_mlx.nn layers in eval mode); a gradient through it is MLX's
+        # error that custom kernels have no VJP
+        self.no_grad = Dispatch(op_name, builtin, doc=self.__doc__) if differentiable else self
         self.plans: dict = {}  # signature -> plan
         self._dynamic = None
         _dispatches.append(self)

@@ -66,11 +66,15 @@ def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
 
 
 def ratio(variant_timing: dict | None, builtin_timing: dict | None) -> dict:
-    """Built-in over variant: GPU chain latency alone, and end to end (latency + host)."""
+    """Built-in over variant: GPU chain latency alone; end to end (latency + host); and end
+    to end beyond the noise (the built-in's 10th percentile over the variant's 90th)."""
     v, b = variant_timing or {}, builtin_timing or {}
     gpu = b["median_ms"] / v["median_ms"] if v.get("median_ms") and b.get("median_ms") else None
     ve, be = end_to_end_ms(v), end_to_end_ms(b)
-    return {"gpu": gpu, "end_to_end": be / ve if ve and be else None}
+    vh, bh = (v.get("host_us") or 0.0) / 1e3, (b.get("host_us") or 0.0) / 1e3
+    slow_v, fast_b = v.get("p90_ms") or v.get("median_ms"), b.get("p10_ms") or b.get("median_ms")
+    robust = (fast_b + bh) / (slow_v + vh) if slow_v and fast_b else None
+    return {"gpu": gpu, "end_to_end": be / ve if ve and be else None, "beyond_noise": robust}
 
 
 @lru_cache(maxsize=None)
@@ -179,9 +183,9 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
         if not 1 / MAX_EXTRAPOLATION <= ratio_bytes <= MAX_EXTRAPOLATION:
             too_far.append(r["shape_str"])  # a winner at 64 MB says nothing about a 16 KB launch
             continue
-        e2e = c.speedup["end_to_end"]
-        if e2e is None or e2e <= 1.0:
-            continue  # never use a variant that did not beat the built-in where it was measured
+        robust = c.speedup["beyond_noise"]
+        if robust is None or robust <= 1.0:
+            continue  # never use a variant that did not clearly beat the built-in where it was measured
         key = (_distance(r["shape"], call.shape), end_to_end_ms(r["timing"]))
         if best is None or key < best[0]:
             best = (key, c)
@@ -193,7 +197,8 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
         if too_far:
             note += (f" (tuned only at {', '.join(sorted(set(too_far)))}: more than {MAX_EXTRAPOLATION}x "
                      f"away in bytes moved; sweep --shape {op.shape_str(call.shape)} to tune this size)")
-        return Choice(None, None, f"no stored {op.name} variant beats the built-in end to end for {call.dtype} "
+        return Choice(None, None, f"no stored {op.name} variant beats the built-in end to end (beyond the "
+                                  f"spread of both timings) for {call.dtype} "
                                   f"on {device} [{backend}]{note}")
     (dist, _), c = best
     how = "exact shape" if dist == 0 else f"nearest tuned shape {c.record['shape_str']}"

@@ -23,8 +23,9 @@ import mlx.core as mx
 
 # Bumped whenever how we time changes, so a rerun measures again instead of resuming and
 # older numbers are never ranked against newer ones (2: >= 2 input sets; 3: input sets
-# filling ROTATE_BYTES; 4: latency in a dependent chain plus host cost per call).
-METHOD = 4
+# filling ROTATE_BYTES; 4: latency in a dependent chain plus host cost per call; 5: host
+# cost through the tuned call's dispatch path, not the kernel call's alone).
+METHOD = 5
 # Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py): the
 # L2 keeps part of a 117 MB weight from one call to the next unless ~40x its size streams
 # in between, so copies fill 2 GB.

@@ -79,11 +79,12 @@ def handle(req: dict) -> dict:
         reply["error"] = backends.map_compile_error(e, variant)
         return reply
     if shape is not None and req.get("time"):
-        from .runtime import compiled_for
-        # timed as hlh_mlx.tuned runs it: the launch worked out once, compiled where the
-        # back end can replay custom kernels, so the host cost stored is the one users pay
+        from .runtime import compiled_for, dispatched
+        # timed as hlh_mlx.tuned runs it: the call's signature looked up, the launch worked
+        # out once and compiled where the back end can replay custom kernels, so the host
+        # cost stored is the one users pay
         launch = kernel.launcher(shape, dtype, op.output_shapes(shape), op.output_dtypes(DTYPES[dtype]))
-        reply["timing"] = _time(op, compiled_for(req["backend"], launch), shape, dtype)
+        reply["timing"] = _time(op, dispatched(compiled_for(req["backend"], launch)), shape, dtype)
     return reply
 
 

@@ -7,7 +7,7 @@ import math
 
 import mlx.core as mx
 
-from .spec import Call, OpSpec, dtype_name, random_array
+from .spec import Call, as_shape, OpSpec, dtype_name, random_array
 
 
 def _inputs(s, dtype, rng):
@@ -43,8 +43,8 @@ def bind(q, k, v, *, scale, mask=None, **kwargs):
     _, hkv, l, _ = k.shape
     if v.shape != k.shape or k.shape[3] != d or hq % hkv or not (q.dtype == k.dtype == v.dtype):
         return "k and v (1, HKV, L, D) of q's dtype with HKV dividing HQ"
-    return Call([q.reshape(hq, d), k[0], v[0], mx.array([scale], dtype=mx.float32)],
-                {"HQ": hq, "HKV": hkv, "L": l, "D": d}, dtype_name(q.dtype), lambda o: o[0].reshape(q.shape))
+    return Call([as_shape(q, (hq, d)), k[0], v[0], mx.array([scale], dtype=mx.float32)],
+                {"HQ": hq, "HKV": hkv, "L": l, "D": d}, dtype_name(q.dtype), [q.shape])
 
 
 OP = OpSpec(

@@ -6,10 +6,10 @@ Written by following .codex/skills/author-template (the op spec, then one templa
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
 
 def bind(x, **_):
-    return Call([x.reshape(-1)], {"N": x.size}, dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
+    return Call([as_shape(x, (x.size,))], {"N": x.size}, dtype_name(x.dtype), [x.shape])
 
 
 OP = OpSpec(

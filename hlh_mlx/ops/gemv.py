@@ -5,7 +5,7 @@ import math
 
 import mlx.core as mx
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
 
 MAX_M = 8  # more rows than this is a matmul: the tuned gemv declines
 
@@ -23,8 +23,8 @@ def bind(x, w, **_):
     if m > MAX_M:
         return f"{m} rows is a matmul, not a gemv (tuned gemv takes at most {MAX_M})"
     n = w.shape[0]
-    return Call([x.reshape(m, -1), w], {"M": m, "N": n, "K": w.shape[1]}, dtype_name(x.dtype),
-                lambda o: o[0].reshape(*x.shape[:-1], n))
+    return Call([as_shape(x, (m, x.shape[-1])), w], {"M": m, "N": n, "K": w.shape[1]}, dtype_name(x.dtype),
+                [(*x.shape[:-1], n)])
 
 
 OP = OpSpec(

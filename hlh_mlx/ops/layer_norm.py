@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import Call, dtype_name, random_array, rowwise
+from .spec import Call, as_shape, dtype_name, random_array, rowwise
 
 EPS = 1e-5
 
@@ -20,8 +20,8 @@ def bind(x, weight, bias, eps, **_):
     c = x.shape[-1]
     if weight.shape != (c,) or bias.shape != (c,) or not (weight.dtype == bias.dtype == x.dtype):
         return "weight and bias must be vectors of the last dimension, in x's dtype"
-    return Call([x.reshape(-1, c), weight, bias], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
-                lambda o: o[0].reshape(x.shape))
+    return Call([as_shape(x, (x.size // c, c)), weight, bias], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
+                [x.shape])
 
 
 OP = rowwise(

@@ -7,7 +7,7 @@ import math
 
 import mlx.core as mx
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
 
 GROUPS = (64, 128)
 
@@ -47,8 +47,8 @@ def bind(x, w, scales, biases, transpose=True, group_size=64, bits=4, **kwargs):
     n = w.shape[0]
     if w.shape != (n, k // 8) or scales.shape != (n, k // group_size) or biases.shape != scales.shape:
         return "w, scales and biases do not match x's last dimension and the group size"
-    return Call([x.reshape(1, k), w, scales, biases], {"N": n, "K": k, "G": group_size}, dtype_name(x.dtype),
-                lambda o: o[0].reshape(*x.shape[:-1], n))
+    return Call([as_shape(x, (1, k)), w, scales, biases], {"N": n, "K": k, "G": group_size}, dtype_name(x.dtype),
+                [(*x.shape[:-1], n)])
 
 
 OP = OpSpec(

@@ -2,7 +2,7 @@
 
 import mlx.core as mx
 
-from .spec import Call, dtype_name, random_array, rowwise
+from .spec import Call, as_shape, dtype_name, random_array, rowwise
 
 EPS = 1e-5
 
@@ -19,8 +19,8 @@ def bind(x, weight, eps, **_):
     c = x.shape[-1]
     if weight.shape != (c,) or weight.dtype != x.dtype:
         return "weight must be a vector of the last dimension, in x's dtype"
-    return Call([x.reshape(-1, c), weight], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
-                lambda o: o[0].reshape(x.shape))
+    return Call([as_shape(x, (x.size // c, c)), weight], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
+                [x.shape])
 
 
 OP = rowwise(

@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
 
 BASE, SCALE, OFFSET = 10000.0, 1.0, 3
 
@@ -52,8 +52,18 @@ def _builtin_for(shape):
     return lambda x, *_: [mx.fast.rope(x, d, **kw)]
 
 
+_positions: list = []
+
+
 def _offset_array(offset) -> mx.array:
-    return mx.array([offset], dtype=mx.int32)
+    """[offset] as a view into a device-resident table of positions: a decode loop's
+    offset changes every step, and a fresh host array per call costs a host-to-device copy
+    in the GPU's timeline."""
+    if not _positions or offset >= _positions[0].size:
+        n = max(1 << 16, 1 << int(offset).bit_length())
+        _positions[:] = [mx.arange(n, dtype=mx.int32)]
+        mx.eval(_positions[0])
+    return _positions[0][offset:offset + 1]
 
 
 _freqs: dict = {}
@@ -82,9 +92,8 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         _freqs[key] = inv_freq(d, base)
     pos = mx.array([scale, 1.0 if traditional else 0.0], dtype=mx.float32)
     t = x.shape[-2]
-    return Call([x.reshape(-1, t, d), _freqs[key], pos, off], {"R": x.size // (t * d), "T": t, "D": d,
-                                                                "TRAD": int(traditional)},
-                dtype_name(x.dtype), lambda o: o[0].reshape(x.shape))
+    return Call([as_shape(x, (x.size // (t * d), t, d)), _freqs[key], pos, off],
+                {"R": x.size // (t * d), "T": t, "D": d, "TRAD": int(traditional)}, dtype_name(x.dtype), [x.shape])
 
 
 OP = OpSpec(

@@ -145,12 +145,19 @@ class OpSpec:
 
 @dataclass
 class Call:
-    """User arguments mapped onto the op: kernel inputs, the op's shape, and how to give
-    the kernel's outputs back in the caller's shape."""
+    """User arguments mapped onto the op: kernel inputs, the op's shape, and the shapes the
+    caller gets the outputs in (a kernel writes flat memory, so its outputs are allocated
+    in the caller's shape directly: no reshape node after the launch)."""
     inputs: list
     shape: Shape
     dtype: str
+    out_shapes: list | None = None  # default: the op's output_shapes(shape)
     finish: Callable = field(default=lambda outs: outs[0])
+
+
+def as_shape(x, shape: tuple):
+    """x viewed with `shape` (no graph node when it already has it)."""
+    return x if x.shape == tuple(shape) else x.reshape(shape)
 
 
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import Call, dtype_name, random_array, rowwise
+from .spec import Call, as_shape, dtype_name, random_array, rowwise
 
 
 def _reference(g, u):
@@ -15,8 +15,8 @@ def bind(g, u, **_):
     if g.shape != u.shape or g.dtype != u.dtype:
         return "g and u must have the same shape and dtype"
     c = g.shape[-1]
-    return Call([g.reshape(-1, c), u.reshape(-1, c)], {"R": g.size // c, "C": c}, dtype_name(g.dtype),
-                lambda o: o[0].reshape(g.shape))
+    rc = (g.size // c, c)
+    return Call([as_shape(g, rc), as_shape(u, rc)], {"R": g.size // c, "C": c}, dtype_name(g.dtype), [g.shape])
 
 
 OP = rowwise(

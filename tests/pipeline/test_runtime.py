@@ -89,12 +89,30 @@ def test_a_variant_faster_end_to_end_is_used_and_explained_with_both_costs(store
     assert "2.32x the built-in end to end" in why and "2.50x on GPU chain latency" in why  # 0.051 / 0.022
 
 
+def test_a_win_inside_the_noise_of_the_two_timings_is_not_used(store_dir, rng):
+    """Median 4.5 vs 5.6 us, but the built-in's fast samples (3.7 us) beat the variant's slow
+    ones (5.0 us): a launch-bound kernel whose 'win' is timing noise."""
+    from hlh_mlx import store
+    v = variant("softmax", "rows")
+    path = store_dir / "emulator" / "softmax.jsonl"
+    common = {"op": "softmax", "device": "emulator", "backend": "emulator", "shape": {"R": 8, "C": 512},
+              "dtype": "float32", "shape_str": "8x512", "mlx": mx.__version__, "status": "ok",
+              "timing_method": timing.METHOD}
+    store.append(path, {**common, "variant_id": None, "template": "builtin", "correct": True,
+                        "timing": {"median_ms": 0.0056, "p10_ms": 0.0037, "p90_ms": 0.0060, "host_us": 0.5}})
+    store.append(path, {**common, "variant_id": v.id, "template": v.template.relpath, "params": v.param_dict,
+                        "source_hash": v.source_hash, "correct": True,
+                        "timing": {"median_ms": 0.0045, "p10_ms": 0.0044, "p90_ms": 0.0050, "host_us": 0.5}})
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    assert tuned.explain("softmax", x, axis=-1).startswith("built-in"), "a win inside the noise was used"
+
+
 def test_results_of_older_timing_methods_are_history(store_dir, rng):
     write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", variant("softmax", "rows"), ms=0.01, base_ms=1.0,
           method=3)
     x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
     assert tuned.explain("softmax", x, axis=-1).startswith("built-in")
-    assert select.MIN_METHOD == timing.METHOD == 4
+    assert select.MIN_METHOD == 4 <= timing.METHOD
 
 
 # -- dispatch -------------------------------------------------------------------------
@@ -153,7 +171,7 @@ class _GraphKernel:
         pass
 
     def launcher(self, shape, dtype, out_shapes, out_dtypes):
-        return lambda x, w: [mx.fast.rms_norm(x, w, 1e-5) * 1.0]
+        return lambda x, w: [(mx.fast.rms_norm(x, w, 1e-5) * 1.0).reshape(out_shapes[0])]
 
 
 def test_a_compiled_plan_replays_matches_and_differentiates(store_dir, rng, monkeypatch, resolves):
@@ -244,3 +262,19 @@ def test_the_builtin_timed_at_a_shape_computes_the_builtin(name, rng):
     xs = op.make_inputs(shape, mx.float32, rng)
     np.testing.assert_allclose(np.asarray(op.baseline_for(shape)(*xs)[0]), np.asarray(op.baseline(*xs)[0]),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_layers_in_eval_mode_take_the_path_without_a_vjp(store_dir, rng):
+    """Inference (mlx-lm loads models in eval mode) skips the custom function's graph node;
+    training mode keeps the built-in's gradient."""
+    from hlh_mlx import nn as hnn
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    layer = hnn.RMSNorm(512)
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    layer.eval()
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert tuned.rms_norm.no_grad.plans and not tuned.rms_norm.plans
+    layer.train()
+    g = mx.grad(lambda x: layer(x).sum())(x)
+    _same(g, mx.grad(lambda x: mx.fast.rms_norm(x, layer.weight, layer.eps).sum())(x))
+    assert tuned.rms_norm.plans and tuned.fallbacks() == {}
