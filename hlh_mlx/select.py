@@ -24,6 +24,10 @@ from .variants import Variant
 # it won at: kernels that win at LLM prefill sizes lose at decode sizes, where launch
 # overhead dominates.
 MAX_EXTRAPOLATION = 8
+# ... and at most this many times larger or smaller in every dimension: measured on the
+# H200, a 4-bit gemv winner at 14336x4096 (same bytes) ran 1.5x slower than the built-in
+# at 4096x14336, a different regime of the same op.
+MAX_DIM_RATIO = 2
 # Results of older timing methods are history, never a reason to run a variant: methods
 # 1-3 timed batches of independent calls, which the GPU overlaps (throughput, not the
 # latency a program sees) and stored no host cost.
@@ -180,7 +184,9 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
         if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
             continue
         ratio_bytes = op.bytes(call.shape, size) / max(op.bytes(r["shape"], size), 1)
-        if not 1 / MAX_EXTRAPOLATION <= ratio_bytes <= MAX_EXTRAPOLATION:
+        dims_apart = max(max(call.shape[k], r["shape"][k], 1) / max(min(call.shape[k], r["shape"][k]), 1)
+                         for k in call.shape)
+        if not 1 / MAX_EXTRAPOLATION <= ratio_bytes <= MAX_EXTRAPOLATION or dims_apart > MAX_DIM_RATIO + 1e-9:
             too_far.append(r["shape_str"])  # a winner at 64 MB says nothing about a 16 KB launch
             continue
         robust = c.speedup["beyond_noise"]
@@ -196,7 +202,8 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
                 if untrusted else "")
         if too_far:
             note += (f" (tuned only at {', '.join(sorted(set(too_far)))}: more than {MAX_EXTRAPOLATION}x "
-                     f"away in bytes moved; sweep --shape {op.shape_str(call.shape)} to tune this size)")
+                     f"away in bytes moved or {MAX_DIM_RATIO}x in a dimension; sweep --shape "
+                     f"{op.shape_str(call.shape)} to tune this size)")
         return Choice(None, None, f"no stored {op.name} variant beats the built-in end to end (beyond the "
                                   f"spread of both timings) for {call.dtype} "
                                   f"on {device} [{backend}]{note}")

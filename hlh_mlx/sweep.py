@@ -296,10 +296,13 @@ def _local(path) -> list[dict]:
 
 
 def _stored_best(p: Plan, path, shape, dtype) -> Variant | None:
-    """The fastest correct stored variant of the plan's space at this shape and dtype."""
+    """The fastest correct stored variant of the plan's space at this shape and dtype, by
+    the newest timing method that timed any variant (a built-in timed first by a newer
+    method must not hide every variant, as it would right after a timing-method change)."""
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    return next((by_id[r["variant_id"]] for r in ranked(_local(path), shape, dtype, p.backend)
+    variants_only = [r for r in _local(path) if r.get("template") != "builtin"]
+    return next((by_id[r["variant_id"]] for r in ranked(variants_only, shape, dtype, p.backend)
                  if r.get("variant_id") in by_id), None)
 
 

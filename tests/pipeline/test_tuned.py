@@ -100,8 +100,10 @@ def test_a_winner_is_not_extrapolated_to_far_smaller_launches(store_dir, rng):
     small = mx.array(rng.standard_normal((1, 4096)).astype(np.float32))
     why = tuned.explain("softmax", small, axis=-1)
     assert why.startswith("built-in") and "tuned only at 8192x4096" in why and "--shape 1x4096" in why
-    near = mx.zeros((2048, 4096))
+    near = mx.zeros((4096, 4096))
     assert tuned.explain("softmax", near, axis=-1).startswith("variant ")
+    other_regime = mx.zeros((2048, 16384))  # same bytes, 4x apart in each dimension
+    assert "2x in a dimension" in tuned.explain("softmax", other_regime, axis=-1)
 
 
 def test_an_unsupported_dtype_falls_back_visibly(store_dir, rng):
