@@ -122,10 +122,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any machine")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", action="append", default=[], help="only these ops (repeat)")
     args = ap.parse_args()
     be = backends.auto()
     rows = []
     for op_name, shape in (SMALL if args.small else CASES):
+        if args.only and op_name not in args.only:
+            continue
         try:
             rows.append(measure_case(op_name, shape))
         except Exception as e:  # one broken case must not cost the others' numbers

@@ -235,9 +235,8 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None) ->
                     progress(None, shape, dtype)
                 jobs = list(p.candidates)
                 forced = set()
-                if timed and p.retime:  # the stored winner is timed again next to the built-in
-                    best = _stored_best(p, path, shape, dtype)
-                    if best is not None:
+                if timed and p.retime:  # the stored winners are timed again next to the built-in
+                    for best in reversed(_stored_winners(p, path, shape, dtype)[:2]):
                         jobs.insert(0, best)
                         forced.add(best.id)
                 seen: set[str] = set()
@@ -296,14 +295,24 @@ def _local(path) -> list[dict]:
 
 
 def _stored_best(p: Plan, path, shape, dtype) -> Variant | None:
-    """The fastest correct stored variant of the plan's space at this shape and dtype, by
-    the newest timing method that timed any variant (a built-in timed first by a newer
-    method must not hide every variant, as it would right after a timing-method change)."""
+    """The fastest correct stored variant of the plan's space at this shape and dtype."""
+    return next(iter(_stored_winners(p, path, shape, dtype)), None)
+
+
+def _stored_winners(p: Plan, path, shape, dtype) -> list[Variant]:
+    """The winner of each timing method's results, newest method first: after a change of
+    timing method, --retime must time the old winner again too, not only whatever the new
+    method has timed so far."""
     from .rank import ranked
     by_id = {v.id: v for v in p.space}
-    variants_only = [r for r in _local(path) if r.get("template") != "builtin"]
-    return next((by_id[r["variant_id"]] for r in ranked(variants_only, shape, dtype, p.backend)
-                 if r.get("variant_id") in by_id), None)
+    mine = [r for r in _local(path) if r.get("template") != "builtin" and r.get("timing")]
+    out: list[Variant] = []
+    for method in sorted({r.get("timing_method", 1) for r in mine}, reverse=True):
+        rows = ranked([r for r in mine if r.get("timing_method", 1) == method], shape, dtype, p.backend)
+        best = next((by_id[r["variant_id"]] for r in rows if r.get("variant_id") in by_id), None)
+        if best is not None and best not in out:
+            out.append(best)
+    return out
 
 
 def _time_again(p: Plan, path, shape, dtype, worker: Worker) -> None:
