@@ -41,11 +41,11 @@ def _tmpdir() -> str:
 def _layout(regions: list[Region], sanitize: bool) -> int:
     pos = 0
     for r in regions:
-        gap = max(256, min(r.nbytes, 1 << 16)) if sanitize else 0
-        pos = (pos + gap + 63) // 64 * 64
+        if sanitize:  # page-aligned: the launcher maps each buffer on its own, far from the others
+            pos = (pos + 4095) // 4096 * 4096
         r.offset = pos
         pos += max(r.nbytes, 1)
-    return pos + (4096 if sanitize else 64)
+    return (pos + 4095) // 4096 * 4096 + 4096 if sanitize else pos + 64
 
 
 def timeout_seconds() -> float:
@@ -56,9 +56,31 @@ def workers() -> int:
     return int(os.environ.get("HLH_MLX_EMU_THREADS", str(os.cpu_count() or 1)))
 
 
+def cpu_seconds() -> int:
+    """CPU-time limit of a kernel process: the wall-clock limit on every worker, and some."""
+    return int(timeout_seconds() * max(1, workers())) + 5
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the kernel process and everything in its process group, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, sanitize: bool,
-        source: str, header: str, reverse: bool = False) -> list[bytes]:
-    """Run the kernel; return the final bytes of every region (in order)."""
+        source: str, header: str, reverse: bool = False, launcher: Path | None = None,
+        extra_spec: tuple[str, ...] = ()) -> list[bytes]:
+    """Run the kernel object `exe` under the launcher; return the final bytes of every region.
+
+    The launcher locks its process down (see runtime.cpp) before it loads the object and
+    says so on stdout; without that report no result is used.
+    """
+    from . import toolchain
+
+    launcher = launcher or toolchain.launcher("sanitize" if sanitize else "fast")
     size = _layout(regions, sanitize)
     fd, path = tempfile.mkstemp(prefix="hlh-emu-", dir=_tmpdir())
     try:
@@ -71,23 +93,42 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
                     mm[r.offset:r.offset + r.nbytes] = bytes(r.data) if not isinstance(r.data, bytes) else r.data
         spec = [f"file {path}", "grid %d %d %d" % tuple(grid), "threadgroup %d %d %d" % tuple(threadgroup),
                 f"workers {workers()}", f"order {'reverse' if reverse else 'forward'}",
-                f"sanitize {int(sanitize)}", f"memlimit {int(os.environ.get('HLH_MLX_EMU_MEMORY', 16 << 30))}"]
+                f"sanitize {int(sanitize)}", f"memlimit {int(os.environ.get('HLH_MLX_EMU_MEMORY', 16 << 30))}",
+                f"cpulimit {cpu_seconds()}", *extra_spec]
         spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
+        # its own session: a timeout kills the whole group; the launcher also dies with us
+        proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run([str(exe)], input="\n".join(spec) + "\n", capture_output=True, text=True,
-                                  timeout=timeout_seconds())
+            out, err = proc.communicate("\n".join(spec) + "\n", timeout=timeout_seconds())
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             raise KernelTimeoutError(
                 f"[emulator] kernel '{kernel}' did not finish within {timeout_seconds():g} s and was stopped "
                 "(an endless loop, or a barrier some threads never reach?); HLH_MLX_EMU_TIMEOUT sets the limit"
             ) from None
-        _check(kernel, exe, proc, source, header)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        _check(kernel, exe, subprocess.CompletedProcess(proc.args, proc.returncode, out, err), source, header)
         with open(path, "rb") as f:
             data = f.read()
         return [data[r.offset:r.offset + r.nbytes] for r in regions]
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def lockdown_report(stdout: str) -> dict | None:
+    """What the kernel process reported about its lockdown, if it reported one first."""
+    first = stdout.split("\n", 1)[0]
+    if not first.startswith("HLH_LOCKED "):
+        return None
+    try:
+        report = json.loads(first[len("HLH_LOCKED "):])
+    except ValueError:
+        return None
+    return report if all(report.get(k) is True for k in ("no_new_privs", "seccomp", "probe")) else None
 
 
 def _tagged(stderr: str, tag: str):
@@ -98,11 +139,20 @@ def _tagged(stderr: str, tag: str):
 
 
 def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: str, header: str) -> None:
+    locked = lockdown_report(proc.stdout)
+    fault = _tagged(proc.stderr, "HLH_FAULT")
+    if fault and fault["kind"] in ("sandbox", "object"):
+        raise EmulatorError(f"[emulator] kernel '{kernel}' was not run: {fault['what']}")
+    if locked is None and not (fault and fault["kind"] == "spec"):
+        raise EmulatorError(
+            f"[emulator] kernel '{kernel}': the kernel process did not report itself sandboxed "
+            f"(exit {proc.returncode}); its results are not used")
     for w in _tagged(proc.stderr, "HLH_WARN") or []:
         warnings.warn(f"[emulator] kernel '{kernel}': {w['kind']}: {w['what']}", RuntimeWarning, stacklevel=4)
     if proc.returncode == 0:
+        if "HLH_DONE" not in proc.stdout:
+            raise EmulatorError(f"[emulator] kernel '{kernel}' exited before finishing the dispatch")
         return
-    fault = _tagged(proc.stderr, "HLH_FAULT")
     if fault and fault["kind"] in ("spec", "resources"):
         raise EmulatorError(f"[emulator] kernel '{kernel}': {fault['what']}")
     if fault and fault["kind"] == "threadgroup-memory":
@@ -127,8 +177,9 @@ def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: st
         raise KernelCrashError(f"[emulator] kernel '{kernel}' crashed with {sig}{who}{hint}")
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        why = " (a forbidden system call: the kernel tried to reach the host)" if sig == "SIGSYS" else (
-            " (out of memory?)" if sig == "SIGKILL" else "")
+        why = (" (a forbidden system call: the kernel tried to reach outside its sandbox, which stopped it)"
+               if sig == "SIGSYS" else " (CPU-time limit)" if sig == "SIGXCPU" else
+               " (out of memory or CPU-time limit?)" if sig == "SIGKILL" else "")
         raise KernelCrashError(f"[emulator] kernel '{kernel}' was killed by {sig}{why}")
     raise KernelCrashError(f"[emulator] kernel '{kernel}' failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 

@@ -55,7 +55,8 @@ def test_a_self_declared_libc_function_is_refused_at_link_check():
 
 def test_the_syscall_filter_stops_what_gets_past_the_other_walls():
     plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
-    tu = codegen.cpp_unit("sys", 'extern "C" int getppid();', "out[0] = float(getppid());", plist, [], False)
+    tu = codegen.cpp_unit("sys", 'extern "C" int unlink(const char*);', 'out[0] = float(unlink("/nonexistent"));',
+                          plist, [], False)
     exe = toolchain.build_kernel("sys", tu, "", "", "fast", check_symbols=False)
     regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
     with pytest.raises(KernelCrashError, match="SIGSYS.*forbidden system call"):
