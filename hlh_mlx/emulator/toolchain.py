@@ -225,14 +225,20 @@ def undefined_symbols(obj: Path) -> list[str]:
     return [line.rstrip().rsplit(" ", 1)[0] for line in out.splitlines() if line.strip()]
 
 
-def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True) -> Path:
-    """Compile a generated translation unit into a runnable kernel program (cached).
+def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True,
+                 strip_initialisers: bool = True) -> Path:
+    """Compile a generated translation unit into a kernel shared object (cached).
 
-    `check_symbols=False` exists only so tests can reach the sandbox behind the check.
+    The symbol check is a friendly error (safety.FRIENDLY_CHECKS switches it off with the
+    others); `strip_initialisers=False` exists only so tests can reach the launcher's own
+    refusal of an object with initialisers.
     """
+    from . import safety
+
+    check_symbols = check_symbols and safety.FRIENDLY_CHECKS
     cxx = find_compiler()
     rt = runtime_build(mode)
-    key = _sha(rt.name, tu, str(check_symbols))
+    key = _sha(rt.name, tu, str(check_symbols), str(strip_initialisers))
     final = cache_root() / "kernels" / key
     exe = final / "kernel.so"
     if exe.exists():
@@ -254,7 +260,9 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
             )
         # Metal has no dynamic initialisation of program-scope variables: drop every
         # initialiser and finaliser section (the launcher refuses an object with any left)
-        _run([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], "stripping initialisers", tmp)
+        if strip_initialisers:
+            _run([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], "stripping initialisers",
+                 tmp)
         _run([cxx.path, "-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "kernel.o", "-lm",
               "-o", "kernel.so"], "linking the kernel", tmp)
         os.chmod(tmp / "kernel.so", 0o644)
