@@ -15,8 +15,8 @@ What this file does:
   everything else (`#include` of anything else, `#line`, other pragmas ...) is refused.
   Raw string literals and trigraphs are refused: nothing in Metal needs them, and they
   are where a lexer and the compiler could disagree. Behind it the compiler itself
-  poisons `asm`, `_Pragma` and `__has_include` (codegen.POISON) and never quotes a
-  line of any file in a diagnostic.
+  poisons `asm` and `__has_include` and defines `_Pragma(x)` away (codegen.POISON),
+  and never quotes a line of any file in a diagnostic.
 - `check` (friendly errors, can be switched off with FRIENDLY_CHECKS): names host calls,
   inline assembly, `extern` declarations and constructor attributes at their line,
   rather than letting the kernel die of SIGSYS in its sandbox.
@@ -242,7 +242,7 @@ def prepare(kernel: str, part: str, text: str) -> str:
 # ---------------------------------------------------------------- friendly errors
 _FORBIDDEN_WORDS = {
     "asm": "inline assembly", "__asm": "inline assembly", "__asm__": "inline assembly",
-    "_Pragma": "the _Pragma operator", "__has_include": "__has_include", "__has_include_next": "__has_include",
+    "__has_include": "__has_include", "__has_include_next": "__has_include",
     "extern": "an external declaration",
     "std": "the C++ standard library (Metal has none; use metal::)",
 }

@@ -24,7 +24,6 @@ ESCAPES = [  # friendly errors, before anything is compiled (test_redteam.py: wh
     ("source", 'auto f = fopen ("/etc/passwd", "r");', "call to 'fopen'"),
     ("header", 'extern "C" int unlink(const char*);', "'extern'"),
     ("source", 'std::exit(0);', "'std'"),
-    ("source", '_Pragma("GCC diagnostic push") out[0] = 1;', "'_Pragma'"),
 ]
 
 

@@ -135,8 +135,12 @@ CASES = [
      (KernelCompileError, 'poisoned "asm"')),
     ("digraph-paste-asm", "%:define CAT(a, b) a %:%: b\n", 'CAT(as, m)(".incbin \\"/etc/passwd\\""); out[0] = 1;',
      None, (KernelCompileError, 'poisoned "asm"')),
-    ("pragma-operator", "#define CAT(a, b) a ## b\n", 'CAT(_Pra, gma)("GCC dependency \\"/etc/passwd\\"") '
-     'out[0] = 1;', None, (KernelCompileError, 'poisoned "_Pragma"')),
+    # _Pragma expands to nothing: a pragma that would stop the compile never runs
+    ("pragma-operator", "", '_Pragma("GCC error \\"the pragma ran\\"") out[0] = 1;', None, "runs"),
+    ("pragma-operator-pasted", "#define CAT(a, b) a ## b\n", 'CAT(_Pra, gma)("GCC error \\"the pragma ran\\"") '
+     'out[0] = 1;', None, "runs"),
+    ("pragma-operator-undefined", "#undef _Pragma\n", '_Pragma("GCC error \\"the pragma ran\\"") out[0] = 1;',
+     None, (KernelCompileError, "_Pragma. was not declared")),
     ("has-include", "", '#if __has_include("/etc/passwd")\nout[0] = 1;\n#endif\nout[1] = 2;', None,
      (KernelCompileError, 'poisoned "__has_include"')),
 ]
