@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from hlh_mlx import emulator
+from hlh_mlx import emulator, guard
 from hlh_mlx.emulator import (EmulatorError, KernelCompileError, KernelCrashError, KernelTimeoutError,
                               UnsafeKernelError, codegen, launch, safety, toolchain)
 
@@ -69,20 +69,29 @@ def world(tmp_path):
     assert not _kernel_processes(), "a kernel process outlived its call"
 
 
-def _kernel_processes() -> list[int]:
-    """Pids of emulator launchers still running (their argv[0] is our launcher)."""
+def _kernel_processes(parent: int | None = None) -> list[int]:
+    """Pids of emulator launchers still running whose parent is `parent` (default: us)."""
+    parent = os.getpid() if parent is None else parent
     pids = []
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+        if not d.name.isdigit():
             continue
         try:
             argv0 = (d / "cmdline").read_bytes().split(b"\0")[0]
-            state = next(ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:"))
-        except (OSError, StopIteration):
+            status = dict(ln.split(":", 1) for ln in (d / "status").read_text().splitlines() if ":" in ln)
+        except OSError:
             continue
-        if argv0.endswith(b"/launcher") and str(toolchain.cache_root()).encode() in argv0 and "Z" not in state:
+        if argv0.endswith(b"/launcher") and int(status["PPid"]) == parent and "Z" not in status["State"]:
             pids.append(int(d.name))
     return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state
 
 
 def call(k, n=4):
@@ -272,7 +281,7 @@ def test_a_hung_kernel_dies_with_the_process_that_ran_it(world, tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})
         import mlx.core as mx
-        from hlh_mlx import emulator
+        from hlh_mlx import emulator, guard
         k = emulator.metal_kernel("spin_orphan", ["inp"], ["out"], "volatile int x = 1; while (x) {{}} out[0] = 1;")
         print("start", flush=True)
         k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4,)],
@@ -283,13 +292,45 @@ def test_a_hung_kernel_dies_with_the_process_that_ran_it(world, tmp_path):
     try:
         assert worker.stdout.readline().strip() == "start"
         deadline = time.monotonic() + 60
-        while not _kernel_processes() and time.monotonic() < deadline:
+        while not _kernel_processes(worker.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _kernel_processes(), "the kernel process never started"
+        spinning = _kernel_processes(worker.pid)
+        assert spinning, "the kernel process never started"
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     deadline = time.monotonic() + 5
-    while _kernel_processes() and time.monotonic() < deadline:
+    while any(_alive(p) for p in spinning) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _kernel_processes(), "the kernel process outlived the worker"
+    assert not any(_alive(p) for p in spinning), "the kernel process outlived the worker"
+
+
+def test_guard_reports_a_hostile_template_and_nothing_happens(world, tmp_path, monkeypatch):
+    """guard on an untrusted template: with every text check off, the kernel still runs
+    only in the sandbox, which stops it, and guard reports the failure."""
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    d = tmp_path / "gelu"
+    d.mkdir()
+    path = d / "hostile.metal.j2"
+    path.write_text(_fill('''{#
+[meta]
+op = "gelu"
+inputs = ["x"]
+outputs = ["y"]
+[params]
+TG = [64]
+[launch]
+grid = ["ceil_div(N, TG) * TG", "1", "1"]
+threadgroup = ["TG", "1", "1"]
+[template_args]
+T = "dtype"
+#}
+{% set header %}
+extern "C" int unlink(const char*);
+{% endset %}
+uint i = thread_position_in_grid.x;
+if (i < x_shape[0]) y[i] = T(float(x[i]) + 0.0f * unlink("{CANARY}"));
+''', world))
+    findings = guard.scan([path])
+    assert findings and all(f.blocking for f in findings)
+    assert any(SYSCALL in f.message for f in findings), [str(f) for f in findings]
