@@ -266,22 +266,52 @@ def check(kernel: str, part: str, text: str) -> None:
     if not FRIENDLY_CHECKS:
         return
     toks = [t for t in _Lexer(kernel, part, text).tokens() if t.kind != "directive"]
+    in_attr = _attribute_tokens(toks)
     for k, tok in enumerate(toks):
         if tok.kind != "ident":
             continue
         where = f"[emulator] kernel '{kernel}', {part} line {tok.line}"
         nxt = toks[k + 1].text if k + 1 < len(toks) else ""
+        prev = toks[k - 1].text if k else ""
+        # x.read(), metal::abs(), or a declaration (float read(int i)) rather than a call
+        member = prev in (".", ">") or (prev == ":" and k > 1 and toks[k - 2].text == ":") or (
+            k and toks[k - 1].kind == "ident" and prev not in ("return", "else", "do", "case", "co_return"))
         if tok.text in _FORBIDDEN_WORDS:
             raise UnsafeKernelError(f"{where}: '{tok.text}' ({_FORBIDDEN_WORDS[tok.text]}) is not allowed")
-        if tok.text in _HOST_CALLS and nxt == "(":
+        if tok.text in _HOST_CALLS and nxt == "(" and not member:
             raise UnsafeKernelError(f"{where}: call to '{tok.text}' is outside the Metal/MLX surface")
-        if tok.text in _INIT_ATTRS and k and toks[k - 1].text in ("(", ",", ":", "["):
+        if tok.text in _INIT_ATTRS and k in in_attr:
             raise UnsafeKernelError(f"{where}: attribute '{tok.text}' is not allowed (Metal has no constructors, "
                                     "sections or aliases)")
-        if tok.text == "using" and k and toks[k - 1].text == "[":
+        if tok.text == "using" and k in in_attr:
             raise UnsafeKernelError(f"{where}: compiler attribute namespace '[[using ...]]' is not allowed")
-        if tok.text in ("gnu", "clang") and nxt == ":" and k + 2 < len(toks) and toks[k + 2].text == ":":
+        if tok.text in ("gnu", "clang") and k in in_attr and nxt == ":" and k + 2 < len(toks) and toks[k + 2].text == ":":
             raise UnsafeKernelError(f"{where}: compiler attribute '{tok.text}::' is not allowed")
+
+
+def _attribute_tokens(toks: list[Token]) -> set[int]:
+    """Indices of tokens inside `__attribute__((...))` or `[[...]]`."""
+    inside: set[int] = set()
+    k = 0
+    while k < len(toks):
+        t = toks[k].text
+        if t in ("__attribute__", "__attribute") and k + 1 < len(toks) and toks[k + 1].text == "(":
+            depth, j = 0, k + 1
+            while j < len(toks):
+                depth += {"(": 1, ")": -1}.get(toks[j].text, 0)
+                inside.add(j)
+                if depth == 0:
+                    break
+                j += 1
+            k = j
+        elif t == "[" and k + 1 < len(toks) and toks[k + 1].text == "[":
+            j = k + 2
+            while j + 1 < len(toks) and not (toks[j].text == "]" and toks[j + 1].text == "]"):
+                inside.add(j)
+                j += 1
+            k = j
+        k += 1
+    return inside
 
 
 def blank_comments_and_strings(text: str) -> str:

@@ -35,6 +35,18 @@ def test_host_escapes_are_refused_before_compiling(part, text, named):
     assert named in str(e.value) and f"{part} line" in str(e.value)
 
 
+def test_ordinary_names_are_not_mistaken_for_escapes():
+    src = """
+        struct Reader { float read(int i) const { return float(i); } };
+        Reader r;
+        float section = 2.0f, alias = 1.0f;
+        uint i = thread_position_in_grid.x;
+        out[i] = r.read(1) + metal::abs(min(section, alias)) + inp[i];
+    """
+    k = emulator.metal_kernel("names", ["inp"], ["out"], src, header="[[maybe_unused]] constant float kOne = 1.0f;\n")
+    assert np.asarray(call(k)[0]).tolist() == [3.0] * 4
+
+
 def test_words_in_comments_and_strings_are_not_code():
     k = emulator.metal_kernel("fine", ["inp"], ["out"], '// system("id") and #include <x> in a comment\n'
                               'uint i = thread_position_in_grid.x; out[i] = inp[i]; /* asm */')
