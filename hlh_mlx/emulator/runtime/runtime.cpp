@@ -1000,8 +1000,11 @@ int main(int argc, char** argv) {
   // keep stdout, stderr and the object; close everything else (stdin included)
   if (dup2(kfd, 3) < 0) spec_error("cannot keep the kernel object open");
   kfd = 3;
-  for (int f = 0; f < 1024; f++)
-    if (f != 1 && f != 2 && f != kfd) close(f);
+  close(0);
+#ifdef SYS_close_range
+  if (syscall(SYS_close_range, 4u, ~0u, 0u) != 0)
+#endif
+    for (int f = 4; f < 65536; f++) close(f);
   install_crash_handlers();
 
   Lockdown l = lock_down(g_spec.mem_limit, g_spec.cpu_limit);
