@@ -1,8 +1,12 @@
-"""Run one dispatch of a compiled kernel in a child process and read its outputs back.
+"""Run one dispatch of a compiled kernel in a locked-down child process; read its outputs back.
 
 All buffers of the dispatch live in one file (in /dev/shm when there is one), laid out
-in parameter order; the child maps it, runs, and exits. With the sanitizer, buffers are
-separated by gaps so an access that strays off one lands in no buffer and is reported.
+in parameter order. The child is the launcher (runtime.cpp): it maps the file, locks
+itself down, reports that on stdout, and only then loads the kernel object and runs it.
+No result is used without that report. The child runs in its own session (a timeout
+kills its whole group) and dies with this process. With the sanitizer each buffer is
+page-aligned and the launcher maps it far from the others, so an access that strays off
+one buffer lands in no buffer and is reported against it.
 """
 
 from __future__ import annotations

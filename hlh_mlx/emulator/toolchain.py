@@ -1,4 +1,8 @@
-"""Compile emulated kernels: find a C++ compiler, build the runtime once, cache kernels.
+"""Compile emulated kernels: find a C++ compiler, build the launcher once, cache kernel objects.
+
+Kernel text reaches the compiler only through safety.prepare (every directive decided)
+and behind codegen.POISON; diagnostics never quote a file, and messages located in any
+file but ours are withheld. Each kernel becomes a shared object without initialisers.
 
 Everything built lands in a cache directory keyed by what could change the binary
 (compiler identity, flags, runtime sources, the kernel's generated C++), so a second

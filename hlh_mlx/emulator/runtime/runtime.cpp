@@ -1,13 +1,16 @@
 // The emulator runtime: runs one dispatch of a compiled Metal kernel body on the CPU.
 //
 // Process model: the Python side writes every buffer of the dispatch into one file,
-// starts this program with a text spec on stdin, and reads the outputs back from the
-// file. Each threadgroup runs on one worker OS thread; when the body synchronises
+// starts this program (the launcher) with the kernel object's path and a text spec on
+// stdin, and reads the outputs back from the file. The launcher locks its process down
+// (see "containment" below) BEFORE it loads the kernel object, so no kernel code, static
+// constructors included, ever runs outside the sandbox. Each threadgroup runs on one worker OS thread; when the body synchronises
 // (barriers, simd_/quad_ functions) each Metal thread is a fiber and a scheduler
 // releases barriers and resolves simdgroup exchanges. A kernel that needs neither runs
 // its threads as plain calls.
 //
-// Reporting: success is exit code 0. A sanitizer fault or dispatch error prints one
+// Reporting: "HLH_LOCKED {json}" first on stdout once locked down (the parent uses no
+// result without it), "HLH_DONE {}" at the end; success is exit code 0. A sanitizer fault or dispatch error prints one
 // line "HLH_FAULT {json}" on stderr and exits with 3; warnings print "HLH_WARN {json}".
 // Memory faults inside the body print "HLH_CRASH {json}" from the signal handler.
 #include <errno.h>
