@@ -230,6 +230,17 @@ def test_object_with_initialisers_is_refused_by_the_launcher(world, monkeypatch)
         launch.run("ctor", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
 
 
+def test_object_with_ifunc_resolvers_is_refused_by_the_launcher(world, monkeypatch):
+    """An IFUNC resolver would run while the object is relocated: the loader refuses it."""
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    header = LIBC + _fill('static int impl() { return unlink("{CANARY}"); }\n'
+                          'extern "C" void* pick() { return (void*)impl; }\n'
+                          'extern "C" int chosen() __attribute__((ifunc("pick")));\n', world)
+    k = emulator.metal_kernel("ifunc", ["inp"], ["out"], "out[0] = chosen();", header=header)
+    with pytest.raises(EmulatorError, match="kernel object is refused: it has IFUNC resolvers"):
+        call(k)
+
+
 def test_a_launcher_that_cannot_lock_down_loads_nothing(world, monkeypatch):
     monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
     k = emulator.metal_kernel("nolock", ["inp"], ["out"], _fill('unlink("{CANARY}"); out[0] = 1;', world),

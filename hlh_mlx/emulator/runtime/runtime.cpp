@@ -869,7 +869,7 @@ std::string object_problem(int fd) {
       if (!in(ph[i].p_offset, ph[i].p_filesz)) { why = "bad dynamic section"; break; }
       const Elf64_Dyn* d = (const Elf64_Dyn*)(m + ph[i].p_offset);
       size_t nd = ph[i].p_filesz / sizeof(Elf64_Dyn);
-      uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0;
+      uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0, symtab = 0;
       for (size_t k = 0; k < nd && d[k].d_tag != DT_NULL; k++) {
         switch (d[k].d_tag) {
           case DT_INIT: case DT_PREINIT_ARRAY: why = "it has initialisers (static constructors)"; break;
@@ -881,6 +881,7 @@ std::string object_problem(int fd) {
           case DT_RELASZ: relasz = d[k].d_un.d_val; break;
           case DT_JMPREL: jmprel = d[k].d_un.d_ptr; break;
           case DT_PLTRELSZ: pltsz = d[k].d_un.d_val; break;
+          case DT_SYMTAB: symtab = d[k].d_un.d_ptr; break;
           default: break;
         }
       }
@@ -889,12 +890,21 @@ std::string object_problem(int fd) {
         if (!size || !why.empty()) continue;
         if (!file_off(addr, off) || !in(off, size)) { why = "bad relocations"; break; }
         const Elf64_Rela* r = (const Elf64_Rela*)(m + off);
+        uint64_t symoff = 0;
+        bool have_syms = symtab && file_off(symtab, symoff);
         for (size_t k = 0; k < size / sizeof(Elf64_Rela); k++) {
 #if defined(__x86_64__)
           if (ELF64_R_TYPE(r[k].r_info) == R_X86_64_IRELATIVE) why = "it has IFUNC resolvers";
 #elif defined(__aarch64__)
           if (ELF64_R_TYPE(r[k].r_info) == R_AARCH64_IRELATIVE) why = "it has IFUNC resolvers";
 #endif
+          // a relocation against an IFUNC symbol the object defines runs its resolver
+          uint64_t sym = ELF64_R_SYM(r[k].r_info);
+          if (!sym) continue;
+          uint64_t at = symoff + sym * sizeof(Elf64_Sym);
+          if (!have_syms || !in(at, sizeof(Elf64_Sym))) { why = "bad symbol table"; break; }
+          const Elf64_Sym* es = (const Elf64_Sym*)(m + at);
+          if (ELF64_ST_TYPE(es->st_info) == STT_GNU_IFUNC && es->st_shndx != SHN_UNDEF) why = "it has IFUNC resolvers";
         }
       }
     }
@@ -1024,12 +1034,12 @@ int main(int argc, char** argv) {
   void* h = dlopen("/proc/self/fd/3", RTLD_NOW | RTLD_LOCAL);
   if (!h) spec_error(std::string("cannot load the kernel object: ") + dlerror());
   close(kfd);
+  if (!install_filter(false)) fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
   g_kernel = (const msl_kernel_desc*)dlsym(h, "msl_kernel");
   g_kernel_thread = (void (*)(void* const*, const msl_thread_info*))dlsym(h, "msl_kernel_thread");
   if (!g_kernel || !g_kernel_thread) spec_error("the kernel object lacks msl_kernel / msl_kernel_thread");
   Dl_info info;
   if (dladdr((void*)g_kernel_thread, &info)) g_kernel_base = (uintptr_t)info.dli_fbase;
-  if (!install_filter(false)) fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
 
   if ((int)g_spec.params.size() != g_kernel->n_params)
     spec_error("the spec lists " + std::to_string(g_spec.params.size()) + " buffers, the kernel takes " +
