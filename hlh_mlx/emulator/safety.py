@@ -52,6 +52,16 @@ _NUMBER = re.compile(r"\.?\d(?:[eEpP][+-]|[\w.'])*")
 _STRING_PREFIX = re.compile(r"(u8|u|U|L)?R?$")
 
 
+# The compiler ignores NUL and ends a line at a lone carriage return: text must not
+# look different to it and to the lexer below.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def normalize(text: str) -> str:
+    """Line ends as the compiler sees them: CR LF and a lone CR are newlines."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 @dataclass
 class Token:
     kind: str       # ident | number | string | punct | directive
@@ -65,6 +75,12 @@ class _Lexer:
 
     def __init__(self, kernel: str, part: str, text: str):
         self.kernel, self.part = kernel, part
+        text = normalize(text)
+        bad = _CONTROL.search(text)
+        if bad:
+            line = text.count("\n", 0, bad.start()) + 1
+            raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part} line {line}: control character "
+                                    f"{bad.group(0)!r} is not allowed in kernel text")
         # phase 2: remove line splices (GCC also accepts spaces between the backslash and
         # the newline); remember the original line of every remaining character
         chars, lines = [], []
@@ -73,7 +89,7 @@ class _Lexer:
             c = text[i]
             if c == "\\":
                 j = i + 1
-                while j < n and text[j] in " \t\f\v\r":
+                while j < n and text[j] in " \t\f\v":
                     j += 1
                 if j < n and text[j] == "\n":
                     line += 1
@@ -103,7 +119,7 @@ class _Lexer:
                 line_start = True
                 i += 1
                 continue
-            if c in " \t\f\v\r":
+            if c in " \t\f\v":
                 i += 1
                 continue
             if s.startswith("//", i):
@@ -202,6 +218,7 @@ def prepare(kernel: str, part: str, text: str) -> str:
 
     Line numbers are kept: a dropped directive leaves its lines blank.
     """
+    text = normalize(text)  # what the compiler gets is exactly what was lexed
     lex = _Lexer(kernel, part, text)
     blank: list[tuple[int, int]] = []  # (first line, last line) of dropped directives
     for tok in lex.tokens():

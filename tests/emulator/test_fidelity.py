@@ -301,3 +301,16 @@ def test_out_of_bounds_that_lands_in_another_buffer_is_caught(rng, reach):
         k(inputs=[a, b], template=[("OFF", 64 - 1 + reach)], grid=(2, 1, 1), threadgroup=(2, 1, 1),
           output_shapes=[(2,)], output_dtypes=[mx.float32])
     assert e.value.kind == "out-of-bounds" and "'a'" in str(e.value) and e.value.line == 1
+
+
+def test_windows_line_endings_compile_and_keep_line_numbers(metal):
+    src = "uint i = thread_position_in_grid.x;\r\n#pragma unroll\r\nout[i] = inp[i] + 1;\r\nout[i] += undefined_name;\r\n"
+    k = metal(name="crlf", input_names=["inp"], output_names=["out"], source=src.replace("out[i] += undefined_name;", ""))
+    (y,) = k(inputs=[mx.ones((4,))], grid=(4, 1, 1), threadgroup=(4, 1, 1), output_shapes=[(4,)],
+             output_dtypes=[mx.float32])
+    assert np.asarray(y).tolist() == [2.0] * 4
+    bad = metal(name="crlf_bad", input_names=["inp"], output_names=["out"], source=src)
+    with pytest.raises(emulator.KernelCompileError) as e:
+        bad(inputs=[mx.ones((4,))], grid=(4, 1, 1), threadgroup=(4, 1, 1), output_shapes=[(4,)],
+            output_dtypes=[mx.float32])
+    assert e.value.line == 4

@@ -170,6 +170,9 @@ PREPARE_REFUSALS = [
     ("pragma-dependency", "", '#pragma GCC dependency "/etc/passwd"\nout[0] = 1;', "'#pragma GCC dependency"),
     ("trigraph", "", '??=include "/etc/passwd"\nout[0] = 1;', "trigraph '??='"),
     ("raw-string", "", 'const char* s = R"x(\n#include "/etc/passwd"\n)x"; out[0] = s[0];', "raw string"),
+    # the compiler ends a line at a lone CR, and ignores NUL
+    ("include-after-lone-cr", "", 'out[0] = 1;\r#include "/etc/passwd"\n', "line 2: '#include"),
+    ("include-with-nul", "", '#\x00include "/etc/passwd"\nout[0] = 1;', "control character '\\x00'"),
 ]
 
 
