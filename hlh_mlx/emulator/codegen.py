@@ -214,7 +214,8 @@ def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
 # files: .incbin) and __has_include (probes files). The _Pragma operator becomes a macro
 # that expands to nothing: real kernels use it for unroll hints (MLX's steel headers),
 # and no pragma it could name (GCC dependency reads a file) ever reaches the compiler.
-POISON = "#pragma GCC poison asm __asm __asm__ __has_include __has_include_next\n#define _Pragma(x)\n"
+POISON = ("#pragma GCC poison asm __asm __asm__ __has_include __has_include_next __has_include__ __has_embed\n"
+          "#define _Pragma(x)\n")
 
 
 def cpp_unit(kernel: str, header: str, source: str, plist: list[Param], template, sanitize: bool) -> str:

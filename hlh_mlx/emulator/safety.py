@@ -243,6 +243,9 @@ def prepare(kernel: str, part: str, text: str) -> str:
                 continue
             raise UnsafeKernelError(f"{where}: '#pragma {rest}' is not allowed (only loop-unrolling and "
                                     "diagnostic pragmas, which the emulator ignores)")
+        if name == "" and rest:
+            raise UnsafeKernelError(f"{where}: malformed directive '{tok.text.strip()[:60]}' (a directive name "
+                                    "must follow '#')")
         if name not in _PASS_DIRECTIVES:
             raise UnsafeKernelError(f"{where}: directive '#{name}' is not allowed (allowed: #include of Metal "
                                     "headers, #define, #undef, #if/#ifdef/#ifndef/#elif/#else/#endif, "

@@ -172,6 +172,7 @@ PREPARE_REFUSALS = [
     ("raw-string", "", 'const char* s = R"x(\n#include "/etc/passwd"\n)x"; out[0] = s[0];', "raw string"),
     # the compiler ends a line at a lone CR, and ignores NUL
     ("include-after-lone-cr", "", 'out[0] = 1;\r#include "/etc/passwd"\n', "line 2: '#include"),
+    ("include-spelled-with-ucn", "", '#\\u0069nclude "/etc/passwd"\nout[0] = 1;', "malformed directive"),
     ("include-with-nul", "", '#\x00include "/etc/passwd"\nout[0] = 1;', "control character '\\x00'"),
 ]
 
