@@ -102,15 +102,19 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
         spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
         # its own session: a timeout kills the whole group; the launcher also dies with us
         proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            out, err = proc.communicate("\n".join(spec) + "\n", timeout=timeout_seconds())
+            out, err = _communicate(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise KernelTimeoutError(
                 f"[emulator] kernel '{kernel}' did not finish within {timeout_seconds():g} s and was stopped "
                 "(an endless loop, or a barrier some threads never reach?); HLH_MLX_EMU_TIMEOUT sets the limit"
             ) from None
+        except _TooMuchOutput:
+            _kill_group(proc)
+            raise KernelCrashError(f"[emulator] kernel '{kernel}' wrote more than {MAX_OUTPUT} bytes to its "
+                                   "standard output or error and was stopped") from None
         except BaseException:
             _kill_group(proc)
             raise
@@ -121,6 +125,45 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+MAX_OUTPUT = 1 << 20  # bytes the kernel process may write to stdout and to stderr
+
+
+class _TooMuchOutput(Exception):
+    pass
+
+
+def _communicate(proc: subprocess.Popen, spec: bytes, timeout: float) -> tuple[str, str]:
+    """Like Popen.communicate, but a process that writes more than MAX_OUTPUT bytes to a
+    pipe is stopped: kernel code must not be able to fill this process's memory."""
+    import selectors
+    import time
+
+    proc.stdin.write(spec)
+    proc.stdin.close()
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for f in bufs:
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = bufs[key.fileobj]
+                buf += chunk
+                if len(buf) > MAX_OUTPUT:
+                    raise _TooMuchOutput()
+    proc.wait(max(0.0, deadline - time.monotonic()))  # TimeoutExpired: the caller kills the group
+    for f in bufs:
+        f.close()
+    return (bufs[proc.stdout].decode(errors="replace"), bufs[proc.stderr].decode(errors="replace"))
 
 
 def lockdown_report(stdout: str) -> dict | None:

@@ -119,6 +119,8 @@ CASES = [
     ("executable-memory", LIBC, 'char* p = (char*)malloc(8192); '
      'out[0] = mprotect((void*)(((unsigned long)p + 4095) & ~4095ul), 4096, 7);', "'extern'",
      (KernelCrashError, SYSCALL)),
+    ("output-flood", LIBC, 'char b[65536]; for (int k = 0; k < 65536; k++) b[k] = 65; '
+     'for (;;) write(1, b, 65536);', "'extern'", (KernelCrashError, "wrote more than 1048576 bytes")),
     ("huge-allocation", LIBC, 'volatile char* p = (volatile char*)malloc(1ul << 36); '
      'for (unsigned long k = 0; k < (1ul << 36); k += 4096) p[k] = 1; out[0] = p[4096];', "'extern'", (KernelCrashError, "crashed with SIGSEGV|killed by")),
     # code at global scope: the body closes the kernel function and declares its own
