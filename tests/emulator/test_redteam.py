@@ -351,3 +351,41 @@ if (i < x_shape[0]) y[i] = T(float(x[i]) + 0.0f * unlink("{CANARY}"));
     findings = guard.scan([path])
     assert findings and all(f.blocking for f in findings)
     assert any(SYSCALL in f.message for f in findings), [str(f) for f in findings]
+
+
+FORBIDDEN_SYSCALLS = ["openat", "open", "creat", "unlink", "unlinkat", "rename", "mkdir", "truncate", "ftruncate",
+                      "socket", "connect", "bind", "sendto", "execve", "execveat", "fork", "vfork", "kill", "tkill",
+                      "ptrace", "process_vm_writev", "mount", "umount2", "unshare", "setns", "chroot", "setuid",
+                      "prctl", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "memfd_create", "keyctl",
+                      "init_module", "finit_module", "reboot", "pidfd_open", "pidfd_send_signal", "ioctl", "dup",
+                      "pipe2", "personality", "chdir", "getppid"]
+
+
+def _syscall_numbers(tmp_path) -> dict[str, int]:
+    """This machine's numbers for the calls above (from its own <sys/syscall.h>)."""
+    src = tmp_path / "nr.c"
+    src.write_text("#include <stdio.h>\n#include <sys/syscall.h>\nint main(void) {\n" + "".join(
+        f'#ifdef SYS_{n}\nprintf("{n} %ld\\n", (long)SYS_{n});\n#endif\n' for n in FORBIDDEN_SYSCALLS) + "}\n")
+    exe = tmp_path / "nr"
+    subprocess.run(["gcc", str(src), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {name: int(nr) for name, nr in (ln.split() for ln in out.splitlines())}
+
+
+def test_the_allow_list_kills_every_other_system_call(world, tmp_path, monkeypatch):
+    """One kernel, one raw system call per run, numbered at run time: each kills the
+    process (getppid, the lockdown probe, answers an error instead)."""
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    numbers = _syscall_numbers(tmp_path)
+    assert {"openat", "socket", "execve", "kill", "io_uring_setup"} <= set(numbers)
+    k = emulator.metal_kernel("raw", ["nr"], ["out"], "out[0] = (float)syscall((long)nr[0], 0, 0, 0, 0, 0);",
+                              header='extern "C" long syscall(long, ...);\n')
+    for name, nr in numbers.items():
+        run = lambda: k(inputs=[mx.array([nr], dtype=mx.int32)], grid=(1, 1, 1), threadgroup=(1, 1, 1),  # noqa: E731
+                        output_shapes=[(1,)], output_dtypes=[mx.float32])[0]
+        if name == "getppid":
+            assert np.asarray(run()).tolist() == [-1.0]
+            continue
+        with pytest.raises(KernelCrashError, match="SIGSYS") as e:
+            run()
+        assert SYSCALL in str(e.value), name
