@@ -3,6 +3,7 @@ two barriers and simd_sum, and a 1M-thread elementwise kernel (issue #2 targets:
 <= 1.5 s, no compile on a second process, <= 30 ms, <= 100 ms).
 
     python benchmarks/emulator_speed.py [--out benchmarks/results/emulator_speed.json]
+                                        [--baseline OLD.json --baseline-label "commit abc"]
 
 Times are wall-clock medians of 7 runs after one warm-up, for the whole call (input
 copy-in, child process, copy-out): what a user of the emulator waits for.
@@ -54,6 +55,9 @@ def median_ms(fn, reps=7):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "emulator_speed.json"))
+    ap.add_argument("--baseline", help="a result of this script from an earlier version, run on this machine "
+                                       "in the same session: its medians and the ratios are recorded")
+    ap.add_argument("--baseline-label", default="", help="what the baseline ran (a commit)")
     args = ap.parse_args()
     os.environ["HLH_MLX_CACHE"] = tempfile.mkdtemp(prefix="hlh-bench-cache-")
     t = time.perf_counter()
@@ -98,6 +102,16 @@ def main():
         "targets": {"kernel_compile_s": 1.5, "reduce_64k_ms": 30, "elementwise_1m_ms": 100},
         "note": "ms values are [median, min, max] of 7 timed calls after a warm-up",
     }
+    if args.baseline:
+        with open(args.baseline) as f:
+            base = json.load(f)
+        keys = ("kernel_compile_s", "reduce_64k_2barriers_simd_sum_ms", "elementwise_1m_ms")
+        med = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+        low = lambda v: v[1] if isinstance(v, list) else v  # noqa: E731
+        result["baseline"] = {"label": args.baseline_label, **{k: base[k] for k in keys}}
+        # on a shared machine the minimum is the steadier statistic; both are recorded
+        result["ratio_to_baseline_median"] = {k: round(med(result[k]) / med(base[k]), 3) for k in keys}
+        result["ratio_to_baseline_min"] = {k: round(low(result[k]) / low(base[k]), 3) for k in keys}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

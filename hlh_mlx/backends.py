@@ -125,12 +125,18 @@ def poison_value(dtype) -> float | None:
 
 
 def map_compile_error(err: Exception, variant: Variant) -> str:
-    """An emulator compile error, with the template file and line it came from."""
-    from .emulator import KernelCompileError
+    """An emulator compile error or sanitizer finding, with the template file and line it came from."""
+    from .emulator import KernelCompileError, SanitizerError
     if isinstance(err, KernelCompileError) and err.line:
         tline = variant.rendered.template_line(err.where, err.line)
         if tline:
             return f"{variant.template.path}:{tline}: {err.message} (kernel {err.where} line {err.line})"
+    if isinstance(err, SanitizerError) and err.line and err.where in ("source", "header"):
+        tline = variant.rendered.template_line(err.where, err.line)
+        if tline:
+            who = "; ".join(f"thread {tuple(t['thread_position_in_grid'])}" for t in err.threads)
+            return (f"{variant.template.path}:{tline}: {err.kind}: {err.what} (kernel {err.where} line {err.line}"
+                    + (f"; {who}" if who else "") + ")")
     if isinstance(err, TemplateError):
         return str(err)
     return str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -187,9 +187,10 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
     for v in vs:
         r = v.rendered
         try:
-            if t.backend == "metal":
-                safety.check(v.label(), "header", r.header)
-                safety.check(v.label(), "source", r.source)
+            if t.backend == "metal":  # the kernel then runs only inside the emulator's sandbox
+                for part, text in (("header", r.header), ("source", r.source)):
+                    safety.prepare(v.label(), part, text)
+                    safety.check(v.label(), part, text)
             else:
                 safety.check_cuda(v.label(), r.header + "\n" + r.source)
         except UnsafeKernelError as e:

@@ -32,6 +32,8 @@ the template file and line.
 from __future__ import annotations
 
 import re
+import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,11 +58,85 @@ class TemplateError(ValueError):
         super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
+# Rendering is bounded: a template from outside must not hang a sweep or eat memory.
+MAX_RANGE = 100_000            # items one range() may yield
+MAX_RENDER_STEPS = 1_000_000   # loop steps and calls in one render
+MAX_RENDER_SECONDS = 10.0
+MAX_RENDER_CHARS = 4_000_000   # rendered text, and any string or sequence built on the way
+
+
+class RenderLimit(RuntimeError):
+    """A render went over one of the bounds above."""
+
+
+class _Budget(threading.local):
+    deadline: float | None = None
+    steps: int = 0
+
+    def tick(self) -> None:
+        if self.deadline is None:
+            return
+        self.steps += 1
+        if self.steps > MAX_RENDER_STEPS:
+            raise RenderLimit(f"more than {MAX_RENDER_STEPS} loop steps and calls")
+        if self.steps % 1024 == 0 and time.monotonic() > self.deadline:
+            raise RenderLimit(f"took longer than {MAX_RENDER_SECONDS:g} s")
+
+
+_BUDGET = _Budget()
+
+
+def _range(*args):
+    r = range(*args)
+    if len(r) > MAX_RANGE:
+        raise RenderLimit(f"range of {len(r)} items (at most {MAX_RANGE})")
+
+    def steps():
+        for i in r:
+            _BUDGET.tick()
+            yield i
+    return steps()
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """Jinja's sandbox, with every call, loop step and product of sizes on a budget."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
+        _BUDGET.tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 256:
+            raise RenderLimit(f"{left} ** {right} is too large")
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
+                and len(left) * right > MAX_RENDER_CHARS:
+            raise RenderLimit("a sequence repeated past the render size limit")
+        if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int) \
+                and len(right) * left > MAX_RENDER_CHARS:
+            raise RenderLimit("a sequence repeated past the render size limit")
+        result = super().call_binop(context, operator, left, right)
+        if isinstance(result, (str, list, tuple)) and len(result) > MAX_RENDER_CHARS:
+            raise RenderLimit("a value past the render size limit")
+        return result
+
+
 def _env() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                               trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(ceil_div=lambda a, b: -(-a // b), min=min, max=max, range=range)
+    env = _BoundedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(ceil_div=lambda a, b: -(-a // b), min=min, max=max, range=_range)
     return env
+
+
+def _template_line(tb, nlines: int) -> int | None:
+    """The template line a render error was raised at (Jinja maps its frames to it)."""
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>" and 0 < tb.tb_lineno <= nlines:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 ENV = _env()
@@ -141,15 +217,24 @@ class Template:
 
     def render(self, params: dict) -> Rendered:
         compiled = self._jinja
+        _BUDGET.deadline, _BUDGET.steps = time.monotonic() + MAX_RENDER_SECONDS, 0
+        nlines = self.text.count("\n") + 1
         try:
             module = compiled.make_module(dict(params))
             body = str(module)
             header = str(getattr(module, "header", "") or "")
+            if len(body) + len(header) > MAX_RENDER_CHARS:
+                raise RenderLimit(f"rendered {len(body) + len(header)} characters (at most {MAX_RENDER_CHARS})")
         except jinja2.TemplateError as e:
-            line = getattr(e, "lineno", None)
+            line = getattr(e, "lineno", None) or _template_line(e.__traceback__, nlines)
             raise TemplateError(self.path, line, f"rendering with {params}: {e}") from None
-        except (TypeError, ValueError, ZeroDivisionError) as e:
-            raise TemplateError(self.path, None, f"rendering with {params}: {e}") from None
+        except RenderLimit as e:
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines),
+                                f"rendering with {params} was stopped: {e}") from None
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError) as e:
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines), f"rendering with {params}: {e}") from None
+        finally:
+            _BUDGET.deadline = None
         source, src_lines = _unmark(body)
         header, hdr_lines = _unmark(header)
         # MLX pastes the header right before the kernel's own text: end it with a newline

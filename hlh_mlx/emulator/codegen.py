@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import UnsafeKernelError
-from .safety import blank_comments_and_strings
+from .safety import blank_comments_and_strings, prepare
 
 MAX_CONSTANT_ARRAY_SIZE = 8
 
@@ -209,6 +209,15 @@ def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
     return out
 
 
+# After the prelude, the compiler itself refuses these in kernel text, however they are
+# spelled (line splices, macros, token pasting): inline assembly (the assembler can read
+# files: .incbin) and __has_include (probes files). The _Pragma operator becomes a macro
+# that expands to nothing: real kernels use it for unroll hints (MLX's steel headers),
+# and no pragma it could name (GCC dependency reads a file) ever reaches the compiler.
+POISON = ("#pragma GCC poison asm __asm __asm__ __has_include __has_include_next __has_include__ __has_embed\n"
+          "#define _Pragma(x)\n")
+
+
 def cpp_unit(kernel: str, header: str, source: str, plist: list[Param], template, sanitize: bool) -> str:
     """The host C++ translation unit for one instantiated kernel."""
     attrs = used_attributes(source)
@@ -225,8 +234,10 @@ def cpp_unit(kernel: str, header: str, source: str, plist: list[Param], template
     for a, t in attrs:
         args.append(f"uint3(t->{a}.x, t->{a}.y, t->{a}.z)" if t == "uint3" else f"t->{a}")
     sync = int(needs_sync(header + "\n" + source))
+    header, source = prepare(kernel, "header", header), prepare(kernel, "source", source)
     return (
-        '#line 1 "header"\n' + rewrite_threadgroup(kernel, "header", header) + "\n"
+        POISON
+        + '#line 1 "header"\n' + rewrite_threadgroup(kernel, "header", header) + "\n"
         + tparams
         + "static void msl_body(" + ", ".join(sig) + ") {\n"
         + '#line 1 "source"\n' + rewrite_threadgroup(kernel, "source", source) + "\n}\n"

@@ -67,8 +67,9 @@ class MetalKernel:
         self.ensure_row_contiguous = ensure_row_contiguous
         self.atomic_outputs = atomic_outputs
         self.sanitize = sanitize
-        safety.check(name, "header", header)
-        safety.check(name, "source", source)
+        for part, text in (("header", header), ("source", source)):
+            safety.prepare(name, part, text)  # what the compiler may see: refused directives raise here
+            safety.check(name, part, text)    # friendly errors for host escapes
         self._built: dict[str, object] = {}
 
     def _sanitizing(self) -> bool:

@@ -1,8 +1,12 @@
-"""Run one dispatch of a compiled kernel in a child process and read its outputs back.
+"""Run one dispatch of a compiled kernel in a locked-down child process; read its outputs back.
 
 All buffers of the dispatch live in one file (in /dev/shm when there is one), laid out
-in parameter order; the child maps it, runs, and exits. With the sanitizer, buffers are
-separated by gaps so an access that strays off one lands in no buffer and is reported.
+in parameter order. The child is the launcher (runtime.cpp): it maps the file, locks
+itself down, reports that on stdout, and only then loads the kernel object and runs it.
+No result is used without that report. The child runs in its own session (a timeout
+kills its whole group) and dies with this process. With the sanitizer each buffer is
+page-aligned and the launcher maps it far from the others, so an access that strays off
+one buffer lands in no buffer and is reported against it.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ def _tmpdir() -> str:
 def _layout(regions: list[Region], sanitize: bool) -> int:
     pos = 0
     for r in regions:
-        gap = max(256, min(r.nbytes, 1 << 16)) if sanitize else 0
-        pos = (pos + gap + 63) // 64 * 64
+        if sanitize:  # page-aligned: the launcher maps each buffer on its own, far from the others
+            pos = (pos + 4095) // 4096 * 4096
         r.offset = pos
         pos += max(r.nbytes, 1)
-    return pos + (4096 if sanitize else 64)
+    return (pos + 4095) // 4096 * 4096 + 4096 if sanitize else pos + 64
 
 
 def timeout_seconds() -> float:
@@ -56,9 +60,31 @@ def workers() -> int:
     return int(os.environ.get("HLH_MLX_EMU_THREADS", str(os.cpu_count() or 1)))
 
 
+def cpu_seconds() -> int:
+    """CPU-time limit of a kernel process: the wall-clock limit on every worker, and some."""
+    return int(timeout_seconds() * max(1, workers())) + 5
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the kernel process and everything in its process group, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, sanitize: bool,
-        source: str, header: str, reverse: bool = False) -> list[bytes]:
-    """Run the kernel; return the final bytes of every region (in order)."""
+        source: str, header: str, reverse: bool = False, launcher: Path | None = None,
+        extra_spec: tuple[str, ...] = ()) -> list[bytes]:
+    """Run the kernel object `exe` under the launcher; return the final bytes of every region.
+
+    The launcher locks its process down (see runtime.cpp) before it loads the object and
+    says so on stdout; without that report no result is used.
+    """
+    from . import toolchain
+
+    launcher = launcher or toolchain.launcher("sanitize" if sanitize else "fast")
     size = _layout(regions, sanitize)
     fd, path = tempfile.mkstemp(prefix="hlh-emu-", dir=_tmpdir())
     try:
@@ -71,23 +97,85 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
                     mm[r.offset:r.offset + r.nbytes] = bytes(r.data) if not isinstance(r.data, bytes) else r.data
         spec = [f"file {path}", "grid %d %d %d" % tuple(grid), "threadgroup %d %d %d" % tuple(threadgroup),
                 f"workers {workers()}", f"order {'reverse' if reverse else 'forward'}",
-                f"sanitize {int(sanitize)}", f"memlimit {int(os.environ.get('HLH_MLX_EMU_MEMORY', 16 << 30))}"]
+                f"sanitize {int(sanitize)}", f"memlimit {int(os.environ.get('HLH_MLX_EMU_MEMORY', 16 << 30))}",
+                f"cpulimit {cpu_seconds()}", *extra_spec]
         spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
+        # its own session: a timeout kills the whole group; the launcher also dies with us
+        proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            proc = subprocess.run([str(exe)], input="\n".join(spec) + "\n", capture_output=True, text=True,
-                                  timeout=timeout_seconds())
+            out, err = _communicate(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             raise KernelTimeoutError(
                 f"[emulator] kernel '{kernel}' did not finish within {timeout_seconds():g} s and was stopped "
                 "(an endless loop, or a barrier some threads never reach?); HLH_MLX_EMU_TIMEOUT sets the limit"
             ) from None
-        _check(kernel, exe, proc, source, header)
+        except _TooMuchOutput:
+            _kill_group(proc)
+            raise KernelCrashError(f"[emulator] kernel '{kernel}' wrote more than {MAX_OUTPUT} bytes to its "
+                                   "standard output or error and was stopped") from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        _check(kernel, exe, subprocess.CompletedProcess(proc.args, proc.returncode, out, err), source, header)
         with open(path, "rb") as f:
             data = f.read()
         return [data[r.offset:r.offset + r.nbytes] for r in regions]
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+MAX_OUTPUT = 1 << 20  # bytes the kernel process may write to stdout and to stderr
+
+
+class _TooMuchOutput(Exception):
+    pass
+
+
+def _communicate(proc: subprocess.Popen, spec: bytes, timeout: float) -> tuple[str, str]:
+    """Like Popen.communicate, but a process that writes more than MAX_OUTPUT bytes to a
+    pipe is stopped: kernel code must not be able to fill this process's memory."""
+    import selectors
+    import time
+
+    proc.stdin.write(spec)
+    proc.stdin.close()
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for f in bufs:
+            sel.register(f, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = bufs[key.fileobj]
+                buf += chunk
+                if len(buf) > MAX_OUTPUT:
+                    raise _TooMuchOutput()
+    proc.wait(max(0.0, deadline - time.monotonic()))  # TimeoutExpired: the caller kills the group
+    for f in bufs:
+        f.close()
+    return (bufs[proc.stdout].decode(errors="replace"), bufs[proc.stderr].decode(errors="replace"))
+
+
+def lockdown_report(stdout: str) -> dict | None:
+    """What the kernel process reported about its lockdown, if it reported one first."""
+    first = stdout.split("\n", 1)[0]
+    if not first.startswith("HLH_LOCKED "):
+        return None
+    try:
+        report = json.loads(first[len("HLH_LOCKED "):])
+    except ValueError:
+        return None
+    return report if all(report.get(k) is True for k in ("no_new_privs", "seccomp", "probe")) else None
 
 
 def _tagged(stderr: str, tag: str):
@@ -98,11 +186,20 @@ def _tagged(stderr: str, tag: str):
 
 
 def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: str, header: str) -> None:
+    locked = lockdown_report(proc.stdout)
+    fault = _tagged(proc.stderr, "HLH_FAULT")
+    if fault and fault["kind"] in ("sandbox", "object"):
+        raise EmulatorError(f"[emulator] kernel '{kernel}' was not run: {fault['what']}")
+    if locked is None and not (fault and fault["kind"] == "spec"):
+        raise EmulatorError(
+            f"[emulator] kernel '{kernel}': the kernel process did not report itself sandboxed "
+            f"(exit {proc.returncode}); its results are not used")
     for w in _tagged(proc.stderr, "HLH_WARN") or []:
         warnings.warn(f"[emulator] kernel '{kernel}': {w['kind']}: {w['what']}", RuntimeWarning, stacklevel=4)
     if proc.returncode == 0:
+        if "HLH_DONE" not in proc.stdout:
+            raise EmulatorError(f"[emulator] kernel '{kernel}' exited before finishing the dispatch")
         return
-    fault = _tagged(proc.stderr, "HLH_FAULT")
     if fault and fault["kind"] in ("spec", "resources"):
         raise EmulatorError(f"[emulator] kernel '{kernel}': {fault['what']}")
     if fault and fault["kind"] == "threadgroup-memory":
@@ -127,8 +224,9 @@ def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: st
         raise KernelCrashError(f"[emulator] kernel '{kernel}' crashed with {sig}{who}{hint}")
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        why = " (a forbidden system call: the kernel tried to reach the host)" if sig == "SIGSYS" else (
-            " (out of memory?)" if sig == "SIGKILL" else "")
+        why = (" (a forbidden system call: the kernel tried to reach outside its sandbox, which stopped it)"
+               if sig == "SIGSYS" else " (CPU-time limit)" if sig == "SIGXCPU" else
+               " (out of memory or CPU-time limit?)" if sig == "SIGKILL" else "")
         raise KernelCrashError(f"[emulator] kernel '{kernel}' was killed by {sig}{why}")
     raise KernelCrashError(f"[emulator] kernel '{kernel}' failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 

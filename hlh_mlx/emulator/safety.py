@@ -1,37 +1,270 @@
-"""Refuse kernel text that could reach the host, before anything is compiled.
+"""Kernel text on its way to the compiler: what the preprocessor may do, and friendly errors.
 
-The emulator compiles kernel bodies to native code, so a template from outside is
-untrusted: it may not use the preprocessor, inline assembly, compiler attributes or
-builtins (every reserved `__name`), declare external functions, or call the C library.
-Three further walls stand behind this one: the compiled object may only link against
-the runtime and libm (toolchain.py), and the kernel runs in a child process with a
-system-call filter and resource limits (runtime.cpp, launch.py).
+The security boundary is NOT here. Kernel code runs only inside a locked-down process
+(runtime.cpp: seccomp allow-list, no_new_privs, namespaces, rlimits, loaded after the
+lockdown), and that holds with every check in this file switched off.
+
+What this file does:
+
+- `prepare` (always on: it is what keeps the *compiler* from reading files the kernel
+  text names). It lexes the text as the C++ preprocessor does (line splices, comments,
+  string literals, digraphs) and decides every directive: the Metal standard headers
+  (`#include <metal_stdlib>` ...) become blank lines, because the prelude already is
+  Metal's standard library; loop and diagnostic pragmas become blank lines; `#define`,
+  `#undef`, `#if`/`#ifdef`/`#elif`/`#else`/`#endif`, `#error` and `#warning` pass;
+  everything else (`#include` of anything else, `#line`, other pragmas ...) is refused.
+  Raw string literals and trigraphs are refused: nothing in Metal needs them, and they
+  are where a lexer and the compiler could disagree. Behind it the compiler itself
+  poisons `asm` and `__has_include` and defines `_Pragma(x)` away (codegen.POISON),
+  and never quotes a line of any file in a diagnostic.
+- `check` (friendly errors, can be switched off with FRIENDLY_CHECKS): names host calls,
+  inline assembly, `extern` declarations and constructor attributes at their line,
+  rather than letting the kernel die of SIGSYS in its sandbox.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .errors import UnsafeKernelError
 
-_TOKENS = re.compile(
-    r"(?P<comment>//[^\n]*|/\*.*?\*/)"
-    r"|(?P<string>\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*')"
-    r"|(?P<directive>^[ \t]*#[^\n]*)"
-    r"|(?P<ident>[A-Za-z_]\w*)",
-    re.S | re.M,
-)
+# Tests switch this off to prove that containment holds without any friendly check.
+FRIENDLY_CHECKS = True
 
-# Loop hints are the one preprocessor use Metal code needs; they cannot do anything.
-_ALLOWED_DIRECTIVE = re.compile(r"^\s*#\s*pragma\s+(unroll(\s*\(?\s*\d*\s*\)?)?|clang\s+loop\s+[\w() ]*|GCC\s+unroll\s+\d+)\s*$")
+METAL_HEADERS = frozenset({
+    "metal_stdlib", "metal_math", "metal_simdgroup", "metal_simdgroup_matrix", "metal_atomic", "metal_compute",
+    "metal_common", "metal_integer", "metal_relational", "metal_geometric", "metal_types", "metal_pack",
+    "metal_limits", "metal_numeric", "metal_integer_math", "metal_matrix", "metal_array", "metal_type_traits",
+    "metal_utility", "metal_functional", "metal_uniform", "metal_interpolate", "metal_bfloat", "metal_logging",
+    "metal_tensor", "metal_graphics", "metal_texture", "metal_extended_types",
+})
+_PASS_DIRECTIVES = frozenset({"define", "undef", "if", "ifdef", "ifndef", "elif", "elifdef", "elifndef", "else",
+                              "endif", "error", "warning", ""})
+# pragmas that only hint or silence: dropped (the line stays, blank)
+_DROPPED_PRAGMA = re.compile(
+    r"^\s*(unroll\b.*|nounroll\b.*|once\s*|clang\s+(loop|diagnostic|unroll|nounroll)\b.*|GCC\s+(unroll|diagnostic)\b.*"
+    r"|METAL\b.*|STDC\s+FP_CONTRACT\b.*)$", re.S)
+_INCLUDE = re.compile(r"^\s*<\s*([\w./]+)\s*>\s*$|^\s*\"([\w./]+)\"\s*$")
 
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_NUMBER = re.compile(r"\.?\d(?:[eEpP][+-]|[\w.'])*")
+_STRING_PREFIX = re.compile(r"(u8|u|U|L)?R?$")
+
+
+# The compiler ignores NUL and ends a line at a lone carriage return: text must not
+# look different to it and to the lexer below.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
+def normalize(text: str) -> str:
+    """Line ends as the compiler sees them: CR LF and a lone CR are newlines."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@dataclass
+class Token:
+    kind: str       # ident | number | string | punct | directive
+    text: str
+    line: int       # line in the original text (1-based)
+    last: int = 0   # directives: the original line they end on
+
+
+class _Lexer:
+    """Translation phases 1-3 of C++ on kernel text, line numbers kept."""
+
+    def __init__(self, kernel: str, part: str, text: str):
+        self.kernel, self.part = kernel, part
+        text = normalize(text)
+        bad = _CONTROL.search(text)
+        if bad:
+            line = text.count("\n", 0, bad.start()) + 1
+            raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part} line {line}: control character "
+                                    f"{bad.group(0)!r} is not allowed in kernel text")
+        # phase 2: remove line splices (GCC also accepts spaces between the backslash and
+        # the newline); remember the original line of every remaining character
+        chars, lines = [], []
+        line, i, n = 1, 0, len(text)
+        while i < n:
+            c = text[i]
+            if c == "\\":
+                j = i + 1
+                while j < n and text[j] in " \t\f\v":
+                    j += 1
+                if j < n and text[j] == "\n":
+                    line += 1
+                    i = j + 1
+                    continue
+            chars.append(c)
+            lines.append(line)
+            if c == "\n":
+                line += 1
+            i += 1
+        self.s = "".join(chars)
+        self.lines = lines
+        self.nlines = line
+
+    def fail(self, pos_or_line: int, what: str, *, is_line: bool = False):
+        line = pos_or_line if is_line else (self.lines[pos_or_line] if pos_or_line < len(self.lines) else self.nlines)
+        raise UnsafeKernelError(f"[emulator] kernel '{self.kernel}', {self.part} line {line}: {what}")
+
+    def tokens(self) -> list[Token]:
+        s, n = self.s, len(self.s)
+        out: list[Token] = []
+        i = 0
+        line_start = True  # only whitespace and comments since the last newline
+        while i < n:
+            c = s[i]
+            if c == "\n":
+                line_start = True
+                i += 1
+                continue
+            if c in " \t\f\v":
+                i += 1
+                continue
+            if s.startswith("//", i):
+                j = s.find("\n", i)
+                i = n if j < 0 else j
+                continue
+            if s.startswith("/*", i):
+                j = s.find("*/", i + 2)
+                if j < 0:
+                    self.fail(i, "unterminated comment")
+                i = j + 2
+                continue
+            if s.startswith("??", i) and i + 2 < n and s[i + 2] in "=/'()!<>-":
+                self.fail(i, f"trigraph '{s[i:i + 3]}' is not allowed")
+            if line_start and (c == "#" or s.startswith("%:", i)):
+                start = i
+                end = self._directive_end(i + (1 if c == "#" else 2))
+                out.append(Token("directive", s[start:end], self.lines[start], self.lines[end - 1]))
+                i = end
+                line_start = False
+                continue
+            line_start = False
+            m = _IDENT.match(s, i)
+            if m:
+                word = m.group(0)
+                j = m.end()
+                if j < n and s[j] in "\"'" and _STRING_PREFIX.fullmatch(word):
+                    if "R" in word and s[j] == '"':
+                        self.fail(i, "raw string literals are not allowed")
+                    i = self._quoted(j, s[j])
+                    out.append(Token("string", s[m.start():i], self.lines[m.start()]))
+                    continue
+                out.append(Token("ident", word, self.lines[i]))
+                i = j
+                continue
+            m = _NUMBER.match(s, i)
+            if m:
+                out.append(Token("number", m.group(0), self.lines[i]))
+                i = m.end()
+                continue
+            if c in "\"'":
+                j = self._quoted(i, c)
+                out.append(Token("string", s[i:j], self.lines[i]))
+                i = j
+                continue
+            out.append(Token("punct", c, self.lines[i]))
+            i += 1
+        return out
+
+    def _quoted(self, i: int, q: str) -> int:
+        s, n = self.s, len(self.s)
+        j = i + 1
+        while j < n and s[j] != q:
+            if s[j] == "\n":
+                self.fail(i, "unterminated string or character literal")
+            j += 2 if s[j] == "\\" else 1
+        if j >= n:
+            self.fail(i, "unterminated string or character literal")
+        return j + 1
+
+    def _directive_end(self, i: int) -> int:
+        """End of a directive starting before i: the next newline outside a comment."""
+        s, n = self.s, len(self.s)
+        while i < n and s[i] != "\n":
+            if s.startswith("/*", i):
+                j = s.find("*/", i + 2)
+                if j < 0:
+                    self.fail(i, "unterminated comment")
+                i = j + 2
+            elif s.startswith("//", i):
+                j = s.find("\n", i)
+                return n if j < 0 else j
+            elif s[i] in "\"'":
+                j = i + 1
+                while j < n and s[j] not in (s[i], "\n"):
+                    j += 2 if s[j] == "\\" else 1
+                i = j + 1 if j < n and s[j] == s[i] else j
+            else:
+                i += 1
+        return i
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/|//[^\n]*", " ", text, flags=re.S)
+
+
+def _directive(tok: Token) -> tuple[str, str]:
+    """(name, rest) of a directive token (`#` or `%:` already first)."""
+    body = _strip_comments(tok.text[1:] if tok.text.startswith("#") else tok.text[2:])
+    m = re.match(r"\s*([A-Za-z_]\w*)?(.*)$", body, re.S)
+    return (m.group(1) or ""), m.group(2).strip()
+
+
+def prepare(kernel: str, part: str, text: str) -> str:
+    """The text the compiler may see: every directive decided (see the module docstring).
+
+    Line numbers are kept: a dropped directive leaves its lines blank.
+    """
+    text = normalize(text)  # what the compiler gets is exactly what was lexed
+    lex = _Lexer(kernel, part, text)
+    blank: list[tuple[int, int]] = []  # (first line, last line) of dropped directives
+    for tok in lex.tokens():
+        if tok.kind != "directive":
+            continue
+        name, rest = _directive(tok)
+        last = tok.last
+        where = f"[emulator] kernel '{kernel}', {part} line {tok.line}"
+        if name in ("include", "include_next", "import", "embed"):
+            m = _INCLUDE.match(rest)
+            header = (m.group(1) or m.group(2)) if m else None
+            if header and header.removesuffix(".h") in METAL_HEADERS:
+                blank.append((tok.line, last))
+                continue
+            raise UnsafeKernelError(
+                f"{where}: '#{name} {rest}' is not allowed: kernel text may include only Metal's standard "
+                "headers (<metal_stdlib>, <metal_simdgroup>, ...), which the emulator provides; put helper "
+                "code in `header=`")
+        if name == "pragma":
+            if _DROPPED_PRAGMA.match(rest):
+                blank.append((tok.line, last))
+                continue
+            raise UnsafeKernelError(f"{where}: '#pragma {rest}' is not allowed (only loop-unrolling and "
+                                    "diagnostic pragmas, which the emulator ignores)")
+        if name == "" and rest:
+            raise UnsafeKernelError(f"{where}: malformed directive '{tok.text.strip()[:60]}' (a directive name "
+                                    "must follow '#')")
+        if name not in _PASS_DIRECTIVES:
+            raise UnsafeKernelError(f"{where}: directive '#{name}' is not allowed (allowed: #include of Metal "
+                                    "headers, #define, #undef, #if/#ifdef/#ifndef/#elif/#else/#endif, "
+                                    "#pragma unroll, #error, #warning)")
+    if not blank:
+        return text
+    lines = text.split("\n")
+    for first, last in blank:
+        for k in range(first - 1, min(last, len(lines))):
+            lines[k] = ""
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- friendly errors
 _FORBIDDEN_WORDS = {
-    "asm": "inline assembly",
-    "_Pragma": "the _Pragma operator",
+    "asm": "inline assembly", "__asm": "inline assembly", "__asm__": "inline assembly",
+    "__has_include": "__has_include", "__has_include_next": "__has_include",
     "extern": "an external declaration",
-    "std": "the C++ standard library",
-    "new": "heap allocation",
-    "delete": "heap deallocation",
+    "std": "the C++ standard library (Metal has none; use metal::)",
 }
 _HOST_CALLS = {
     "system", "popen", "pclose", "execl", "execlp", "execle", "execv", "execvp", "execve", "fork", "vfork",
@@ -42,6 +275,63 @@ _HOST_CALLS = {
     "printf", "fprintf", "sprintf", "snprintf", "puts", "malloc", "calloc", "realloc", "free", "alloca",
     "ioctl", "ptrace", "setjmp", "longjmp",
 }
+_INIT_ATTRS = {"constructor", "destructor", "init_priority", "ifunc", "section", "alias", "weakref"}
+
+
+def check(kernel: str, part: str, text: str) -> None:
+    """Raise UnsafeKernelError naming the first construct that reaches for the host.
+
+    Friendly only (FRIENDLY_CHECKS): the sandbox would stop each of these anyway.
+    """
+    if not FRIENDLY_CHECKS:
+        return
+    toks = [t for t in _Lexer(kernel, part, text).tokens() if t.kind != "directive"]
+    in_attr = _attribute_tokens(toks)
+    for k, tok in enumerate(toks):
+        if tok.kind != "ident":
+            continue
+        where = f"[emulator] kernel '{kernel}', {part} line {tok.line}"
+        nxt = toks[k + 1].text if k + 1 < len(toks) else ""
+        prev = toks[k - 1].text if k else ""
+        # x.read(), metal::abs(), or a declaration (float read(int i)) rather than a call
+        member = prev in (".", ">") or (prev == ":" and k > 1 and toks[k - 2].text == ":") or (
+            k and toks[k - 1].kind == "ident" and prev not in ("return", "else", "do", "case", "co_return"))
+        if tok.text in _FORBIDDEN_WORDS:
+            raise UnsafeKernelError(f"{where}: '{tok.text}' ({_FORBIDDEN_WORDS[tok.text]}) is not allowed")
+        if tok.text in _HOST_CALLS and nxt == "(" and not member:
+            raise UnsafeKernelError(f"{where}: call to '{tok.text}' is outside the Metal/MLX surface")
+        if tok.text in _INIT_ATTRS and k in in_attr:
+            raise UnsafeKernelError(f"{where}: attribute '{tok.text}' is not allowed (Metal has no constructors, "
+                                    "sections or aliases)")
+        if tok.text == "using" and k in in_attr:
+            raise UnsafeKernelError(f"{where}: compiler attribute namespace '[[using ...]]' is not allowed")
+        if tok.text in ("gnu", "clang") and k in in_attr and nxt == ":" and k + 2 < len(toks) and toks[k + 2].text == ":":
+            raise UnsafeKernelError(f"{where}: compiler attribute '{tok.text}::' is not allowed")
+
+
+def _attribute_tokens(toks: list[Token]) -> set[int]:
+    """Indices of tokens inside `__attribute__((...))` or `[[...]]`."""
+    inside: set[int] = set()
+    k = 0
+    while k < len(toks):
+        t = toks[k].text
+        if t in ("__attribute__", "__attribute") and k + 1 < len(toks) and toks[k + 1].text == "(":
+            depth, j = 0, k + 1
+            while j < len(toks):
+                depth += {"(": 1, ")": -1}.get(toks[j].text, 0)
+                inside.add(j)
+                if depth == 0:
+                    break
+                j += 1
+            k = j
+        elif t == "[" and k + 1 < len(toks) and toks[k + 1].text == "[":
+            j = k + 2
+            while j + 1 < len(toks) and not (toks[j].text == "]" and toks[j + 1].text == "]"):
+                inside.add(j)
+                j += 1
+            k = j
+        k += 1
+    return inside
 
 
 def blank_comments_and_strings(text: str) -> str:
@@ -53,40 +343,28 @@ def blank_comments_and_strings(text: str) -> str:
     return _TOKENS.sub(blank, text)
 
 
-def check(kernel: str, part: str, text: str) -> None:
-    """Raise UnsafeKernelError naming the first forbidden construct in `text`."""
-    for m in _TOKENS.finditer(text):
-        kind, tok = m.lastgroup, m.group(0)
-        line = text.count("\n", 0, m.start()) + 1
-        where = f"kernel '{kernel}', {part} line {line}"
-        if kind == "directive":
-            if not _ALLOWED_DIRECTIVE.match(tok):
-                raise UnsafeKernelError(
-                    f"[emulator] {where}: preprocessor directive '{tok.strip()}' is not allowed "
-                    "(kernel text is data: no #include, #define or other directives)")
-        elif kind == "ident":
-            if tok.startswith("__"):
-                raise UnsafeKernelError(
-                    f"[emulator] {where}: '{tok}' is not allowed (reserved compiler names: "
-                    "builtins, attributes, assembly)")
-            if _FORBIDDEN_WORDS.get(tok):
-                raise UnsafeKernelError(f"[emulator] {where}: '{tok}' ({_FORBIDDEN_WORDS[tok]}) is not allowed")
-            if tok in ("gnu", "clang") and re.match(r"\s*::", text[m.end():]):
-                raise UnsafeKernelError(f"[emulator] {where}: compiler attribute '{tok}::' is not allowed")
-            if tok in _HOST_CALLS and re.match(r"\s*\(", text[m.end():]):
-                raise UnsafeKernelError(
-                    f"[emulator] {where}: call to '{tok}' is outside the Metal/MLX surface")
-
+_TOKENS = re.compile(
+    r"(?P<comment>//[^\n]*|/\*.*?\*/)"
+    r"|(?P<string>\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*')",
+    re.S,
+)
 
 _CUDA_DIRECTIVE = re.compile(
     r"^\s*#\s*(pragma\s+unroll(\s*\d+)?|include\s*<(mma\.h|cuda_fp16\.h|cuda_bf16\.h|cuda_fp8\.h|"
     r"cuda/pipeline|cuda/barrier|cuda/std/\w+|cooperative_groups\.h|cooperative_groups/\w+\.h)>)\s*$")
+_CUDA_TOKENS = re.compile(
+    r"(?P<comment>//[^\n]*|/\*.*?\*/)"
+    r"|(?P<string>\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*')"
+    r"|(?P<directive>^[ \t]*#[^\n]*)"
+    r"|(?P<ident>[A-Za-z_]\w*)",
+    re.S | re.M,
+)
 
 
 def check_cuda(kernel: str, text: str) -> None:
     """CUDA templates: device code cannot reach the host, but only CUDA's own headers
     may be included, and no host library call may appear."""
-    for m in _TOKENS.finditer(text):
+    for m in _CUDA_TOKENS.finditer(text):
         line = text.count("\n", 0, m.start()) + 1
         if m.lastgroup == "directive" and not _CUDA_DIRECTIVE.match(m.group(0)):
             raise UnsafeKernelError(f"[guard] {kernel}, line {line}: directive '{m.group(0).strip()}' is not allowed "

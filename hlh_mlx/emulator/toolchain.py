@@ -1,4 +1,8 @@
-"""Compile emulated kernels: find a C++ compiler, build the runtime once, cache kernels.
+"""Compile emulated kernels: find a C++ compiler, build the launcher once, cache kernel objects.
+
+Kernel text reaches the compiler only through safety.prepare (every directive decided)
+and behind codegen.POISON; diagnostics never quote a file, and messages located in any
+file but ours are withheld. Each kernel becomes a shared object without initialisers.
 
 Everything built lands in a cache directory keyed by what could change the binary
 (compiler identity, flags, runtime sources, the kernel's generated C++), so a second
@@ -39,8 +43,9 @@ _ALLOWED_SYMBOL = re.compile(
 COMMON_FLAGS = (
     # -fstack-clash-protection probes every page of a large private array, so one that
     # overflows a thread's stack hits its guard page instead of another thread's stack
+    # -fPIC: the kernel is a shared object the launcher loads after locking itself down
     "-std=gnu++17", "-fstack-clash-protection", "-fwrapv", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-exceptions",
-    "-fno-rtti", "-fno-pie", "-fno-stack-protector", "-Wno-literal-suffix", "-Wno-unknown-pragmas",
+    "-fno-rtti", "-fPIC", "-fno-stack-protector", "-Wno-literal-suffix", "-Wno-unknown-pragmas",
     "-Wno-attributes", "-Wno-ignored-attributes", "-Wno-unused-value",
 )
 MODE_FLAGS = {
@@ -65,8 +70,11 @@ class Compiler:
         flags = MODE_FLAGS[mode]
         if mode == "sanitize" and not self.is_clang:
             flags += ("--param=tsan-instrument-func-entry-exit=0",)
+        # a diagnostic never quotes a line of a file: kernel text could point one (#line) at any file
         if self.is_clang:
-            flags += ("-Wno-user-defined-literals", "-Wno-unknown-warning-option")
+            flags += ("-Wno-user-defined-literals", "-Wno-unknown-warning-option", "-fno-caret-diagnostics")
+        else:
+            flags += ("-fno-diagnostics-show-caret", "-fdiagnostics-plain-output")
         return flags
 
 
@@ -143,7 +151,7 @@ def runtime_build(mode: str) -> Path:
     sources = b"".join((RUNTIME_DIR / f).read_bytes() for f in RUNTIME_FILES)
     key = _sha(cxx.ident, mode, " ".join(COMMON_FLAGS + cxx.mode_flags(mode)), sources)
     final = cache_root() / f"runtime-{mode}-{key}"
-    if (final / "runtime.o").exists():
+    if (final / "launcher").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".build-"))
@@ -156,6 +164,9 @@ def runtime_build(mode: str) -> Path:
     _run([cxx.path, *flags, "-x", "c++-header", "prelude.h", "-o", "prelude.h.gch"], "building the prelude", tmp)
     rt_flags = [f for f in flags if not f.startswith(("-fsanitize", "--param", "-DMSL_SANITIZE"))]
     _run([cxx.path, *rt_flags, "-O2", "-pthread", "-c", "runtime.cpp", "-o", "runtime.o"], "building the runtime", tmp)
+    # the launcher: locks itself down, then loads a kernel object; -rdynamic exports the
+    # msl_rt_* and __tsan_* functions the kernel object calls
+    _run([cxx.path, "-rdynamic", "-pthread", "runtime.o", "-ldl", "-lm", "-o", "launcher"], "linking the launcher", tmp)
     _publish(tmp, final)
     return final
 
@@ -163,8 +174,26 @@ def runtime_build(mode: str) -> Path:
 _DIAG = re.compile(r"^(source|header):(\d+):(?:(\d+):)? (error|fatal error): (.*)$")
 
 
+_LOCATED = re.compile(r"^(?:In file included from )?([^:\s][^:]*):\d+")
+_OWN_FILES = {"source", "header", "entry", "kernel.cpp", "<command-line>", "cc1plus"} | set(RUNTIME_FILES) | {"prelude.h"}
+
+
+def _own_diagnostics(stderr: str) -> str:
+    """The compiler's messages about our files and the kernel text only: a message located
+    in any other file (kernel text might have pointed the compiler at one) is withheld."""
+    out = []
+    for line in stderr.splitlines():
+        m = _LOCATED.match(line)
+        if m and os.path.basename(m.group(1)) not in _OWN_FILES:
+            out.append("(a message about another file was withheld)")
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCompileError:
     lines = {"source": source.splitlines(), "header": header.splitlines()}
+    stderr = _own_diagnostics(stderr)
     for raw in stderr.splitlines():
         m = _DIAG.match(raw)
         if m:
@@ -172,6 +201,23 @@ def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCo
             text = lines[where][line - 1].strip() if 0 < line <= len(lines[where]) else ""
             return KernelCompileError(name, where, line, m.group(5), text, stderr)
     return KernelCompileError(name, None, None, "the generated C++ did not compile", "", stderr)
+
+
+_INIT_SECTIONS = (".init_array*", ".rela.init_array*", ".preinit_array*", ".rela.preinit_array*", ".ctors*",
+                  ".rela.ctors*", ".fini_array*", ".rela.fini_array*", ".dtors*", ".rela.dtors*", ".init", ".fini")
+
+
+@functools.lru_cache(maxsize=None)
+def objcopy() -> str:
+    tool = shutil.which("objcopy") or shutil.which("llvm-objcopy")
+    if not tool:
+        raise EmulatorError("[emulator] no `objcopy` (install binutils)")
+    return tool
+
+
+def launcher(mode: str) -> Path:
+    """The program that locks itself down and then runs a kernel object."""
+    return runtime_build(mode) / "launcher"
 
 
 def undefined_symbols(obj: Path) -> list[str]:
@@ -183,16 +229,22 @@ def undefined_symbols(obj: Path) -> list[str]:
     return [line.rstrip().rsplit(" ", 1)[0] for line in out.splitlines() if line.strip()]
 
 
-def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True) -> Path:
-    """Compile a generated translation unit into a runnable kernel program (cached).
+def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True,
+                 strip_initialisers: bool = True) -> Path:
+    """Compile a generated translation unit into a kernel shared object (cached).
 
-    `check_symbols=False` exists only so tests can reach the sandbox behind the check.
+    The symbol check is a friendly error (safety.FRIENDLY_CHECKS switches it off with the
+    others); `strip_initialisers=False` exists only so tests can reach the launcher's own
+    refusal of an object with initialisers.
     """
+    from . import safety
+
+    check_symbols = check_symbols and safety.FRIENDLY_CHECKS
     cxx = find_compiler()
     rt = runtime_build(mode)
-    key = _sha(rt.name, tu, str(check_symbols))
+    key = _sha(rt.name, tu, str(check_symbols), str(strip_initialisers))
     final = cache_root() / "kernels" / key
-    exe = final / "kernel"
+    exe = final / "kernel.so"
     if exe.exists():
         return exe
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +262,14 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
                 f"[emulator] kernel '{name}' calls functions outside the Metal/MLX surface: "
                 + ", ".join(sorted(set(foreign)))
             )
-        _run([cxx.path, "-no-pie", "-pthread", "kernel.o", str(rt / "runtime.o"), "-lm", "-o", "kernel"],
-             "linking the kernel", tmp)
+        # Metal has no dynamic initialisation of program-scope variables: drop every
+        # initialiser and finaliser section (the launcher refuses an object with any left)
+        if strip_initialisers:
+            _run([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], "stripping initialisers",
+                 tmp)
+        _run([cxx.path, "-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "kernel.o", "-lm",
+              "-o", "kernel.so"], "linking the kernel", tmp)
+        os.chmod(tmp / "kernel.so", 0o644)
         _publish(tmp, final)
     finally:
         if tmp.exists():

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from hlh_mlx import emulator
-from hlh_mlx.emulator import (KernelCompileError, KernelCrashError, KernelTimeoutError, UnsafeKernelError,
-                              codegen, launch, toolchain)
+from hlh_mlx.emulator import KernelCompileError, KernelCrashError, KernelTimeoutError, UnsafeKernelError
 
 
 def call(k, n=4, **kw):
@@ -14,20 +13,17 @@ def call(k, n=4, **kw):
              output_dtypes=[mx.float32], **kw)
 
 
-ESCAPES = [
-    ("source", '#include <stdlib.h>\nout[0] = 1;', "preprocessor directive '#include <stdlib.h>'"),
-    ("source", '#define X 1\nout[0] = X;', "preprocessor directive '#define X 1'"),
+ESCAPES = [  # friendly errors, before anything is compiled (test_redteam.py: what stands behind them)
+    ("source", '#include <stdlib.h>\nout[0] = 1;', "'#include <stdlib.h>' is not allowed"),
+    ("source", '#line 7 "x"\nout[0] = 1;', "directive '#line' is not allowed"),
     ("source", 'asm("nop"); out[0] = 1;', "'asm' (inline assembly)"),
-    ("source", '__asm__("nop"); out[0] = 1;', "'__asm__'"),
-    ("header", '__attribute__((constructor)) void f() {}', "'__attribute__'"),
+    ("source", '__asm__("nop"); out[0] = 1;', "'__asm__' (inline assembly)"),
+    ("header", '__attribute__((constructor)) void f() {}', "attribute 'constructor'"),
     ("header", '[[gnu::constructor]] void f() {}', "compiler attribute 'gnu::'"),
-    ("source", '__builtin_trap();', "'__builtin_trap'"),
     ("source", 'system("id"); out[0] = 1;', "call to 'system'"),
     ("source", 'auto f = fopen ("/etc/passwd", "r");', "call to 'fopen'"),
     ("header", 'extern "C" int unlink(const char*);', "'extern'"),
-    ("source", 'int* p = new int[4]; out[0] = p[0];', "'new'"),
     ("source", 'std::exit(0);', "'std'"),
-    ("source", '_Pragma("GCC diagnostic push") out[0] = 1;', "'_Pragma'"),
 ]
 
 
@@ -37,6 +33,18 @@ def test_host_escapes_are_refused_before_compiling(part, text, named):
     with pytest.raises(UnsafeKernelError) as e:
         emulator.metal_kernel("escape", ["inp"], ["out"], **kw)
     assert named in str(e.value) and f"{part} line" in str(e.value)
+
+
+def test_ordinary_names_are_not_mistaken_for_escapes():
+    src = """
+        struct Reader { float read(int i) const { return float(i); } };
+        Reader r;
+        float section = 2.0f, alias = 1.0f;
+        uint i = thread_position_in_grid.x;
+        out[i] = r.read(1) + metal::abs(min(section, alias)) + inp[i];
+    """
+    k = emulator.metal_kernel("names", ["inp"], ["out"], src, header="[[maybe_unused]] constant float kOne = 1.0f;\n")
+    assert np.asarray(call(k)[0]).tolist() == [3.0] * 4
 
 
 def test_words_in_comments_and_strings_are_not_code():
@@ -51,15 +59,6 @@ def test_a_self_declared_libc_function_is_refused_at_link_check():
     k = emulator.metal_kernel("decl", ["inp"], ["out"], "out[0] = float(getpid());", header="int getpid();")
     with pytest.raises(UnsafeKernelError, match="outside the Metal/MLX surface: getpid"):
         call(k)
-
-
-def test_the_syscall_filter_stops_what_gets_past_the_other_walls():
-    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
-    tu = codegen.cpp_unit("sys", 'extern "C" int getppid();', "out[0] = float(getppid());", plist, [], False)
-    exe = toolchain.build_kernel("sys", tu, "", "", "fast", check_symbols=False)
-    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
-    with pytest.raises(KernelCrashError, match="SIGSYS.*forbidden system call"):
-        launch.run("sys", exe, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
 
 
 def test_crash_is_isolated_and_reported_with_the_thread():

@@ -123,11 +123,14 @@ def test_simdgroup_barrier_orders_lanes_of_one_simdgroup(rng, monkeypatch):
     y = run(ok, x, 1, tg=32)
     np.testing.assert_allclose(np.asarray(y), [np.asarray(x).sum()], rtol=1e-5)
     bad = ok.replace("simdgroup_barrier(mem_flags::mem_threadgroup);", "")
-    with pytest.raises(SanitizerError, match="uninitialized"):  # lane 0 runs first, reads unwritten slots
-        run(bad, x, 1, tg=32)
-    monkeypatch.setenv("HLH_MLX_EMU_ORDER", "reverse")  # lanes 31..1 write first: now it is a race
-    with pytest.raises(SanitizerError, match="race"):
-        run(bad, x, 1, tg=32)
+    # lane 0 runs first and reads slots lanes 1..31 write later in the same interval: a race
+    # (not "uninitialized"), naming the reader and the writer; in either order
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("HLH_MLX_EMU_ORDER", order)
+        with pytest.raises(SanitizerError, match="race") as e:
+            run(bad, x, 1, tg=32)
+        assert e.value.kind == "race" and len(e.value.threads) == 2
+        assert {t["thread_index_in_threadgroup"] for t in e.value.threads} >= {0}
 
 
 def test_atomics_in_threadgroup_memory_do_not_race(rng):

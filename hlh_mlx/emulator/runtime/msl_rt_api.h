@@ -1,6 +1,7 @@
 // The interface between a compiled kernel (kernel TU) and the emulator runtime
-// (runtime.cpp). Plain C types only: the two sides are compiled separately, and the
-// kernel object may link against nothing but these functions and libm (checked).
+// (runtime.cpp). Plain C types only: the two sides are compiled separately; the kernel
+// is a shared object the launcher loads after locking itself down (runtime.cpp), and
+// finds msl_kernel / msl_kernel_thread in with dlsym.
 #pragma once
 #include <stdint.h>
 

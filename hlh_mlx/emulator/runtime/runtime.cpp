@@ -1,13 +1,16 @@
 // The emulator runtime: runs one dispatch of a compiled Metal kernel body on the CPU.
 //
 // Process model: the Python side writes every buffer of the dispatch into one file,
-// starts this program with a text spec on stdin, and reads the outputs back from the
-// file. Each threadgroup runs on one worker OS thread; when the body synchronises
+// starts this program (the launcher) with the kernel object's path and a text spec on
+// stdin, and reads the outputs back from the file. The launcher locks its process down
+// (see "containment" below) BEFORE it loads the kernel object, so no kernel code, static
+// constructors included, ever runs outside the sandbox. Each threadgroup runs on one worker OS thread; when the body synchronises
 // (barriers, simd_/quad_ functions) each Metal thread is a fiber and a scheduler
 // releases barriers and resolves simdgroup exchanges. A kernel that needs neither runs
 // its threads as plain calls.
 //
-// Reporting: success is exit code 0. A sanitizer fault or dispatch error prints one
+// Reporting: "HLH_LOCKED {json}" first on stdout once locked down (the parent uses no
+// result without it), "HLH_DONE {}" at the end; success is exit code 0. A sanitizer fault or dispatch error prints one
 // line "HLH_FAULT {json}" on stderr and exits with 3; warnings print "HLH_WARN {json}".
 // Memory faults inside the body print "HLH_CRASH {json}" from the signal handler.
 #include <errno.h>
@@ -23,9 +26,14 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <dlfcn.h>
+#include <elf.h>
+#include <sched.h>
+#include <sys/stat.h>
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <thread>
@@ -48,12 +56,21 @@ struct Spec {
   bool reverse = false;
   bool sanitize = false;
   unsigned long mem_limit = 0;
+  unsigned long cpu_limit = 0;
+  bool fail_lockdown = false;  // tests: behave as if the filter could not be installed
   std::vector<Param> params;
 };
 Spec g_spec;
-char* g_file_base = nullptr;
-unsigned long g_file_size = 0;
+// The device window: every address a buffer access may legitimately land near. Without
+// the sanitizer it is the one shared mapping; with it each buffer has its own mapping,
+// far from the others, so an index that strays off one buffer never lands in another.
+char* g_dev_lo = nullptr;
+char* g_dev_hi = nullptr;
 std::vector<void*> g_param_ptrs;
+// The kernel object, loaded only after the process is locked down.
+const msl_kernel_desc* g_kernel = nullptr;
+void (*g_kernel_thread)(void* const*, const msl_thread_info*) = nullptr;
+uintptr_t g_kernel_base = 0;
 
 // ---------------------------------------------------------------- reporting
 std::string json_str(const std::string& s) {
@@ -157,6 +174,12 @@ struct Worker {
   // sanitizer shadow of threadgroup memory, one entry per byte
   struct Shadow { uint64_t w_phase, r_phase; uint16_t wtid, rtid, rsg; uint8_t rmulti; uint32_t wsimd, rsimd; };
   Shadow* shadow = nullptr;
+  // A read of threadgroup memory no thread has written yet: a race if another thread
+  // writes the slot later in the same barrier interval, else reported when it closes.
+  bool pend = false;
+  unsigned long pend_off = 0;
+  int pend_tid = 0;
+  const void* pend_pc = nullptr;
 };
 thread_local Worker* t_worker = nullptr;
 
@@ -217,8 +240,18 @@ std::string site_json(const void* site) {
   std::string th = "[";
   for (size_t k = 0; k < threads.size(); k++) th += (k ? ", " : "") + thread_desc(threads[k]);
   th += "]";
-  fault_exit("\"kind\": " + json_str(kind) + ", \"what\": " + json_str(what) + ", \"pc\": \"" + hex(pc) + "\"" +
+  fault_exit("\"kind\": " + json_str(kind) + ", \"what\": " + json_str(what) + ", \"pc\": \"" + hex((const void*)((uintptr_t)pc - g_kernel_base)) + "\"" +
              (site ? ", \"site\": " + site_json(site) : std::string()) + ", \"threads\": " + th);
+}
+
+// At the end of a barrier interval (or of the group): a read of threadgroup memory that
+// no thread wrote in it, and no thread of the group wrote before, was uninitialized.
+void flush_uninitialized(Worker& w) {
+  if (!w.pend) return;
+  sanitizer_fault("uninitialized",
+                  "read of threadgroup memory (offset " + std::to_string(w.pend_off) +
+                      ") that no thread of this threadgroup has written",
+                  w.pend_pc, {w.pend_tid});
 }
 
 // ---------------------------------------------------------------- fiber plumbing
@@ -235,7 +268,7 @@ void run_thread_body(int i) {
   Worker& w = *t_worker;
   msl_thread_info t;
   thread_info(*w.group, i, t);
-  msl_kernel_thread(g_param_ptrs.data(), &t);
+  g_kernel_thread(g_param_ptrs.data(), &t);
 }
 
 extern "C" void msl_fiber_main() {
@@ -376,6 +409,7 @@ void run_group_fibers(Worker& w, Group& g) {
       if (done > 0) g_warn.exited_before_barrier++;
       if (diverged) g_warn.divergent_barrier++;
     }
+    flush_uninitialized(w);
     for (int i : at) w.fibers[size_t(i)].st = RUNNABLE;
     w.phase++;
   }
@@ -396,7 +430,7 @@ void run_group_direct(Worker& w, Group& g) {
     t.simdgroup_index_in_threadgroup = uint32_t(i / kSimdWidth);
     t.thread_index_in_quadgroup = uint32_t(i % 4);
     t.quadgroup_index_in_threadgroup = uint32_t(i / 4);
-    msl_kernel_thread(g_param_ptrs.data(), &t);
+    g_kernel_thread(g_param_ptrs.data(), &t);
   }
   w.cur = -1;
 }
@@ -422,8 +456,9 @@ void worker_main(std::atomic<long>* next, long total, msl_uint3 ng) {
     w.phase++;
     w.group_phase = w.phase;
     w.arena_used = 0;
-    if (msl_kernel.needs_sync) run_group_fibers(w, g);
+    if (g_kernel->needs_sync) run_group_fibers(w, g);
     else run_group_direct(w, g);
+    flush_uninitialized(w);
     w.group = nullptr;
   }
   t_worker = nullptr;
@@ -472,11 +507,9 @@ __attribute__((noinline)) void check_access(const void* addr, unsigned long size
     for (unsigned long b = off; b < off + size; b++) {
       Worker::Shadow& sh = w.shadow[b];
       if (!write) {
-        if (sh.w_phase < w.group_phase)
-          sanitizer_fault("uninitialized",
-                          "read of threadgroup memory (offset " + std::to_string(b) +
-                              ") that no thread of this threadgroup has written",
-                          pc, {w.cur});
+        if (sh.w_phase < w.group_phase && !w.pend) {
+          w.pend = true; w.pend_off = b; w.pend_tid = w.cur; w.pend_pc = pc;
+        }
         if (sh.w_phase == w.phase && sh.wtid != me && !excused(w, me, sh.wtid, sh.wsimd))
           sanitizer_fault("race",
                           "read of threadgroup memory (offset " + std::to_string(b) +
@@ -502,7 +535,8 @@ __attribute__((noinline)) void check_access(const void* addr, unsigned long size
           if (!ok)
             sanitizer_fault("race",
                             "write of threadgroup memory (offset " + std::to_string(b) +
-                                ") that another thread reads with no barrier in between",
+                                ") that another thread reads earlier in the same barrier interval "
+                                "(no barrier in between: on a GPU the read may see the old or the new value)",
                             pc, {w.cur, sh.rtid});
         }
         sh.w_phase = w.phase; sh.wtid = me; sh.wsimd = my_simd;
@@ -510,7 +544,7 @@ __attribute__((noinline)) void check_access(const void* addr, unsigned long size
     }
     return;
   }
-  if (a >= g_file_base && a < g_file_base + g_file_size) {
+  if (a >= g_dev_lo && a < g_dev_hi) {
     const Param* p = find_param(a);
     if (p && a + size <= p->base + p->nbytes) return;
     long delta = 0;
@@ -661,38 +695,222 @@ void install_crash_handlers() {
   for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP}) sigaction(sig, &sa, nullptr);
 }
 
-// Kernel code is native code: once the dispatch is set up, allow only the system calls
-// that computing, allocating and reporting need. Anything else kills the process.
-bool install_syscall_filter() {
+// ---------------------------------------------------------------- containment
+// The security boundary. Kernel code is native code from an untrusted template, so none
+// of it runs before the process is locked down: the launcher maps the buffers, closes
+// every other file, drops privileges, enters new namespaces where it may, and installs a
+// system-call allow-list (seccomp) BEFORE it loads the kernel object; the object's own
+// initialisers are refused. Loading needs a read-only open; once loaded, a second filter
+// removes even that. Anything outside the list kills the process (SIGSYS).
+constexpr int kProbeErrno = 4000;  // getppid answers this errno once the filter is in
+
+struct Bpf {
+  std::vector<sock_filter> p;
+  void ld_nr() { p.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr))); }
+  void ld_arg(int i, bool hi) {
+    p.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, uint32_t(offsetof(seccomp_data, args) + 8 * i + (hi ? 4 : 0))));
+  }
+  // nr -> action
+  void rule(long nr, uint32_t action) {
+    ld_nr();
+    p.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, uint32_t(nr), 0, 1));
+    p.push_back(BPF_STMT(BPF_RET | BPF_K, action));
+  }
+  // nr with (low word of arg i & mask) == value and the high word zero -> allow; nr otherwise -> kill
+  void rule_arg(long nr, int i, uint32_t mask, uint32_t value, bool check_hi = true) {
+    ld_nr();
+    p.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, uint32_t(nr), 0, uint8_t(check_hi ? 7 : 5)));
+    if (check_hi) {
+      ld_arg(i, true);
+      p.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, 4));
+    }
+    ld_arg(i, false);
+    p.push_back(BPF_STMT(BPF_ALU | BPF_AND | BPF_K, mask));
+    p.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, value, 0, 1));
+    p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+    p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
+  }
+};
+
 #if defined(__x86_64__)
-  const unsigned arch = 0xC000003E;  // AUDIT_ARCH_X86_64
+constexpr uint32_t kArch = 0xC000003E;  // AUDIT_ARCH_X86_64
 #elif defined(__aarch64__)
-  const unsigned arch = 0xC00000B7;  // AUDIT_ARCH_AARCH64
+constexpr uint32_t kArch = 0xC00000B7;  // AUDIT_ARCH_AARCH64
 #else
-  return false;
+constexpr uint32_t kArch = 0;
 #endif
-  static const long allowed[] = {
-      SYS_read, SYS_write, SYS_mmap, SYS_munmap, SYS_mprotect, SYS_madvise, SYS_brk, SYS_futex,
-      SYS_exit, SYS_exit_group, SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_sched_yield, SYS_clock_gettime,
-      SYS_gettid, SYS_getpid, SYS_tgkill, SYS_clock_nanosleep, SYS_mremap, SYS_fstat, SYS_newfstatat,
+
+// loading: true while the kernel object is being loaded (a read-only open allowed).
+bool install_filter(bool loading) {
+  if (!kArch) return false;
+  Bpf b;
+  b.p.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)));
+  b.p.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, kArch, 1, 0));
+  b.p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
+#if defined(__x86_64__)
+  b.ld_nr();  // the x32 ABI shares the arch value: refuse it
+  b.p.push_back(BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, 0, 1));
+  b.p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
+#endif
+  static const long plain[] = {
+      SYS_read, SYS_write, SYS_close, SYS_munmap, SYS_madvise, SYS_brk, SYS_futex, SYS_exit, SYS_exit_group,
+      SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigaction, SYS_sched_yield, SYS_clock_gettime, SYS_gettid, SYS_getpid,
+      SYS_clock_nanosleep, SYS_mremap, SYS_fstat, SYS_sigaltstack, SYS_set_robust_list, SYS_rseq, SYS_getrandom,
 #ifdef SYS_nanosleep
       SYS_nanosleep,
 #endif
-      SYS_sigaltstack, SYS_set_robust_list, SYS_rseq,
   };
-  std::vector<sock_filter> prog;
-  prog.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, arch)));
-  prog.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, arch, 1, 0));
-  prog.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
-  prog.push_back(BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)));
-  for (long nr : allowed) {
-    prog.push_back(BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (unsigned)nr, 0, 1));
-    prog.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+  for (long nr : plain) b.rule(nr, SECCOMP_RET_ALLOW);
+  b.rule(SYS_getppid, SECCOMP_RET_ERRNO | kProbeErrno);
+  // signals only to this process itself (abort, raise)
+  b.rule_arg(SYS_tgkill, 0, 0xffffffffu, uint32_t(getpid()), false);
+  // threads, never processes
+  b.rule_arg(SYS_clone, 0, CLONE_THREAD, CLONE_THREAD);
+  b.rule(SYS_clone3, SECCOMP_RET_ERRNO | ENOSYS);  // its flags are out of reach: glibc falls back to clone
+  if (loading) {
+    // the loader: open the object read-only, stat it by descriptor, map it executable
+    b.rule_arg(SYS_openat, 2, 0xffffffffu, O_RDONLY | O_CLOEXEC, false);
+    b.rule_arg(SYS_newfstatat, 3, 0xffffffffu, AT_EMPTY_PATH, false);
+    b.rule(SYS_pread64, SECCOMP_RET_ALLOW);
+    b.rule(SYS_mmap, SECCOMP_RET_ALLOW);
+    b.rule(SYS_mprotect, SECCOMP_RET_ALLOW);
+    b.rule(SYS_seccomp, SECCOMP_RET_ALLOW);  // to add the second filter (filters only ever add limits)
+  } else {
+    // no open, no new executable memory (both filters apply: the stricter answer wins)
+    b.rule_arg(SYS_mmap, 2, PROT_EXEC, 0);
+    b.rule_arg(SYS_mprotect, 2, PROT_EXEC, 0);
   }
-  prog.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
-  sock_fprog fp{(unsigned short)prog.size(), prog.data()};
-  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return false;
-  return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &fp) == 0;
+  b.p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
+  sock_fprog fp{(unsigned short)b.p.size(), b.p.data()};
+  return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0;
+}
+
+// What the lockdown achieved, reported to the parent, which refuses to use results
+// without it. seccomp and no_new_privs are required; the rest are extra walls.
+struct Lockdown {
+  bool no_new_privs = false, seccomp = false, probe = false, caps_dropped = false;
+  std::string namespaces;
+};
+
+void write_file(const char* path, const std::string& text) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  write_all(fd, text);
+  close(fd);
+}
+
+Lockdown lock_down(unsigned long mem_limit, unsigned long cpu_seconds) {
+  Lockdown l;
+  auto limit = [](int what, rlim_t v) { rlimit rl{v, v}; setrlimit(what, &rl); };
+  limit(RLIMIT_CORE, 0);
+  limit(RLIMIT_FSIZE, 0);  // no file may grow
+  limit(RLIMIT_NOFILE, 16);
+  if (mem_limit) limit(RLIMIT_AS, mem_limit);
+  if (cpu_seconds) { rlimit rl{cpu_seconds, cpu_seconds + 1}; setrlimit(RLIMIT_CPU, &rl); }
+  // Namespaces where the system allows them (not required: the filter holds alone).
+  uid_t uid = getuid();
+  gid_t gid = getgid();
+  const int base = CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC;
+  if (unshare(CLONE_NEWUSER | base) == 0) {
+    l.namespaces = "user,net,mount,ipc";
+    write_file("/proc/self/setgroups", "deny");
+    write_file("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1");
+    write_file("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1");
+  } else if (unshare(base) == 0) {
+    l.namespaces = "net,mount,ipc";
+  } else if (unshare(CLONE_NEWUSER) == 0) {
+    l.namespaces = "user";
+  }
+  // Capabilities: none, in any namespace.
+  prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+  for (int cap = 0; cap < 64; cap++) prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
+  struct { uint32_t version; int pid; } hdr{0x20080522, 0};  // _LINUX_CAPABILITY_VERSION_3
+  struct { uint32_t effective, permitted, inheritable; } data[2] = {};
+  l.caps_dropped = syscall(SYS_capset, &hdr, data) == 0;
+  l.no_new_privs = prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0;
+  if (l.no_new_privs && !g_spec.fail_lockdown) l.seccomp = install_filter(true);
+  if (l.seccomp) {
+    errno = 0;
+    long r = syscall(SYS_getppid);
+    l.probe = r == -1 && errno == kProbeErrno;
+  }
+  return l;
+}
+
+// The kernel object may not run code while it loads (constructors, IFUNC resolvers):
+// Metal has no dynamic initialisation of program-scope variables. The toolchain strips
+// initialiser sections; this refuses an object that has any left, reading its dynamic
+// section straight from the file.
+std::string object_problem(int fd) {
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < (off_t)sizeof(Elf64_Ehdr)) return "unreadable";
+  size_t n = size_t(st.st_size);
+  const char* m = (const char*)mmap(nullptr, n, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (m == MAP_FAILED) return "unreadable";
+  std::string why;
+  auto in = [&](uint64_t off, uint64_t len) { return off <= n && len <= n - off; };
+  const Elf64_Ehdr* eh = (const Elf64_Ehdr*)m;
+  if (memcmp(eh->e_ident, ELFMAG, SELFMAG) != 0 || eh->e_ident[EI_CLASS] != ELFCLASS64 || eh->e_type != ET_DYN ||
+      !in(eh->e_phoff, uint64_t(eh->e_phnum) * sizeof(Elf64_Phdr))) {
+    why = "not a 64-bit shared object";
+  } else {
+    const Elf64_Phdr* ph = (const Elf64_Phdr*)(m + eh->e_phoff);
+    auto file_off = [&](uint64_t vaddr, uint64_t& off) {  // virtual address -> file offset
+      for (int i = 0; i < eh->e_phnum; i++)
+        if (ph[i].p_type == PT_LOAD && vaddr >= ph[i].p_vaddr && vaddr < ph[i].p_vaddr + ph[i].p_filesz) {
+          off = vaddr - ph[i].p_vaddr + ph[i].p_offset;
+          return true;
+        }
+      return false;
+    };
+    for (int i = 0; i < eh->e_phnum && why.empty(); i++) {
+      if (ph[i].p_type == PT_INTERP) why = "it names a program interpreter";
+      if (ph[i].p_type != PT_DYNAMIC) continue;
+      if (!in(ph[i].p_offset, ph[i].p_filesz)) { why = "bad dynamic section"; break; }
+      const Elf64_Dyn* d = (const Elf64_Dyn*)(m + ph[i].p_offset);
+      size_t nd = ph[i].p_filesz / sizeof(Elf64_Dyn);
+      uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0, symtab = 0;
+      for (size_t k = 0; k < nd && d[k].d_tag != DT_NULL; k++) {
+        switch (d[k].d_tag) {
+          case DT_INIT: case DT_PREINIT_ARRAY: why = "it has initialisers (static constructors)"; break;
+          case DT_INIT_ARRAYSZ: case DT_PREINIT_ARRAYSZ:
+            if (d[k].d_un.d_val) why = "it has initialisers (static constructors)";
+            break;
+          case DT_TEXTREL: why = "it has text relocations"; break;
+          case DT_RELA: rela = d[k].d_un.d_ptr; break;
+          case DT_RELASZ: relasz = d[k].d_un.d_val; break;
+          case DT_JMPREL: jmprel = d[k].d_un.d_ptr; break;
+          case DT_PLTRELSZ: pltsz = d[k].d_un.d_val; break;
+          case DT_SYMTAB: symtab = d[k].d_un.d_ptr; break;
+          default: break;
+        }
+      }
+      for (auto [addr, size] : {std::pair<uint64_t, uint64_t>{rela, relasz}, {jmprel, pltsz}}) {
+        uint64_t off = 0;
+        if (!size || !why.empty()) continue;
+        if (!file_off(addr, off) || !in(off, size)) { why = "bad relocations"; break; }
+        const Elf64_Rela* r = (const Elf64_Rela*)(m + off);
+        uint64_t symoff = 0;
+        bool have_syms = symtab && file_off(symtab, symoff);
+        for (size_t k = 0; k < size / sizeof(Elf64_Rela); k++) {
+#if defined(__x86_64__)
+          if (ELF64_R_TYPE(r[k].r_info) == R_X86_64_IRELATIVE) why = "it has IFUNC resolvers";
+#elif defined(__aarch64__)
+          if (ELF64_R_TYPE(r[k].r_info) == R_AARCH64_IRELATIVE) why = "it has IFUNC resolvers";
+#endif
+          // a relocation against an IFUNC symbol the object defines runs its resolver
+          uint64_t sym = ELF64_R_SYM(r[k].r_info);
+          if (!sym) continue;
+          uint64_t at = symoff + sym * sizeof(Elf64_Sym);
+          if (!have_syms || !in(at, sizeof(Elf64_Sym))) { why = "bad symbol table"; break; }
+          const Elf64_Sym* es = (const Elf64_Sym*)(m + at);
+          if (ELF64_ST_TYPE(es->st_info) == STT_GNU_IFUNC && es->st_shndx != SHN_UNDEF) why = "it has IFUNC resolvers";
+        }
+      }
+    }
+  }
+  munmap((void*)m, n);
+  return why;
 }
 
 [[noreturn]] void spec_error(const std::string& what) {
@@ -727,52 +945,114 @@ void read_spec() {
     else if (k == "order") g_spec.reverse = line.find("reverse") != std::string::npos;
     else if (k == "sanitize" && sscanf(line.c_str(), "sanitize %u", &a) == 1) g_spec.sanitize = a != 0;
     else if (k == "memlimit" && sscanf(line.c_str(), "memlimit %lu", &off) == 1) g_spec.mem_limit = off;
+    else if (k == "cpulimit" && sscanf(line.c_str(), "cpulimit %lu", &off) == 1) g_spec.cpu_limit = off;
+    else if (k == "fail_lockdown") g_spec.fail_lockdown = true;
     else if (k == "param" && sscanf(line.c_str(), "param %lu %lu %lu %255s", &off, &nb, &ptr, name) == 4)
       g_spec.params.push_back(Param{off, nb, ptr, name, nullptr});
     else spec_error("bad spec line: " + line);
   }
 }
 
+
+// Map the buffers. Without the sanitizer: the file, once. With it: each buffer at its own
+// address, 128 GiB from the next, so an index off one buffer faults on no-man's land
+// and is reported against that buffer (falls back to the one mapping where the address
+// space is too small).
+void map_buffers(int fd, unsigned long size) {
+  if (g_spec.sanitize) {
+    const uintptr_t stride = uintptr_t(1) << 37, base = uintptr_t(1) << 45;
+    bool ok = true;
+    std::vector<std::pair<char*, size_t>> maps;
+    for (size_t i = 0; i < g_spec.params.size() && ok; i++) {
+      Param& p = g_spec.params[i];
+      size_t len = (std::max(p.nbytes, 1UL) + 4095) / 4096 * 4096;
+      char* want = (char*)(base + stride * (i + 1));
+      char* got = (p.offset % 4096 || p.offset + len > size) ? (char*)MAP_FAILED
+                  : (char*)mmap(want, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, off_t(p.offset));
+      if (got != want) {
+        ok = false;
+        if (got != MAP_FAILED) munmap(got, len);
+        break;
+      }
+      maps.push_back({got, len});
+      p.base = got;
+    }
+    if (ok) {
+      g_dev_lo = (char*)(base + stride / 2);
+      g_dev_hi = (char*)(base + stride * (g_spec.params.size() + 1) + stride / 2);
+      return;
+    }
+    for (auto& [a, len] : maps) munmap(a, len);
+  }
+  char* all = (char*)mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (all == MAP_FAILED) spec_error("cannot map " + g_spec.file);
+  for (Param& p : g_spec.params) p.base = all + p.offset;
+  g_dev_lo = all;
+  g_dev_hi = all + size;
+}
+
 }  // namespace
 
-int main() {
+// argv[1]: the kernel object; argv[2]: the parent's pid (this process dies with it).
+int main(int argc, char** argv) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+  if (argc != 3 || getppid() != (pid_t)atol(argv[2])) _exit(9);  // the parent is already gone
   read_spec();
-  if (g_spec.mem_limit) {
-    rlimit rl{g_spec.mem_limit, g_spec.mem_limit};
-    setrlimit(RLIMIT_AS, &rl);
-  }
-  if ((int)g_spec.params.size() != msl_kernel.n_params)
-    spec_error("the spec lists " + std::to_string(g_spec.params.size()) + " buffers, the kernel takes " +
-               std::to_string(msl_kernel.n_params));
-  if (g_spec.sanitize && !msl_kernel.sanitize) spec_error("sanitize requested but the kernel was built without it");
-  int fd = open(g_spec.file.c_str(), O_RDWR);
+  int kfd = open(argv[1], O_RDONLY | O_CLOEXEC);
+  if (kfd < 0) spec_error(std::string("cannot open the kernel object ") + argv[1]);
+  std::string bad = object_problem(kfd);
+  if (!bad.empty()) fault_exit("\"kind\": \"object\", \"what\": " + json_str("the kernel object is refused: " + bad));
+  int fd = open(g_spec.file.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) spec_error("cannot open " + g_spec.file);
   off_t size = lseek(fd, 0, SEEK_END);
-  g_file_size = (unsigned long)size;
-  g_file_base = (char*)mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (g_file_base == MAP_FAILED) spec_error("cannot map " + g_spec.file);
+  for (const Param& p : g_spec.params)
+    if (p.offset + p.nbytes > (unsigned long)size) spec_error("buffer " + p.name + " lies outside the file");
+  map_buffers(fd, (unsigned long)size);
   close(fd);
-  for (Param& p : g_spec.params) {
-    if (p.offset + p.nbytes > g_file_size) spec_error("buffer " + p.name + " lies outside the file");
-    p.base = g_file_base + p.offset;
-    g_param_ptrs.push_back(p.base + p.pointer);
-  }
+  for (Param& p : g_spec.params) g_param_ptrs.push_back(p.base + p.pointer);
+  // keep stdout, stderr and the object; close everything else (stdin included)
+  if (dup2(kfd, 3) < 0) spec_error("cannot keep the kernel object open");
+  kfd = 3;
+  close(0);
+#ifdef SYS_close_range
+  if (syscall(SYS_close_range, 4u, ~0u, 0u) != 0)
+#endif
+    for (int f = 4; f < 65536; f++) close(f);
   install_crash_handlers();
+
+  Lockdown l = lock_down(g_spec.mem_limit, g_spec.cpu_limit);
+  std::string report = std::string("{\"no_new_privs\": ") + (l.no_new_privs ? "true" : "false") +
+                       ", \"seccomp\": " + (l.seccomp ? "true" : "false") + ", \"probe\": " +
+                       (l.probe ? "true" : "false") + ", \"caps_dropped\": " + (l.caps_dropped ? "true" : "false") +
+                       ", \"namespaces\": " + json_str(l.namespaces);
+  if (!(l.no_new_privs && l.seccomp && l.probe))
+    fault_exit("\"kind\": \"sandbox\", \"what\": " +
+               json_str("the kernel process could not lock itself down (no_new_privs and a seccomp "
+                        "filter are required); the kernel was not loaded") + ", \"lockdown\": " + report + "}");
+  write_all(1, "HLH_LOCKED " + report + "}\n");
+  // Only now does any code of the kernel object run.
+  void* h = dlopen("/proc/self/fd/3", RTLD_NOW | RTLD_LOCAL);
+  if (!h) spec_error(std::string("cannot load the kernel object: ") + dlerror());
+  close(kfd);
+  if (!install_filter(false)) fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
+  g_kernel = (const msl_kernel_desc*)dlsym(h, "msl_kernel");
+  g_kernel_thread = (void (*)(void* const*, const msl_thread_info*))dlsym(h, "msl_kernel_thread");
+  if (!g_kernel || !g_kernel_thread) spec_error("the kernel object lacks msl_kernel / msl_kernel_thread");
+  Dl_info info;
+  if (dladdr((void*)g_kernel_thread, &info)) g_kernel_base = (uintptr_t)info.dli_fbase;
+
+  if ((int)g_spec.params.size() != g_kernel->n_params)
+    spec_error("the spec lists " + std::to_string(g_spec.params.size()) + " buffers, the kernel takes " +
+               std::to_string(g_kernel->n_params));
+  if (g_spec.sanitize && !g_kernel->sanitize) spec_error("sanitize requested but the kernel was built without it");
 
   const Spec& s = g_spec;
   msl_uint3 ng{(s.gx + s.tx - 1) / s.tx, (s.gy + s.ty - 1) / s.ty, (s.gz + s.tz - 1) / s.tz};
   long total = (long)ng.x * ng.y * ng.z;
   int nw = int(std::max(1L, std::min<long>(s.workers, total)));
   std::atomic<long> next{0};
-  std::atomic<int> go{0};
   std::vector<std::thread> threads;
-  for (int i = 1; i < nw; i++)
-    threads.emplace_back([&] {
-      while (!go.load()) std::this_thread::yield();
-      worker_main(&next, total, ng);
-    });
-  bool sandboxed = install_syscall_filter();
-  go = 1;
+  for (int i = 1; i < nw; i++) threads.emplace_back([&] { worker_main(&next, total, ng); });
   worker_main(&next, total, ng);
   for (auto& t : threads) t.join();
   std::string warn;
@@ -784,6 +1064,6 @@ int main() {
             std::to_string(g_warn.divergent_barrier.load()) +
             " threadgroup barriers released with threads waiting at different barrier calls\"}";
   if (!warn.empty()) write_all(2, "HLH_WARN [" + warn + "]\n");
-  write_all(1, std::string("HLH_DONE {\"sandboxed\": ") + (sandboxed ? "true" : "false") + "}\n");
+  write_all(1, "HLH_DONE {}\n");
   return 0;
 }
