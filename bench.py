@@ -82,11 +82,12 @@ def targets(rows) -> list[str]:
         g = math.exp(sum(math.log(r["speedup"]) for r in mem) / len(mem))
         out.append(f"memory-bound geometric-mean speedup over {len(mem)} ops at their largest shape: {g:.2f}x "
                    f"(target 1.8x: {'met' if g >= 1.8 else f'missed by {1.8 / g:.2f}x'})")
-        low = [f"{r['op']} {r['roofline_pct']:.0f}%" for r in mem if r["roofline_pct"] < 85]
+        low = [f"{r['op']} {r['roofline_pct']:.0f}%" for r in mem if (r["roofline_pct"] or 0) < 85]
         out.append("winners below 85% of copy bandwidth: " + (", ".join(low) if low else "none"))
     if others:
         out.append("outside that suite (not averaged in): " + ", ".join(
-            f"{r['op']} {r['shape']} {r['speedup']:.2f}x ({r['roofline_pct']:.0f}% of copy bandwidth)" for r in others))
+            f"{r['op']} {r['shape']} {r['speedup']:.2f}x ({r['roofline_pct'] or 0:.0f}% of copy bandwidth)"
+            for r in others))
     for name, goal in (("qgemv", 2.5), ("matmul", 0.8)):
         if name in largest:
             s = largest[name][1]["speedup"]

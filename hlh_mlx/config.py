@@ -1,5 +1,8 @@
 """Every HLH_MLX_* setting, typed, with one default and one line saying what it does.
 
+This table is the documentation (README "Settings" is tested against it). Settings read on
+hot paths (HLH_MLX_STRICT) go through `get`; the rest are read where they are used.
+
 Values are read from the environment when first asked for and then kept: the hot path of
 a tuned call must not parse the environment. `reset()` (also called by
 `hlh_mlx.tuned.refresh()`) forgets them, for a process that changes a setting mid-run.
@@ -32,6 +35,7 @@ KNOBS = {k.name: k for k in (
     Knob("HLH_MLX_TEMPLATES", None, str, "extra template folders, os.pathsep-separated"),
     Knob("HLH_MLX_SANITIZE", None, _flag, "emulator: check races, out-of-bounds, uninitialized reads (sweep/check: on)"),
     Knob("HLH_MLX_CACHE", None, str, "compiled emulator kernels (default ~/.cache/hlh_mlx)"),
+    Knob("HLH_MLX_CACHE_MAX", "1G", str, "bound of the compile cache (e.g. 500M, 2G; 0: none)"),
     Knob("HLH_MLX_CXX", None, str, "the emulator's C++ compiler command (default g++, else clang++)"),
     Knob("HLH_MLX_EMU_TIMEOUT", 120.0, float, "emulator: seconds one kernel launch may run"),
     Knob("HLH_MLX_EMU_THREADS", None, int, "emulator: OS threads running threadgroups (default: the cores)"),

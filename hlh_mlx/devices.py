@@ -12,6 +12,10 @@ CEILINGS = {
     # Dense fp16/bf16: 8192^3 bf16 product through PyTorch, 798 TFLOP/s, measured on a lent
     # H100 2026-11-13 (device tool KINDS.md). fp32 (no tensor cores): 67 TFLOP/s, datasheet.
     "h100": {"bandwidth_gbs": 2920.0, "tflops": {"float16": 798.0, "bfloat16": 798.0, "float32": 67.0}},
+    # NVIDIA H200 (SXM, 141 GB HBM3e). Copy bandwidth: device-to-device copy through PyTorch,
+    # 4.3 TB/s counting bytes read + written; 8192^3 bf16 product 788 TFLOP/s; both measured
+    # on lent H200s 2026-10-28/11-04 (device tool KINDS.md). fp32: 67 TFLOP/s, datasheet.
+    "h200": {"bandwidth_gbs": 4300.0, "tflops": {"float16": 788.0, "bfloat16": 788.0, "float32": 67.0}},
 }
 
 # Apple GPUs, keyed by mx.device_info()["architecture"] (applegpu_g<gen><tier>: gen 13 = M1,

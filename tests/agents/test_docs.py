@@ -74,3 +74,17 @@ def test_agent_files():
 def test_project_config_parses():
     cfg = tomllib.loads((ROOT / ".codex" / "config.toml").read_text())
     assert cfg["sandbox_mode"] in ("read-only", "workspace-write")
+
+
+def test_the_readme_documents_every_setting():
+    """One table of settings: the README's copy is the one hlh_mlx.config prints, and every
+    HLH_MLX_* variable the package reads is in it."""
+    import re
+
+    from hlh_mlx import config
+    readme = (ROOT / "README.md").read_text()
+    assert config.table() in readme
+    used = set()
+    for path in (ROOT / "hlh_mlx").rglob("*.py"):
+        used |= set(re.findall(r"HLH_MLX_[A-Z_]+[A-Z]", path.read_text()))
+    assert used <= set(config.KNOBS), f"undocumented settings: {sorted(used - set(config.KNOBS))}"
