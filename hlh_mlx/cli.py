@@ -214,7 +214,9 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, timeout, retime, retry_failed, force,
           fmt):
-    """Check, time and rank every variant of OP against the MLX built-in; store the results.
+    """Check the variants of OP and, on a GPU, time them against the MLX built-in and rank
+    them (latency in a dependent chain plus host cost per call); store the results. On the
+    emulator (no GPU) variants are only checked: a seeded sample of 16 unless --budget.
 
     Exits 1 when no variant passed, 0 otherwise."""
     spec = _op(op)

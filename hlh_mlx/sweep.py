@@ -28,6 +28,9 @@ from . import __version__, backends, ops, store, templates, timing, variants
 from .variants import Variant
 
 DEFAULT_EMULATOR_BUDGET = 16
+# A GPU-sized shape on the emulator runs for minutes and proves nothing a small one does not
+# (a 4096^3 matmul ran 245 s and timed out blaming the kernels).
+EMULATOR_MAX_BYTES = 64 * 2**20
 
 
 class Worker:
@@ -121,6 +124,11 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
     shapes = shapes or (op.emulator_shapes if be == "emulator" else op.shapes)
     for s in shapes:
         op.check_shape(s)
+        if be == "emulator" and op.bytes(s, 4) > EMULATOR_MAX_BYTES:
+            raise ValueError(f"[{op.name}] shape {op.shape_str(s)} moves {op.bytes(s, 4) / 2**20:.0f} MB: the emulator "
+                             f"runs every GPU thread on the CPU and checks correctness, it times nothing; check "
+                             f"small shapes here (default {', '.join(op.shape_str(e) for e in op.emulator_shapes)}) "
+                             f"and time GPU-sized ones on a GPU")
     dtypes = dtypes or ["float32"]
     for d in dtypes:
         if d not in op.dtypes:

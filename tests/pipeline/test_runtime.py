@@ -8,15 +8,7 @@ import numpy as np
 import pytest
 
 from hlh_mlx import backends, config, runtime, select, timing, tuned
-from tests.pipeline.test_tuned import variant, write
-
-
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+from tests.pipeline.test_tuned import fresh, variant, write  # noqa: F401  (fresh: an autouse fixture)
 
 
 # -- timing ---------------------------------------------------------------------------

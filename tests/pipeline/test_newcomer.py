@@ -1,0 +1,23 @@
+"""What a newcomer trips over first: the package's submodules by attribute, and a GPU-sized
+shape on the emulator refused up front with a clear reason instead of minutes of work."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from hlh_mlx.cli import main
+
+
+def test_submodules_are_attributes_of_the_package():
+    code = "import hlh_mlx; print(hlh_mlx.tuned.softmax, hlh_mlx.nn.RMSNorm.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "hlh_mlx.tuned softmax" in out.stdout and "RMSNorm" in out.stdout
+
+
+def test_a_gpu_sized_shape_on_the_emulator_is_refused_with_the_reason(store_dir):
+    r = CliRunner().invoke(main, ["sweep", "matmul", "--shape", "4096x4096x4096", "--backend", "emulator"])
+    assert r.exit_code == 2
+    assert "4096x4096x4096 moves 192 MB" in r.output and "checks correctness, it times nothing" in r.output
+    assert not (store_dir / "emulator" / "matmul.jsonl").exists()
