@@ -67,7 +67,18 @@ def _shapes(op, texts):
         raise click.UsageError(str(e)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Template and space errors already name the file and line: every command prints them
+    as one line (exit 2), never as a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (TemplateError, SpaceError) as e:
+            raise click.UsageError(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hlh-mlx")
 def main():
     """Write, check, tune and ship custom GPU kernels for MLX."""

@@ -21,3 +21,13 @@ def test_a_gpu_sized_shape_on_the_emulator_is_refused_with_the_reason(store_dir)
     assert r.exit_code == 2
     assert "4096x4096x4096 moves 192 MB" in r.output and "checks correctness, it times nothing" in r.output
     assert not (store_dir / "emulator" / "matmul.jsonl").exists()
+
+
+def test_a_template_error_is_one_line_naming_file_and_line_in_every_command(extra_templates):
+    from tests.pipeline.conftest import ROOT
+    text = (ROOT / "templates" / "softmax" / "rows.metal.j2").read_text()
+    path = extra_templates("softmax", "bad.metal.j2", text.replace("[constraints]", '[constraints]\nuses_shape = "R > 0"', 1))
+    for args in (["list", "softmax"], ["check", "softmax", "bad", "--sample", "1"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code in (1, 2) and "Traceback" not in r.output, (args, r.output)
+        assert f"{path}:" in r.output and "'R' is undefined" in r.output
