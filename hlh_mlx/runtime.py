@@ -174,7 +174,10 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
     launch = _kernel(choice.variant).launcher(call.shape, call.dtype, call.out_shapes or op.output_shapes(call.shape),
                                               op.output_dtypes(DTYPES[call.dtype]))
     pos, names = _array_slots(args, kwargs, op.dynamic)
-    static_args, static_kwargs = list(args), dict(kwargs)
+    # the other arguments, without the first call's arrays (a plan must not keep a
+    # prefill's activations alive)
+    static_args = [None if i in pos else a for i, a in enumerate(args)]
+    static_kwargs = {k: None if k in names else v for k, v in kwargs.items()}
     n_pos = len(pos)
 
     def rebuild(arrays):
