@@ -12,13 +12,14 @@ built-in runs, and that is recorded: `explain(op, *args)` says what would run an
 A call is decided once per signature (shapes, dtypes, other arguments) and then costs a
 lookup and the kernel launch (`hlh_mlx.runtime`). Functions that call these work under
 `mx.compile` and `mx.grad` (norms, SwiGLU and RoPE take the built-in's gradient).
+
+Every op spec with a `function` and a `bind` is callable: `tuned.<op>(...)` or
+`tuned.call("<op>", ...)`, with the arguments of that MLX function.
 """
 
 from __future__ import annotations
 
-import mlx.core as mx
-
-from . import runtime
+from . import ops, runtime
 from .runtime import Dispatch, FallbackError, explain, fallbacks, lenient  # noqa: F401  (public API)
 from .select import MAX_EXTRAPOLATION, variant_of  # noqa: F401  (public API)
 
@@ -29,40 +30,44 @@ def refresh() -> None:
     runtime.refresh()
 
 
-def _silu_mul(g, u):
-    import mlx.nn as nn
-    return nn.silu(g) * u
+_dispatches: dict = {}
 
 
-def _gelu(x):
-    import mlx.nn as nn
-    return nn.gelu(x)
+def dispatch(op_name: str) -> Dispatch:
+    """The tuned entry point of any op, from its spec (`function`, `bind`,
+    `differentiable`): an op an agent adds is callable the same day, no wrapper needed."""
+    if op_name not in _dispatches:
+        spec = ops.get(op_name)
+        if spec.function is None or spec.bind is None:
+            raise ValueError(f"[hlh_mlx.tuned] op {op_name!r} has no `function` and `bind` in its spec "
+                             f"(hlh_mlx/ops/{op_name}.py): nothing to call or to fall back to")
+        doc = (spec.function.__doc__ or "").strip().splitlines()
+        _dispatches[op_name] = Dispatch(op_name, spec.function, differentiable=spec.differentiable,
+                                        doc=f"{op_name}: tuned, with the arguments of "
+                                            f"{getattr(spec.function, '__name__', spec.function)}. "
+                                            + (doc[0] if doc else ""))
+    return _dispatches[op_name]
 
 
-def _gemv(x, w):
-    return x @ w.T
+def call(op_name: str, *args, **kwargs):
+    """`tuned.call("rms_norm", x, w, 1e-5)`: any op by name, with its MLX function's arguments."""
+    return dispatch(op_name)(*args, **kwargs)
 
 
-# Each function is its op's Dispatch object itself: a call is the lookup of its signature
-# and the plan, with no wrapper layer in between (a decode loop pays this ~50 times a token).
-softmax = Dispatch("softmax", mx.softmax, doc="mx.softmax(x, axis=-1).")
-rms_norm = Dispatch("rms_norm", mx.fast.rms_norm, differentiable=True,
-                    doc="mx.fast.rms_norm(x, weight, eps); the gradient is the built-in's.")
-layer_norm = Dispatch("layer_norm", mx.fast.layer_norm, differentiable=True,
-                      doc="mx.fast.layer_norm(x, weight, bias, eps); the gradient is the built-in's.")
-swiglu = Dispatch("swiglu", _silu_mul, differentiable=True,
-                  doc="silu(g) * u; the gradient is the composed built-in's.")
-rope = Dispatch("rope", mx.fast.rope, differentiable=True,
-                doc="mx.fast.rope(x, dims, *, traditional, base, scale, offset, freqs=None); the offset travels "
-                    "as data (one plan serves every decode step); the gradient is mx.fast.rope's own.")
-gemv = Dispatch("gemv", _gemv, doc="x @ w.T for a few rows of x (what nn.Linear computes at decode).")
-quantized_matmul = Dispatch("qgemv", mx.quantized_matmul,
-                            doc="mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4); "
-                                "tuned for one token, 4-bit affine weights, transpose=True.")
-scaled_dot_product_attention = Dispatch("decode_attention", mx.fast.scaled_dot_product_attention,
-                                        doc="mx.fast.scaled_dot_product_attention(q, k, v, *, scale, mask=None); "
-                                            "tuned for one query token (decode).")
-gelu = Dispatch("gelu", _gelu, doc="mlx.nn.gelu(x).")
-matmul = Dispatch("matmul", mx.matmul, doc="mx.matmul(a, b).")
-qgemv = quantized_matmul
-decode_attention = scaled_dot_product_attention
+def __getattr__(name: str):
+    """`tuned.<op>` for every op spec (ops added after this module was written too)."""
+    if name in ops.names():
+        return dispatch(name)
+    raise AttributeError(f"module 'hlh_mlx.tuned' has no attribute {name!r} (ops: {', '.join(ops.names())})")
+
+
+softmax = dispatch("softmax")
+rms_norm = dispatch("rms_norm")
+layer_norm = dispatch("layer_norm")
+swiglu = dispatch("swiglu")
+rope = dispatch("rope")  # the offset travels as data: one plan serves every decode step
+gemv = dispatch("gemv")
+quantized_matmul = qgemv = dispatch("qgemv")
+scaled_dot_product_attention = decode_attention = dispatch("decode_attention")
+gelu = dispatch("gelu")
+matmul = dispatch("matmul")

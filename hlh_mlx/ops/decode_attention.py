@@ -65,6 +65,7 @@ OP = OpSpec(
     edge_shapes=[{"HQ": 1, "HKV": 1, "L": 1, "D": 64}, {"HQ": 8, "HKV": 1, "L": 129, "D": 128},
                  {"HQ": 4, "HKV": 4, "L": 3, "D": 64}],
     bind=bind,
+    function=mx.fast.scaled_dot_product_attention,
     export_dims={"HQ": "q.shape[0]", "HKV": "k.shape[0]", "L": "k.shape[1]", "D": "q.shape[1]"},
     export_inputs=["(HQ, D)", "(HKV, L, D)", "(HKV, L, D)", "(1,)"],
     export_outputs=["(HQ, D)"],

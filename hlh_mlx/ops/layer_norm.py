@@ -34,4 +34,6 @@ OP = rowwise(
     bytes=lambda s, size: (2 * s["R"] * s["C"] + 2 * s["C"]) * size,
     flops=lambda s: 8 * s["R"] * s["C"],
     bind=bind,
+    function=mx.fast.layer_norm,
+    differentiable=True,
 )

@@ -34,6 +34,7 @@ OP = OpSpec(
     shapes=[{"M": 4096, "N": 4096, "K": 4096}, {"M": 1024, "N": 1024, "K": 1024}],
     emulator_shapes=[{"M": 64, "N": 64, "K": 64}],
     bind=bind,
+    function=mx.matmul,
     export_dims={"M": "a.shape[0]", "K": "a.shape[1]", "N": "b.shape[1]"},
     export_outputs=["(M, N)"],
     edge_shapes=[{"M": 33, "N": 47, "K": 19}, {"M": 1, "N": 70, "K": 5}],

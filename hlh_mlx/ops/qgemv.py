@@ -66,6 +66,7 @@ OP = OpSpec(
     emulator_shapes=[{"N": 64, "K": 512, "G": 64}, {"N": 64, "K": 512, "G": 128}],
     edge_shapes=[{"N": 1, "K": 128, "G": 128}, {"N": 37, "K": 320, "G": 64}, {"N": 5, "K": 384, "G": 128}],
     bind=bind,
+    function=mx.quantized_matmul,
     export_dims={"N": "w.shape[0]", "K": "x.shape[1]", "G": "x.shape[1] // scales.shape[1]"},
     export_inputs=["(1, K)", "(N, K // 8)", "(N, K // G)", "(N, K // G)"],
     export_outputs=["(1, N)"],

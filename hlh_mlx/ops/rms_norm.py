@@ -33,4 +33,6 @@ OP = rowwise(
     bytes=lambda s, size: (2 * s["R"] * s["C"] + s["C"]) * size,
     flops=lambda s: 4 * s["R"] * s["C"],
     bind=bind,
+    function=mx.fast.rms_norm,
+    differentiable=True,
 )

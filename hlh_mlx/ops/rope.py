@@ -115,6 +115,8 @@ OP = OpSpec(
     edge_shapes=[{"R": 1, "T": 1, "D": 2, "TRAD": 0}, {"R": 3, "T": 7, "D": 10, "TRAD": 1},
                  {"R": 2, "T": 5, "D": 96, "TRAD": 0}],
     bind=bind,
+    function=mx.fast.rope,
+    differentiable=True,
     dynamic={"offset": _offset_array},
     flags=("TRAD",),
     # TRAD travels in pos at run time: the exported kernel needs only the sizes

@@ -270,3 +270,15 @@ def test_layers_in_eval_mode_take_the_path_without_a_vjp(store_dir, rng):
     g = mx.grad(lambda x: layer(x).sum())(x)
     _same(g, mx.grad(lambda x: mx.fast.rms_norm(x, layer.weight, layer.eps).sum())(x))
     assert tuned.rms_norm.plans and tuned.fallbacks() == {}
+
+
+def test_any_op_is_callable_by_name_from_its_spec(rng, monkeypatch):
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    _same(tuned.call("softmax", x, axis=-1), mx.softmax(x, axis=-1))
+    assert tuned.rms_norm is tuned.dispatch("rms_norm") and tuned.qgemv is tuned.quantized_matmul
+    from hlh_mlx import ops
+    from dataclasses import replace
+    bare = replace(ops.get("gelu"), name="bare", function=None)
+    monkeypatch.setattr(ops, "get", lambda name, _get=ops.get: bare if name == "bare" else _get(name))
+    with pytest.raises(ValueError, match=r"op 'bare' has no `function` and `bind` in its spec \(hlh_mlx/ops/bare.py\)"):
+        tuned.call("bare", x)
