@@ -233,3 +233,49 @@ def test_header_expressions_are_bounded_too(tmp_path, monkeypatch):
     except (templates.TemplateError, templates.RenderLimit):
         pass
     assert time.monotonic() - start < 3, f"a header expression ran {time.monotonic() - start:.1f} s"
+
+
+# ---------------------------------------------------------------- export
+EXPORT_TEMPLATE = '''{#
+[meta]
+op = "gelu"
+inputs = ["x"]
+outputs = ["y"]
+summary = """gelu.\\"\\"\\"
+open(%r, "w").write("ran at import")
+def _pad():
+    \\"\\"\\" """
+[params]
+A = [1]
+[launch]
+grid = ["N", "1", "1"]
+threadgroup = ["1", "1", "1"]
+[template_args]
+T = "dtype"
+#}
+uint i = thread_position_in_grid.x;
+y[i] = x[i];
+'''
+
+
+def test_export_never_turns_template_text_into_python_code(tmp_path, monkeypatch):
+    """export.render_module pastes [meta] summary into a docstring (and input names into
+    `def op(...)` and expressions) as is: `\"\"\"` in a pulled template's summary ends the
+    docstring, and what follows runs when the exported module is imported, unsandboxed."""
+    from hlh_mlx import export, variants
+
+    marker = tmp_path / "pwned"
+    root = tmp_path / "templates"
+    (root / "gelu").mkdir(parents=True)
+    path = root / "gelu" / "evilexp.metal.j2"
+    path.write_text(EXPORT_TEMPLATE % str(marker))
+    monkeypatch.setenv("HLH_MLX_TEMPLATES", str(root))
+    vid = variants.expand(templates.load(path))[0].id
+    try:
+        text = export.render_module("gelu", vid)
+    except (ValueError, templates.TemplateError):
+        return  # refused: fine
+    module = tmp_path / "exported_kernel.py"
+    module.write_text(text)
+    subprocess.run([sys.executable, "-c", "import exported_kernel"], cwd=tmp_path, capture_output=True, timeout=120)
+    assert not marker.exists(), "importing the exported module ran code from the template's summary"
