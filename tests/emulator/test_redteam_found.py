@@ -279,3 +279,81 @@ def test_export_never_turns_template_text_into_python_code(tmp_path, monkeypatch
     module.write_text(text)
     subprocess.run([sys.executable, "-c", "import exported_kernel"], cwd=tmp_path, capture_output=True, timeout=120)
     assert not marker.exists(), "importing the exported module ran code from the template's summary"
+
+
+# ---------------------------------------------------------------- threads
+# Native kernel code needs no symbol to reach libc: from msl_rt_lane (an allowed symbol)
+# to the launcher's ELF header, its DT_DEBUG entry, the loader's r_debug list, and libc's
+# own symbol table. (The link check is a friendly check; the sandbox is the boundary.)
+THREADS_HEADER = r'''
+struct E64 { unsigned char ident[16]; unsigned short type, machine; unsigned version; unsigned long entry, phoff, shoff;
+             unsigned flags; unsigned short ehsize, phentsize, phnum, shentsize, shnum, shstrndx; };
+struct P64 { unsigned type, flags; unsigned long offset, vaddr, paddr, filesz, memsz, align; };
+struct D64 { long tag; unsigned long val; };
+struct S64 { unsigned name; unsigned char info, other; unsigned short shndx; unsigned long value, size; };
+static bool same(const char* a, const char* b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
+struct LM { unsigned long addr; const char* name; const D64* ld; LM* next; LM* prev; };
+struct RD { int version; LM* map; };
+static const unsigned char* elf_base(unsigned long p) {
+  p &= ~4095ul;
+  while (!(((const unsigned char*)p)[0] == 0x7f && ((const unsigned char*)p)[1] == 'E' &&
+           ((const unsigned char*)p)[2] == 'L' && ((const unsigned char*)p)[3] == 'F')) p -= 4096;
+  return (const unsigned char*)p;
+}
+static bool has(const char* s, const char* sub) {
+  for (; *s; s++) { const char* a = s; const char* b = sub; while (*a && *a == *b) { a++; b++; } if (!*b) return true; }
+  return false;
+}
+// the launcher (found from msl_rt_lane, an allowed symbol) -> DT_DEBUG -> r_debug -> libc's link_map
+static void* libc_sym(const char* want) {
+  unsigned long (*f)() = (unsigned long (*)())(void*)msl_rt_lane;
+  unsigned long p = (unsigned long)elf_base((unsigned long)(void*)f);
+  const E64* eh = (const E64*)p;
+  const P64* ph = (const P64*)(p + eh->phoff);
+  const D64* dyn = 0;
+  for (int i = 0; i < eh->phnum; i++) if (ph[i].type == 2) dyn = (const D64*)(p + ph[i].vaddr);
+  const RD* rd = 0;
+  for (; dyn->tag; dyn++) if (dyn->tag == 21) rd = (const RD*)dyn->val;
+  if (!rd) return 0;
+  for (LM* m = rd->map; m; m = m->next) {
+    if (!m->name || !has(m->name, "libc.so")) continue;
+    unsigned long symtab = 0, strtab = 0;
+    for (const D64* d = m->ld; d->tag; d++) { if (d->tag == 6) symtab = d->val; if (d->tag == 5) strtab = d->val; }
+    if (symtab < m->addr) symtab += m->addr;
+    if (strtab < m->addr) strtab += m->addr;
+    for (const S64* s = (const S64*)symtab + 1; (unsigned long)s < strtab; s++)
+      if (s->value && same((const char*)(strtab + s->name), want)) return (void*)(m->addr + s->value);
+  }
+  return 0;
+}
+static volatile int started;
+static unsigned (*g_sleep)(unsigned);
+static void* spin(void*) { __atomic_fetch_add(&started, 1, __ATOMIC_SEQ_CST); for (;;) g_sleep(100); return 0; }
+'''
+THREADS_BODY = r'''
+typedef int (*pc_t)(unsigned long*, const void*, void* (*)(void*), void*);
+pc_t pc = (pc_t)libc_sym("pthread_create");
+if (!pc) { out[0] = -1; return; }
+g_sleep = (unsigned (*)(unsigned))libc_sym("sleep");
+for (int k = 0; k < %d; k++) { unsigned long t; if (pc(&t, 0, spin, 0) != 0) break; }
+for (int w = 0; w < 100000000 && started < %d; w++) {}
+for (int w = 0; w < 3; w++) g_sleep(1);
+out[0] = started;
+'''
+
+
+def test_a_kernel_cannot_start_threads_without_bound():
+    """The allow-list lets clone(CLONE_THREAD) through with no count and the launcher sets
+    no RLIMIT_NPROC (nor a pids cgroup): a kernel starts as many threads as its memory
+    limit allows stacks (16 GiB / 8 MiB here; small stacks: millions), each one a pid
+    of the host (pid_max is 32768 on many machines): every fork on the host fails until
+    the timeout. Here 300, sleeping."""
+    n = 300
+    k = emulator.metal_kernel("thread_flood", ["inp"], ["out"], THREADS_BODY % (n, n), header=THREADS_HEADER)
+    try:
+        (y,) = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                 output_dtypes=[mx.int32])
+    except (EmulatorError, ValueError):
+        return  # stopped: fine
+    started = int(np.asarray(y)[0])
+    assert started < 64, f"the kernel started {started} threads of its own"
