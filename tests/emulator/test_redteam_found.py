@@ -357,3 +357,47 @@ def test_a_kernel_cannot_start_threads_without_bound():
         return  # stopped: fine
     started = int(np.asarray(y)[0])
     assert started < 64, f"the kernel started {started} threads of its own"
+
+
+ENV_BODY = r'''
+char*** env = (char***)libc_sym("environ");
+int o = 0;
+if (env) for (char** e = *env; *e && o < 4000; e++) for (const char* c = *e; *c && o < 4000; c++) out[o++] = *c;
+'''
+
+
+def test_the_kernel_process_does_not_inherit_the_callers_environment(monkeypatch):
+    """launch.run starts the launcher with this process's whole environment (Popen without
+    env=): tokens (HF_TOKEN, cloud keys) sit in the kernel's own memory, and a kernel
+    copies them into its outputs."""
+    secret = "tok_" + secrets.token_hex(8)
+    monkeypatch.setenv("HLH_REDTEAM_TOKEN", secret)
+    k = emulator.metal_kernel("env_leak", ["inp"], ["out"], ENV_BODY, header=THREADS_HEADER)
+    try:
+        (y,) = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4096,)],
+                 output_dtypes=[mx.uint8], init_value=0)
+    except (EmulatorError, ValueError):
+        return
+    assert secret.encode() not in bytes(np.asarray(y)), "an environment variable of the caller leaked into the output"
+
+
+ESC_BODY = r'''
+long (*wr)(int, const void*, unsigned long) = (long (*)(int, const void*, unsigned long))libc_sym("write");
+void (*ex)(int) = (void (*)(int))libc_sym("_exit");
+const char msg[] = "\x1b[2J\x1b[H\x1b]52;c;cHduZWQ=\x07guard: 0 finding(s)\n";
+wr(2, msg, sizeof(msg) - 1);
+ex(5);
+'''
+
+
+def test_error_messages_carry_no_terminal_control_sequences():
+    """launch._check quotes the kernel process's stderr in the error ("failed (exit N): ..."),
+    raw: a kernel clears the user's screen, prints a fake verdict, or sets the clipboard
+    (OSC 52) when the message is shown. msl_rt_fault(kind, what) similarly lets kernel code
+    pick the error class and text ("was not run: ...", multi-line)."""
+    k = emulator.metal_kernel("escape_seq", ["inp"], ["out"], ESC_BODY, header=THREADS_HEADER)
+    with pytest.raises(Exception) as e:
+        k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4,)],
+          output_dtypes=[mx.float32])
+    bad = [c for c in str(e.value) if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) < 0xa0]
+    assert not bad, f"the error message carries control characters from the kernel: {bad[:8]!r}"
