@@ -401,3 +401,13 @@ def test_error_messages_carry_no_terminal_control_sequences():
           output_dtypes=[mx.float32])
     bad = [c for c in str(e.value) if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) < 0xa0]
     assert not bad, f"the error message carries control characters from the kernel: {bad[:8]!r}"
+
+
+def test_blanking_a_metal_include_keeps_the_end_of_a_comment(secret_file):
+    """prepare() blanks every line a dropped directive touches, from the line of its `#`:
+    here also the `*/` that closes a comment begun on the line before. The compiler's
+    comment then runs on to the `*/` inside a string, `//` hides the `/*` that prepare
+    sees open a comment, and the #include prepare thinks is commented out runs."""
+    path, secret = secret_file
+    header = ('/* x\n*/ #include <metal_stdlib>\n"*/ // " /*\n' + LEAK_TAIL.format(path=path))
+    _assert_no_leak(lambda: emulator.metal_kernel("blank_leak", ["inp"], ["out"], LEAK_BODY, header=header), secret)
