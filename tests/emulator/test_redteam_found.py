@@ -1,0 +1,413 @@
+"""Red team, holes found: each test reproduces one escape minimally and asserts that
+nothing happened outside. They FAIL today; each passes once its hole is closed.
+
+- kernel text reaching the compiler past safety.prepare (lexer disagreements), so that
+  `#include` of any file runs and its content leaks into the kernel's output or into a
+  compiler message;
+- names (template parameter names, input and output names) pasted unchecked into the
+  generated C++ and into the launcher's spec, where a newline starts a new spec line
+  (`file PATH` makes the launcher map and write any file the user can write);
+- the compile stage has no time (or memory) limit;
+- template rendering: single calls/operators that allocate or compute without bound, and
+  header expressions evaluated with no budget at all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from hlh_mlx import emulator, templates
+from hlh_mlx.emulator import EmulatorError
+
+REPO = str(Path(__file__).parents[2])
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    """A file whose content (one identifier) must never reach a kernel's output or an error."""
+    secret = "SECRET_" + secrets.token_hex(8)
+    path = tmp_path / "secret.h"
+    path.write_text(secret + "\n")
+    return path, secret
+
+
+def _run_u8(k, n=96, template=None):
+    (y,) = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(n,)],
+             output_dtypes=[mx.uint8], init_value=0, template=template)
+    return bytes(np.asarray(y))
+
+
+def _assert_no_leak(make, secret):
+    """Build and run the kernel; the secret must appear nowhere (refusal is fine)."""
+    try:
+        out = _run_u8(make())
+    except (EmulatorError, ValueError) as e:
+        text = str(e) + str(getattr(e, "log", ""))
+        assert secret not in text, f"the file's content leaked into an error message: {text[:300]}"
+        return
+    assert secret.encode() not in out, f"the file's content leaked into the kernel output: {out.rstrip(bytes(1))!r}"
+
+
+# The included file declares a struct named by its content; __PRETTY_FUNCTION__ spells the name
+# into the output. (A compile error naming the type leaks it through the diagnostic instead.)
+LEAK_TAIL = ("struct\n#include \"{path}\"\n{{}} leak_v;\n// */\n"
+             "template <class T> const char* leak_name() {{ return __PRETTY_FUNCTION__; }}\n")
+LEAK_BODY = "const char* s = leak_name<decltype(leak_v)>(); for (int i = 0; i < 96 && s[i]; i++) out[i] = s[i];"
+
+
+def test_digit_separator_hides_an_include_from_the_lexer(secret_file):
+    """safety._NUMBER takes `1'` as one number, so the lexer sees `/*` open a comment; the
+    compiler ends the number at `1` (a digit separator needs a digit or letter after it)
+    and reads `' /*'` as a character literal, so the "commented" #include runs."""
+    path, secret = secret_file
+    header = "#define IGN(...)\nIGN(1' /*')\n" + LEAK_TAIL.format(path=path)
+    _assert_no_leak(lambda: emulator.metal_kernel("sep_leak", ["inp"], ["out"], LEAK_BODY, header=header), secret)
+
+
+def test_threadgroup_rewrite_reopens_a_hidden_include(secret_file):
+    """prepare() sees `1'0` (a number) and then a /* comment hiding the #include;
+    codegen.rewrite_threadgroup's regex lexer sees `'0 /* '` as a character literal,
+    matches the declaration across it and replaces it, deleting the `/*`."""
+    path, secret = secret_file
+    header = "threadgroup float buf[1'0 /* '];\n" + LEAK_TAIL.format(path=path)
+    _assert_no_leak(lambda: emulator.metal_kernel("tg_leak", ["inp"], ["out"], LEAK_BODY, header=header), secret)
+
+
+def test_threadgroup_rewrite_leaks_a_file_through_a_diagnostic(secret_file):
+    path, secret = secret_file
+    header = ("threadgroup float buf[1'0 /* '];\nstruct\n#include \"%s\"\n{} leak_v;\n// */\n"
+              "template <class T> struct Show;\nShow<decltype(leak_v)> shown;\n" % path)
+    _assert_no_leak(lambda: emulator.metal_kernel("tg_diag", ["inp"], ["out"], "out[0] = 1;", header=header),
+                    secret)
+
+
+def test_template_parameter_name_is_pasted_into_the_cpp(secret_file):
+    """Only template *values* are checked (codegen.template_value); the name goes into
+    `template <int NAME>` as is, newline and directives included."""
+    path, secret = secret_file
+    name = "N> struct Pad;\n" + LEAK_TAIL.format(path=path).replace("// */\n", "") + "template <int M"
+    k = emulator.metal_kernel("tname_leak", ["inp"], ["out"], LEAK_BODY)
+    try:
+        out = _run_u8(k, template=[(name, 3)])
+    except (EmulatorError, ValueError) as e:
+        assert secret not in str(e) + str(getattr(e, "log", ""))
+        return
+    assert secret.encode() not in out, f"template name injection leaked the file: {out.rstrip(bytes(1))!r}"
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_a_buffer_name_injects_a_launcher_spec_line(tmp_path, which):
+    """Input/output names are unchecked: in the C++ signature `/* ... */` makes the rest
+    a comment; in the launcher's spec (launch.run: `param OFF N PTR NAME`) each newline
+    starts a line, and `file PATH` makes the launcher map PATH read-write (before its
+    lockdown) as the kernel's buffers: the kernel writes into any file the user can write.
+    (`memlimit 0` / `cpulimit 0` / `workers N` lift the kernel's limits the same way.)"""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("A" * 64)
+    evil = f"{which[:3]} /*\nfile {victim}\norder */"
+    inputs, outputs = (["inp"], [evil]) if which == "output" else ([evil], ["out"])
+    body = f"for (int i = 0; i < 8; i++) {'out' if which == 'input' else 'out'}[i] = 'X';"
+    try:
+        k = emulator.metal_kernel("spec_inject", inputs, outputs, body)
+        k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(8,)],
+          output_dtypes=[mx.uint8])
+    except (EmulatorError, ValueError):
+        pass
+    assert victim.read_text() == "A" * 64, f"the kernel wrote into a file it named: {victim.read_text()!r}"
+
+
+def test_compilation_stops_at_the_timeout(tmp_path):
+    """g++ runs with no time limit (toolchain.build_kernel: subprocess.run without timeout
+    or rlimits): constant expressions, each under g++'s per-evaluation limits, add up
+    without bound. HLH_MLX_EMU_TIMEOUT does not apply; the caller hangs."""
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {REPO!r})
+        import mlx.core as mx
+        from hlh_mlx import emulator
+        hdr = ("constexpr unsigned long spin(unsigned long n) {{ unsigned long s = n; "
+               "for (unsigned long i = 0; i < 1000; i++) for (unsigned long j = 0; j < 1000; j++) "
+               "s = s * 6364136223846793005ul + i + j; return s; }}\\n"
+               "template <int K> struct Sum {{ static constexpr unsigned long v = spin(K) + Sum<K - 1>::v; }};\\n"
+               "template <> struct Sum<0> {{ static constexpr unsigned long v = 0; }};\\n")
+        k = emulator.metal_kernel("cbomb_{secrets.token_hex(4)}", ["inp"], ["out"], "out[0] = Sum<400>::v;", header=hdr)
+        try:
+            k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4,)],
+              output_dtypes=[mx.float32])
+        except emulator.EmulatorError as e:
+            print(type(e).__name__, e)
+    """)
+    env = dict(os.environ, HLH_MLX_EMU_TIMEOUT="3")
+    worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True,
+                              start_new_session=True)
+    try:
+        out, _ = worker.communicate(timeout=60)  # a 3 s limit, and time to build the runtime
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, 9)
+        worker.wait()
+        pytest.fail("the compile of a kernel ran past HLH_MLX_EMU_TIMEOUT (3 s) and was still running after 60 s")
+    assert "KernelTimeoutError" in out or "time" in out
+
+
+# ---------------------------------------------------------------- template rendering
+HEAD = """{#
+[meta]
+op = "gelu"
+inputs = ["inp"]
+outputs = ["out"]
+[params]
+X = [1]
+[constraints]
+c = "%s"
+[launch]
+grid = ["1", "1", "1"]
+threadgroup = ["1", "1", "1"]
+#}
+"""
+
+
+def _load(tmp_path, body, constraint="X > 0"):
+    d = tmp_path / "gelu"
+    d.mkdir(exist_ok=True)
+    p = d / "evil.metal.j2"
+    p.write_text(HEAD % constraint + body)
+    return templates.load(p)
+
+
+@pytest.mark.parametrize("body", [
+    '{{ "%200000000d" % 1 }}',                    # `%` is not an intercepted operator
+    '{{ ""|center(200000000) }}',                 # filters are not size-checked
+    '{{ "".ljust(200000000)|length }}',           # nor str methods
+    '{{ "{:>200000000}".format(1)|length }}',     # nor format widths
+    '{% set x = [0] %}{% for i in range(25) %}{{ x.extend(x) or "" }}{% endfor %}{{ x|length }}',  # 2**25 items
+], ids=["percent-format", "center-filter", "ljust-method", "format-width", "list-doubling"])
+def test_a_render_never_builds_a_value_past_the_size_limit(tmp_path, body):
+    """MAX_RENDER_CHARS bounds only `*`/`+` results and the final text: one call or `%`
+    allocates any size first (the sizes here are 200 MB; 20 GB works the same). Jinja's
+    optimizer even evaluates constant `%` and filter calls inside load(), with no budget."""
+    tracemalloc.start()
+    try:
+        try:  # Jinja folds constant expressions while it compiles: load() is measured too
+            _load(tmp_path, body).render({"X": 1})
+        except templates.TemplateError:
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"rendering allocated {peak >> 20} MB (MAX_RENDER_CHARS is {templates.MAX_RENDER_CHARS})"
+
+
+@pytest.mark.parametrize("body", [
+    "{{ ((10**256)**256)**150 > 1 }}",             # every `**` passes the right <= 256 check; 4 levels: hours
+    "{{ lipsum(n=50000, html=False)|length }}",    # Jinja's default global, one call, no step budget
+], ids=["power-tower", "lipsum"])
+def test_one_expensive_operation_is_stopped_at_the_render_time_limit(tmp_path, monkeypatch, body):
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", 0.5)
+    start = time.monotonic()
+    try:
+        _load(tmp_path, body).render({"X": 1})
+    except templates.TemplateError:
+        pass
+    assert time.monotonic() - start < 3, f"the render ran {time.monotonic() - start:.1f} s (limit 0.5 s)"
+
+
+def test_header_expressions_are_bounded_too(tmp_path, monkeypatch):
+    """Constraints, grid, threadgroup and template_args expressions (templates.Expr) run
+    with no budget at all: _BUDGET.deadline is None outside render()."""
+    monkeypatch.setattr(templates, "MAX_RENDER_SECONDS", 0.5)
+    t = _load(tmp_path, "out[0] = 1;\n",
+              constraint="(range(40000)|select('in', range(40000)|list)|list|length) > 0")  # ~10 s; 10**5: hours
+    start = time.monotonic()
+    try:
+        t.constraints["c"](X=1)
+    except (templates.TemplateError, templates.RenderLimit):
+        pass
+    assert time.monotonic() - start < 3, f"a header expression ran {time.monotonic() - start:.1f} s"
+
+
+# ---------------------------------------------------------------- export
+EXPORT_TEMPLATE = '''{#
+[meta]
+op = "gelu"
+inputs = ["x"]
+outputs = ["y"]
+summary = """gelu.\\"\\"\\"
+open(%r, "w").write("ran at import")
+def _pad():
+    \\"\\"\\" """
+[params]
+A = [1]
+[launch]
+grid = ["N", "1", "1"]
+threadgroup = ["1", "1", "1"]
+[template_args]
+T = "dtype"
+#}
+uint i = thread_position_in_grid.x;
+y[i] = x[i];
+'''
+
+
+def test_export_never_turns_template_text_into_python_code(tmp_path, monkeypatch):
+    """export.render_module pastes [meta] summary into a docstring (and input names into
+    `def op(...)` and expressions) as is: `\"\"\"` in a pulled template's summary ends the
+    docstring, and what follows runs when the exported module is imported, unsandboxed."""
+    from hlh_mlx import export, variants
+
+    marker = tmp_path / "pwned"
+    root = tmp_path / "templates"
+    (root / "gelu").mkdir(parents=True)
+    path = root / "gelu" / "evilexp.metal.j2"
+    path.write_text(EXPORT_TEMPLATE % str(marker))
+    monkeypatch.setenv("HLH_MLX_TEMPLATES", str(root))
+    vid = variants.expand(templates.load(path))[0].id
+    try:
+        text = export.render_module("gelu", vid)
+    except (ValueError, templates.TemplateError):
+        return  # refused: fine
+    module = tmp_path / "exported_kernel.py"
+    module.write_text(text)
+    subprocess.run([sys.executable, "-c", "import exported_kernel"], cwd=tmp_path, capture_output=True, timeout=120)
+    assert not marker.exists(), "importing the exported module ran code from the template's summary"
+
+
+# ---------------------------------------------------------------- threads
+# Native kernel code needs no symbol to reach libc: from msl_rt_lane (an allowed symbol)
+# to the launcher's ELF header, its DT_DEBUG entry, the loader's r_debug list, and libc's
+# own symbol table. (The link check is a friendly check; the sandbox is the boundary.)
+THREADS_HEADER = r'''
+struct E64 { unsigned char ident[16]; unsigned short type, machine; unsigned version; unsigned long entry, phoff, shoff;
+             unsigned flags; unsigned short ehsize, phentsize, phnum, shentsize, shnum, shstrndx; };
+struct P64 { unsigned type, flags; unsigned long offset, vaddr, paddr, filesz, memsz, align; };
+struct D64 { long tag; unsigned long val; };
+struct S64 { unsigned name; unsigned char info, other; unsigned short shndx; unsigned long value, size; };
+static bool same(const char* a, const char* b) { while (*a && *a == *b) { a++; b++; } return *a == *b; }
+struct LM { unsigned long addr; const char* name; const D64* ld; LM* next; LM* prev; };
+struct RD { int version; LM* map; };
+static const unsigned char* elf_base(unsigned long p) {
+  p &= ~4095ul;
+  while (!(((const unsigned char*)p)[0] == 0x7f && ((const unsigned char*)p)[1] == 'E' &&
+           ((const unsigned char*)p)[2] == 'L' && ((const unsigned char*)p)[3] == 'F')) p -= 4096;
+  return (const unsigned char*)p;
+}
+static bool has(const char* s, const char* sub) {
+  for (; *s; s++) { const char* a = s; const char* b = sub; while (*a && *a == *b) { a++; b++; } if (!*b) return true; }
+  return false;
+}
+// the launcher (found from msl_rt_lane, an allowed symbol) -> DT_DEBUG -> r_debug -> libc's link_map
+static void* libc_sym(const char* want) {
+  unsigned long (*f)() = (unsigned long (*)())(void*)msl_rt_lane;
+  unsigned long p = (unsigned long)elf_base((unsigned long)(void*)f);
+  const E64* eh = (const E64*)p;
+  const P64* ph = (const P64*)(p + eh->phoff);
+  const D64* dyn = 0;
+  for (int i = 0; i < eh->phnum; i++) if (ph[i].type == 2) dyn = (const D64*)(p + ph[i].vaddr);
+  const RD* rd = 0;
+  for (; dyn->tag; dyn++) if (dyn->tag == 21) rd = (const RD*)dyn->val;
+  if (!rd) return 0;
+  for (LM* m = rd->map; m; m = m->next) {
+    if (!m->name || !has(m->name, "libc.so")) continue;
+    unsigned long symtab = 0, strtab = 0;
+    for (const D64* d = m->ld; d->tag; d++) { if (d->tag == 6) symtab = d->val; if (d->tag == 5) strtab = d->val; }
+    if (symtab < m->addr) symtab += m->addr;
+    if (strtab < m->addr) strtab += m->addr;
+    for (const S64* s = (const S64*)symtab + 1; (unsigned long)s < strtab; s++)
+      if (s->value && same((const char*)(strtab + s->name), want)) return (void*)(m->addr + s->value);
+  }
+  return 0;
+}
+static volatile int started;
+static unsigned (*g_sleep)(unsigned);
+static void* spin(void*) { __atomic_fetch_add(&started, 1, __ATOMIC_SEQ_CST); for (;;) g_sleep(100); return 0; }
+'''
+THREADS_BODY = r'''
+typedef int (*pc_t)(unsigned long*, const void*, void* (*)(void*), void*);
+pc_t pc = (pc_t)libc_sym("pthread_create");
+if (!pc) { out[0] = -1; return; }
+g_sleep = (unsigned (*)(unsigned))libc_sym("sleep");
+for (int k = 0; k < %d; k++) { unsigned long t; if (pc(&t, 0, spin, 0) != 0) break; }
+for (int w = 0; w < 100000000 && started < %d; w++) {}
+for (int w = 0; w < 3; w++) g_sleep(1);
+out[0] = started;
+'''
+
+
+def test_a_kernel_cannot_start_threads_without_bound():
+    """The allow-list lets clone(CLONE_THREAD) through with no count and the launcher sets
+    no RLIMIT_NPROC (nor a pids cgroup): a kernel starts as many threads as its memory
+    limit allows stacks (16 GiB / 8 MiB here; small stacks: millions), each one a pid
+    of the host (pid_max is 32768 on many machines): every fork on the host fails until
+    the timeout. Here 300, sleeping."""
+    n = 300
+    k = emulator.metal_kernel("thread_flood", ["inp"], ["out"], THREADS_BODY % (n, n), header=THREADS_HEADER)
+    try:
+        (y,) = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                 output_dtypes=[mx.int32])
+    except (EmulatorError, ValueError):
+        return  # stopped: fine
+    started = int(np.asarray(y)[0])
+    assert started < 64, f"the kernel started {started} threads of its own"
+
+
+ENV_BODY = r'''
+char*** env = (char***)libc_sym("environ");
+int o = 0;
+if (env) for (char** e = *env; *e && o < 4000; e++) for (const char* c = *e; *c && o < 4000; c++) out[o++] = *c;
+'''
+
+
+def test_the_kernel_process_does_not_inherit_the_callers_environment(monkeypatch):
+    """launch.run starts the launcher with this process's whole environment (Popen without
+    env=): tokens (HF_TOKEN, cloud keys) sit in the kernel's own memory, and a kernel
+    copies them into its outputs."""
+    secret = "tok_" + secrets.token_hex(8)
+    monkeypatch.setenv("HLH_REDTEAM_TOKEN", secret)
+    k = emulator.metal_kernel("env_leak", ["inp"], ["out"], ENV_BODY, header=THREADS_HEADER)
+    try:
+        (y,) = k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4096,)],
+                 output_dtypes=[mx.uint8], init_value=0)
+    except (EmulatorError, ValueError):
+        return
+    assert secret.encode() not in bytes(np.asarray(y)), "an environment variable of the caller leaked into the output"
+
+
+ESC_BODY = r'''
+long (*wr)(int, const void*, unsigned long) = (long (*)(int, const void*, unsigned long))libc_sym("write");
+void (*ex)(int) = (void (*)(int))libc_sym("_exit");
+const char msg[] = "\x1b[2J\x1b[H\x1b]52;c;cHduZWQ=\x07guard: 0 finding(s)\n";
+wr(2, msg, sizeof(msg) - 1);
+ex(5);
+'''
+
+
+def test_error_messages_carry_no_terminal_control_sequences():
+    """launch._check quotes the kernel process's stderr in the error ("failed (exit N): ..."),
+    raw: a kernel clears the user's screen, prints a fake verdict, or sets the clipboard
+    (OSC 52) when the message is shown. msl_rt_fault(kind, what) similarly lets kernel code
+    pick the error class and text ("was not run: ...", multi-line)."""
+    k = emulator.metal_kernel("escape_seq", ["inp"], ["out"], ESC_BODY, header=THREADS_HEADER)
+    with pytest.raises(Exception) as e:
+        k(inputs=[mx.ones((4,))], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(4,)],
+          output_dtypes=[mx.float32])
+    bad = [c for c in str(e.value) if (ord(c) < 32 and c not in "\n\t") or 0x7f <= ord(c) < 0xa0]
+    assert not bad, f"the error message carries control characters from the kernel: {bad[:8]!r}"
+
+
+def test_blanking_a_metal_include_keeps_the_end_of_a_comment(secret_file):
+    """prepare() blanks every line a dropped directive touches, from the line of its `#`:
+    here also the `*/` that closes a comment begun on the line before. The compiler's
+    comment then runs on to the `*/` inside a string, `//` hides the `/*` that prepare
+    sees open a comment, and the #include prepare thinks is commented out runs."""
+    path, secret = secret_file
+    header = ('/* x\n*/ #include <metal_stdlib>\n"*/ // " /*\n' + LEAK_TAIL.format(path=path))
+    _assert_no_leak(lambda: emulator.metal_kernel("blank_leak", ["inp"], ["out"], LEAK_BODY, header=header), secret)
