@@ -77,10 +77,21 @@ def find(op_name: str, variant_id: str) -> Variant:
     raise ExportError(f"no current {op_name} variant with id {variant_id!r} (see `hlh_mlx show {op_name}`)")
 
 
+def _identifiers(names, what: str, where: str) -> list[str]:
+    """Names that become Python code (parameters, expressions) must be plain identifiers:
+    template text is data, never code in the exported module."""
+    import keyword
+    for n in names:
+        if not (isinstance(n, str) and n.isidentifier() and not keyword.iskeyword(n)):
+            raise ExportError(f"{where}: {what} {n!r} is not a Python identifier")
+    return list(names)
+
+
 def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
     op = ops.get(op_name)
     v = find(op_name, variant_id)
     t, r, p = v.template, v.rendered, v.param_dict
+    _identifiers(t.inputs, "input name", str(t.path))
     if not op.export_dims:
         raise ExportError(f"op {op_name} has no export description")
     dims = list(op.export_dims)
@@ -103,11 +114,13 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
                       for x, s in zip(t.inputs, _input_shapes(op)))
     out_shapes = ", ".join(op.export_outputs)
     args = ", ".join(t.inputs)
-    text = f'''"""{op.name} kernel exported by hlh_mlx {__version__} on {date.today().isoformat()}.
-
-Variant {v.id}: {v.label()}, template {t.relpath} ({t.backend}), source hash {v.source_hash}.
-Self-contained: needs only mlx ({factory}). Inputs in the op's layout: {", ".join(t.inputs)}.
-"""
+    # everything taken from the template (summary, names, paths) enters the module as a
+    # string literal written by repr(), never spliced into code or into a docstring's quotes
+    module_doc = (f"{op.name} kernel exported by hlh_mlx {__version__} on {date.today().isoformat()}.\n\n"
+                  f"Variant {v.id}: {v.label()}, template {t.relpath} ({t.backend}), source hash {v.source_hash}.\n"
+                  f"Self-contained: needs only mlx ({factory}). Inputs in the op's layout: {', '.join(t.inputs)}.\n")
+    kernel_name = f"hlh_{op.name}_{t.family}_{v.id}"
+    text = f'''{module_doc!r}
 
 import mlx.core as mx
 
@@ -118,7 +131,7 @@ DTYPES = {tuple(dtypes)!r}
 # the dtype of each input, by the dtype of the first (the op's dtype)
 INPUT_DTYPES = {input_dtypes!r}
 
-_kernel = {factory}(name="hlh_{op.name}_{t.family}_{v.id}", input_names={t.inputs!r},
+_kernel = {factory}(name={kernel_name!r}, input_names={t.inputs!r},
                     output_names={t.outputs!r}, source=SOURCE, header=HEADER{shared})
 
 
@@ -127,7 +140,7 @@ def ceil_div(a, b):
 
 
 def {op.name}({args}):
-    """{t.summary}"""
+    {t.summary!r}
     arrays = [{args}]
     for _a in arrays:
         if not isinstance(_a, mx.array):
