@@ -236,6 +236,9 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
             raise click.UsageError(f"[{spec.name}] unsupported dtype {d!r} (one of {', '.join(spec.dtypes)})")
     if picks and not template:
         raise click.UsageError("--variant needs --template (the family the parameters belong to)")
+    if (top or retime) and backends.resolve(backend) == "emulator":
+        raise click.UsageError(f"{'--top' if top else '--retime'} needs a GPU: the emulator checks variants, "
+                               "it does not time or rank them")
     try:
         pick_params = None
         if picks:
@@ -269,7 +272,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
         for shape in p.shapes:
             rows = rank.table_rows(records, spec.name, shape, dtype, p.backend, top)
             title = f"{spec.name} {spec.shape_str(shape)} {dtype} on {p.device.name} [{p.backend}]"
-            click.echo(rank.render(rows, fmt, title))
+            click.echo(rank.render(rows, fmt, title, rank.columns_for(p.backend)))
             for a in rank.repeat_agreement(records, shape, dtype, p.backend):
                 err(f"timed twice: {a['variant']} {a['first_ms']:.4f} then {a['second_ms']:.4f} ms "
                     f"({a['diff_pct']:.1f}% apart)")
@@ -349,7 +352,8 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
             rows = rank.table_rows(mine, spec.name, shape, dtype, be_)
             for row in rows:
                 row["source"] = src
-            click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}] source {src}"))
+            click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}] source {src}",
+                                   rank.columns_for(be_)))
 
 
 @main.command()

@@ -71,13 +71,14 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
             "gpu_speedup": x["gpu"], "speedup": x["end_to_end"],
             "roofline_pct": devices.roofline_pct(r.get("device", ""), op, shape, dtype, ms) if ms else None,
             "rel_err": max((c.get("rel_err") or 0) for c in r.get("checks") or [{}]) if r.get("checks") else None,
+            "checked": len(r.get("checks") or []) if key != "builtin" else None,
             "error": r.get("error"),
             "_ok": key == "builtin" or r.get("correct"),
         })
     if base is None:  # the emulator times nothing: the built-in is still the reference
         rows.append({"variant": "mlx built-in", "params": "", "status": "reference", "median_ms": None,
                      "spread": None, "host_us": None, "throughput_ms": None, "gpu_speedup": None, "speedup": None,
-                     "roofline_pct": None, "rel_err": None, "error": None, "_ok": True})
+                     "roofline_pct": None, "rel_err": None, "checked": None, "error": None, "_ok": True})
     rows.sort(key=lambda x: (not x["_ok"], x["median_ms"] is None,
                              (x["median_ms"] or 0) + (x["host_us"] or 0) / 1e3, x["variant"]))
     if top:
@@ -116,18 +117,28 @@ COLUMNS = [("variant", "variant", None), ("params", "params", None), ("status", 
            ("throughput_ms", "batch ms", "ms"), ("roofline_pct", "roofline", "pct"), ("rel_err", "rel err", "err")]
 
 
-def render(rows: list[dict], fmt: str, title: str = "") -> str:
+# On the emulator nothing is timed: the table says what was proved, not how fast.
+CHECK_COLUMNS = [("variant", "variant", None), ("params", "params", None), ("status", "status", None),
+                 ("checked", "shapes checked", None), ("rel_err", "worst rel err", "err")]
+
+
+def columns_for(backend: str) -> list:
+    return CHECK_COLUMNS if backend == "emulator" else COLUMNS
+
+
+def render(rows: list[dict], fmt: str, title: str = "", columns=None) -> str:
+    cols = columns or COLUMNS
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=[c[0] for c in COLUMNS] + ["error"])
+        w = csv.DictWriter(buf, fieldnames=[c[0] for c in cols] + ["error"])
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in w.fieldnames})
         return buf.getvalue()
-    cells = [[_fmt(r.get(k), kind) for k, _, kind in COLUMNS] for r in rows]
-    heads = [h for _, h, _ in COLUMNS]
+    cells = [[_fmt(r.get(k), kind) for k, _, kind in cols] for r in rows]
+    heads = [h for _, h, _ in cols]
     if fmt == "md":
         out = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(heads) + " |",
                                                          "|" + "---|" * len(heads)]

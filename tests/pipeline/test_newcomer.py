@@ -31,3 +31,14 @@ def test_a_template_error_is_one_line_naming_file_and_line_in_every_command(extr
         r = CliRunner().invoke(main, args)
         assert r.exit_code in (1, 2) and "Traceback" not in r.output, (args, r.output)
         assert f"{path}:" in r.output and "'R' is undefined" in r.output
+
+
+def test_the_emulator_shows_what_it_proved_and_refuses_to_rank(store_dir):
+    r = CliRunner().invoke(main, ["sweep", "softmax", "--budget", "2"])
+    assert r.exit_code == 0, r.output
+    assert "shapes checked" in r.output and "worst rel err" in r.output
+    assert "chain ms" not in r.output and "e2e vs built-in" not in r.output  # no empty timing columns
+    for flag in ("--top", "--retime"):
+        args = ["sweep", "softmax", flag] + (["3"] if flag == "--top" else [])
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and f"{flag} needs a GPU" in r.output
