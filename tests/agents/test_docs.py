@@ -4,6 +4,7 @@ skill and agent file has the fields Codex needs."""
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -88,3 +89,14 @@ def test_the_readme_documents_every_setting():
     for path in (ROOT / "hlh_mlx").rglob("*.py"):
         used |= set(re.findall(r"HLH_MLX_[A-Z_]+[A-Z]", path.read_text()))
     assert used <= set(config.KNOBS), f"undocumented settings: {sorted(used - set(config.KNOBS))}"
+
+
+def test_every_python_snippet_in_the_readme_runs_as_pasted(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(snippets) >= 2
+    env = dict(os.environ, HLH_MLX_VARIANTS=str(tmp_path / "variants"), PYTHONPATH=str(ROOT))
+    for code in snippets:
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"README snippet failed:\n{code}\n{r.stderr[-2000:]}"
