@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 import click
 
 from . import backends, ops, rank, store, sweep as sweep_mod, templates, variants
+from .progress import Progress, eta_text
 from .templates import TemplateError
 from .variants import SpaceError
 
@@ -176,6 +178,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
         raise click.UsageError(f"no {backends.TEMPLATE_BACKEND[be]} templates for {spec.name}")
     rng = np.random.default_rng()
     failures = total = 0
+    jobs = []
     for t in temps:
         try:
             vs = [variants.make(t, {**{k: v[0] for k, v in t.params.items()}, **_params(t, pairs)})] if pairs \
@@ -188,18 +191,23 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
             for dtype in dtypes or spec.dtypes:
                 shapes = list(spec.edge_shapes) + list(spec.emulator_shapes)
                 shapes = [s for s in shapes if v.supports(s, dtype)]
-                if not shapes:
-                    continue
-                total += 1
-                err = None
-                try:
-                    k = backends.Kernel(v, be, sanitize=sanitize)
-                    _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng)
-                except Exception as e:  # report and go on: one bad variant does not stop the check
-                    err = backends.map_compile_error(e, v)
-                failures += err is not None
-                mark = "ok  " if err is None else "FAIL"
-                click.echo(f"{mark} {v.label()} {dtype} [{v.id}]" + (f"\n     {err}" if err else ""))
+                if shapes:
+                    jobs.append((v, dtype, shapes))
+    start = time.monotonic()
+    if jobs:
+        click.echo(f"checking {len(jobs)} variant x dtype pairs of {spec.name} on {be}")
+    for v, dtype, shapes in jobs:
+        total += 1
+        err = None
+        try:
+            k = backends.Kernel(v, be, sanitize=sanitize)
+            _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng)
+        except Exception as e:  # report and go on: one bad variant does not stop the check
+            err = backends.map_compile_error(e, v)
+        failures += err is not None
+        mark = "ok  " if err is None else "FAIL"
+        where = f"[{total}/{len(jobs)}, eta {eta_text(total, len(jobs), time.monotonic() - start)}]"
+        click.echo(f"{where} {mark} {v.label()} {dtype} [{v.id}]" + (f"\n     {err}" if err else ""))
     click.echo(f"{total - failures} passed, {failures} failed")
     _enforce_cache_bound()
     sys.exit(1 if failures else 0)
@@ -259,9 +267,10 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
         err(f"note: {n}")
     if not p.device.can_time:
         err("note: the emulator has no speed: variants are checked for correctness, not timed or ranked")
-    n_jobs = len(p.shapes) * len(p.dtypes) * (len(p.candidates) + (1 if p.device.can_time else 0))
+    per_shape = max(len(p.candidates), p.budget or 0) if p.device.can_time else len(p.candidates)
+    n_jobs = len(p.shapes) * len(p.dtypes) * (per_shape + (1 if p.device.can_time else 0))
     try:
-        with click.progressbar(length=n_jobs, label="sweeping", file=sys.stderr) as bar:
+        with Progress(n_jobs, f"sweeping {spec.name}") as bar:
             records = sweep_mod.run(p, progress=lambda *a: bar.update(1),
                                     notify=lambda m: click.echo(f"\n{m}", err=True))
     except KeyboardInterrupt:

@@ -42,3 +42,13 @@ def test_the_emulator_shows_what_it_proved_and_refuses_to_rank(store_dir):
         args = ["sweep", "softmax", flag] + (["3"] if flag == "--top" else [])
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2 and f"{flag} needs a GPU" in r.output
+
+
+def test_long_commands_show_counts_and_an_eta_when_piped(store_dir):
+    """A piped sweep printed only 'sweeping'; a 10-minute check had no overall count."""
+    r = subprocess.run([sys.executable, "-m", "hlh_mlx", "sweep", "softmax", "--budget", "2"], capture_output=True,
+                       text=True, timeout=600, env={**__import__("os").environ, "HLH_MLX_VARIANTS": str(store_dir)})
+    assert r.returncode == 0, r.stderr
+    assert "sweeping softmax: 0/2" in r.stderr and "sweeping softmax: 2/2 (100%)" in r.stderr and "eta" in r.stderr
+    r = CliRunner().invoke(main, ["check", "softmax", "--sample", "1", "--dtype", "float32"])
+    assert r.exit_code == 0 and "checking 1 variant x dtype pairs" in r.output and "[1/1, eta 0s] ok" in r.output
