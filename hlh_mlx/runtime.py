@@ -31,6 +31,7 @@ _ARRAY = mx.array
 _fallbacks: Counter = Counter()
 _dispatches: list = []    # every Dispatch, so refresh() can forget their plans
 _lenient_depth = [0]      # inside `lenient` blocks
+generation = [0]          # bumped by refresh(): plans remembered outside a Dispatch are stale
 _strict = [None]          # strict() as last worked out; None: work it out again
 _kernels: dict = {}       # (variant id, back end) -> backends.Kernel
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
@@ -298,6 +299,11 @@ class Dispatch:
             plan = self._plan(args, kwargs)
         return plan(*args, **kwargs)
 
+    def plan_for(self, args: tuple, kwargs: dict):
+        """The plan these arguments would run (for callers that remember it themselves, like
+        a layer whose weights and settings do not change between calls)."""
+        return self._plan(args, kwargs)
+
     def __repr__(self) -> str:
         return f"<hlh_mlx.tuned {self.op_name}>"
 
@@ -324,6 +330,7 @@ def refresh() -> None:
     config.reset()
     select.refresh()
     _fallbacks.clear()
+    generation[0] += 1
     for d in _dispatches:
         d.plans.clear()
     _kernels.clear()

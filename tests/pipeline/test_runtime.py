@@ -282,3 +282,23 @@ def test_any_op_is_callable_by_name_from_its_spec(rng, monkeypatch):
     monkeypatch.setattr(ops, "get", lambda name, _get=ops.get: bare if name == "bare" else _get(name))
     with pytest.raises(ValueError, match=r"op 'bare' has no `function` and `bind` in its spec \(hlh_mlx/ops/bare.py\)"):
         tuned.call("bare", x)
+
+
+def test_a_layer_remembers_its_plan_until_weights_settings_or_results_change(store_dir, rng, resolves):
+    from hlh_mlx import nn as hnn
+    layer = hnn.RMSNorm(512)
+    layer.eval()
+    for _ in range(3):
+        x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+        _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert resolves == ["rms_norm"] and sum(tuned.fallbacks().values()) == 3  # decided once, every call counted
+    layer.weight = layer.weight * 2            # a new weight array: the layer's plan is looked up again
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    layer.eps = 1e-6                            # another setting: decided again
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, 1e-6))
+    assert resolves == ["rms_norm"] * 2
+    layer.eps = 1e-5
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    tuned.refresh()                             # new results (a sweep in this process): the layer sees them
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert tuned.fallbacks() == {} and "rms_norm" not in layer.parameters().get("_hlh_plan", "")
