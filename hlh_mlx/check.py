@@ -1,9 +1,14 @@
 """Correctness of a kernel against its op's reference, on fresh random inputs.
 
-Every check draws new inputs (never zeros), poisons the outputs (NaN) so an element
-the kernel never writes fails, rejects NaN/inf, and compares with the reference in
-float64: the normwise relative error ||y - ref|| / ||ref|| must be within the op's
-tolerance for the dtype. The max absolute error is reported alongside.
+Every check draws new inputs (never zeros), poisons the outputs so an element the kernel
+never writes fails, and compares each output with the reference in float64:
+- floating outputs: the normwise relative error ||y - ref|| / ||ref|| within the op's
+  tolerance for the dtype; NaN/inf fail unless the reference has the same value at the
+  same place (top-k over masked -inf logits);
+- integer outputs (indices): exactly equal.
+MLX fills every output with one init_value, and NaN means nothing to an integer output, so
+a kernel with any non-floating output runs twice, poisoned with two different values: an
+element holding each run's poison was never written.
 """
 
 from __future__ import annotations
@@ -35,19 +40,42 @@ def _f64(x: mx.array) -> np.ndarray:
     return np.asarray(x.astype(mx.float32)).astype(np.float64)
 
 
+def _is_float(x: mx.array) -> bool:
+    return mx.issubdtype(x.dtype, mx.floating)
+
+
 def compare(outs, refs, tol: float, scales=None) -> tuple[bool, float, float, str | None]:
-    """Normwise relative error; with `scales` (the op's magnitude) the denominator is the
-    larger of the reference's norm and theirs."""
+    """Normwise relative error of floating outputs (exact equality for integer ones); with
+    `scales` (the op's magnitude) the denominator is the larger of the reference's norm and
+    theirs."""
     rel, mabs = 0.0, 0.0
     for i, (y, r) in enumerate(zip(outs, refs)):
+        name = f"output {i}: " if len(outs) > 1 else ""
+        if not _is_float(y):
+            yi, ri = np.asarray(y), np.asarray(r)
+            if yi.shape != ri.shape:
+                return False, float("inf"), float("inf"), f"{name}shape {yi.shape}, expected {ri.shape}"
+            wrong = yi != ri.astype(yi.dtype)
+            if wrong.any():
+                first = tuple(int(k) for k in np.argwhere(wrong)[0])
+                return False, float("inf"), float("inf"), (
+                    f"{name}{int(wrong.sum())} of {yi.size} integer outputs differ from the reference, first at "
+                    f"{first}: {yi[first]} instead of {ri[first]}")
+            continue
         y64, r64 = _f64(y), _f64(r)
         if y64.shape != r64.shape:
-            return False, float("inf"), float("inf"), f"output shape {y64.shape}, expected {r64.shape}"
-        bad = ~np.isfinite(y64)
+            return False, float("inf"), float("inf"), f"{name}output shape {y64.shape}, expected {r64.shape}"
+        same_nonfinite = ~np.isfinite(r64) & ((y64 == r64) | (np.isnan(y64) & np.isnan(r64)))
+        bad = ~np.isfinite(y64) & ~same_nonfinite
         if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            first = tuple(int(k) for k in np.argwhere(bad)[0])
             return False, float("nan"), float("nan"), (
-                f"{int(bad.sum())} of {y64.size} outputs are NaN/inf (unwritten?), first at {first}")
+                f"{name}{int(bad.sum())} of {y64.size} outputs are NaN/inf where the reference is not "
+                f"(unwritten?), first at {first}")
+        if (~np.isfinite(r64) & ~same_nonfinite).any():
+            first = tuple(int(k) for k in np.argwhere(~np.isfinite(r64) & ~same_nonfinite)[0])
+            return False, float("nan"), float("nan"), f"{name}the reference is {r64[first]} at {first}, the kernel not"
+        y64, r64 = np.where(same_nonfinite, 0.0, y64), np.where(same_nonfinite, 0.0, r64)
         diff = np.abs(y64 - r64)
         mabs = max(mabs, float(diff.max(initial=0.0)))
         denom = np.linalg.norm(r64)
@@ -63,13 +91,31 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
     dt = DTYPES[dtype]
     inputs = op.make_inputs(shape, dt, rng)
     out_dtypes = op.output_dtypes(dt)
-    outs = kernel(inputs, shape, dtype, op.output_shapes(shape), out_dtypes, init_value=poison_value(out_dtypes[0]))
+    out_shapes = op.output_shapes(shape)
     refs = op.reference(*inputs)
     scales = op.magnitude(*inputs) if op.magnitude else None
-    mx.eval(outs, refs, scales)
     tol = op.tolerance[dtype]
+    if all(mx.issubdtype(d, mx.floating) for d in out_dtypes):
+        outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=poison_value(out_dtypes[0]))
+        mx.eval(outs, refs, scales)
+    else:  # an integer output: NaN poisons nothing, so two runs with two poisons
+        outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[0])
+        again = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[1])
+        mx.eval(outs, again, refs, scales)
+        for i, (a, b) in enumerate(zip(outs, again)):
+            pa, pb = (np.asarray(mx.array(p).astype(a.dtype)) for p in POISONS)
+            unwritten = (np.asarray(a) == pa) & (np.asarray(b) == pb)
+            if unwritten.any():
+                first = tuple(int(k) for k in np.argwhere(unwritten)[0])
+                return CheckResult(False, dict(shape), dtype, None, None, tol,
+                                   f"output {i}: {int(unwritten.sum())} of {unwritten.size} elements never written, "
+                                   f"first at {first}")
     ok, rel, mabs, err = compare(outs, refs, tol, scales)
     return CheckResult(ok, dict(shape), dtype, rel, mabs, tol, err)
+
+
+# Two poisons every output dtype can hold, far from typical data and from each other.
+POISONS = (77.0, 121.0)
 
 
 def check_shapes(kernel, op: OpSpec, variant, shapes, dtype: str, rng) -> tuple[list[CheckResult], str | None]:
