@@ -109,6 +109,9 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
     shared = f", shared_memory={smem}" if smem else ""
     dtypes = t.dtypes or list(op.dtypes)
     input_dtypes = _input_dtypes(op, dtypes)
+    from .ops.spec import DTYPES
+    output_dtypes = {d: tuple(str(x).split(".")[-1] for x in op.output_dtypes(DTYPES[d])) for d in dtypes}
+    n_out = len(t.outputs)
     dims_code = "\n".join(f"    {d} = {op.export_dims[d]}" for d in dims)
     guard = "\n".join(f"    if {x}.shape != {s}:\n        raise ValueError(f\"[{op.name}] {x} must have shape {s}, got {{{x}.shape}}\")"
                       for x, s in zip(t.inputs, _input_shapes(op)))
@@ -128,8 +131,9 @@ SOURCE = {r.source!r}
 HEADER = {r.header!r}
 THREADGROUP = {tg!r}
 DTYPES = {tuple(dtypes)!r}
-# the dtype of each input, by the dtype of the first (the op's dtype)
+# the dtype of each input and of each output, by the dtype of the first input (the op's dtype)
 INPUT_DTYPES = {input_dtypes!r}
+OUTPUT_DTYPES = {output_dtypes!r}
 
 _kernel = {factory}(name={kernel_name!r}, input_names={t.inputs!r},
                     output_names={t.outputs!r}, source=SOURCE, header=HEADER{shared})
@@ -154,8 +158,10 @@ def {op.name}({args}):
 {guard}
     dtype_size = dtype.size
     grid = ({", ".join(grid)},)
-    return _kernel(inputs=arrays, template=[{", ".join(targs)}], grid=grid, threadgroup=THREADGROUP,
-                   output_shapes=[{out_shapes}], output_dtypes=[dtype] * {len(t.outputs)})[0]
+    outs = _kernel(inputs=arrays, template=[{", ".join(targs)}], grid=grid, threadgroup=THREADGROUP,
+                   output_shapes=[{out_shapes}],
+                   output_dtypes=[getattr(mx, o) for o in OUTPUT_DTYPES[str(dtype).split(".")[-1]]])
+    return outs[0] if {n_out} == 1 else tuple(outs)
 '''
     if fmt == "kernelbot":
         text += f'''
