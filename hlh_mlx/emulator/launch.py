@@ -102,7 +102,7 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
         spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
         # its own session: a timeout kills the whole group; the launcher also dies with us
         proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env={})
         try:
             out, err = _communicate(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
         except subprocess.TimeoutExpired:
