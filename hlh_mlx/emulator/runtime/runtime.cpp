@@ -623,7 +623,12 @@ void msl_rt_atomic_access(const void* addr, unsigned long size) {
 
 void msl_rt_fault(const char* kind, const char* what) {
   Worker& w = *t_worker;
-  if (!g_spec.sanitize && strcmp(kind, "inactive-lanes") == 0) return;  // undefined result, as on the GPU
+  // kernel text can call this too: it picks no error class and writes no text of its own
+  if (strcmp(kind, "inactive-lanes") != 0)
+    sanitizer_fault("kernel-fault", "the kernel reported an unknown fault", __builtin_return_address(0), {w.cur});
+  if (!g_spec.sanitize) return;  // undefined result, as on the GPU
+  if (strcmp(what, "simdgroup_multiply_accumulate needs all 32 lanes of the simdgroup") != 0)
+    what = "an operation needs all lanes of the simdgroup";
   sanitizer_fault(kind, what, __builtin_return_address(0), {w.cur});
 }
 
