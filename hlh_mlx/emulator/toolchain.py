@@ -246,13 +246,15 @@ def _own_diagnostics(stderr: str) -> str:
 
 
 def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCompileError:
+    from .launch import quote_text
+
     lines = {"source": source.splitlines(), "header": header.splitlines()}
-    stderr = _own_diagnostics(stderr)
+    stderr = quote_text(_own_diagnostics(stderr))
     for raw in stderr.splitlines():
         m = _DIAG.match(raw)
         if m:
             where, line = m.group(1), int(m.group(2))
-            text = lines[where][line - 1].strip() if 0 < line <= len(lines[where]) else ""
+            text = quote_text(lines[where][line - 1].strip()) if 0 < line <= len(lines[where]) else ""
             return KernelCompileError(name, where, line, m.group(5), text, stderr)
     return KernelCompileError(name, None, None, "the generated C++ did not compile", "", stderr)
 
@@ -285,7 +287,8 @@ def undefined_symbols(obj: Path) -> list[str]:
 
 def _checked(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
-        raise EmulatorError(f"[emulator] {what} failed:\n{proc.stderr[-4000:]}")
+        from .launch import quote_text
+        raise EmulatorError(f"[emulator] {what} failed:\n{quote_text(proc.stderr[-4000:])}")
     return proc
 
 
