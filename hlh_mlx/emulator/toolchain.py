@@ -139,13 +139,14 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.Compl
     return proc
 
 
+MIN_COMPILE_SECONDS = 10.0  # a compile on a busy machine, whatever the kernel time limit
+
+
 def compile_timeout() -> float:
-    """Seconds one compile step of a kernel may take: HLH_MLX_EMU_COMPILE_TIMEOUT, else the
-    kernel time limit (HLH_MLX_EMU_TIMEOUT), never under 10 s (a compile on a busy machine)."""
-    if os.environ.get("HLH_MLX_EMU_COMPILE_TIMEOUT"):
-        return float(os.environ["HLH_MLX_EMU_COMPILE_TIMEOUT"])
+    """Seconds one compile step of a kernel may take: the kernel time limit
+    (HLH_MLX_EMU_TIMEOUT), never under MIN_COMPILE_SECONDS."""
     from .launch import timeout_seconds
-    return max(timeout_seconds(), 10.0)
+    return max(timeout_seconds(), MIN_COMPILE_SECONDS)
 
 
 COMPILE_MEMORY = 8 << 30      # address space of each compiler process
@@ -153,7 +154,7 @@ COMPILE_FILE_SIZE = 1 << 30   # largest file a compile step may write
 
 
 def _compile_limits(cpu_seconds: int) -> None:  # runs in the child, before exec
-    for what, value in ((resource.RLIMIT_AS, int(os.environ.get("HLH_MLX_EMU_COMPILE_MEMORY", COMPILE_MEMORY))),
+    for what, value in ((resource.RLIMIT_AS, COMPILE_MEMORY),
                         (resource.RLIMIT_FSIZE, COMPILE_FILE_SIZE), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(what, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
@@ -177,7 +178,7 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subproces
         proc.communicate()
         raise KernelTimeoutError(
             f"[emulator] kernel '{kernel}': {what} did not finish within {timeout:g} s and was stopped "
-            "(HLH_MLX_EMU_COMPILE_TIMEOUT, else HLH_MLX_EMU_TIMEOUT, sets the limit)") from None
+            "(HLH_MLX_EMU_TIMEOUT sets the limit)") from None
     except BaseException:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
