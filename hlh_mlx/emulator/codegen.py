@@ -180,7 +180,7 @@ _SYNC_WORDS = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|qua
 
 def needs_sync(text: str) -> bool:
     """Does the code synchronise threads (and so must run them as fibers)?"""
-    return bool(_SYNC_WORDS.search(blank_comments_and_strings(text)))
+    return bool(_SYNC_WORDS.search(text)) and bool(_SYNC_WORDS.search(blank_comments_and_strings(text)))
 
 
 def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
@@ -189,6 +189,8 @@ def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
     Declarations are found in the text as prepare's lexer reads it (comments and literals
     blanked), and the result is prepared again: a rewrite never opens or closes a comment."""
     text = normalize(text)
+    if "threadgroup" not in text:  # nothing to rewrite (and the lexing below costs on long headers)
+        return text
     blank = blank_comments_and_strings(text, kernel, part)
     pieces, last = [], 0
     for k, m in enumerate(_TG_DECL.finditer(blank)):
@@ -201,11 +203,12 @@ def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
         last = m.end()
     pieces.append(text[last:])
     out = "".join(pieces)
-    if prepare(kernel, part, out) != out:  # the rewrite must leave every directive as it was decided
-        raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part}: rewriting threadgroup declarations "
-                                "changed how the text reads")
+    if pieces[:-1]:
+        if prepare(kernel, part, out) != out:  # the rewrite must leave every directive as it was decided
+            raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part}: rewriting threadgroup declarations "
+                                    "changed how the text reads")
+        blank = blank_comments_and_strings(out, kernel, part)
     # any other `threadgroup` must be a pointer/reference qualifier
-    blank = blank_comments_and_strings(out, kernel, part)
     qualifiers = {m.start() for m in _TG_QUALIFIER.finditer(blank)}
     for m in _TG_WORD.finditer(blank):
         if m.start() not in qualifiers:
