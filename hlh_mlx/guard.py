@@ -17,6 +17,7 @@ a benchmark, each reported with its line:
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,11 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
         return [Finding(str(path), getattr(e, "line", None), "template", str(e))]
     if not vs:
         return [Finding(str(path), None, "template", "the space has no valid variant")]
+    # buffer names go into generated kernel code (and the emulator's launcher spec) as they are
+    bad = [n for n in [*t.inputs, *t.outputs] if not (isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n))]
+    if bad:
+        return [Finding(str(path), None, "host-escape", "input/output names must be C identifiers: "
+                        + ", ".join(ascii(n) for n in bad))]
     out = []
     op = ops.get(t.op)
     rng = np.random.default_rng()

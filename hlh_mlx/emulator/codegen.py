@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import UnsafeKernelError
-from .safety import blank_comments_and_strings, prepare
+from .safety import blank_comments_and_strings, normalize, prepare
 
 MAX_CONSTANT_ARRAY_SIZE = 8
 
@@ -180,12 +180,18 @@ _SYNC_WORDS = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|qua
 
 def needs_sync(text: str) -> bool:
     """Does the code synchronise threads (and so must run them as fibers)?"""
-    return bool(_SYNC_WORDS.search(blank_comments_and_strings(text)))
+    return bool(_SYNC_WORDS.search(text)) and bool(_SYNC_WORDS.search(blank_comments_and_strings(text)))
 
 
 def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
-    """Give each `threadgroup` declaration one storage per group, keeping line numbers."""
-    blank = blank_comments_and_strings(text)
+    """Give each `threadgroup` declaration one storage per group, keeping line numbers.
+
+    Declarations are found in the text as prepare's lexer reads it (comments and literals
+    blanked), and the result is prepared again: a rewrite never opens or closes a comment."""
+    text = normalize(text)
+    if "threadgroup" not in text:  # nothing to rewrite (and the lexing below costs on long headers)
+        return text
+    blank = blank_comments_and_strings(text, kernel, part)
     pieces, last = [], 0
     for k, m in enumerate(_TG_DECL.finditer(blank)):
         t, n, dims = m.group("type"), m.group("name"), m.group("dims").strip()
@@ -197,8 +203,12 @@ def rewrite_threadgroup(kernel: str, part: str, text: str) -> str:
         last = m.end()
     pieces.append(text[last:])
     out = "".join(pieces)
+    if pieces[:-1]:
+        if prepare(kernel, part, out) != out:  # the rewrite must leave every directive as it was decided
+            raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part}: rewriting threadgroup declarations "
+                                    "changed how the text reads")
+        blank = blank_comments_and_strings(out, kernel, part)
     # any other `threadgroup` must be a pointer/reference qualifier
-    blank = blank_comments_and_strings(out)
     qualifiers = {m.start() for m in _TG_QUALIFIER.finditer(blank)}
     for m in _TG_WORD.finditer(blank):
         if m.start() not in qualifiers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import mlx.core as mx
@@ -12,6 +13,17 @@ from . import codegen, launch, safety, toolchain
 from .codegen import InputSig
 
 MAX_THREADS_PER_THREADGROUP = 1024
+
+# Names go into the generated C++ (and the launcher's spec): each must be one C identifier,
+# as Metal (and so MLX) requires of a kernel's buffers and template parameters.
+_C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KERNEL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def _check_identifier(what: str, name) -> None:
+    if not isinstance(name, str) or not _C_IDENTIFIER.fullmatch(name):
+        raise ValueError(f"[metal_kernel] {what} {name!r} is not a valid identifier (letters, digits and "
+                         "underscores, not starting with a digit)")
 
 # numpy has no bfloat16: such arrays cross as their uint16 bits
 _NP_DTYPES = {
@@ -59,6 +71,14 @@ class MetalKernel:
                  sanitize: bool | None = None):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
+        # the kernel's name is only quoted (messages, the verbose Metal source, cache keys):
+        # any word of letters, digits, '_', '-', '.' (no space, no newline, no control character)
+        if not isinstance(name, str) or not _KERNEL_NAME.fullmatch(name):
+            raise ValueError(f"[metal_kernel] kernel name {name!r} is not valid (letters, digits, '_', '-', '.')")
+        for n in input_names:
+            _check_identifier("input name", n)
+        for n in output_names:
+            _check_identifier("output name", n)
         self.name = name
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -96,8 +116,11 @@ class MetalKernel:
         # MLX clamps the threadgroup to the grid, per dimension
         threadgroup = tuple(min(t, g) for t, g in zip(threadgroup, grid))
         template = list(template or [])
-        for _, v in template:
-            codegen.template_value(v)
+        for item in template:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"[metal_kernel] Invalid template argument {item!r}: must be a (name, value) pair.")
+            _check_identifier("template parameter name", item[0])
+            codegen.template_value(item[1])
         sigs = [InputSig(n, x.dtype, x.ndim, x.size) for n, x in zip(self.input_names, inputs)]
         output_shapes = [tuple(int(d) for d in s) for s in output_shapes]
         if verbose:

@@ -15,6 +15,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -102,7 +103,7 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
         spec += [f"param {r.offset} {r.nbytes} {r.pointer} {r.name}" for r in regions]
         # its own session: a timeout kills the whole group; the launcher also dies with us
         proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env={})
         try:
             out, err = _communicate(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
         except subprocess.TimeoutExpired:
@@ -178,24 +179,101 @@ def lockdown_report(stdout: str) -> dict | None:
     return report if all(report.get(k) is True for k in ("no_new_privs", "seccomp", "probe")) else None
 
 
+# Control characters (terminal escapes: clear screen, OSC 52 clipboard, a forged verdict)
+# and invisible or reordering format characters: never quoted as they are.
+_UNSAFE_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def quote_text(text) -> str:
+    """Text from the kernel process, safe to show: every control character escaped."""
+    return _UNSAFE_CHARS.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 0x100
+                             else f"\\u{ord(m.group(0)):04x}", str(text))
+
+
+# Every fault kind the launcher itself reports; anything else is a forged report.
+FAULT_KINDS = frozenset({"sandbox", "object", "spec", "resources", "threadgroup-memory", "uninitialized",
+                         "barrier-divergence", "out-of-bounds", "race", "inactive-lanes", "kernel-fault"})
+WARN_KINDS = frozenset({"barrier-divergence"})
+
+
+class _BadReport(Exception):
+    pass
+
+
 def _tagged(stderr: str, tag: str):
     for line in stderr.splitlines():
         if line.startswith(tag + " "):
-            return json.loads(line[len(tag) + 1:])
+            try:
+                return json.loads(line[len(tag) + 1:])
+            except (ValueError, RecursionError):
+                raise _BadReport() from None
     return None
 
 
+def _valid_threads(threads) -> bool:
+    return isinstance(threads, list) and all(
+        isinstance(t, dict) and all(isinstance(t.get(k), list) and len(t[k]) == 3 and
+                                    all(isinstance(v, int) for v in t[k])
+                                    for k in ("thread_position_in_grid", "threadgroup_position_in_grid"))
+        and isinstance(t.get("thread_index_in_threadgroup"), int) for t in threads)
+
+
+def _fault_report(stderr: str):
+    """The launcher's fault report, checked: a known kind, text fields, well-formed threads."""
+    fault = _tagged(stderr, "HLH_FAULT")
+    if fault is None:
+        return None
+    if not (isinstance(fault, dict) and fault.get("kind") in FAULT_KINDS and isinstance(fault.get("what"), str)
+            and _valid_threads(fault.get("threads", []))
+            and (fault.get("pc") is None or (isinstance(fault["pc"], str) and re.fullmatch(r"0x[0-9a-f]+", fault["pc"])))
+            and (not fault.get("site") or (isinstance(fault["site"], dict) and fault["site"].get("part") in
+                                           ("source", "header") and isinstance(fault["site"].get("line"), int)))):
+        raise _BadReport()
+    fault["what"] = quote_text(fault["what"][:2000])
+    return fault
+
+
+def _warn_report(stderr: str) -> list:
+    warns = _tagged(stderr, "HLH_WARN") or []
+    if not (isinstance(warns, list) and all(isinstance(w, dict) and w.get("kind") in WARN_KINDS and
+                                            isinstance(w.get("what"), str) for w in warns)):
+        raise _BadReport()
+    return [(w["kind"], quote_text(w["what"][:2000])) for w in warns]
+
+
+def _crash_report(stderr: str):
+    crash = _tagged(stderr, "HLH_CRASH")
+    if crash is None:
+        return None
+    if not (isinstance(crash, dict) and isinstance(crash.get("signal"), int) and _valid_threads(crash.get("threads", []))):
+        raise _BadReport()
+    try:
+        signal.Signals(crash["signal"])
+    except ValueError:
+        raise _BadReport() from None
+    return crash
+
+
 def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: str, header: str) -> None:
+    try:
+        _check_reports(kernel, exe, proc, source, header)
+    except _BadReport:
+        raise KernelCrashError(
+            f"[emulator] kernel '{kernel}': the kernel process wrote a malformed or forged fault report "
+            f"(exit {proc.returncode}); its results are not used") from None
+
+
+def _check_reports(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: str, header: str) -> None:
     locked = lockdown_report(proc.stdout)
-    fault = _tagged(proc.stderr, "HLH_FAULT")
+    fault = _fault_report(proc.stderr)
     if fault and fault["kind"] in ("sandbox", "object"):
         raise EmulatorError(f"[emulator] kernel '{kernel}' was not run: {fault['what']}")
     if locked is None and not (fault and fault["kind"] == "spec"):
         raise EmulatorError(
             f"[emulator] kernel '{kernel}': the kernel process did not report itself sandboxed "
             f"(exit {proc.returncode}); its results are not used")
-    for w in _tagged(proc.stderr, "HLH_WARN") or []:
-        warnings.warn(f"[emulator] kernel '{kernel}': {w['kind']}: {w['what']}", RuntimeWarning, stacklevel=4)
+    for kind, what in _warn_report(proc.stderr):
+        warnings.warn(f"[emulator] kernel '{kernel}': {kind}: {what}", RuntimeWarning, stacklevel=5)
     if proc.returncode == 0:
         if "HLH_DONE" not in proc.stdout:
             raise EmulatorError(f"[emulator] kernel '{kernel}' exited before finishing the dispatch")
@@ -212,7 +290,7 @@ def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: st
         else:
             where, line, text = source_line(exe, fault.get("pc"), source, header)
         raise SanitizerError(kernel, fault["kind"], fault["what"], where, line, text, fault.get("threads", []))
-    crash = _tagged(proc.stderr, "HLH_CRASH")
+    crash = _crash_report(proc.stderr)
     if crash:
         sig = signal.Signals(crash["signal"]).name
         who = ""
@@ -228,7 +306,8 @@ def _check(kernel: str, exe: Path, proc: subprocess.CompletedProcess, source: st
                if sig == "SIGSYS" else " (CPU-time limit)" if sig == "SIGXCPU" else
                " (out of memory or CPU-time limit?)" if sig == "SIGKILL" else "")
         raise KernelCrashError(f"[emulator] kernel '{kernel}' was killed by {sig}{why}")
-    raise KernelCrashError(f"[emulator] kernel '{kernel}' failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    raise KernelCrashError(f"[emulator] kernel '{kernel}' failed (exit {proc.returncode}): "
+                           f"{quote_text(proc.stderr[-2000:])}")
 
 
 def source_line(exe: Path, pc: str | None, source: str, header: str):

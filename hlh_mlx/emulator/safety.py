@@ -48,7 +48,9 @@ _DROPPED_PRAGMA = re.compile(
 _INCLUDE = re.compile(r"^\s*<\s*([\w./]+)\s*>\s*$|^\s*\"([\w./]+)\"\s*$")
 
 _IDENT = re.compile(r"[A-Za-z_]\w*")
-_NUMBER = re.compile(r"\.?\d(?:[eEpP][+-]|[\w.'])*")
+# a pp-number exactly as C++ has it: a digit separator ' only before a digit or identifier
+# character (`1'` followed by anything else ends the number, and ' starts a literal)
+_NUMBER = re.compile(r"\.?\d(?:[eEpP][+-]|'[0-9A-Za-z_]|[\w.])*")
 _STRING_PREFIX = re.compile(r"(u8|u|U|L)?R?$")
 
 
@@ -68,6 +70,8 @@ class Token:
     text: str
     line: int       # line in the original text (1-based)
     last: int = 0   # directives: the original line they end on
+    start: int = 0  # offsets in the (normalized) original text: [start, end)
+    end: int = 0
 
 
 class _Lexer:
@@ -83,7 +87,7 @@ class _Lexer:
                                     f"{bad.group(0)!r} is not allowed in kernel text")
         # phase 2: remove line splices (GCC also accepts spaces between the backslash and
         # the newline); remember the original line of every remaining character
-        chars, lines = [], []
+        chars, lines, offsets = [], [], []
         line, i, n = 1, 0, len(text)
         while i < n:
             c = text[i]
@@ -97,18 +101,26 @@ class _Lexer:
                     continue
             chars.append(c)
             lines.append(line)
+            offsets.append(i)
             if c == "\n":
                 line += 1
             i += 1
         self.s = "".join(chars)
         self.lines = lines
+        self.offsets = offsets + [n]
         self.nlines = line
 
     def fail(self, pos_or_line: int, what: str, *, is_line: bool = False):
         line = pos_or_line if is_line else (self.lines[pos_or_line] if pos_or_line < len(self.lines) else self.nlines)
         raise UnsafeKernelError(f"[emulator] kernel '{self.kernel}', {self.part} line {line}: {what}")
 
-    def tokens(self) -> list[Token]:
+    def _span(self, tok: Token, i: int, j: int) -> Token:
+        """tok with its [start, end) in the original text (chars i..j-1 of the lexed text)."""
+        tok.start, tok.end = self.offsets[i], self.offsets[j - 1] + 1
+        return tok
+
+    def tokens(self, comments: bool = False) -> list[Token]:
+        """The tokens (with `comments`, comments too, as kind "comment")."""
         s, n = self.s, len(self.s)
         out: list[Token] = []
         i = 0
@@ -124,12 +136,17 @@ class _Lexer:
                 continue
             if s.startswith("//", i):
                 j = s.find("\n", i)
-                i = n if j < 0 else j
+                j = n if j < 0 else j
+                if comments:
+                    out.append(self._span(Token("comment", s[i:j], self.lines[i]), i, j))
+                i = j
                 continue
             if s.startswith("/*", i):
                 j = s.find("*/", i + 2)
                 if j < 0:
                     self.fail(i, "unterminated comment")
+                if comments:
+                    out.append(self._span(Token("comment", s[i:j + 2], self.lines[i]), i, j + 2))
                 i = j + 2
                 continue
             if s.startswith("??", i) and i + 2 < n and s[i + 2] in "=/'()!<>-":
@@ -137,7 +154,8 @@ class _Lexer:
             if line_start and (c == "#" or s.startswith("%:", i)):
                 start = i
                 end = self._directive_end(i + (1 if c == "#" else 2))
-                out.append(Token("directive", s[start:end], self.lines[start], self.lines[end - 1]))
+                out.append(self._span(Token("directive", s[start:end], self.lines[start], self.lines[end - 1]),
+                                      start, end))
                 i = end
                 line_start = False
                 continue
@@ -150,22 +168,22 @@ class _Lexer:
                     if "R" in word and s[j] == '"':
                         self.fail(i, "raw string literals are not allowed")
                     i = self._quoted(j, s[j])
-                    out.append(Token("string", s[m.start():i], self.lines[m.start()]))
+                    out.append(self._span(Token("string", s[m.start():i], self.lines[m.start()]), m.start(), i))
                     continue
-                out.append(Token("ident", word, self.lines[i]))
+                out.append(self._span(Token("ident", word, self.lines[i]), i, j))
                 i = j
                 continue
             m = _NUMBER.match(s, i)
             if m:
-                out.append(Token("number", m.group(0), self.lines[i]))
+                out.append(self._span(Token("number", m.group(0), self.lines[i]), i, m.end()))
                 i = m.end()
                 continue
             if c in "\"'":
                 j = self._quoted(i, c)
-                out.append(Token("string", s[i:j], self.lines[i]))
+                out.append(self._span(Token("string", s[i:j], self.lines[i]), i, j))
                 i = j
                 continue
-            out.append(Token("punct", c, self.lines[i]))
+            out.append(self._span(Token("punct", c, self.lines[i]), i, i + 1))
             i += 1
         return out
 
@@ -220,18 +238,17 @@ def prepare(kernel: str, part: str, text: str) -> str:
     """
     text = normalize(text)  # what the compiler gets is exactly what was lexed
     lex = _Lexer(kernel, part, text)
-    blank: list[tuple[int, int]] = []  # (first line, last line) of dropped directives
+    blank: list[tuple[int, int]] = []  # [start, end) in the text of dropped directives
     for tok in lex.tokens():
         if tok.kind != "directive":
             continue
         name, rest = _directive(tok)
-        last = tok.last
         where = f"[emulator] kernel '{kernel}', {part} line {tok.line}"
         if name in ("include", "include_next", "import", "embed"):
             m = _INCLUDE.match(rest)
             header = (m.group(1) or m.group(2)) if m else None
             if header and header.removesuffix(".h") in METAL_HEADERS:
-                blank.append((tok.line, last))
+                blank.append((tok.start, tok.end))
                 continue
             raise UnsafeKernelError(
                 f"{where}: '#{name} {rest}' is not allowed: kernel text may include only Metal's standard "
@@ -239,7 +256,7 @@ def prepare(kernel: str, part: str, text: str) -> str:
                 "code in `header=`")
         if name == "pragma":
             if _DROPPED_PRAGMA.match(rest):
-                blank.append((tok.line, last))
+                blank.append((tok.start, tok.end))
                 continue
             raise UnsafeKernelError(f"{where}: '#pragma {rest}' is not allowed (only loop-unrolling and "
                                     "diagnostic pragmas, which the emulator ignores)")
@@ -252,11 +269,15 @@ def prepare(kernel: str, part: str, text: str) -> str:
                                     "#pragma unroll, #error, #warning)")
     if not blank:
         return text
-    lines = text.split("\n")
-    for first, last in blank:
-        for k in range(first - 1, min(last, len(lines))):
-            lines[k] = ""
-    return "\n".join(lines)
+    # only the directive itself, from its `#` to its end (newlines kept): what precedes the
+    # `#` on its line (the end of a comment begun before) stays
+    pieces, pos = [], 0
+    for start, end in blank:
+        pieces.append(text[pos:start])
+        pieces.append(re.sub(r"[^\n]", " ", text[start:end]))
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces)
 
 
 # ---------------------------------------------------------------- friendly errors
@@ -334,8 +355,28 @@ def _attribute_tokens(toks: list[Token]) -> set[int]:
     return inside
 
 
-def blank_comments_and_strings(text: str) -> str:
-    """The text with comments and string literals replaced by spaces (newlines kept)."""
+def blank_comments_and_strings(text: str, kernel: str = "", part: str = "") -> str:
+    """The text with comments and string literals replaced by spaces (newlines kept), as
+    the compiler's lexer (prepare's) reads them. Text it refuses (UnsafeKernelError)
+    raises when `kernel` is given; otherwise (heuristics only) a regex reading is used."""
+    try:
+        toks = _Lexer(kernel, part, text).tokens(comments=True)
+    except UnsafeKernelError:
+        if kernel:
+            raise
+        return _regex_blank(text)
+    text = normalize(text)
+    pieces, pos = [], 0
+    for t in toks:
+        if t.kind in ("comment", "string"):
+            pieces.append(text[pos:t.start])
+            pieces.append(re.sub(r"[^\n]", " ", text[t.start:t.end]))
+            pos = t.end
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+def _regex_blank(text: str) -> str:
     def blank(m: re.Match) -> str:
         if m.lastgroup in ("comment", "string"):
             return re.sub(r"[^\n]", " ", m.group(0))

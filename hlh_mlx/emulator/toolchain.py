@@ -17,13 +17,15 @@ import hashlib
 import itertools
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EmulatorError, KernelCompileError, UnsafeKernelError
+from .errors import EmulatorError, KernelCompileError, KernelTimeoutError, UnsafeKernelError
 
 RUNTIME_DIR = Path(__file__).parent / "runtime"
 RUNTIME_FILES = ("msl_types.h", "msl_math.h", "msl_sync.h", "msl_rt_api.h", "mlx_utils.h", "runtime.cpp")
@@ -137,6 +139,59 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.Compl
     return proc
 
 
+MIN_COMPILE_SECONDS = 10.0  # a compile on a busy machine, whatever the kernel time limit
+
+
+def compile_timeout() -> float:
+    """Seconds one compile step of a kernel may take: the kernel time limit
+    (HLH_MLX_EMU_TIMEOUT), never under MIN_COMPILE_SECONDS."""
+    from .launch import timeout_seconds
+    return max(timeout_seconds(), MIN_COMPILE_SECONDS)
+
+
+COMPILE_MEMORY = 8 << 30      # address space of each compiler process
+COMPILE_FILE_SIZE = 1 << 30   # largest file a compile step may write
+
+
+def _compile_limits(cpu_seconds: int) -> None:  # runs in the child, before exec
+    for what, value in ((resource.RLIMIT_AS, COMPILE_MEMORY),
+                        (resource.RLIMIT_FSIZE, COMPILE_FILE_SIZE), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(what, (value, value))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+
+
+def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subprocess.CompletedProcess:
+    """Run one step on kernel text (compiler, objcopy) with a time limit, CPU-time, memory
+    and file-size limits, in its own process group (killed whole on timeout), stdin empty."""
+    timeout = compile_timeout()
+    cpu = int(timeout) + 5
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", start_new_session=True,
+                            preexec_fn=lambda: _compile_limits(cpu))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise KernelTimeoutError(
+            f"[emulator] kernel '{kernel}': {what} did not finish within {timeout:g} s and was stopped "
+            "(HLH_MLX_EMU_TIMEOUT sets the limit)") from None
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) or proc.returncode == -signal.SIGXFSZ:
+        raise KernelTimeoutError(f"[emulator] kernel '{kernel}': {what} ran out of its time, memory or file-size "
+                                 "limit and was stopped")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     try:
         os.rename(tmp, final)
@@ -192,13 +247,15 @@ def _own_diagnostics(stderr: str) -> str:
 
 
 def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCompileError:
+    from .launch import quote_text
+
     lines = {"source": source.splitlines(), "header": header.splitlines()}
-    stderr = _own_diagnostics(stderr)
+    stderr = quote_text(_own_diagnostics(stderr))
     for raw in stderr.splitlines():
         m = _DIAG.match(raw)
         if m:
             where, line = m.group(1), int(m.group(2))
-            text = lines[where][line - 1].strip() if 0 < line <= len(lines[where]) else ""
+            text = quote_text(lines[where][line - 1].strip()) if 0 < line <= len(lines[where]) else ""
             return KernelCompileError(name, where, line, m.group(5), text, stderr)
     return KernelCompileError(name, None, None, "the generated C++ did not compile", "", stderr)
 
@@ -229,6 +286,58 @@ def undefined_symbols(obj: Path) -> list[str]:
     return [line.rstrip().rsplit(" ", 1)[0] for line in out.splitlines() if line.strip()]
 
 
+def _checked(proc: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        from .launch import quote_text
+        raise EmulatorError(f"[emulator] {what} failed:\n{quote_text(proc.stderr[-4000:])}")
+    return proc
+
+
+def _dependencies(make_rule: str) -> set[str] | None:
+    """The files of a `-M` make rule (`kernel.o: a b \\ ...`), or None if there is none."""
+    text = make_rule.replace("\\\n", " ")
+    head, sep, rest = text.partition(":")
+    if not sep or head.strip() != "kernel.o":
+        return None
+    # a space inside a name is written `\ `
+    return {f.replace("\x00", " ") for f in rest.replace("\\ ", "\x00").split()}
+
+
+def _list_dependencies(kernel: str, cxx: Compiler, flags: list[str], cwd: Path) -> set[str] | None:
+    # stderr is dropped: a file's content must not reach any message
+    proc = _run_bounded([cxx.path, *flags, "-M", "-MG", "-w", "kernel.cpp"], kernel, cwd, "listing the files read")
+    return _dependencies(proc.stdout)
+
+
+@functools.lru_cache(maxsize=None)
+def _baseline_dependencies(cxx: Compiler, flags: tuple[str, ...]) -> frozenset[str]:
+    """The files the compile of a trivial kernel reads (the prelude, runtime and system headers)."""
+    with tempfile.TemporaryDirectory(prefix=".deps-", dir=cache_root()) as tmp:
+        (Path(tmp) / "kernel.cpp").write_text("static int msl_trivial_kernel;\n")
+        deps = _list_dependencies("(baseline)", cxx, list(flags), Path(tmp))
+    if deps is None:
+        raise EmulatorError("[emulator] cannot list the files a kernel's compile reads (`-M`)")
+    return frozenset(deps)
+
+
+def _check_dependencies(name: str, cxx: Compiler, flags: list[str], tmp: Path) -> None:
+    """Defence in depth behind safety.prepare: the compiler itself lists every file the
+    final translation unit would read; one that a trivial kernel does not read (an
+    #include that slipped past the lexer) refuses the kernel before it is compiled."""
+    baseline = _baseline_dependencies(cxx, tuple(flags))
+    deps = _list_dependencies(name, cxx, flags, tmp)
+    if deps is None:
+        raise UnsafeKernelError(f"[emulator] kernel '{name}': the compiler could not list the files its compile "
+                                "reads; the kernel is refused")
+    extra = sorted(deps - baseline)
+    if extra:
+        from .launch import quote_text
+        raise UnsafeKernelError(
+            f"[emulator] kernel '{name}' would make the compiler read "
+            + ", ".join(quote_text(f) for f in extra[:5])
+            + ": kernel text may include only Metal's standard headers; the kernel is refused")
+
+
 def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True,
                  strip_initialisers: bool = True) -> Path:
     """Compile a generated translation unit into a kernel shared object (cached).
@@ -252,8 +361,8 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
     try:
         (tmp / "kernel.cpp").write_text(tu)
         flags = [*COMMON_FLAGS, *cxx.mode_flags(mode), "-I", str(rt), "-include", str(rt / "prelude.h")]
-        proc = subprocess.run([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"],
-                              capture_output=True, text=True, cwd=tmp)
+        _check_dependencies(name, cxx, flags, tmp)
+        proc = _run_bounded([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"], name, tmp, "compiling")
         if proc.returncode != 0:
             raise _compile_error(name, proc.stderr, source, header)
         foreign = [s for s in undefined_symbols(tmp / "kernel.o") if check_symbols and not _ALLOWED_SYMBOL.match(s)]
@@ -265,10 +374,10 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
         # Metal has no dynamic initialisation of program-scope variables: drop every
         # initialiser and finaliser section (the launcher refuses an object with any left)
         if strip_initialisers:
-            _run([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], "stripping initialisers",
-                 tmp)
-        _run([cxx.path, "-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "kernel.o", "-lm",
-              "-o", "kernel.so"], "linking the kernel", tmp)
+            _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], name,
+                                  tmp, "stripping initialisers"), "stripping initialisers")
+        _checked(_run_bounded([cxx.path, "-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "kernel.o",
+                               "-lm", "-o", "kernel.so"], name, tmp, "linking the kernel"), "linking the kernel")
         os.chmod(tmp / "kernel.so", 0o644)
         _publish(tmp, final)
     finally:

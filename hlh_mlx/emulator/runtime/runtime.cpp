@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -622,7 +623,12 @@ void msl_rt_atomic_access(const void* addr, unsigned long size) {
 
 void msl_rt_fault(const char* kind, const char* what) {
   Worker& w = *t_worker;
-  if (!g_spec.sanitize && strcmp(kind, "inactive-lanes") == 0) return;  // undefined result, as on the GPU
+  // kernel text can call this too: it picks no error class and writes no text of its own
+  if (strcmp(kind, "inactive-lanes") != 0)
+    sanitizer_fault("kernel-fault", "the kernel reported an unknown fault", __builtin_return_address(0), {w.cur});
+  if (!g_spec.sanitize) return;  // undefined result, as on the GPU
+  if (strcmp(what, "simdgroup_multiply_accumulate needs all 32 lanes of the simdgroup") != 0)
+    what = "an operation needs all lanes of the simdgroup";
   sanitizer_fault(kind, what, __builtin_return_address(0), {w.cur});
 }
 
@@ -764,10 +770,10 @@ bool install_filter(bool loading) {
   b.rule(SYS_getppid, SECCOMP_RET_ERRNO | kProbeErrno);
   // signals only to this process itself (abort, raise)
   b.rule_arg(SYS_tgkill, 0, 0xffffffffu, uint32_t(getpid()), false);
-  // threads, never processes
-  b.rule_arg(SYS_clone, 0, CLONE_THREAD, CLONE_THREAD);
-  b.rule(SYS_clone3, SECCOMP_RET_ERRNO | ENOSYS);  // its flags are out of reach: glibc falls back to clone
   if (loading) {
+    // threads, never processes: the launcher starts its workers under this filter only
+    b.rule_arg(SYS_clone, 0, CLONE_THREAD, CLONE_THREAD);
+    b.rule(SYS_clone3, SECCOMP_RET_ERRNO | ENOSYS);  // its flags are out of reach: glibc falls back to clone
     // the loader: open the object read-only, stat it by descriptor, map it executable
     b.rule_arg(SYS_openat, 2, 0xffffffffu, O_RDONLY | O_CLOEXEC, false);
     b.rule_arg(SYS_newfstatat, 3, 0xffffffffu, AT_EMPTY_PATH, false);
@@ -776,13 +782,17 @@ bool install_filter(bool loading) {
     b.rule(SYS_mprotect, SECCOMP_RET_ALLOW);
     b.rule(SYS_seccomp, SECCOMP_RET_ALLOW);  // to add the second filter (filters only ever add limits)
   } else {
+    // installed once the workers run (on every thread): the kernel starts no thread of its own
+    b.rule(SYS_clone3, SECCOMP_RET_ERRNO | ENOSYS);  // glibc falls back to clone, which kills
+    b.rule(SYS_clone, SECCOMP_RET_KILL_PROCESS);
     // no open, no new executable memory (both filters apply: the stricter answer wins)
     b.rule_arg(SYS_mmap, 2, PROT_EXEC, 0);
     b.rule_arg(SYS_mprotect, 2, PROT_EXEC, 0);
   }
   b.p.push_back(BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
   sock_fprog fp{(unsigned short)b.p.size(), b.p.data()};
-  return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fp) == 0;
+  // the second filter applies to every thread of the process at once (TSYNC)
+  return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, loading ? 0 : SECCOMP_FILTER_FLAG_TSYNC, &fp) == 0;
 }
 
 // What the lockdown achieved, reported to the parent, which refuses to use results
@@ -927,6 +937,7 @@ void read_spec() {
     text.append(buf, size_t(n));
   }
   size_t pos = 0;
+  std::set<std::string> seen;
   while (pos < text.size()) {
     size_t eol = text.find('\n', pos);
     if (eol == std::string::npos) eol = text.size();
@@ -938,16 +949,20 @@ void read_spec() {
     unsigned long off = 0, nb = 0, ptr = 0;
     sscanf(line.c_str(), "%31s", key);
     std::string k = key;
+    // every line but `param` at most once: a second `file` (or limit) line is an injection
+    if (k != "param" && !seen.insert(k).second) spec_error("repeated spec line: " + k);
     if (k == "file") g_spec.file = line.substr(5);
     else if (k == "grid" && sscanf(line.c_str(), "grid %u %u %u", &a, &b, &c) == 3) { g_spec.gx = a; g_spec.gy = b; g_spec.gz = c; }
     else if (k == "threadgroup" && sscanf(line.c_str(), "threadgroup %u %u %u", &a, &b, &c) == 3) { g_spec.tx = a; g_spec.ty = b; g_spec.tz = c; }
     else if (k == "workers" && sscanf(line.c_str(), "workers %u", &a) == 1) g_spec.workers = int(a);
-    else if (k == "order") g_spec.reverse = line.find("reverse") != std::string::npos;
+    else if (k == "order" && (line == "order reverse" || line == "order forward")) g_spec.reverse = line.find("reverse") != std::string::npos;
     else if (k == "sanitize" && sscanf(line.c_str(), "sanitize %u", &a) == 1) g_spec.sanitize = a != 0;
     else if (k == "memlimit" && sscanf(line.c_str(), "memlimit %lu", &off) == 1) g_spec.mem_limit = off;
     else if (k == "cpulimit" && sscanf(line.c_str(), "cpulimit %lu", &off) == 1) g_spec.cpu_limit = off;
     else if (k == "fail_lockdown") g_spec.fail_lockdown = true;
-    else if (k == "param" && sscanf(line.c_str(), "param %lu %lu %lu %255s", &off, &nb, &ptr, name) == 4)
+    else if (k == "param" && sscanf(line.c_str(), "param %lu %lu %lu %255s", &off, &nb, &ptr, name) == 4 &&
+             line.size() == std::string("param ").size() + std::to_string(off).size() + 1 +
+                                std::to_string(nb).size() + 1 + std::to_string(ptr).size() + 1 + strlen(name))
       g_spec.params.push_back(Param{off, nb, ptr, name, nullptr});
     else spec_error("bad spec line: " + line);
   }
@@ -997,6 +1012,7 @@ void map_buffers(int fd, unsigned long size) {
 int main(int argc, char** argv) {
   prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
   if (argc != 3 || getppid() != (pid_t)atol(argv[2])) _exit(9);  // the parent is already gone
+  clearenv();  // nothing of the caller's environment (tokens, keys) stays in the kernel's memory
   read_spec();
   int kfd = open(argv[1], O_RDONLY | O_CLOEXEC);
   if (kfd < 0) spec_error(std::string("cannot open the kernel object ") + argv[1]);
@@ -1034,7 +1050,6 @@ int main(int argc, char** argv) {
   void* h = dlopen("/proc/self/fd/3", RTLD_NOW | RTLD_LOCAL);
   if (!h) spec_error(std::string("cannot load the kernel object: ") + dlerror());
   close(kfd);
-  if (!install_filter(false)) fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
   g_kernel = (const msl_kernel_desc*)dlsym(h, "msl_kernel");
   g_kernel_thread = (void (*)(void* const*, const msl_thread_info*))dlsym(h, "msl_kernel_thread");
   if (!g_kernel || !g_kernel_thread) spec_error("the kernel object lacks msl_kernel / msl_kernel_thread");
@@ -1051,8 +1066,20 @@ int main(int argc, char** argv) {
   long total = (long)ng.x * ng.y * ng.z;
   int nw = int(std::max(1L, std::min<long>(s.workers, total)));
   std::atomic<long> next{0};
+  std::atomic<int> go{0};
   std::vector<std::thread> threads;
-  for (int i = 1; i < nw; i++) threads.emplace_back([&] { worker_main(&next, total, ng); });
+  // The workers wait until the second filter (no open, no exec memory, no further
+  // threads) holds on every thread; only then does any kernel code run.
+  for (int i = 1; i < nw; i++)
+    threads.emplace_back([&] {
+      while (go.load() == 0) sched_yield();
+      if (go.load() == 1) worker_main(&next, total, ng);
+    });
+  if (!install_filter(false)) {
+    go.store(2);
+    fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
+  }
+  go.store(1);
   worker_main(&next, total, ng);
   for (auto& t : threads) t.join();
   std::string warn;
