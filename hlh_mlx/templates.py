@@ -31,7 +31,9 @@ the template file and line.
 
 from __future__ import annotations
 
+import inspect
 import re
+import string
 import threading
 import time
 import tomllib
@@ -40,7 +42,10 @@ from functools import cached_property
 from pathlib import Path
 
 import jinja2
+from jinja2 import pass_context
+from jinja2 import runtime as _runtime
 from jinja2.sandbox import SandboxedEnvironment
+from jinja2.utils import _PassArg
 
 from . import paths
 
@@ -59,10 +64,16 @@ class TemplateError(ValueError):
 
 
 # Rendering is bounded: a template from outside must not hang a sweep or eat memory.
+# Every size is checked *before* the value is built (format widths, padding, repeats,
+# joins), and every string or sequence built on the way counts against one allowance,
+# so no single operation and no sum of them can fill memory. Header expressions
+# (constraints, launch geometry, template args) run under the same budget.
 MAX_RANGE = 100_000            # items one range() may yield
 MAX_RENDER_STEPS = 1_000_000   # loop steps and calls in one render
 MAX_RENDER_SECONDS = 10.0
 MAX_RENDER_CHARS = 4_000_000   # rendered text, and any string or sequence built on the way
+MAX_RENDER_ALLOC = 16          # all strings and sequences built in one render: this many MAX_RENDER_CHARS
+MAX_INT_BITS = 1 << 16         # integers (** and *) stay below 2**65536: big-int arithmetic is slow
 
 
 class RenderLimit(RuntimeError):
@@ -72,6 +83,18 @@ class RenderLimit(RuntimeError):
 class _Budget(threading.local):
     deadline: float | None = None
     steps: int = 0
+    built: int = 0
+
+    def start(self) -> tuple:
+        """Begin a budget (a nested start keeps the outer one); returns what to restore."""
+        saved = (self.deadline, self.steps, self.built)
+        if self.deadline is None:
+            self.deadline, self.steps, self.built = time.monotonic() + MAX_RENDER_SECONDS, 0, 0
+        return saved
+
+    def restore(self, saved: tuple) -> None:
+        if saved[0] is None:
+            self.deadline, self.steps, self.built = saved
 
     def tick(self) -> None:
         if self.deadline is None:
@@ -79,7 +102,17 @@ class _Budget(threading.local):
         self.steps += 1
         if self.steps > MAX_RENDER_STEPS:
             raise RenderLimit(f"more than {MAX_RENDER_STEPS} loop steps and calls")
-        if self.steps % 1024 == 0 and time.monotonic() > self.deadline:
+        if self.steps % 16 == 0 and time.monotonic() > self.deadline:
+            raise RenderLimit(f"took longer than {MAX_RENDER_SECONDS:g} s")
+
+    def spend(self, n: int) -> None:
+        """Count `n` characters (or items) built; over the allowance stops the render."""
+        if self.deadline is None:
+            return
+        self.built += n
+        if self.built > MAX_RENDER_ALLOC * MAX_RENDER_CHARS:
+            raise RenderLimit(f"built more than {MAX_RENDER_ALLOC * MAX_RENDER_CHARS} characters in all")
+        if time.monotonic() > self.deadline:
             raise RenderLimit(f"took longer than {MAX_RENDER_SECONDS:g} s")
 
 
@@ -98,34 +131,293 @@ def _range(*args):
     return steps()
 
 
-class _BoundedEnvironment(SandboxedEnvironment):
-    """Jinja's sandbox, with every call, loop step and product of sizes on a budget."""
+def _want(n, what: str = "a value") -> None:
+    """Refuse to build something of `n` characters or items past the size limit."""
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_RENDER_CHARS:
+        raise RenderLimit(f"{what} past the render size limit ({MAX_RENDER_CHARS})")
 
-    intercepted_binops = frozenset(["*", "**", "+"])
+
+def _size(obj, limit: int | None = None) -> int:
+    """About len(str(obj)), counted without building it; stops once past `limit`."""
+    limit = MAX_RENDER_CHARS if limit is None else limit
+    total, stack = 0, [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, (str, bytes, bytearray)):
+            total += len(o) + 3
+        elif isinstance(o, int):
+            total += o.bit_length() // 3 + 2
+        elif isinstance(o, (list, tuple, set, frozenset, dict)):
+            total += 2 + 2 * len(o)
+            if total > limit:
+                return total
+            stack.extend(o)
+            if isinstance(o, dict):
+                stack.extend(o.values())
+        else:
+            total += 32
+        if total > limit:
+            return total
+    return total
+
+
+def _checked(value):
+    """A value just built: refuse it past the size limit, and count it."""
+    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+        _want(len(value))
+        _BUDGET.spend(len(value))
+    elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise RenderLimit(f"an integer of {value.bit_length()} bits is too large")
+    return value
+
+
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?.")
+
+
+def _field_width(digits: str) -> int:
+    return int(digits) if len(digits) < 12 else MAX_RENDER_CHARS + 1
+
+
+def _check_percent(fmt, values) -> None:
+    """`fmt % values` (and the format filter): widths, precisions and values, before formatting."""
+    if not isinstance(fmt, str):
+        return
+    items = list(values.values()) if isinstance(values, dict) else list(values) if isinstance(values, tuple) else [values]
+    total, star = len(fmt), False
+    for m in _PERCENT.finditer(fmt):
+        for g in m.group(1, 2):
+            if g == "*":
+                star = True
+            elif g:
+                total += _field_width(g)
+    if star and any(isinstance(v, int) and abs(v) > MAX_RENDER_CHARS for v in items):
+        raise RenderLimit("a format width past the render size limit")
+    _want(total + sum(_size(v) for v in items), "a formatted string")
+
+
+def _check_format(fmt: str, args, kwargs) -> None:
+    """`fmt.format(...)`: field widths and precisions, and the values, before formatting."""
+    values = list(args) + list(kwargs.values())
+    total, nested = len(fmt), False
+    for _, _, spec, _ in string.Formatter().parse(fmt):
+        if spec:
+            nested = nested or "{" in spec
+            total += sum(_field_width(d) for d in re.findall(r"\d+", spec))
+    if nested and any(isinstance(v, int) and abs(v) > MAX_RENDER_CHARS for v in values):
+        raise RenderLimit("a format width past the render size limit")
+    _want(total + sum(_size(v) for v in values), "a formatted string")
+
+
+def _check_replace(s, old, new, count=None) -> None:
+    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+        n = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            n = min(n, count)
+        _want(len(s) + n * (len(new) - len(old)), "a replaced string")
+
+
+def _check_join(sep, items: list) -> None:
+    _want(len(sep) * max(len(items) - 1, 0) + sum(_size(i) for i in items), "a joined string")
+
+
+def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
+    """Size checks for the built-in methods that build a value from a size argument."""
+    target = getattr(obj, "__wrapped__", obj)
+    owner, name = getattr(target, "__self__", None), getattr(target, "__name__", "")
+    if isinstance(owner, (str, bytes, bytearray)):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if name in ("center", "ljust", "rjust", "zfill"):
+            _want(first, f"str.{name} width")
+        elif name == "expandtabs":
+            _want(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t")
+                  * (first if isinstance(first, int) else 8), "str.expandtabs")
+        elif name == "replace" and len(args) >= 2:
+            _check_replace(owner, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count"))
+        elif name == "join" and args:
+            items = list(args[0])
+            _check_join(owner, items)
+            args = (items,) + args[1:]
+        elif name in ("format", "format_map") and isinstance(owner, str):
+            _check_format(owner, args[0].values() if name == "format_map" and args and isinstance(args[0], dict)
+                          else args, kwargs)
+        elif name == "translate" and isinstance(first, dict):
+            _want(len(owner) * max((_size(v) for v in first.values()), default=1), "str.translate")
+    elif isinstance(owner, (list, bytearray)) and name in ("extend", "__iadd__") and args \
+            and hasattr(args[0], "__len__"):
+        _want(len(owner) + len(args[0]), "a list")
+    return args
+
+
+def _check_mutated(obj) -> None:
+    owner = getattr(obj, "__self__", None)
+    if isinstance(owner, (list, dict, set, bytearray)):
+        _want(len(owner), "a collection")
+
+
+# filters that turn a value into text: how much longer than the value's own text it may get
+_FACTOR = {"string": 1, "pprint": 2, "tojson": 12, "urlencode": 12, "escape": 6, "e": 6, "forceescape": 6,
+           "urlize": 12, "xmlattr": 12, "title": 1, "upper": 1, "lower": 1, "capitalize": 1, "trim": 1,
+           "striptags": 1, "safe": 1}
+
+
+def _check_filter(name: str, a: dict) -> None:
+    value = a.get("value", a.get("s"))
+    if name in _FACTOR:
+        _want(_size(value) * _FACTOR[name], f"the {name} filter's result")
+    if name == "center":
+        _want(a.get("width", 80), "a center width")
+    elif name == "indent" and isinstance(value, str):
+        w = a.get("width", 4)
+        _want(len(value) + (value.count("\n") + 1) * (len(w) if isinstance(w, str) else w if isinstance(w, int) else 0),
+              "an indented string")
+    elif name == "wordwrap" and isinstance(value, str):
+        _want(len(value) + (len(value) + 1) * len(a.get("wrapstring") or "\n"), "a wrapped string")
+    elif name == "format":
+        kw, args = a.get("kwargs") or {}, a.get("args") or ()
+        _check_percent(value, kw or tuple(args))
+    elif name == "replace":
+        _check_replace(value, a.get("old"), a.get("new"), a.get("count"))
+    elif name == "batch":
+        _want(a.get("linecount"), "a batch")
+    elif name == "slice":
+        n = a.get("slices")
+        if isinstance(n, int) and n > MAX_RANGE:
+            raise RenderLimit(f"slice into {n} parts (at most {MAX_RANGE})")
+    elif name == "sum" and not isinstance(a.get("start", 0), (int, float)):
+        items = value if isinstance(value, (list, tuple)) else []
+        _want(_size(a.get("start")) + _size(items), "a sum")
+        if len(items) > 10_000:
+            raise RenderLimit("a sum of more than 10000 sequences")
+
+
+def _bounded(name: str, func, kind: str):
+    """A filter or test that ticks the budget and checks sizes before and after.
+    It takes the context, so Jinja never runs it at compile time (constant folding)."""
+    pass_arg = _PassArg.from_obj(func)
+    try:
+        sig = inspect.signature(func)
+        drop = 1 if pass_arg is not None else 0
+        sig = sig.replace(parameters=list(sig.parameters.values())[drop:])
+    except (TypeError, ValueError):
+        sig = None
+
+    @pass_context
+    def call(context, *args, **kwargs):
+        _BUDGET.tick()
+        if kind == "filter" and sig is not None:
+            try:
+                bound = sig.bind(*args, **kwargs).arguments
+            except TypeError:
+                bound = None
+            if bound is not None:
+                if name == "join" and "value" in bound:
+                    items = list(bound["value"])
+                    _check_join(bound.get("d", ""), items if bound.get("attribute") is None else [])
+                    args = (items,) + args[1:]
+                _check_filter(name, bound)
+        if pass_arg is _PassArg.context:
+            result = func(context, *args, **kwargs)
+        elif pass_arg is _PassArg.eval_context:
+            result = func(context.eval_ctx, *args, **kwargs)
+        elif pass_arg is _PassArg.environment:
+            result = func(context.environment, *args, **kwargs)
+        else:
+            result = func(*args, **kwargs)
+        return _checked(result)
+    call.__name__ = getattr(func, "__name__", name)
+    return call
+
+
+def _str_join(seq) -> str:
+    parts = list(seq)
+    _want(sum(_size(p) for p in parts), "a joined string")
+    return _checked(_runtime.str_join(parts))
+
+
+def _markup_join(seq) -> str:
+    parts = list(seq)
+    _want(sum(_size(p) for p in parts), "a joined string")
+    return _checked(_runtime.markup_join(parts))
+
+
+def _concat(parts) -> str:
+    parts = list(parts)
+    _want(sum(len(p) for p in parts), "a block")
+    return _checked("".join(parts))
+
+
+class _BoundedTemplate(jinja2.Template):
+    @classmethod
+    def _from_namespace(cls, environment, namespace, globals):
+        # `a ~ b` and block/macro bodies are joined by these names in the compiled code
+        namespace["str_join"], namespace["markup_join"] = _str_join, _markup_join
+        return super()._from_namespace(environment, namespace, globals)
+
+
+@pass_context
+def _finalize(context, value):
+    """Every {{ value }}: its text is counted before it is built."""
+    if not isinstance(value, str):
+        _want(_size(value), "an output value")
+    return value
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """Jinja's sandbox, with every call, loop step and value built on a budget."""
+
+    intercepted_binops = frozenset(["*", "**", "+", "%", "//", "/", "-"])
+    template_class = _BoundedTemplate
+    concat = staticmethod(_concat)
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
         _BUDGET.tick()
-        return super().call(__context, __obj, *args, **kwargs)
+        args = _check_method(__obj, args, kwargs)
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_mutated(__obj)
+        return _checked(result)
+
+    def wrap_str_format(self, value):
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        fmt, is_map = value.__self__, value.__name__ == "format_map"
+
+        def checked(*args, **kwargs):
+            _BUDGET.tick()
+            _check_format(fmt, args[0].values() if is_map and args and isinstance(args[0], dict) else args, kwargs)
+            return _checked(wrapper(*args, **kwargs))
+        return checked
 
     def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 256:
+        _BUDGET.tick()
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**" and ints and abs(left) > 1 and right > 0 \
+                and (right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS):
             raise RenderLimit(f"{left} ** {right} is too large")
+        if operator == "*" and ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+            raise RenderLimit("a product of integers is too large")
         if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
                 and len(left) * right > MAX_RENDER_CHARS:
             raise RenderLimit("a sequence repeated past the render size limit")
         if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int) \
                 and len(right) * left > MAX_RENDER_CHARS:
             raise RenderLimit("a sequence repeated past the render size limit")
-        result = super().call_binop(context, operator, left, right)
-        if isinstance(result, (str, list, tuple)) and len(result) > MAX_RENDER_CHARS:
-            raise RenderLimit("a value past the render size limit")
-        return result
+        if operator == "+" and isinstance(left, (str, list, tuple)) and hasattr(right, "__len__"):
+            _want(len(left) + len(right), "a sum of sequences")
+        if operator == "%" and isinstance(left, str):
+            _check_percent(left, right)
+        return _checked(super().call_binop(context, operator, left, right))
 
 
 def _env() -> SandboxedEnvironment:
+    # optimized=False: Jinja's optimizer would run constant filters and operators while
+    # compiling, outside every check; _finalize (context-bound) stops constant output folding.
     env = _BoundedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True)
+                              trim_blocks=True, lstrip_blocks=True, optimized=False, finalize=_finalize)
+    env.globals.pop("lipsum", None)  # one call builds any amount of text
     env.globals.update(ceil_div=lambda a, b: -(-a // b), min=min, max=max, range=_range)
+    env.filters = {k: _bounded(k, f, "filter") for k, f in env.filters.items()}
+    env.tests = {k: _bounded(k, f, "test") for k, f in env.tests.items()}
     return env
 
 
@@ -157,12 +449,19 @@ class Expr:
             raise TemplateError(self.path, self.line, f"bad expression {self.text!r}: {e.message}") from None
 
     def __call__(self, **values):
+        compiled = self._compiled
+        saved = _BUDGET.start()  # a header expression is bounded like a render
         try:
-            return self._compiled(**values)
+            return compiled(**values)
         except jinja2.UndefinedError as e:
             raise TemplateError(self.path, self.line, f"in {self.text!r}: {e.message}") from None
-        except (TypeError, ValueError, ZeroDivisionError, jinja2.exceptions.SecurityError) as e:
+        except RenderLimit as e:
+            raise TemplateError(self.path, self.line, f"in {self.text!r}: stopped: {e}") from None
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError,
+                jinja2.exceptions.SecurityError) as e:
             raise TemplateError(self.path, self.line, f"in {self.text!r}: {e}") from None
+        finally:
+            _BUDGET.restore(saved)
 
 
 @dataclass(frozen=True)
@@ -217,12 +516,21 @@ class Template:
 
     def render(self, params: dict) -> Rendered:
         compiled = self._jinja
-        _BUDGET.deadline, _BUDGET.steps = time.monotonic() + MAX_RENDER_SECONDS, 0
+        saved = _BUDGET.start()
         nlines = self.text.count("\n") + 1
         try:
-            module = compiled.make_module(dict(params))
-            body = str(module)
-            header = str(getattr(module, "header", "") or "")
+            context = compiled.new_context(dict(params))
+            parts, size = [], 0
+            for part in compiled.root_render_func(context):  # counted as it comes, not after
+                size += len(part)
+                if size > MAX_RENDER_CHARS:
+                    raise RenderLimit(f"rendered more than {MAX_RENDER_CHARS} characters")
+                parts.append(part)
+            body = "".join(parts)
+            header = context.get_exported().get("header", "") or ""
+            if not isinstance(header, str):
+                _want(_size(header), "the header")
+            header = str(header)
             if len(body) + len(header) > MAX_RENDER_CHARS:
                 raise RenderLimit(f"rendered {len(body) + len(header)} characters (at most {MAX_RENDER_CHARS})")
         except jinja2.TemplateError as e:
@@ -234,7 +542,7 @@ class Template:
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError) as e:
             raise TemplateError(self.path, _template_line(e.__traceback__, nlines), f"rendering with {params}: {e}") from None
         finally:
-            _BUDGET.deadline = None
+            _BUDGET.restore(saved)
         source, src_lines = _unmark(body)
         header, hdr_lines = _unmark(header)
         # MLX pastes the header right before the kernel's own text: end it with a newline
