@@ -51,6 +51,7 @@ from . import paths
 
 BACKENDS = ("metal", "cuda")
 _HEADER = re.compile(r"\A\s*\{#(.*?)#\}", re.S)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MARK = "\x01"
 _MARKED = re.compile(r"\x01(\d+)\x01")
 
@@ -592,7 +593,7 @@ def _line_of(text: str, offset: int, key: str, section: str) -> int:
     """Line (in the file) where `key` is set inside [section] of the header."""
     m = re.search(rf"^\[{re.escape(section)}\]", text[offset:], re.M)
     start = offset + (m.end() if m else 0)
-    k = re.search(rf"^\s*{re.escape(key)}\s*=", text[start:], re.M)
+    k = re.search(rf"^\s*([\"']?){re.escape(key)}\1\s*=", text[start:], re.M)
     return text.count("\n", 0, start + (k.start() if k else 0)) + 1 + (1 if k and text[start + k.start()] == "\n" else 0)
 
 
@@ -638,6 +639,17 @@ def load(path: Path | str) -> Template:
     for k, v in params.items():
         if not isinstance(v, list) or not v:
             raise TemplateError(path, _line_of(text, hdr_off, k, "params"), f"[params] {k} must be a non-empty list")
+    # names go into the kernel's C++ (signature, template parameters, launch spec) as they are
+    for section, key, names in (("meta", "inputs", need("meta", "inputs")), ("meta", "outputs", need("meta", "outputs")),
+                                ("params", None, list(params)),
+                                ("template_args", None, list(meta.get("template_args", {})))):
+        if key is not None and not isinstance(names, list):
+            raise TemplateError(path, _line_of(text, hdr_off, key, section), f"[{section}] {key} must be a list of names")
+        for name in names:
+            if not isinstance(name, str) or not _IDENT.fullmatch(name):
+                where = _line_of(text, hdr_off, key or str(name), section)
+                what = f"[{section}] {key} entry" if key else f"[{section}] name"
+                raise TemplateError(path, where, f"{what} {name!r} is not a C identifier (letters, digits, _)")
     launch = meta.get("launch", {})
     grid, tg = need("launch", "grid"), need("launch", "threadgroup")
     for key, v in (("grid", grid), ("threadgroup", tg)):
