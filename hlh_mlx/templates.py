@@ -32,6 +32,7 @@ the template file and line.
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 import string
 import threading
@@ -139,34 +140,42 @@ def _want(n, what: str = "a value") -> None:
 
 
 def _size(obj, limit: int | None = None) -> int:
-    """About len(str(obj)), counted without building it; stops once past `limit`."""
+    """About len(str(obj)), counted without building it; stops once past `limit`.
+    A container met again counts again (its text is repeated), once measured."""
     limit = MAX_RENDER_CHARS if limit is None else limit
-    total, stack = 0, [obj]
-    while stack:
-        o = stack.pop()
+    measured: dict[int, int | None] = {}  # id -> size; None while inside it (a cycle prints as [...])
+
+    def walk(o, depth: int) -> int:
         if isinstance(o, (str, bytes, bytearray)):
-            total += len(o) + 3
-        elif isinstance(o, int):
-            total += o.bit_length() // 3 + 2
-        elif isinstance(o, (list, tuple, set, frozenset, dict)):
-            total += 2 + 2 * len(o)
+            return len(o) + 3
+        if isinstance(o, int):
+            return o.bit_length() // 3 + 2
+        if not isinstance(o, (list, tuple, set, frozenset, dict)):
+            return 32
+        key = id(o)
+        if key in measured:
+            return measured[key] or 5
+        if depth > 200:
+            return limit + 1
+        measured[key] = None
+        total = 2 + 2 * len(o)
+        for item in itertools.chain(o, o.values()) if isinstance(o, dict) else o:
             if total > limit:
-                return total
-            stack.extend(o)
-            if isinstance(o, dict):
-                stack.extend(o.values())
-        else:
-            total += 32
-        if total > limit:
-            return total
-    return total
+                break
+            total += walk(item, depth + 1)
+        measured[key] = total
+        return total
+    return walk(obj, 0)
 
 
 def _checked(value):
     """A value just built: refuse it past the size limit, and count it."""
-    if isinstance(value, (str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+    if isinstance(value, (str, bytes, bytearray)):
         _want(len(value))
         _BUDGET.spend(len(value))
+    elif isinstance(value, (list, tuple, dict, set, frozenset)):
+        _want(len(value))
+        _BUDGET.spend(16 * len(value))  # an item costs a pointer and often an object
     elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise RenderLimit(f"an integer of {value.bit_length()} bits is too large")
     return value
@@ -295,9 +304,10 @@ def _bounded(name: str, func, kind: str):
     """A filter or test that ticks the budget and checks sizes before and after.
     It takes the context, so Jinja never runs it at compile time (constant folding)."""
     pass_arg = _PassArg.from_obj(func)
-    try:
-        sig = inspect.signature(func)
-        drop = 1 if pass_arg is not None else 0
+    try:  # bind arguments by the plain function's names (Jinja's async wrappers add an eval_ctx)
+        base = inspect.unwrap(func)
+        sig = inspect.signature(base, follow_wrapped=False)
+        drop = 1 if _PassArg.from_obj(base) is not None else 0
         sig = sig.replace(parameters=list(sig.parameters.values())[drop:])
     except (TypeError, ValueError):
         sig = None
@@ -394,7 +404,7 @@ class _BoundedEnvironment(SandboxedEnvironment):
         ints = isinstance(left, int) and isinstance(right, int)
         if operator == "**" and ints and abs(left) > 1 and right > 0 \
                 and (right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS):
-            raise RenderLimit(f"{left} ** {right} is too large")
+            raise RenderLimit(f"an integer of {left.bit_length()} bits ** {right} is too large")
         if operator == "*" and ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise RenderLimit("a product of integers is too large")
         if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
