@@ -31,6 +31,7 @@ the template file and line.
 
 from __future__ import annotations
 
+import codecs
 import inspect
 import itertools
 import re
@@ -38,6 +39,7 @@ import string
 import threading
 import time
 import tomllib
+from collections.abc import ItemsView, KeysView, ValuesView
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +48,7 @@ import jinja2
 from jinja2 import pass_context
 from jinja2 import runtime as _runtime
 from jinja2.sandbox import SandboxedEnvironment
-from jinja2.utils import _PassArg
+from jinja2.utils import Namespace, _PassArg
 
 from . import paths
 
@@ -150,6 +152,10 @@ def _size(obj, limit: int | None = None) -> int:
             return len(o) + 3
         if isinstance(o, int):
             return o.bit_length() // 3 + 2
+        if isinstance(o, Namespace):  # prints as <Namespace {...}>
+            o = o._Namespace__attrs  # type: ignore[attr-defined]
+        elif isinstance(o, (KeysView, ValuesView, ItemsView)):  # dict views print every item
+            o = tuple(o)
         if not isinstance(o, (list, tuple, set, frozenset, dict)):
             return 32
         key = id(o)
@@ -230,6 +236,10 @@ def _check_join(sep, items: list) -> None:
     _want(len(sep) * max(len(items) - 1, 0) + sum(_size(i) for i in items), "a joined string")
 
 
+_CODECS = frozenset(["utf-8", "ascii", "latin-1", "iso8859-1", "utf-16", "utf-16-le", "utf-16-be",
+                     "utf-32", "utf-32-le", "utf-32-be", "utf-8-sig", "cp1252"])
+
+
 def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
     """Size checks for the built-in methods that build a value from a size argument."""
     target = getattr(obj, "__wrapped__", obj)
@@ -252,7 +262,16 @@ def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
                           else args, kwargs)
         elif name == "translate" and isinstance(first, dict):
             _want(len(owner) * max((_size(v) for v in first.values()), default=1), "str.translate")
-    elif isinstance(owner, (list, bytearray)) and name in ("extend", "__iadd__") and args \
+    if isinstance(owner, (str, bytes, bytearray)) and name in ("encode", "decode"):
+        enc = args[0] if args else kwargs.get("encoding", "utf-8")
+        try:
+            enc = codecs.lookup(enc).name if isinstance(enc, str) else enc
+        except LookupError:
+            pass  # the call itself says so
+        else:
+            if enc not in _CODECS:  # punycode is quadratic: one call on 20k characters takes minutes
+                raise RenderLimit(f"{name} with {enc!r} (allowed: {', '.join(sorted(_CODECS))})")
+    if isinstance(owner, (list, bytearray)) and name in ("extend", "__iadd__") and args \
             and hasattr(args[0], "__len__"):
         _want(len(owner) + len(args[0]), "a list")
     return args
@@ -471,6 +490,8 @@ class Expr:
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError,
                 jinja2.exceptions.SecurityError) as e:
             raise TemplateError(self.path, self.line, f"in {self.text!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            raise TemplateError(self.path, self.line, f"in {self.text!r}: {type(e).__name__}: {e}") from None
         finally:
             _BUDGET.restore(saved)
 
@@ -552,6 +573,9 @@ class Template:
                                 f"rendering with {params} was stopped: {e}") from None
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError) as e:
             raise TemplateError(self.path, _template_line(e.__traceback__, nlines), f"rendering with {params}: {e}") from None
+        except Exception as e:  # noqa: BLE001 (a stranger's template: any failure is the template's)
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines),
+                                f"rendering with {params}: {type(e).__name__}: {e}") from None
         finally:
             _BUDGET.restore(saved)
         source, src_lines = _unmark(body)
