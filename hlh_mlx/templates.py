@@ -46,6 +46,7 @@ from pathlib import Path
 
 import jinja2
 from jinja2 import pass_context
+from jinja2.compiler import CodeGenerator
 from jinja2 import runtime as _runtime
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.utils import Namespace, _PassArg
@@ -88,17 +89,18 @@ class _Budget(threading.local):
     deadline: float | None = None
     steps: int = 0
     built: int = 0
+    sizes: dict | None = None  # id -> (container, bound on its text size), see _check_mutated
 
     def start(self) -> tuple:
         """Begin a budget (a nested start keeps the outer one); returns what to restore."""
-        saved = (self.deadline, self.steps, self.built)
+        saved = (self.deadline, self.steps, self.built, self.sizes)
         if self.deadline is None:
-            self.deadline, self.steps, self.built = time.monotonic() + MAX_RENDER_SECONDS, 0, 0
+            self.deadline, self.steps, self.built, self.sizes = time.monotonic() + MAX_RENDER_SECONDS, 0, 0, {}
         return saved
 
     def restore(self, saved: tuple) -> None:
         if saved[0] is None:
-            self.deadline, self.steps, self.built = saved
+            self.deadline, self.steps, self.built, self.sizes = saved
 
     def tick(self) -> None:
         if self.deadline is None:
@@ -181,6 +183,7 @@ def _checked(value):
         _BUDGET.spend(len(value))
     elif isinstance(value, (list, tuple, dict, set, frozenset)):
         _want(len(value))
+        _want(_size(value), "a nested value")  # shared sub-lists count each time: == and hash walk them all
         _BUDGET.spend(16 * len(value))  # an item costs a pointer and often an object
     elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise RenderLimit(f"an integer of {value.bit_length()} bits is too large")
@@ -277,10 +280,28 @@ def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
     return args
 
 
-def _check_mutated(obj) -> None:
+_GROWERS = frozenset(["append", "insert", "extend", "update", "setdefault", "add"])
+
+
+def _check_mutated(obj, args: tuple, kwargs: dict) -> None:
+    """A list, dict or set that a method just grew: its length, and its text size (what
+    ==, `in` and hash() walk: x.append(y) can nest without a literal). The size is kept
+    per object as a bound that grows by what each call adds, so appending stays O(1)."""
     owner = getattr(obj, "__self__", None)
-    if isinstance(owner, (list, dict, set, bytearray)):
-        _want(len(owner), "a collection")
+    if not isinstance(owner, (list, dict, set, bytearray)):
+        return
+    _want(len(owner), "a collection")
+    if getattr(obj, "__name__", "") not in _GROWERS or isinstance(owner, bytearray):
+        return
+    known = _BUDGET.sizes.get(id(owner))
+    if known is not None and known[0] is owner:
+        bound = known[1] + sum(_size(a) + 2 for a in (*args, *kwargs.values()))
+    else:
+        bound = _size(owner)
+    if bound > MAX_RENDER_CHARS:
+        bound = _size(owner)  # measure exactly before refusing
+    _want(bound, "a nested value")
+    _BUDGET.sizes[id(owner)] = (owner, bound)  # holds the object: its id is not reused
 
 
 # filters that turn a value into text: how much longer than the value's own text it may get
@@ -392,18 +413,48 @@ def _finalize(context, value):
     return value
 
 
+def _literal(value):
+    """A [..], (..) or {..} written in the template: it may nest what exists already."""
+    _BUDGET.tick()
+    _want(_size(value), "a nested value")
+    return value
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Literal lists, tuples and dicts go through _literal: `{% set x = [x, x] %}` in a
+    loop doubles what == , `in` and hash() walk, at no cost in memory."""
+
+    def _wrapped(self, visit, node, frame) -> None:
+        if getattr(node, "ctx", "load") != "load":
+            return visit(node, frame)  # a loop or set target
+        self.write("environment.literal(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node, frame) -> None:
+        self._wrapped(super().visit_Tuple, node, frame)
+
+    def visit_List(self, node, frame) -> None:
+        self._wrapped(super().visit_List, node, frame)
+
+    def visit_Dict(self, node, frame) -> None:
+        self._wrapped(super().visit_Dict, node, frame)
+
+
 class _BoundedEnvironment(SandboxedEnvironment):
     """Jinja's sandbox, with every call, loop step and value built on a budget."""
 
     intercepted_binops = frozenset(["*", "**", "+", "%", "//", "/", "-"])
     template_class = _BoundedTemplate
     concat = staticmethod(_concat)
+    literal = staticmethod(_literal)
+    code_generator_class = _BoundedCodeGenerator
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (Jinja's signature)
         _BUDGET.tick()
         args = _check_method(__obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
-        _check_mutated(__obj)
+        _check_mutated(__obj, args, kwargs)
         return _checked(result)
 
     def wrap_str_format(self, value):
@@ -426,14 +477,16 @@ class _BoundedEnvironment(SandboxedEnvironment):
             raise RenderLimit(f"an integer of {left.bit_length()} bits ** {right} is too large")
         if operator == "*" and ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise RenderLimit("a product of integers is too large")
+        if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int):
+            left, right = right, left  # (same product; Python's * is symmetric here)
         if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
-                and len(left) * right > MAX_RENDER_CHARS:
-            raise RenderLimit("a sequence repeated past the render size limit")
-        if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int) \
-                and len(right) * left > MAX_RENDER_CHARS:
+                and (len(left) * right > MAX_RENDER_CHARS
+                     or not isinstance(left, str) and _size(left) * right > MAX_RENDER_CHARS):
             raise RenderLimit("a sequence repeated past the render size limit")
         if operator == "+" and isinstance(left, (str, list, tuple)) and hasattr(right, "__len__"):
             _want(len(left) + len(right), "a sum of sequences")
+            if not isinstance(left, str):
+                _want(_size(left) + _size(right), "a sum of sequences")
         if operator == "%" and isinstance(left, str):
             _check_percent(left, right)
         return _checked(super().call_binop(context, operator, left, right))
