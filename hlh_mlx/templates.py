@@ -38,6 +38,7 @@ import re
 import string
 import threading
 import time
+import types
 import tomllib
 from collections.abc import ItemsView, KeysView, ValuesView
 from dataclasses import dataclass, field
@@ -143,9 +144,17 @@ def _want(n, what: str = "a value") -> None:
         raise RenderLimit(f"{what} past the render size limit ({MAX_RENDER_CHARS})")
 
 
+_SMALL = frozenset([int, float, bool, type(None)])
+
+
 def _size(obj, limit: int | None = None) -> int:
     """About len(str(obj)), counted without building it; stops once past `limit`.
     A container met again counts again (its text is repeated), once measured."""
+    cls = obj.__class__
+    if cls is str:
+        return len(obj) + 3
+    if cls in _SMALL:
+        return 24 if cls is not int else obj.bit_length() // 3 + 2
     limit = MAX_RENDER_CHARS if limit is None else limit
     measured: dict[int, int | None] = {}  # id -> size; None while inside it (a cycle prints as [...])
 
@@ -170,7 +179,15 @@ def _size(obj, limit: int | None = None) -> int:
         for item in itertools.chain(o, o.values()) if isinstance(o, dict) else o:
             if total > limit:
                 break
-            total += walk(item, depth + 1)
+            cls = item.__class__  # the common items inline: a walk is one Python loop
+            if cls is int:
+                total += item.bit_length() // 3 + 2
+            elif cls is str:
+                total += len(item) + 3
+            elif cls in _SMALL:
+                total += 24
+            else:
+                total += walk(item, depth + 1)
         measured[key] = total
         return total
     return walk(obj, 0)
@@ -178,6 +195,8 @@ def _size(obj, limit: int | None = None) -> int:
 
 def _checked(value):
     """A value just built: refuse it past the size limit, and count it."""
+    if value.__class__ in _SMALL and (value.__class__ is not int or value.bit_length() <= MAX_INT_BITS):
+        return value
     if isinstance(value, (str, bytes, bytearray)):
         _want(len(value))
         _BUDGET.spend(len(value))
@@ -247,6 +266,9 @@ def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
     """Size checks for the built-in methods that build a value from a size argument."""
     target = getattr(obj, "__wrapped__", obj)
     owner, name = getattr(target, "__self__", None), getattr(target, "__name__", "")
+    if isinstance(target, types.BuiltinFunctionType) and any(callable(a) for a in (*args, *kwargs.values())):
+        # C code calling back (x.sort(key=y.append), max(x, key=...)) would skip every check here
+        raise RenderLimit(f"{name}() given a function")
     if isinstance(owner, (str, bytes, bytearray)):
         first = args[0] if args else next(iter(kwargs.values()), None)
         if name in ("center", "ljust", "rjust", "zfill"):
@@ -283,6 +305,11 @@ def _check_method(obj, args: tuple, kwargs: dict) -> tuple:
 _GROWERS = frozenset(["append", "insert", "extend", "update", "setdefault", "add"])
 
 
+def _known_size(value) -> int:
+    known = _BUDGET.sizes.get(id(value))
+    return known[1] if known is not None and known[0] is value else _size(value)
+
+
 def _check_mutated(obj, args: tuple, kwargs: dict) -> None:
     """A list, dict or set that a method just grew: its length, and its text size (what
     ==, `in` and hash() walk: x.append(y) can nest without a literal). The size is kept
@@ -295,7 +322,7 @@ def _check_mutated(obj, args: tuple, kwargs: dict) -> None:
         return
     known = _BUDGET.sizes.get(id(owner))
     if known is not None and known[0] is owner:
-        bound = known[1] + sum(_size(a) + 2 for a in (*args, *kwargs.values()))
+        bound = known[1] + sum(_known_size(a) + 2 for a in (*args, *kwargs.values()))
     else:
         bound = _size(owner)
     if bound > MAX_RENDER_CHARS:
@@ -408,7 +435,7 @@ class _BoundedTemplate(jinja2.Template):
 @pass_context
 def _finalize(context, value):
     """Every {{ value }}: its text is counted before it is built."""
-    if not isinstance(value, str):
+    if value.__class__ not in _SMALL and not isinstance(value, str):
         _want(_size(value), "an output value")
     return value
 
@@ -444,7 +471,7 @@ class _BoundedCodeGenerator(CodeGenerator):
 class _BoundedEnvironment(SandboxedEnvironment):
     """Jinja's sandbox, with every call, loop step and value built on a budget."""
 
-    intercepted_binops = frozenset(["*", "**", "+", "%", "//", "/", "-"])
+    intercepted_binops = frozenset(["*", "**", "+", "%"])  # the ones that can build big values
     template_class = _BoundedTemplate
     concat = staticmethod(_concat)
     literal = staticmethod(_literal)
@@ -471,6 +498,8 @@ class _BoundedEnvironment(SandboxedEnvironment):
 
     def call_binop(self, context, operator, left, right):
         _BUDGET.tick()
+        if left.__class__ is float or right.__class__ is float:  # the common, harmless case
+            return super().call_binop(context, operator, left, right)
         ints = isinstance(left, int) and isinstance(right, int)
         if operator == "**" and ints and abs(left) > 1 and right > 0 \
                 and (right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS):
