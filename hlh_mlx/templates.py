@@ -79,6 +79,7 @@ MAX_RENDER_STEPS = 1_000_000   # loop steps and calls in one render
 MAX_RENDER_SECONDS = 10.0
 MAX_RENDER_CHARS = 4_000_000   # rendered text, and any string or sequence built on the way
 MAX_RENDER_ALLOC = 16          # all strings and sequences built in one render: this many MAX_RENDER_CHARS
+MAX_TEMPLATE_BYTES = 1 << 20  # a template file (Jinja's compiler and the line tagging are not bounded)
 MAX_INT_BITS = 1 << 16         # integers (** and *) stay below 2**65536: big-int arithmetic is slow
 
 
@@ -406,6 +407,12 @@ def _bounded(name: str, func, kind: str):
     return call
 
 
+def _loop_steps(iterable):
+    for item in iterable:
+        _BUDGET.tick()
+        yield item
+
+
 def _str_join(seq) -> str:
     parts = list(seq)
     _want(sum(_size(p) for p in parts), "a joined string")
@@ -474,6 +481,13 @@ class _BoundedEnvironment(SandboxedEnvironment):
     intercepted_binops = frozenset(["*", "**", "+", "%"])  # the ones that can build big values
     template_class = _BoundedTemplate
     concat = staticmethod(_concat)
+
+    def _parse(self, source, name, filename):
+        # every {% for %} ticks per item, not only over range(): two loops over a list nest
+        tree = super()._parse(source, name, filename)
+        for node in tree.find_all(jinja2.nodes.For):
+            node.iter = jinja2.nodes.Filter(node.iter, "_loop_steps", [], [], None, None, lineno=node.iter.lineno)
+        return tree
     literal = staticmethod(_literal)
     code_generator_class = _BoundedCodeGenerator
 
@@ -529,16 +543,20 @@ def _env() -> SandboxedEnvironment:
     env.globals.pop("lipsum", None)  # one call builds any amount of text
     env.globals.update(ceil_div=lambda a, b: -(-a // b), min=min, max=max, range=_range)
     env.filters = {k: _bounded(k, f, "filter") for k, f in env.filters.items()}
+    env.filters["_loop_steps"] = _loop_steps
     env.tests = {k: _bounded(k, f, "test") for k, f in env.tests.items()}
     return env
 
 
-def _template_line(tb, nlines: int) -> int | None:
-    """The template line a render error was raised at (Jinja maps its frames to it)."""
+def _template_line(tb, nlines: int, compiled: jinja2.Template | None = None) -> int | None:
+    """The template line a render error was raised at: the innermost frame of the
+    compiled template, mapped back through its debug info (code line -> template line)."""
     line = None
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>" and 0 < tb.tb_lineno <= nlines:
-            line = tb.tb_lineno
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            n = compiled.get_corresponding_lineno(tb.tb_lineno) if compiled is not None else tb.tb_lineno
+            if 0 < n <= nlines:
+                line = n
         tb = tb.tb_next
     return line
 
@@ -559,6 +577,8 @@ class Expr:
             return ENV.compile_expression(str(self.text), undefined_to_none=False)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(self.path, self.line, f"bad expression {self.text!r}: {e.message}") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError) as e:
+            raise TemplateError(self.path, self.line, f"expression cannot be compiled: {type(e).__name__}: {e}") from None
 
     def __call__(self, **values):
         compiled = self._compiled
@@ -627,6 +647,8 @@ class Template:
         except jinja2.TemplateSyntaxError as e:
             line = e.lineno or self.text.count("\n") + 1
             raise TemplateError(self.path, line, f"template syntax error: {e.message}") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError) as e:  # nesting too deep for the compiler
+            raise TemplateError(self.path, None, f"template cannot be compiled: {type(e).__name__}: {e}") from None
 
     def render(self, params: dict) -> Rendered:
         compiled = self._jinja
@@ -648,15 +670,15 @@ class Template:
             if len(body) + len(header) > MAX_RENDER_CHARS:
                 raise RenderLimit(f"rendered {len(body) + len(header)} characters (at most {MAX_RENDER_CHARS})")
         except jinja2.TemplateError as e:
-            line = getattr(e, "lineno", None) or _template_line(e.__traceback__, nlines)
+            line = getattr(e, "lineno", None) or _template_line(e.__traceback__, nlines, compiled)
             raise TemplateError(self.path, line, f"rendering with {params}: {e}") from None
         except RenderLimit as e:
-            raise TemplateError(self.path, _template_line(e.__traceback__, nlines),
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines, compiled),
                                 f"rendering with {params} was stopped: {e}") from None
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError) as e:
-            raise TemplateError(self.path, _template_line(e.__traceback__, nlines), f"rendering with {params}: {e}") from None
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines, compiled), f"rendering with {params}: {e}") from None
         except Exception as e:  # noqa: BLE001 (a stranger's template: any failure is the template's)
-            raise TemplateError(self.path, _template_line(e.__traceback__, nlines),
+            raise TemplateError(self.path, _template_line(e.__traceback__, nlines, compiled),
                                 f"rendering with {params}: {type(e).__name__}: {e}") from None
         finally:
             _BUDGET.restore(saved)
@@ -716,6 +738,8 @@ def _line_of(text: str, offset: int, key: str, section: str) -> int:
 def load(path: Path | str) -> Template:
     """Parse a template file (errors name the file and line)."""
     path = Path(path)
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise TemplateError(path, None, f"template of {path.stat().st_size} bytes (at most {MAX_TEMPLATE_BYTES})")
     text = path.read_text()
     m = _HEADER.match(text)
     if not m:
