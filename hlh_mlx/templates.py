@@ -342,6 +342,13 @@ def _check_filter(name: str, a: dict) -> None:
     value = a.get("value", a.get("s"))
     if name in _FACTOR:
         _want(_size(value) * _FACTOR[name], f"the {name} filter's result")
+    if name == "tojson":  # indent is repeated on every line, once per nesting level
+        ind = (a.get("kwargs") or {}).get("indent", a.get("indent"))
+        if ind is not None and (len(ind) if isinstance(ind, str) else ind if isinstance(ind, int) else 0) > 16:
+            raise RenderLimit("tojson indent over 16")
+    elif name == "urlize":  # target and rel are written into every link
+        extra = sum(len(v) for v in a.values() if isinstance(v, str) and v is not value)
+        _want((_size(value) + 1) * (12 + extra), "the urlize filter's result")
     if name == "center":
         _want(a.get("width", 80), "a center width")
     elif name == "indent" and isinstance(value, str):
