@@ -146,6 +146,7 @@ def _want(n, what: str = "a value") -> None:
 
 
 _SMALL = frozenset([int, float, bool, type(None)])
+_SEQUENCES = (str, bytes, bytearray, list, tuple)
 
 
 def _size(obj, limit: int | None = None) -> int:
@@ -219,6 +220,8 @@ def _field_width(digits: str) -> int:
 
 def _check_percent(fmt, values) -> None:
     """`fmt % values` (and the format filter): widths, precisions and values, before formatting."""
+    if isinstance(fmt, (bytes, bytearray)):
+        fmt = fmt.decode("latin-1")  # b"%200000000d" % 1 pads the same way
     if not isinstance(fmt, str):
         return
     items = list(values.values()) if isinstance(values, dict) else list(values) if isinstance(values, tuple) else [values]
@@ -307,7 +310,7 @@ _GROWERS = frozenset(["append", "insert", "extend", "update", "setdefault", "add
 
 
 def _known_size(value) -> int:
-    known = _BUDGET.sizes.get(id(value))
+    known = (_BUDGET.sizes or {}).get(id(value))
     return known[1] if known is not None and known[0] is value else _size(value)
 
 
@@ -321,7 +324,7 @@ def _check_mutated(obj, args: tuple, kwargs: dict) -> None:
     _want(len(owner), "a collection")
     if getattr(obj, "__name__", "") not in _GROWERS or isinstance(owner, bytearray):
         return
-    known = _BUDGET.sizes.get(id(owner))
+    known = (_BUDGET.sizes or {}).get(id(owner))
     if known is not None and known[0] is owner:
         bound = known[1] + sum(_known_size(a) + 2 for a in (*args, *kwargs.values()))
     else:
@@ -329,7 +332,8 @@ def _check_mutated(obj, args: tuple, kwargs: dict) -> None:
     if bound > MAX_RENDER_CHARS:
         bound = _size(owner)  # measure exactly before refusing
     _want(bound, "a nested value")
-    _BUDGET.sizes[id(owner)] = (owner, bound)  # holds the object: its id is not reused
+    if _BUDGET.sizes is not None:
+        _BUDGET.sizes[id(owner)] = (owner, bound)  # holds the object: its id is not reused
 
 
 # filters that turn a value into text: how much longer than the value's own text it may get
@@ -527,17 +531,17 @@ class _BoundedEnvironment(SandboxedEnvironment):
             raise RenderLimit(f"an integer of {left.bit_length()} bits ** {right} is too large")
         if operator == "*" and ints and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise RenderLimit("a product of integers is too large")
-        if operator == "*" and isinstance(right, (str, list, tuple)) and isinstance(left, int):
+        if operator == "*" and isinstance(right, _SEQUENCES) and isinstance(left, int):
             left, right = right, left  # (same product; Python's * is symmetric here)
-        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int) \
+        if operator == "*" and isinstance(left, _SEQUENCES) and isinstance(right, int) \
                 and (len(left) * right > MAX_RENDER_CHARS
-                     or not isinstance(left, str) and _size(left) * right > MAX_RENDER_CHARS):
+                     or isinstance(left, (list, tuple)) and _size(left) * right > MAX_RENDER_CHARS):
             raise RenderLimit("a sequence repeated past the render size limit")
         if operator == "+" and isinstance(left, (str, list, tuple)) and hasattr(right, "__len__"):
             _want(len(left) + len(right), "a sum of sequences")
             if not isinstance(left, str):
                 _want(_size(left) + _size(right), "a sum of sequences")
-        if operator == "%" and isinstance(left, str):
+        if operator == "%" and isinstance(left, (str, bytes, bytearray)):
             _check_percent(left, right)
         return _checked(super().call_binop(context, operator, left, right))
 
