@@ -110,7 +110,7 @@ class _Budget(threading.local):
         self.steps += 1
         if self.steps > MAX_RENDER_STEPS:
             raise RenderLimit(f"more than {MAX_RENDER_STEPS} loop steps and calls")
-        if self.steps % 16 == 0 and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:  # every step: one step can be a costly call
             raise RenderLimit(f"took longer than {MAX_RENDER_SECONDS:g} s")
 
     def spend(self, n: int) -> None:
@@ -360,6 +360,8 @@ def _check_filter(name: str, a: dict) -> None:
         _want(len(value) + (value.count("\n") + 1) * (len(w) if isinstance(w, str) else w if isinstance(w, int) else 0),
               "an indented string")
     elif name == "wordwrap" and isinstance(value, str):
+        if len(value) > 1 << 14:  # textwrap cuts a long word one width at a time: quadratic (1M chars: 20 s)
+            raise RenderLimit(f"wordwrap of {len(value)} characters (at most {1 << 14})")
         _want(len(value) + (len(value) + 1) * len(a.get("wrapstring") or "\n"), "a wrapped string")
     elif name == "format":
         kw, args = a.get("kwargs") or {}, a.get("args") or ()
