@@ -526,7 +526,14 @@ class _BoundedEnvironment(SandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         _BUDGET.tick()
         if left.__class__ is float or right.__class__ is float:  # the common, harmless case
-            return super().call_binop(context, operator, left, right)
+            return self.binop_table[operator](left, right)
+        if left.__class__ is int and right.__class__ is int:  # the other common case: sizes of results
+            if operator == "**" and abs(left) > 1 and right > 0 \
+                    and (right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS):
+                raise RenderLimit(f"an integer of {left.bit_length()} bits ** {right} is too large")
+            if operator == "*" and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise RenderLimit("a product of integers is too large")
+            return self.binop_table[operator](left, right)
         ints = isinstance(left, int) and isinstance(right, int)
         if operator == "**" and ints and abs(left) > 1 and right > 0 \
                 and (right > MAX_INT_BITS or left.bit_length() * right > MAX_INT_BITS):
