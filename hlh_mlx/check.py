@@ -70,8 +70,8 @@ def compare(outs, refs, tol: float, scales=None) -> tuple[bool, float, float, st
         if bad.any():
             first = tuple(int(k) for k in np.argwhere(bad)[0])
             return False, float("nan"), float("nan"), (
-                f"{name}{int(bad.sum())} of {y64.size} outputs are NaN/inf where the reference is not "
-                f"(unwritten?), first at {first}")
+                f"{name}{int(bad.sum())} of {y64.size} outputs are NaN/inf (unwritten?) where the reference "
+                f"is finite, first at {first}")
         if (~np.isfinite(r64) & ~same_nonfinite).any():
             first = tuple(int(k) for k in np.argwhere(~np.isfinite(r64) & ~same_nonfinite)[0])
             return False, float("nan"), float("nan"), f"{name}the reference is {r64[first]} at {first}, the kernel not"

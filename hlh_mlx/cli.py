@@ -281,7 +281,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
         for shape in p.shapes:
             rows = rank.table_rows(records, spec.name, shape, dtype, p.backend, top)
             title = f"{spec.name} {spec.shape_str(shape)} {dtype} on {p.device.name} [{p.backend}]"
-            click.echo(rank.render(rows, fmt, title, rank.columns_for(p.backend)))
+            click.echo(rank.render(rows, fmt, title, rank.columns_for(rows)))
             for a in rank.repeat_agreement(records, shape, dtype, p.backend):
                 err(f"timed twice: {a['variant']} {a['first_ms']:.4f} then {a['second_ms']:.4f} ms "
                     f"({a['diff_pct']:.1f}% apart)")
@@ -362,7 +362,7 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
             for row in rows:
                 row["source"] = src
             click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}] source {src}",
-                                   rank.columns_for(be_)))
+                                   rank.columns_for(rows)))
 
 
 @main.command()
