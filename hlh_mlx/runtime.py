@@ -34,6 +34,7 @@ _lenient_depth = [0]      # inside `lenient` blocks
 generation = [0]          # bumped by refresh(): plans remembered outside a Dispatch are stale
 _strict = [None]          # strict() as last worked out; None: work it out again
 _kernels: dict = {}       # (variant id, back end) -> backends.Kernel
+_backend: list = [None]   # this process's back end, found once
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
 MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
 
@@ -43,9 +44,9 @@ class FallbackError(RuntimeError):
 
 
 def backend() -> str:
-    if "backend" not in _kernels:
-        _kernels["backend"] = backends.auto()
-    return _kernels["backend"]
+    if _backend[0] is None:
+        _backend[0] = backends.auto()
+    return _backend[0]
 
 
 def compiled_for(backend_name: str, fn):
@@ -334,4 +335,5 @@ def refresh() -> None:
     for d in _dispatches:
         d.plans.clear()
     _kernels.clear()
+    _backend[0] = None
     _choices.clear()
