@@ -236,7 +236,7 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
 def _eager_or_builtin(core, op_name: str, builtin, rebuild):
     """An eager kernel (the emulator computes on the host) cannot run inside a function
     the user compiles: there the built-in runs, counted as a fallback, instead of an error."""
-    reason = "the emulator's kernels cannot run inside mx.compile"
+    fallback = _fallback_plan(op_name, "the emulator's kernels cannot run inside mx.compile", builtin)
 
     def call(*arrays):
         try:
@@ -244,12 +244,8 @@ def _eager_or_builtin(core, op_name: str, builtin, rebuild):
         except ValueError as e:
             if "transformations" not in str(e):
                 raise
-            if strict():
-                raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: "
-                                    f"{reason}") from None
-            _fallbacks[(op_name, reason)] += 1
-            a, k = rebuild(arrays)
-            return builtin(*a, **k)
+        a, k = rebuild(arrays)
+        return fallback(*a, **k)
     return call
 
 
