@@ -1,4 +1,6 @@
-"""rms_norm: y = x / sqrt(mean(x^2, -1) + 1e-5) * w over rows of (rows, cols); built-in mx.fast.rms_norm."""
+"""rms_norm: y = x / sqrt(mean(x^2, -1) + eps) * w over rows of (rows, cols); built-in
+mx.fast.rms_norm. Kernel inputs x (R, C), w (C,), eps (1,) float32: eps is data, so one
+kernel serves every model's epsilon (Llama's 1e-5, Qwen's 1e-6)."""
 
 import mlx.core as mx
 
@@ -7,32 +9,42 @@ from .spec import Call, as_shape, dtype_name, random_array, rowwise
 EPS = 1e-5
 
 
-def _reference(x, w):
+def eps_array(eps) -> mx.array:
+    return mx.array([eps], dtype=mx.float32)
+
+
+def _reference(x, w, eps):
     x32 = x.astype(mx.float32)
-    r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + EPS)
+    r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return [(x32 * r * w.astype(mx.float32)).astype(x.dtype)]
 
 
 def bind(x, weight, eps, **_):
-    if weight is None or abs(eps - EPS) > 1e-12:
-        return f"tuned kernels use eps={EPS} and a weight"
+    if weight is None:
+        return "tuned kernels need a weight"
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        return "eps must be a number >= 0"
     c = x.shape[-1]
     if weight.shape != (c,) or weight.dtype != x.dtype:
         return "weight must be a vector of the last dimension, in x's dtype"
-    return Call([as_shape(x, (x.size // c, c)), weight], {"R": x.size // c, "C": c}, dtype_name(x.dtype),
-                [x.shape])
+    return Call([as_shape(x, (x.size // c, c)), weight, eps_array(eps)], {"R": x.size // c, "C": c},
+                dtype_name(x.dtype), [x.shape])
 
 
 OP = rowwise(
     "rms_norm",
     "x",
+    # eps large enough to matter (mean(x^2) is about 1): a kernel that ignores it fails
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype),
-                                       random_array(rng, (s["C"],), dtype)],
+                                       random_array(rng, (s["C"],), dtype),
+                                       eps_array(float(rng.choice([0.25, 1e-5])))],
     reference=_reference,
-    builtin=lambda x, w: [mx.fast.rms_norm(x, w, EPS)],
+    builtin=lambda x, w, eps: [mx.fast.rms_norm(x, w, eps.item())],
+    builtin_for=lambda s: (lambda x, w, eps: [mx.fast.rms_norm(x, w, EPS)]),
     bytes=lambda s, size: (2 * s["R"] * s["C"] + s["C"]) * size,
     flops=lambda s: 4 * s["R"] * s["C"],
     bind=bind,
     function=mx.fast.rms_norm,
     differentiable=True,
+    export_inputs=["(R, C)", "(C,)", "(1,)"],
 )

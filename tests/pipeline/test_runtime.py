@@ -163,7 +163,8 @@ class _GraphKernel:
         pass
 
     def launcher(self, shape, dtype, out_shapes, out_dtypes):
-        return lambda x, w: [(mx.fast.rms_norm(x, w, 1e-5) * 1.0).reshape(out_shapes[0])]
+        return lambda x, w, eps: [(x * mx.rsqrt(mx.mean(x * x, axis=-1, keepdims=True) + eps) * w)
+                                  .reshape(out_shapes[0])]
 
 
 def test_a_compiled_plan_replays_matches_and_differentiates(store_dir, rng, monkeypatch, resolves):
