@@ -510,3 +510,91 @@ def cache_clean(everything, max_size):
         raise click.ClickException(str(e)) from None
     click.echo(f"removed {n} entries ({cache_mod.human(freed)}); {cache_mod.human(cache_mod.total_bytes())} left "
                f"in {cache_mod.root()}")
+
+
+def _model_options(fn):
+    """MODEL and the options that build a named config (a checkpoint loads as saved)."""
+    fn = click.option("--dtype", "model_dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+                      help="Activations and unquantized weights of a named config (default float16).")(fn)
+    fn = click.option("--layers", type=click.IntRange(min=1), default=None,
+                      help="Decoder blocks of a named config (default: all; the blocks' shapes are kept).")(fn)
+    fn = click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+                      help="Quantization group of a named config (default 64).")(fn)
+    fn = click.option("--bits", type=click.Choice(["4", "8", "16"]), default=None,
+                      help="Weights of a named config: 4- or 8-bit as mlx-lm quantizes, 16 unquantized (default 4).")(fn)
+    return click.argument("model")(fn)
+
+
+def _model_kwargs(bits, group_size, layers, model_dtype) -> dict:
+    return {"bits": int(bits) if bits else None, "group_size": int(group_size) if group_size else None,
+            "layers": layers, "dtype": model_dtype}
+
+
+@main.command()
+@_model_options
+@click.option("--prompt-tokens", type=click.IntRange(min=2), default=512, show_default=True,
+              help="The prefill size recorded (decode is recorded too).")
+@click.option("--budget", type=int, default=12, show_default=True, help="Variants per recorded call.")
+@click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
+def tune(model, bits, group_size, layers, model_dtype, prompt_tokens, budget, backend, timeout):
+    """Sweep exactly the calls MODEL makes, on this device.
+
+    MODEL is an mlx-lm checkpoint directory (config.json, model*.safetensors) or a named
+    config built with random weights (llama-3-8b, qwen3-8b, qwen2-7b, qwen1.5-moe-a2.7b,
+    tiny-llama, ...). The model is patched, run once (a prefill and a few decode steps),
+    and each (op, shape, dtype) it calls is swept; then what the patched model runs is
+    printed. Interrupted: run it again to resume."""
+    from . import model_tune, models
+    try:
+        m, about = models.load(model, **_model_kwargs(bits, group_size, layers, model_dtype))
+    except models.ModelError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        with Progress(0, "tuning") as bar:
+            result = model_tune.tune(m, prompt_tokens=prompt_tokens, budget=budget, backend=backend, timeout=timeout,
+                                     progress=lambda *a: bar.update(1), notify=lambda msg: click.echo(msg, err=True))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished variants are saved; run the same command to resume", err=True)
+        sys.exit(130)
+    click.echo(model_tune.summary(result))
+    _enforce_cache_bound()
+
+
+@main.command()
+@_model_options
+@click.option("--tokens", "max_tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Tokens generated per run.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Timed runs per side (median).")
+@click.option("--mode", "modes", type=click.Choice(["uncompiled", "compiled"]), multiple=True,
+              help="How both sides run (repeat; default both).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random weights of a named config and the prompt.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every figure here (default: hlh_mlx-validate-<model>.json in this directory).")
+def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_tokens, repeats, modes, seed, json_path):
+    """Generate with MODEL unpatched, then patched (hlh_mlx.patch): same prompt, greedy.
+
+    Prints prefill and decode tokens per second of both sides, uncompiled and compiled,
+    with the device and date, and writes them as JSON. Exits 1 when the tokens differ,
+    naming the first position where they do."""
+    import json
+    from pathlib import Path
+
+    from . import models, validate as validate_mod
+    try:
+        result = validate_mod.validate(model, max_tokens=max_tokens, prompt_tokens=prompt_tokens, repeats=repeats,
+                                       modes=modes or validate_mod.MODES, seed=seed,
+                                       **_model_kwargs(bits, group_size, layers, model_dtype))
+    except (models.ModelError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(validate_mod.summary(result))
+    name = Path(model).name if Path(model).is_dir() else model
+    out = Path(json_path or f"hlh_mlx-validate-{name}.json")
+    out.write_text(json.dumps(result, indent=1))
+    click.echo(f"written: {out}")
+    if not result["ok"]:
+        bad = [f"{m} at position {e['first_divergence']}" for m, e in result["modes"].items()
+               if not e["tokens_identical"]]
+        click.echo(f"error: patched tokens differ from unpatched ({'; '.join(bad)})", err=True)
+        sys.exit(1)

@@ -24,6 +24,10 @@ class PatchReport:
     replaced: list = field(default_factory=list)   # (path, old class, new class)
     kept: list = field(default_factory=list)       # (path, class, reason)
 
+    def as_dict(self) -> dict:
+        return {"replaced": [{"path": p, "from": a, "to": b} for p, a, b in self.replaced],
+                "kept": [{"path": p, "class": c, "reason": why} for p, c, why in self.kept]}
+
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} layer(s), kept {len(self.kept)}"]
         lines += [f"  {p}: {a} -> {b}" for p, a, b in self.replaced]
@@ -31,23 +35,38 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _same(old, new, dims: int) -> bool:
+def _differs(old, new, dims: int) -> str | None:
+    """None when `new` computes what `old` does on a random input, else why not (a check
+    that raises counts as a difference: the layer is kept and the error reported)."""
     x = mx.array(np.random.default_rng(0).standard_normal((2, 3, dims)).astype(np.float32))
     # the activations' dtype: of the first floating-point parameter (quantized weights are uint32)
     dtype = next((v.dtype for _, v in base_nn.utils.tree_flatten(old.parameters())
                   if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
     x = x.astype(dtype)
-    with tuned.lenient():
-        a, b = old(x).astype(mx.float32), new(x).astype(mx.float32)
+    try:
+        with tuned.lenient():
+            a, b = old(x).astype(mx.float32), new(x).astype(mx.float32)
+        mx.eval(a, b)
+    except Exception as e:  # whatever the layer raises: report it, keep the layer
+        return f"the numeric check raised {type(e).__name__}: {e}"
     tol = 1e-4 if dtype == mx.float32 else 2e-2
-    return a.shape == b.shape and bool(mx.allclose(a, b, rtol=tol, atol=tol))
+    if a.shape != b.shape:
+        return f"output shape {b.shape} instead of {a.shape}"
+    if not bool(mx.allclose(a, b, rtol=tol, atol=tol)):
+        err = float(mx.max(mx.abs(a - b)))
+        return f"differs on a random input (max abs error {err:.3g}, tolerance {tol})"
+    return None
+
+
+_LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
 
 
 def _replacement(module):
     """(new module, None) or (None, reason) or (None, None) when not a candidate."""
     if type(module) is base_nn.RoPE:
         new = nn.RoPE(module.dims, traditional=module.traditional, base=module.base, scale=module.scale)
-        return (new, None) if _same(module, new, module.dims) else (None, "the tuned RoPE differs on a test input")
+        why = _differs(module, new, module.dims)
+        return (new, None) if why is None else (None, f"the tuned RoPE: {why}")
     if type(module) is base_nn.Linear:
         out_dims, in_dims = module.weight.shape
         new = nn.Linear(in_dims, out_dims, bias="bias" in module)
@@ -66,12 +85,19 @@ def _replacement(module):
         new.update(module.parameters())
         return new, None
     kids = module.children() if isinstance(module, base_nn.Module) else {}
-    if all(k in kids for k in ("gate_proj", "up_proj", "down_proj")) and not isinstance(module, nn.SwiGLU):
+    projections = [kids.get(k) for k in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(p, base_nn.Module) for p in projections) and not all(isinstance(p, _LINEAR) for p in projections):
+        kinds = ", ".join(sorted({type(p).__name__ for p in projections}))
+        return None, (f"a gated MLP whose projections are {kinds} (expert weights selected per token): "
+                      "no tuned kernel for expert MLPs yet")
+    if (all(isinstance(kids.get(k), _LINEAR) for k in ("gate_proj", "up_proj", "down_proj"))
+            and not isinstance(module, nn.SwiGLU)):
         new = nn.SwiGLU.from_layers(module.gate_proj, module.up_proj, module.down_proj)
         dims = module.gate_proj.weight.shape[1] * (32 // getattr(module.gate_proj, "bits", 32))
-        if _same(module, new, dims):
+        why = _differs(module, new, dims)
+        if why is None:
             return new, None
-        return None, "has gate/up/down projections but does not compute down(silu(gate(x)) * up(x))"
+        return None, f"has gate/up/down projections but is not down(silu(gate(x)) * up(x)): {why}"
     return None, None
 
 

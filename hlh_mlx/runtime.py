@@ -316,6 +316,12 @@ def decisions() -> dict:
     return {(op, "x".join(str(v) for _, v in shape), dtype): str(c) for (op, shape, dtype), c in _choices.items()}
 
 
+def decided_calls() -> list[tuple]:
+    """(op, shape, dtype) of every call decided so far, in the order first made: what a
+    program needs tuned (`hlh_mlx tune` records a model's calls this way)."""
+    return [(op, dict(shape), dtype) for op, shape, dtype in _choices]
+
+
 def fallbacks() -> dict:
     """{(op, reason): count} of calls that ran the built-in."""
     return dict(_fallbacks)

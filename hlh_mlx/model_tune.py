@@ -1,0 +1,88 @@
+"""`hlh_mlx tune MODEL`: sweep exactly the calls a model makes, on this device.
+
+1. Patch the model and run it once through mlx-lm's generation loop (a prefill of
+   `prompt_tokens` and a few decode steps); every tuned call it makes is decided once per
+   (op, shape, dtype) by hlh_mlx.runtime, which is the record of what to tune.
+2. Sweep each recorded (op, shape, dtype) with the ordinary sweep (same store, so an
+   interrupted tune resumes where it stopped and a second tune only re-runs what failed).
+3. Decide again and report what the patched model now runs: a variant or the built-in, why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backends, models, ops, patching, runtime
+from . import sweep as sweep_mod
+
+
+@dataclass
+class Tuning:
+    calls: list = field(default_factory=list)      # (op, shape dict, dtype) the model makes
+    swept: list = field(default_factory=list)      # (op, shape text, dtype, passed, failed)
+    skipped: list = field(default_factory=list)    # (op, shape text, dtype, why)
+    decisions: dict = field(default_factory=dict)  # "op shape dtype" -> what runs and why
+
+
+def record_calls(model, prompt_tokens: int, decode_tokens: int = 3, seed: int = 0) -> list[tuple]:
+    """(op, shape, dtype) of every tuned call one generation makes, in first-call order."""
+    from .validate import _vocab, generate
+    vocab = _vocab(model, {"config": {"vocab_size": getattr(getattr(model, "args", None), "vocab_size", None)},
+                           "source": type(model).__name__})
+    prompt = np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist()
+    runtime.refresh()
+    with runtime.lenient():
+        generate(model, prompt, decode_tokens)
+    return runtime.decided_calls()
+
+
+def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: str = "auto", timeout: float = 600.0,
+         progress=None, notify=print) -> Tuning:
+    """Patch `model` (in place), record its calls, sweep them, decide again."""
+    be = backends.resolve(backend)
+    report = patching.patch(model)
+    notify(f"patched: {len(report.replaced)} layer(s) replaced, {len(report.kept)} kept")
+    out = Tuning(calls=record_calls(model, prompt_tokens))
+    groups: dict = {}
+    for op, shape, dtype in out.calls:
+        spec = ops.get(op)
+        if be == "emulator" and spec.bytes(shape, 4) > sweep_mod.EMULATOR_MAX_BYTES:
+            out.skipped.append((op, spec.shape_str(shape), dtype, "GPU-sized: the emulator checks small shapes only"))
+            continue
+        groups.setdefault((op, dtype), []).append(shape)
+    for (op, dtype), shapes in groups.items():
+        spec = ops.get(op)
+        try:
+            p = sweep_mod.plan(op, shapes=shapes, dtypes=[dtype], backend=be, budget=budget, timeout=timeout)
+        except ValueError as e:  # e.g. no template of this op for the back end
+            for s in shapes:
+                out.skipped.append((op, spec.shape_str(s), dtype, str(e)))
+            continue
+        notify(f"sweeping {op} {dtype} at {', '.join(spec.shape_str(s) for s in shapes)} "
+               f"({len(p.candidates)} of {len(p.space)} variants)")
+        records = sweep_mod.run(p, progress=progress)
+        for s in shapes:
+            mine = [r for r in records if r.get("shape") == s and r.get("template") != "builtin"]
+            ok = sum(1 for r in mine if r.get("correct"))
+            out.swept.append((op, spec.shape_str(s), dtype, ok, len(mine) - ok))
+    record_calls(model, prompt_tokens)  # decided again, with what the sweeps stored
+    out.decisions = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}
+    return out
+
+
+def summary(t: Tuning) -> str:
+    lines = [f"{len(t.calls)} distinct tuned call(s) in one generation"]
+    for op, shape, dtype, ok, bad in t.swept:
+        lines.append(f"  swept {op} {shape} {dtype}: {ok} variant(s) correct, {bad} failed")
+    for op, shape, dtype, why in t.skipped:
+        lines.append(f"  not swept {op} {shape} {dtype}: {why}")
+    lines.append("what the patched model runs now:")
+    lines += [f"  {k}: {v}" for k, v in t.decisions.items()]
+    return "\n".join(lines)
+
+
+def load_and_tune(source: str, *, bits=None, group_size=None, layers=None, dtype=None, **kwargs) -> Tuning:
+    model, _ = models.load(source, bits=bits, group_size=group_size, layers=layers, dtype=dtype)
+    return tune(model, **kwargs)

@@ -1,0 +1,195 @@
+"""`hlh_mlx validate MODEL`: the same greedy generation unpatched and patched, through
+mlx-lm's own loop (`generate_step`: pipelined, the next token built while the GPU runs this
+one), tokens compared one by one, prefill and decode tokens per second of both.
+
+Two ways of running, each applied to both sides alike:
+- "uncompiled": the model as mlx-lm runs it;
+- "compiled": every decoder block's MLP through `mx.compile` (attention stays outside:
+  its KV cache is Python state).
+Each side is warmed up (kernels built, plans decided) before it is timed; the figures are
+the medians of `repeats` timed generations."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import backends, devices, models, patching, runtime
+
+MODES = ("uncompiled", "compiled")
+
+
+@dataclass
+class Run:
+    tokens: list
+    prefill_s: float   # prompt in to first token out
+    decode_s: float    # first token out to last token out
+
+    def rates(self, prompt_tokens: int) -> dict:
+        n = len(self.tokens)
+        return {"prefill_tps": prompt_tokens / self.prefill_s,
+                "decode_tps": (n - 1) / self.decode_s if n > 1 and self.decode_s > 0 else None}
+
+
+def generate(model: nn.Module, prompt: list[int], max_tokens: int) -> Run:
+    """Greedy tokens through mlx-lm's generation loop, with the times a user sees."""
+    from mlx_lm.generate import generate_step
+    tokens, stamps = [], []
+    start = time.perf_counter()
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                  sampler=lambda logprobs: mx.argmax(logprobs, axis=-1)):
+        stamps.append(time.perf_counter())
+        tokens.append(int(token))
+    return Run(tokens, stamps[0] - start, stamps[-1] - stamps[0])
+
+
+class _Compiled(nn.Module):
+    """A block's MLP behind mx.compile (its weights are constants of the trace)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self._fn = mx.compile(inner.__call__)
+
+    def __call__(self, x):
+        return self._fn(x)
+
+
+def decoder_blocks(model: nn.Module) -> list:
+    """The model's decoder blocks (mlx-lm models list them as `.layers`)."""
+    layers = getattr(model, "layers", None)
+    if layers is None and hasattr(model, "model"):
+        layers = getattr(model.model, "layers", None)
+    return list(layers or [])
+
+
+@contextmanager
+def compiled_mlps(model: nn.Module):
+    blocks = [b for b in decoder_blocks(model) if isinstance(getattr(b, "mlp", None), nn.Module)]
+    originals = [b.mlp for b in blocks]
+    for b in blocks:
+        b.mlp = _Compiled(b.mlp)
+    try:
+        yield len(blocks)
+    finally:
+        for b, m in zip(blocks, originals):
+            b.mlp = m
+
+
+def first_divergence(a: list, b: list) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _measure(model, prompt, max_tokens, repeats, mode) -> dict:
+    with compiled_mlps(model) if mode == "compiled" else nullcontext():
+        generate(model, prompt, min(max_tokens, 4))  # warm-up: kernels built, plans decided
+        runs = [generate(model, prompt, max_tokens) for _ in range(repeats)]
+    rates = [r.rates(len(prompt)) for r in runs]
+    decode = [r["decode_tps"] for r in rates if r["decode_tps"] is not None]
+    return {"tokens": runs[0].tokens,
+            "repeats_agree": all(r.tokens == runs[0].tokens for r in runs),
+            "prefill_tps": statistics.median(r["prefill_tps"] for r in rates),
+            "decode_tps": statistics.median(decode) if decode else None,
+            "prefill_tps_each": [round(r["prefill_tps"], 2) for r in rates],
+            "decode_tps_each": [round(d, 2) for d in decode]}
+
+
+def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, repeats: int = 3,
+             modes=MODES, seed: int = 0, **model_kwargs) -> dict:
+    """Run both sides in each mode; return everything as one JSON-ready dict."""
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r} (one of {', '.join(MODES)})")
+    if max_tokens < 2 or prompt_tokens < 1 or repeats < 1:
+        raise ValueError("need at least 2 tokens, a 1-token prompt and 1 repeat")
+    model, about = models.load(source, seed=seed, **model_kwargs)
+    vocab = _vocab(model, about)
+    prompt = np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist()
+    be = runtime.backend()
+    dev = backends.device(be)
+    result = {"model": {k: v for k, v in about.items() if k != "config"}, "config": about["config"],
+              "device": dev.name, "device_slug": dev.slug, "backend": be, "mlx": mx.__version__,
+              "mlx_lm": _mlx_lm_version(), "date": datetime.date.today().isoformat(),
+              "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "repeats": repeats,
+              "weight_bytes": models.weight_bytes(model), "modes": {}}
+    ceiling = devices.ceilings(dev.slug)
+    if ceiling:
+        # a decode step reads every weight at least once: the rate the copy bandwidth allows
+        result["decode_limit_tps"] = ceiling["bandwidth_gbs"] * 1e9 / result["weight_bytes"]
+    unpatched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
+    report = patching.patch(model)
+    result["patch"] = report.as_dict()
+    runtime_fallbacks_before = dict(runtime.fallbacks())
+    patched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
+    result["fallbacks"] = {f"{op}: {why}": n - runtime_fallbacks_before.get((op, why), 0)
+                           for (op, why), n in runtime.fallbacks().items()}
+    result["decisions"] = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}
+    for m in modes:
+        a, b = unpatched[m], patched[m]
+        div = first_divergence(a["tokens"], b["tokens"])
+        entry = {"unpatched": a, "patched": b, "tokens_identical": div is None, "first_divergence": div,
+                 "prefill_speedup": b["prefill_tps"] / a["prefill_tps"],
+                 "decode_speedup": (b["decode_tps"] / a["decode_tps"]) if a["decode_tps"] and b["decode_tps"] else None}
+        if result.get("decode_limit_tps") and b["decode_tps"]:
+            entry["patched_decode_of_limit"] = b["decode_tps"] / result["decode_limit_tps"]
+            entry["unpatched_decode_of_limit"] = a["decode_tps"] / result["decode_limit_tps"]
+        result["modes"][m] = entry
+    result["ok"] = all(e["tokens_identical"] for e in result["modes"].values())
+    return result
+
+
+def summary(result: dict) -> str:
+    """The lines `hlh_mlx validate` prints."""
+    m = result["model"]
+    q = f"{m['bits']}-bit g{m['group_size']}" if m.get("group_size") else "unquantized"
+    lines = [f"{m['source']} ({q}) on {result['device']} [{result['backend']}], MLX {result['mlx']}, "
+             f"mlx-lm {result['mlx_lm']}, {result['date']}: prompt {result['prompt_tokens']}, "
+             f"{result['max_tokens']} tokens, median of {result['repeats']}"]
+    for mode, e in result["modes"].items():
+        a, b = e["unpatched"], e["patched"]
+        dec = (f"decode {_f(a['decode_tps'])} -> {_f(b['decode_tps'])} tok/s ({_x(e['decode_speedup'])})")
+        lines.append(f"  {mode:10s}  prefill {_f(a['prefill_tps'])} -> {_f(b['prefill_tps'])} tok/s "
+                     f"({_x(e['prefill_speedup'])}), {dec}, tokens "
+                     + ("identical" if e["tokens_identical"] else f"DIVERGE at position {e['first_divergence']}"))
+        if "patched_decode_of_limit" in e:
+            lines.append(f"              decode at {100 * e['unpatched_decode_of_limit']:.0f}% -> "
+                         f"{100 * e['patched_decode_of_limit']:.0f}% of the weight-read limit "
+                         f"({result['decode_limit_tps']:.0f} tok/s)")
+    p = result["patch"]
+    lines.append(f"  patch: replaced {len(p['replaced'])}, kept {len(p['kept'])}; "
+                 f"fallback calls while patched: {sum(result['fallbacks'].values())}")
+    return "\n".join(lines)
+
+
+def _f(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _vocab(model, about) -> int:
+    v = about["config"].get("vocab_size") or getattr(getattr(model, "args", None), "vocab_size", None)
+    if not v:
+        raise models.ModelError(f"{about['source']}: config.json has no vocab_size")
+    return int(v)
+
+
+def _mlx_lm_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("mlx-lm")
+    except Exception:  # not installed as a distribution (a source checkout)
+        return None
+

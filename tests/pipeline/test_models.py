@@ -1,0 +1,111 @@
+"""Real mlx-lm model classes end to end on tiny configs: `hlh_mlx validate` (tokens of the
+unpatched and patched model compared, rates and JSON written), `hlh_mlx tune` (the model's
+own calls recorded and swept, resumable) and checkpoint loading."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from hlh_mlx import models, model_tune, patching, runtime, tuned
+from hlh_mlx import validate as validate_mod
+from hlh_mlx.cli import main
+
+FAST = ["--tokens", "4", "--prompt-tokens", "6", "--repeats", "1"]
+
+
+@pytest.fixture(autouse=True)
+def fresh(store_dir):
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
+def test_validate_each_family(name, tmp_path):
+    out = tmp_path / "v.json"
+    r = CliRunner().invoke(main, ["validate", name, *FAST, "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "tokens identical" in r.output and f"written: {out}" in r.output
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == {"uncompiled", "compiled"} and data["ok"]
+    for mode in data["modes"].values():
+        assert len(mode["patched"]["tokens"]) == 4 and mode["patched"]["tokens"] == mode["unpatched"]["tokens"]
+        assert mode["patched"]["decode_tps"] > 0 and mode["prefill_speedup"] > 0
+    assert data["device"] and data["mlx"] == mx.__version__ and data["date"]
+    assert data["patch"]["replaced"], "nothing was patched"
+
+
+def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
+    def bad_patch(model):  # a "patch" that changes what the model computes
+        model.model.norm.weight = -model.model.norm.weight
+        return patching.PatchReport()
+    monkeypatch.setattr(validate_mod.patching, "patch", bad_patch)
+    r = CliRunner().invoke(main, ["validate", "tiny-llama", *FAST, "--mode", "uncompiled", "--json",
+                                  str(tmp_path / "v.json")])
+    assert r.exit_code == 1
+    assert "DIVERGE at position 0" in r.output and "differ from unpatched (uncompiled at position 0)" in r.output
+
+
+def test_patch_keeps_parameter_names_and_reports_expert_mlps():
+    model, _ = models.load("tiny-qwen2-moe", bits=4)
+    before = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    report = patching.patch(model)
+    assert {k: v.shape for k, v in tree_flatten(model.parameters())} == before  # checkpoints load unchanged
+    kept = {p: why for p, _, why in report.kept}
+    assert "model.layers.0.mlp.switch_mlp" in kept and "expert" in kept["model.layers.0.mlp.switch_mlp"]
+
+
+def test_checkpoint_directory_round_trip(tmp_path):
+    model, about = models.load("tiny-llama", bits=4, seed=3)
+    path = models.save(model, about, tmp_path / "ck")
+    loaded, about2 = models.load(str(path))
+    assert about2["bits"] == 4 and about2["group_size"] == 64 and not about2["random_weights"]
+    x = mx.array([[5, 7, 11]])
+    assert mx.array_equal(loaded(x), model(x))
+    r = CliRunner().invoke(main, ["validate", str(path), *FAST, "--mode", "uncompiled", "--json",
+                                  str(tmp_path / "v.json")])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "unknown model 'nope'"),
+    (["./no/such/dir"], "no such directory"),
+    (["tiny-llama", "--bits", "3"], "'3' is not one of"),
+])
+def test_bad_models_are_one_line_errors(args, message, tmp_path):
+    r = CliRunner().invoke(main, ["validate", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["tune", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "no config.json" in r.output
+
+
+def test_tune_sweeps_the_calls_the_model_makes_and_resumes(store_dir):
+    model, _ = models.load("tiny-llama", bits=4)
+    result = model_tune.tune(model, prompt_tokens=6, budget=1, notify=lambda m: None)
+    calls = {(op, "x".join(map(str, s.values())), d) for op, s, d in result.calls}
+    # decode: a 4-bit gemv per projection at one token; the norms at the prefill's 5 rows and at 1
+    assert ("qgemv", "128x128x64", "float16") in calls and ("qgemv", "256x128x64", "float16") in calls
+    assert ("rms_norm", "5x128", "float16") in calls and ("rms_norm", "1x128", "float16") in calls
+    assert {(op, s, d) for op, s, d, ok, bad in result.swept} == calls
+    assert all(ok == 1 and bad == 0 for *_, ok, bad in result.swept)
+    assert set(result.decisions) == {f"{op} {s} {d}" for op, s, d in calls}
+    stored = {p.name: p.read_text() for p in store_dir.rglob("*.jsonl")}
+    assert {"qgemv.jsonl", "rms_norm.jsonl", "swiglu.jsonl", "rope.jsonl"} <= set(stored)
+    # a second tune (an interrupted one run again) finds every variant done: nothing re-run
+    model_tune.tune(model, prompt_tokens=6, budget=1, notify=lambda m: None)
+    assert {p.name: p.read_text() for p in store_dir.rglob("*.jsonl")} == stored
+
+
+def test_recording_sees_decode_and_prefill_calls():
+    model, _ = models.load("tiny-qwen3", bits=16)
+    patching.patch(model)
+    calls = model_tune.record_calls(model, prompt_tokens=9)
+    ops_seen = {op for op, _, _ in calls}
+    assert {"rms_norm", "rope", "swiglu"} <= ops_seen
+    rows = {s["R"] for op, s, _ in calls if op == "rms_norm" and s["C"] == 128}
+    assert rows == {8, 1}  # mlx-lm prefills all but the last prompt token, then steps one at a time
+    assert runtime.decided_calls() == calls
