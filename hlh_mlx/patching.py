@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as base_nn
 import numpy as np
 
-from . import nn, tuned
+from . import blocks, nn, ops, tuned
 
 
 @dataclass
@@ -35,21 +35,24 @@ class PatchReport:
         return "\n".join(lines)
 
 
+def _dtype_of(module) -> mx.Dtype:
+    """The activations' dtype: of the first floating-point parameter (quantized weights are uint32)."""
+    return next((v.dtype for _, v in base_nn.utils.tree_flatten(module.parameters())
+                 if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
+
+
 def _differs(old, new, dims: int) -> str | None:
     """None when `new` computes what `old` does on a random input, else why not (a check
     that raises counts as a difference: the layer is kept and the error reported)."""
     x = mx.array(np.random.default_rng(0).standard_normal((2, 3, dims)).astype(np.float32))
-    # the activations' dtype: of the first floating-point parameter (quantized weights are uint32)
-    dtype = next((v.dtype for _, v in base_nn.utils.tree_flatten(old.parameters())
-                  if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
-    x = x.astype(dtype)
+    x = x.astype(_dtype_of(old))
     try:
         with tuned.lenient():
             a, b = old(x).astype(mx.float32), new(x).astype(mx.float32)
         mx.eval(a, b)
     except Exception as e:  # whatever the layer raises: report it, keep the layer
         return f"the numeric check raised {type(e).__name__}: {e}"
-    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    tol = 1e-4 if x.dtype == mx.float32 else 2e-2
     if a.shape != b.shape:
         return f"output shape {b.shape} instead of {a.shape}"
     if not bool(mx.allclose(a, b, rtol=tol, atol=tol)):
@@ -63,6 +66,11 @@ _LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
 
 def _replacement(module):
     """(new module, None) or (None, reason) or (None, None) when not a candidate."""
+    if isinstance(module, base_nn.Module) and not isinstance(module, blocks.DecoderBlock) \
+            and blocks.why_not(module) is None:
+        new = blocks.DecoderBlock(module, fused="add_rms_norm" in ops.names())
+        why = blocks.differs(module, new, module["post_attention_layernorm"]["weight"].shape[0], _dtype_of(module))
+        return (new, None) if why is None else (None, f"decoder block kept: {why}")
     if type(module) is base_nn.RoPE:
         new = nn.RoPE(module.dims, traditional=module.traditional, base=module.base, scale=module.scale)
         why = _differs(module, new, module.dims)
@@ -120,11 +128,15 @@ def patch(model: base_nn.Module) -> PatchReport:
         for name, child in module.children().items():
             path = f"{prefix}.{name}" if prefix else name
             if isinstance(child, list):
-                for i, c in enumerate(child):
+                items = module[name]  # the module's own list: children() returns a filtered copy
+                for i, c in enumerate(items):
                     if isinstance(c, base_nn.Module):
-                        visit(child, i, c, f"{path}.{i}")
+                        visit(items, i, c, f"{path}.{i}")
             elif isinstance(child, base_nn.Module):
                 visit(module, name, child, path)
 
     walk(model, "")
+    for m in model.modules():
+        if isinstance(m, blocks.DecoderBlock):
+            m.reset()  # traced with the children it had when checked
     return report

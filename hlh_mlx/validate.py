@@ -3,9 +3,11 @@ mlx-lm's own loop (`generate_step`: pipelined, the next token built while the GP
 one), tokens compared one by one, prefill and decode tokens per second of both.
 
 Two ways of running, each applied to both sides alike:
-- "uncompiled": the model as mlx-lm runs it;
-- "compiled": every decoder block's MLP through `mx.compile` (attention stays outside:
-  its KV cache is Python state).
+- "uncompiled": each model as it comes: mlx-lm's as mlx-lm runs it, the patched one as
+  `patch` leaves it (its decoder blocks compile their own decode step);
+- "compiled": every decoder block's decode step compiled the way `patch` compiles it
+  (hlh_mlx.blocks.DecoderBlock, unfused, with the block's own layers) on both sides, so
+  the difference left is the kernels'.
 Each side is warmed up (kernels built, plans decided) before it is timed; the figures are
 the medians of `repeats` timed generations."""
 
@@ -21,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import backends, devices, models, patching, runtime
+from . import backends, blocks, devices, models, patching, runtime
 
 MODES = ("uncompiled", "compiled")
 
@@ -50,37 +52,28 @@ def generate(model: nn.Module, prompt: list[int], max_tokens: int) -> Run:
     return Run(tokens, stamps[0] - start, stamps[-1] - stamps[0])
 
 
-class _Compiled(nn.Module):
-    """A block's MLP behind mx.compile (its weights are constants of the trace)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self._fn = mx.compile(inner.__call__)
-
-    def __call__(self, x):
-        return self._fn(x)
-
-
 def decoder_blocks(model: nn.Module) -> list:
     """The model's decoder blocks (mlx-lm models list them as `.layers`)."""
     layers = getattr(model, "layers", None)
     if layers is None and hasattr(model, "model"):
         layers = getattr(model.model, "layers", None)
-    return list(layers or [])
+    return layers if isinstance(layers, list) else []
 
 
 @contextmanager
-def compiled_mlps(model: nn.Module):
-    blocks = [b for b in decoder_blocks(model) if isinstance(getattr(b, "mlp", None), nn.Module)]
-    originals = [b.mlp for b in blocks]
-    for b in blocks:
-        b.mlp = _Compiled(b.mlp)
+def compiled_blocks(model: nn.Module):
+    """Every decoder block's decode step compiled as hlh_mlx.blocks.DecoderBlock compiles
+    it (unfused, with the block's own layers): what `patch` does to a patched model's
+    blocks, done to an unpatched one, so both sides are compiled alike."""
+    layers = decoder_blocks(model)
+    originals = list(layers)
+    for i, b in enumerate(layers):
+        if not isinstance(b, blocks.DecoderBlock) and blocks.why_not(b) is None:
+            layers[i] = blocks.DecoderBlock(b, fused=False)
     try:
-        yield len(blocks)
+        yield
     finally:
-        for b, m in zip(blocks, originals):
-            b.mlp = m
+        layers[:] = originals
 
 
 def first_divergence(a: list, b: list) -> int | None:
@@ -91,7 +84,7 @@ def first_divergence(a: list, b: list) -> int | None:
 
 
 def _measure(model, prompt, max_tokens, repeats, mode) -> dict:
-    with compiled_mlps(model) if mode == "compiled" else nullcontext():
+    with compiled_blocks(model) if mode == "compiled" else nullcontext():
         generate(model, prompt, min(max_tokens, 4))  # warm-up: kernels built, plans decided
         runs = [generate(model, prompt, max_tokens) for _ in range(repeats)]
     rates = [r.rates(len(prompt)) for r in runs]

@@ -1,0 +1,129 @@
+"""Where one decode step's time goes, unpatched and patched: Python graph building, MLX's
+encoding of the graph (`mx.async_eval` returns once every node is encoded and queued) and the
+GPU, on an mlx-lm model built from a published config (random weights).
+
+    python benchmarks/decode_breakdown.py [--model llama-3-8b] [--bits 4] [--layers 8] [--json F]
+
+Per step, averaged over --steps decode steps after a warm-up:
+  build_us   the model call: Python, mlx-lm and hlh_mlx code making the graph
+  encode_us  mx.async_eval: MLX evaluating the graph's nodes into GPU work (CPU time)
+  wait_us    mx.eval afterwards: waiting for the GPU to finish
+  step_us    all three, one step at a time (no overlap)
+  pipelined_us  per step when the next step is built while the GPU runs this one (mlx-lm's loop)
+Also: the encode cost per node of a chain of custom kernels against built-ins, with short and
+long kernel sources, to tell a per-custom-kernel cost in MLX from one in hlh_mlx.
+Writes nothing unless --json is given.
+"""
+
+import argparse
+import json
+import time
+
+import mlx.core as mx
+
+from hlh_mlx import models, patching, runtime
+
+
+def step_breakdown(model, steps: int, prompt_len: int = 64) -> dict:
+    from mlx_lm.models.cache import make_prompt_cache
+    cache = make_prompt_cache(model)
+    y = mx.array([[1] * prompt_len])
+    mx.eval(model(y, cache=cache))
+    tok = mx.array([[2]])
+    for _ in range(5):  # warm-up: kernels built, plans decided
+        mx.eval(model(tok, cache=cache))
+    build = encode = wait = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(tok, cache=cache)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        build, encode, wait = build + t1 - t0, encode + t2 - t1, wait + t3 - t2
+    # pipelined: build and encode step n+1 before waiting for step n
+    out = model(tok, cache=cache)
+    mx.async_eval(out)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = model(tok, cache=cache)
+        mx.async_eval(nxt)
+        mx.eval(out)
+        out = nxt
+    mx.eval(out)
+    pipelined = (time.perf_counter() - t0) / steps
+    n = steps
+    return {"build_us": 1e6 * build / n, "encode_us": 1e6 * encode / n, "wait_us": 1e6 * wait / n,
+            "step_us": 1e6 * (build + encode + wait) / n, "pipelined_us": 1e6 * pipelined}
+
+
+def node_cost(n: int = 200) -> dict:
+    """Encode time per node of a chain of n tiny ops: built-in, custom kernel with a short
+    source, custom kernel with a 6 KB source (comments)."""
+    x = mx.zeros((1024,), dtype=mx.float16)
+    mx.eval(x)
+    body = "unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i < a_shape[0]) b[i] = a[i] + (T)1;"
+    kernels = {}
+    is_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available() if hasattr(mx, "cuda") else False
+    if is_cuda:
+        for name, src in (("short", body), ("long", "// " + "x" * 6000 + "\n" + body)):
+            kernels[name] = mx.fast.cuda_kernel(name=f"hlh_cost_{name}", input_names=["a"], output_names=["b"],
+                                                source=src)
+    out = {}
+
+    def chain(step):
+        y = x
+        for _ in range(n):
+            y = step(y)
+        return y
+
+    variants = {"builtin": lambda y: y + 1}
+    for name, k in kernels.items():
+        variants[name] = (lambda k: lambda y: k(inputs=[y], template=[("T", mx.float16)], grid=(1024, 1, 1),
+                                               threadgroup=(256, 1, 1), output_shapes=[y.shape],
+                                               output_dtypes=[y.dtype])[0])(k)
+    for name, step in variants.items():
+        mx.eval(chain(step))  # warm-up
+        best = None
+        for _ in range(5):
+            t0 = time.perf_counter()
+            y = chain(step)
+            t1 = time.perf_counter()
+            mx.async_eval(y)
+            t2 = time.perf_counter()
+            mx.eval(y)
+            t3 = time.perf_counter()
+            r = (1e6 * (t1 - t0) / n, 1e6 * (t2 - t1) / n, 1e6 * (t3 - t2) / n)
+            best = r if best is None or r[1] < best[1] else best
+        out[name] = {"build_us_per_node": best[0], "encode_us_per_node": best[1], "wait_us_per_node": best[2]}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    result = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d"),
+              "model": a.model, "bits": a.bits, "layers": a.layers, "node_cost": node_cost()}
+    print(json.dumps(result["node_cost"], indent=1))
+    model, _ = models.load(a.model, bits=a.bits, layers=a.layers)
+    result["unpatched"] = step_breakdown(model, a.steps)
+    print("unpatched", json.dumps(result["unpatched"]))
+    result["patch"] = patching.patch(model).as_dict()
+    result["patched"] = step_breakdown(model, a.steps)
+    print("patched  ", json.dumps(result["patched"]))
+    result["fallbacks"] = {f"{op}: {why}": c for (op, why), c in runtime.fallbacks().items()}
+    for k, v in result["fallbacks"].items():
+        print(f"fallback x{v}: {k[:120]}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
