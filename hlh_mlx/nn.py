@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import runtime, tuned
+from . import ops, runtime, tuned
 from .ops.gemv import MAX_M as GEMV_MAX_ROWS
 
 
@@ -142,6 +142,21 @@ class SwiGLU(nn.Module):
         m.gate_proj, m.up_proj, m.down_proj = gate_proj, up_proj, down_proj
         return m
 
+    def _fusable(self, x) -> bool:
+        """One token through two 4-bit projections of one format: gate, up and SwiGLU can be
+        one launch (hlh_mlx.tuned.qgemv_swiglu) that reads both weights once."""
+        g, u = self.gate_proj, self.up_proj
+        return (x.size == x.shape[-1] and not self.training and isinstance(g, nn.QuantizedLinear)
+                and isinstance(u, nn.QuantizedLinear) and "bias" not in g and "bias" not in u
+                and g.bits == u.bits and g.group_size == u.group_size
+                and getattr(g, "mode", "affine") == getattr(u, "mode", "affine") == "affine"
+                and "qgemv_swiglu" in ops.names())
+
     def __call__(self, x: mx.array) -> mx.array:
+        if self._fusable(x):
+            g, u = self.gate_proj, self.up_proj
+            h = _planned(self, tuned.qgemv_swiglu.no_grad, x, g["weight"], g["scales"], g.get("biases"),
+                         u["weight"], u["scales"], u.get("biases"), group_size=g.group_size, bits=g.bits)
+            return self.down_proj(h)
         f = tuned.swiglu if self.training else tuned.swiglu.no_grad
         return self.down_proj(f(self.gate_proj(x), self.up_proj(x)))
