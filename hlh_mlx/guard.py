@@ -178,8 +178,10 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
     try:
         t = templates.load(path)
         vs = variants.sample(variants.expand(t), sample, seed=0)
-    except (TemplateError, ValueError) as e:
-        return [Finding(str(path), getattr(e, "line", None), "template", str(e))]
+    except TemplateError as e:
+        return [Finding(str(path), e.line, "template", e.message)]
+    except ValueError as e:
+        return [Finding(str(path), None, "template", str(e))]
     if not vs:
         return [Finding(str(path), None, "template", "the space has no valid variant")]
     # buffer names go into generated kernel code (and the emulator's launcher spec) as they are
@@ -191,7 +193,11 @@ def scan_template(path: Path, sample: int = 2) -> list[Finding]:
     op = ops.get(t.op)
     rng = np.random.default_rng()
     for v in vs:
-        r = v.rendered
+        try:
+            r = v.rendered
+        except TemplateError as e:  # a failure of this variant: a finding, and the scan goes on
+            out.append(Finding(str(path), e.line, "template", e.message))
+            continue
         try:
             if t.backend == "metal":  # the kernel then runs only inside the emulator's sandbox
                 for part, text in (("header", r.header), ("source", r.source)):
