@@ -373,12 +373,15 @@ def guard(paths):
     Templates must render without host escapes and write every output correctly on fresh
     random inputs. Python files are scanned for patched timers, identity caches, hard-coded
     shapes, built-in fallbacks inside `except`, and side streams. Default: templates/.
+    Counts and an ETA go to stderr (a line every tenth of the work when piped).
     """
     from pathlib import Path
 
     from . import guard as guard_mod, paths as paths_mod
     targets = list(paths) or paths_mod.template_roots()[:1]
-    findings = guard_mod.scan([Path(p) for p in targets])
+    jobs = guard_mod.plan([Path(p) for p in targets])  # templates are loaded here: the count is known
+    with Progress(len(jobs), "guarding") as bar:  # on stderr: the findings on stdout stay as they were
+        findings = guard_mod.run(jobs, progress=lambda: bar.update(1))
     for f in findings:
         click.echo(("" if f.blocking else "note: ") + str(f))
     blocking = [f for f in findings if f.blocking]
