@@ -79,3 +79,38 @@ def test_a_name_undefined_at_render_time_is_named_with_its_line(tmp_path):
     with pytest.raises(TemplateError) as e:
         t.render({"ELEMS": 1, "TG": 64})
     assert str(e.value).startswith(f"{p}:{line}: undefined name 'Y'")
+
+
+def _gelu_variant_id():
+    from hlh_mlx import variants
+    return variants.expand(templates.discover("gelu")[0])[0].id
+
+
+BAD_ARGS = {  # what a newcomer types: (arguments, words the one-line error must hold)
+    "render-dtype": (["render", "matmul", "tiled", "--full", "--dtype", "float64"], ["'float64'", "dtype"]),
+    "check-dtype": (["check", "matmul", "tiled", "--dtype", "nope"], ["unsupported dtype 'nope'"]),
+    "check-sample-negative": (["check", "matmul", "--sample", "-1"], ["--sample"]),
+    "check-sample-zero": (["check", "matmul", "--sample", "0"], ["--sample"]),
+    "sweep-budget-zero": (["sweep", "gelu", "--budget", "0"], ["--budget"]),
+    "sweep-top-zero": (["sweep", "gelu", "--top", "0"], ["--top"]),
+    "sweep-timeout-negative": (["sweep", "gelu", "--budget", "1", "--timeout", "-1"], ["--timeout"]),
+    "check-cuda-template-here": (["check", "matmul", "tiled.cuda", "--backend", "emulator"],
+                                 ["tiled.cuda", "--backend cuda"]),
+    "sweep-cuda-template-here": (["sweep", "matmul", "--template", "tiled.cuda", "--backend", "emulator"],
+                                 ["tiled.cuda", "--backend cuda"]),
+    "guard-not-a-kernel": (["guard", str(ROOT / "README.md")], ["README.md", ".j2", ".py"]),
+    "export-missing-folder": (["export", "gelu", "--variant", "ID", "-o", "/nonexistent-hlh/dir/k.py"],
+                              ["/nonexistent-hlh/dir/k.py"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ARGS))
+def test_a_bad_argument_is_one_clear_line_not_a_traceback(store_dir, name):
+    args, words = BAD_ARGS[name]
+    args = [_gelu_variant_id() if a == "ID" else a for a in args]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code in (1, 2), (args, r.exit_code, r.output)
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)
+    error = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and all(w in error[0] for w in words), (args, r.output)
+    assert not (store_dir / "emulator").exists()  # refused before any work
