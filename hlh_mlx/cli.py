@@ -91,6 +91,11 @@ class _Group(click.Group):
 def main():
     """Write, check, tune and ship custom GPU kernels for MLX."""
     warnings.showwarning = _show_warning
+    from . import config
+    try:
+        config.check_all()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -114,3 +114,12 @@ def test_a_bad_argument_is_one_clear_line_not_a_traceback(store_dir, name):
     error = [line for line in r.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and all(w in error[0] for w in words), (args, r.output)
     assert not (store_dir / "emulator").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("name,value", [("HLH_MLX_EMU_TIMEOUT", "abc"), ("HLH_MLX_EMU_THREADS", "four")])
+def test_a_bad_setting_is_named_before_any_work(store_dir, name, value):
+    """It failed every variant with "could not convert string to float: 'abc'", naming nothing."""
+    r = CliRunner().invoke(main, ["check", "gelu", "--sample", "1", "--dtype", "float32"], env={name: value})
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    error = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and f"{name}={value!r}" in error[0] and "checking" not in r.output, r.output
