@@ -1,11 +1,17 @@
 """Benchmark every op at its default shapes on the available backend.
 
-    python bench.py [--backend auto] [--dtype float16] [--budget N] [--out benchmarks/results]
+    python bench.py [--backend auto] [--dtype float16] [--budget N] [--out DIR [--force]]
 
 For each op and shape: the built-in's time, the best correct variant and its parameters,
 the speedup and the % of roofline, written as markdown and JSON (and a bar chart when
 matplotlib is installed). Results come from `hlh_mlx sweep` (stored under variants/, so a
 rerun resumes). On the emulator nothing is timed: the report lists correctness only.
+
+Writes: DIR/bench-<device>.json and .md (and .png with matplotlib), DIR by default
+benchmarks/results/local/ (ignored by git), plus the sweeps' records in the results store
+(variants/<device>/, appended, never rewritten). Existing report files are refused before
+any sweep runs, unless --force: the recorded reports under benchmarks/results/ are replaced
+only on purpose (--out benchmarks/results --force).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from hlh_mlx import devices, ops, rank, sweep
+from hlh_mlx import backends, devices, ops, paths, rank, sweep
 
 
 def best_rows(op, p, records):
@@ -154,16 +160,39 @@ def plot(rows, path: Path) -> bool:
     return True
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--dtype", action="append", dest="dtypes")
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--ops", nargs="*", default=None)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", metavar="DIR", type=Path, default=paths.bench_results(),
+                    help="folder of the report (default: %(default)s, ignored by git)")
+    ap.add_argument("--force", action="store_true", help="overwrite existing report files in --out")
     ap.add_argument("--from-store", metavar="DEVICE", default=None,
                     help="Report what variants/DEVICE/ already holds (e.g. results a GPU machine sent back); run nothing.")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    for name in args.ops or []:
+        if name not in ops.names():
+            ap.error(f"unknown op {name!r} (one of {', '.join(ops.names())})")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file: give the folder the report goes to")
+    try:
+        args.slug = args.from_store or backends.device(backends.resolve(args.backend)).slug
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes (besides the results store)."""
+    stem = args.out / f"bench-{args.slug}"
+    return [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+
+
+def main():
+    args = parse_args()
     if args.from_store:
         return report_store(args)
     rows, device, backend = [], None, None
@@ -178,6 +207,8 @@ def main():
         device, backend = p.device, p.backend
         print(f"{name}: {len(p.candidates)} variants on {p.device.name} [{p.backend}]", file=sys.stderr)
         rows += best_rows(op, p, sweep.run(p))
+    if device is None:
+        sys.exit("bench: no op could be swept here (see the lines above): nothing to report")
     write(rows, device, backend, args.out, {"mlx": mx.__version__, "date": date.today().isoformat()})
 
 

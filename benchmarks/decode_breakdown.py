@@ -12,16 +12,17 @@ Per step, averaged over --steps decode steps after a warm-up:
   pipelined_us  per step when the next step is built while the GPU runs this one (mlx-lm's loop)
 Also: the encode cost per node of a chain of custom kernels against built-ins, with short and
 long kernel sources, to tell a per-custom-kernel cost in MLX from one in hlh_mlx.
-Writes nothing unless --json is given.
+Writes nothing unless --out FILE is given (an existing FILE is refused without --force).
 """
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
-from hlh_mlx import models, patching, runtime
+from hlh_mlx import models, patching, paths, runtime
 
 
 def step_breakdown(model, steps: int, prompt_len: int = 64) -> dict:
@@ -100,14 +101,30 @@ def node_cost(n: int = 200) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None,
+                    help="also write the result to FILE (refused if it exists, unless --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    args = ap.parse_args(argv)
+    try:
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes."""
+    return [args.out] if args.out else []
+
+
+def main():
+    a = parse_args()
     result = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d"),
               "model": a.model, "bits": a.bits, "layers": a.layers, "node_cost": node_cost()}
     print(json.dumps(result["node_cost"], indent=1))
@@ -120,9 +137,8 @@ def main():
     result["fallbacks"] = {f"{op}: {why}": c for (op, why), c in runtime.fallbacks().items()}
     for k, v in result["fallbacks"].items():
         print(f"fallback x{v}: {k[:120]}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Tokens/s of a greedy decode loop before and after `hlh_mlx.patch(model)`.
 
-    python benchmarks/decode_tokens.py [--layers 4] [--bits 4|16] [--tokens 64] [--small] [--json F]
+    python benchmarks/decode_tokens.py [--layers 4] [--bits 4|16] [--tokens 64] [--small] [--out F [--force]]
+
+Writes: the result as JSON to stdout, and to F only when --out F (or --json F) is given;
+an existing F is refused before the model is built, unless --force.
 
 Each side runs four ways: uncompiled and compiled (the block's projections, norms and MLP
 through mx.compile, the offset-dependent attention outside it), each synchronous (evaluate
@@ -19,12 +22,13 @@ the decode shapes) and which fell back. --small shrinks it for a smoke test on a
 import argparse
 import json
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 import hlh_mlx
-from hlh_mlx import backends, tuned
+from hlh_mlx import backends, paths, tuned
 
 
 class Attention(nn.Module):
@@ -157,15 +161,30 @@ def explain_decode(dims, heads, kv_heads, hidden, bits, dtype):
     return out
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--bits", type=int, choices=[4, 16], default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke test")
-    ap.add_argument("--json", default=None, help="also write the result here")
-    args = ap.parse_args()
+    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    args = ap.parse_args(argv)
+    try:
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes."""
+    return [args.out] if args.out else []
+
+
+def main():
+    args = parse_args()
     dims, heads, kv_heads, hidden, vocab = (256, 4, 1, 512, 1000) if args.small else (4096, 32, 8, 14336, 32000)
     dtype = mx.float16
     mx.random.seed(0)
@@ -213,8 +232,9 @@ def main():
         "explain_at_decode": explain_decode(dims, heads, kv_heads, hidden, args.bits, dtype),
     }
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 
 

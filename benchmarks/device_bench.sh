@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# On the lent NVIDIA GPU, after benchmarks/device_sweeps.sh: what programs see. Writes
-# $OUT/bench.tar.gz with the JSON of each benchmark and the store-made report.
+# On the lent NVIDIA GPU, after benchmarks/device_sweeps.sh: what programs see.
+# Writes: each benchmark's JSON and text and the store-made report into $HLH_BENCH_RESULTS,
+# by default a fresh benchmarks/results/local/h200-<date>-<time>/ (ignored by git; a folder
+# that already holds files is refused), packed with variants/*/ into $OUT/bench.tar.gz.
+# It never writes over the recorded benchmarks/results/h200/: copy a run there on purpose.
 set -uo pipefail
 source .device-mlx/env/activate.sh
 export HLH_MLX_VARIANTS="$PWD/variants" PYTHONUNBUFFERED=1
-out="${OUT:-/tmp/hlh-out}"; res=benchmarks/results/h200; mkdir -p "$out" "$res"
+out="${OUT:-/tmp/hlh-out}"; res="${HLH_BENCH_RESULTS:-benchmarks/results/local/h200-$(date +%Y%m%d-%H%M%S)}"
+if [ -n "$(ls -A "$res" 2>/dev/null)" ]; then echo "$res already holds files: give HLH_BENCH_RESULTS a new folder" >&2; exit 2; fi
+mkdir -p "$out" "$res"
 python benchmarks/host_overhead.py --json "$res/host_overhead.json" > "$res/host_overhead.txt" 2>&1
 python benchmarks/tuned_calls.py --json "$res/tuned_calls.json" 2>&1 | tee "$res/tuned_calls.txt"
 for bits in 4 16; do

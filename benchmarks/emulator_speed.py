@@ -2,8 +2,13 @@
 two barriers and simd_sum, and a 1M-thread elementwise kernel (issue #2 targets:
 <= 1.5 s, no compile on a second process, <= 30 ms, <= 100 ms).
 
-    python benchmarks/emulator_speed.py [--out benchmarks/results/emulator_speed.json]
+    python benchmarks/emulator_speed.py [--out FILE [--force]]
                                         [--baseline OLD.json --baseline-label "commit abc"]
+
+Writes: the result as JSON to stdout and to FILE, by default
+benchmarks/results/local/emulator_speed.json (ignored by git). An existing FILE is refused
+before anything is timed, unless --force: the recorded result the README links is replaced
+only on purpose, with --out benchmarks/results/emulator_speed.json --force.
 
 Times are wall-clock medians of 7 runs after one warm-up, for the whole call (input
 copy-in, child process, copy-out): what a user of the emulator waits for.
@@ -21,12 +26,13 @@ import sys
 import tempfile
 import time
 from datetime import date
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hlh_mlx import emulator  # noqa: E402
+from hlh_mlx import emulator, paths  # noqa: E402
 from hlh_mlx.emulator import toolchain  # noqa: E402
 
 REDUCE = """
@@ -52,13 +58,29 @@ def median_ms(fn, reps=7):
     return statistics.median(times), min(times), max(times)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "emulator_speed.json"))
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", metavar="FILE", type=Path, default=paths.bench_results() / "emulator_speed.json",
+                    help="where the JSON goes (default: %(default)s, ignored by git)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
     ap.add_argument("--baseline", help="a result of this script from an earlier version, run on this machine "
                                        "in the same session: its medians and the ratios are recorded")
     ap.add_argument("--baseline-label", default="", help="what the baseline ran (a commit)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes."""
+    return [args.out]
+
+
+def main():
+    args = parse_args()
     os.environ["HLH_MLX_CACHE"] = tempfile.mkdtemp(prefix="hlh-bench-cache-")
     t = time.perf_counter()
     toolchain.runtime_build("fast")
@@ -112,7 +134,7 @@ def main():
         # on a shared machine the minimum is the steadier statistic; both are recorded
         result["ratio_to_baseline_median"] = {k: round(med(result[k]) / med(base[k]), 3) for k in keys}
         result["ratio_to_baseline_min"] = {k: round(low(result[k]) / low(base[k]), 3) for k in keys}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -3,6 +3,8 @@
 
     python benchmarks/gemv_sets_probe.py      # on a GPU with MLX's CUDA back end
 
+Writes nothing: the times go to stdout.
+
 Run on the H100 on 2026-11-25 it showed our kernel reading a 117 MB weight at 5.2, 4.3, 4.2
 and 2.97 TB/s (the built-in 3.2, 3.1, 3.2, 2.94): only ~2 GB of rotation gives DRAM numbers,
 which is why hlh_mlx/timing.py rotates through 2 GB (benchmarks/results/llm_ops_h100.md).

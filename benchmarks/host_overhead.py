@@ -1,9 +1,12 @@
 """Where the host time of one call goes: a built-in, the same op through hlh_mlx.tuned
 (a variant, and a fallback), and each step of the tuned path alone.
 
-    python benchmarks/host_overhead.py [--small] [--json F]   # microseconds per call
+    python benchmarks/host_overhead.py [--small] [--out F [--force]]   # microseconds per call
 
 (--small: small shapes, for a smoke run on a CPU.)
+
+Writes: the times to stdout (a list, then JSON), and the JSON to F only when --out F (or
+--json F) is given; an existing F is refused before anything is timed, unless --force.
 
 A decode loop is host-bound when its GPU work per token is shorter than the Python and
 MLX work that builds it; there a tuned kernel that saves GPU time can still slow the loop
@@ -13,14 +16,15 @@ compiled on Metal/CUDA so a replay skips the binding and MLX's own per-call work
 custom-kernel call (shown alone as "raw custom-kernel call").
 """
 
+import argparse
 import json
-import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from hlh_mlx import backends, ops, runtime, tuned
+from hlh_mlx import backends, ops, paths, runtime, tuned
 
 CALLS = 2000
 
@@ -62,8 +66,27 @@ def case(name, op_name, builtin, tuned_fn, args, kwargs):
     return {name: {k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}}
 
 
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="small shapes: a smoke run on a CPU")
+    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    args = ap.parse_args(argv)
+    try:
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes."""
+    return [args.out] if args.out else []
+
+
 def main():
-    small = "--small" in sys.argv
+    args = parse_args()
+    small = args.small
     rng = np.random.default_rng(0)
     be = backends.auto()
     out = {"device": backends.device(be).name, "backend": be, "mlx": mx.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -85,8 +108,9 @@ def main():
             for k, v in res.items():
                 print(f"  {k}: {v:.2f} us" if isinstance(v, float) else f"  {k}: {v}")
     text = json.dumps(out, indent=2)
-    if "--json" in sys.argv:
-        with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
             f.write(text)
     print(text)
 

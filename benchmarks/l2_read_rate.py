@@ -4,6 +4,8 @@ sweep times kernels; a DRAM-sized buffer (1 GB) is read the same way for compari
 
     python benchmarks/l2_read_rate.py      # GB/s per case, JSON on the last line
 
+Writes nothing: the results go to stdout (redirect them to keep them).
+
 Why: a tiled matmul reads each operand tile from L2 once per block. At 4096^3, the wgmma
 template's 128x256x64 tiles move 48 KB per k-tile per block, 1.6 GB in all; at its
 measured 0.26 ms that is ~6.2 TB/s of L2-to-SM traffic. If that is close to what the L2

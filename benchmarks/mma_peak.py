@@ -4,6 +4,8 @@ like the sweep times kernels, next to mx.matmul at 4096^3.
 
     python benchmarks/mma_peak.py       # prints TFLOP/s, JSON on the last line
 
+Writes nothing: the results go to stdout (redirect them to keep them).
+
 Why: matmul/mma.cuda.j2 is built on mma.sync. On Hopper, cuBLAS uses wgmma (warpgroup
 MMA from shared memory), which mma.sync cannot reach; this measures how far below the
 card's matmul rate mma.sync itself stops, so a template's gap to mx.matmul can be split

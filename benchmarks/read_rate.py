@@ -3,6 +3,8 @@ timed exactly as the sweep times kernels, with 1, 2 and 8 rotating copies?
 
     python benchmarks/read_rate.py            # prints GB/s per case, JSON on the last line
 
+Writes nothing: the results go to stdout (redirect them to keep them).
+
 A read rate above the memory's datasheet peak means the cache kept part of the data
 between calls: the number is not a DRAM number.
 """

@@ -4,6 +4,8 @@ built-in computes, under mx.compile and mx.grad too. Prints one line per check; 
 on the first failure.
 
     python benchmarks/runtime_check.py
+
+Writes nothing: one line per check to stdout (kernels it compiles go to the compile cache).
 """
 
 import sys

@@ -1,6 +1,11 @@
 """What a program sees when it calls `hlh_mlx.tuned.<op>` instead of the MLX built-in.
 
-    python benchmarks/tuned_calls.py [--small] [--json out.json]
+    python benchmarks/tuned_calls.py [--small] [--out FILE [--force]]
+
+Writes: the table and a JSON summary to stdout; the summary with every row to FILE only
+when --out FILE (or --json FILE) is given. An existing FILE is refused before anything is
+measured, unless --force (the recorded results under benchmarks/results/ are replaced only
+on purpose).
 
 For each LLM-sized case (norms, softmax, SwiGLU, RoPE, gemv, 4-bit gemv, matmul, decode
 attention; fp16), both sides called with the user's own arguments, as a model calls them:
@@ -18,12 +23,13 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from hlh_mlx import backends, ops, timing, tuned
+from hlh_mlx import backends, ops, paths, timing, tuned
 
 CASES = [  # (op, shape): the op's default sweep shapes and the decode shapes of Llama-3-8B
     ("rms_norm", "1x4096"), ("rms_norm", "128x4096"), ("rms_norm", "8192x4096"),
@@ -118,12 +124,27 @@ def _last_choice(op_name):
     return choices[-1] if choices else "?"
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any machine")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
     ap.add_argument("--only", action="append", default=[], help="only these ops (repeat)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        paths.refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def outputs(args) -> list[Path]:
+    """The files this run writes."""
+    return [args.out] if args.out else []
+
+
+def main():
+    args = parse_args()
     be = backends.auto()
     rows = []
     for op_name, shape in (SMALL if args.small else CASES):
@@ -154,8 +175,9 @@ def main():
         "min_e2e_compiled": min((r["e2e_compiled_x"] for r in ok), default=None),
     }
     print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
             json.dump({**summary, "rows": rows}, f, indent=2)
 
 

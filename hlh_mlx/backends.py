@@ -22,6 +22,14 @@ from .variants import Variant
 
 BACKENDS = ("metal", "emulator", "cuda")
 TEMPLATE_BACKEND = {"metal": "metal", "emulator": "metal", "cuda": "cuda"}
+RUNS_ON = {"metal": "--backend metal (on a Mac) or --backend emulator", "cuda": "--backend cuda (on an NVIDIA GPU)"}
+
+
+def wrong_backend(template_name: str, template_backend: str, backend: str) -> str:
+    """Why a template of one kind cannot run on this back end, and what runs it."""
+    return f"{template_name} is a {template_backend} template: it runs with {RUNS_ON[template_backend]}, not on {backend}"
+
+
 # Back ends whose custom kernels are graph nodes `mx.compile` can trace and replay (the
 # emulator computes eagerly on the host, so a trace of it would be a constant).
 COMPILABLE = frozenset({"metal", "cuda"})

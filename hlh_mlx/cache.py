@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +72,29 @@ class Entry:
     used: float     # last use (the newest atime/mtime of its files)
 
 
+def _walk(d: Path):
+    """`d` and everything under it, (path, lstat), skipping what vanishes on the way: other
+    processes build, rename and evict entries while this one counts (Path.rglob raises then)."""
+    try:
+        yield d, d.lstat()
+    except OSError:
+        return
+    for top, dirs, files in os.walk(d):  # os.walk skips folders it can no longer read
+        for name in [*dirs, *files]:
+            p = Path(top, name)
+            try:
+                yield p, p.lstat()
+            except OSError:
+                continue
+
+
 def _measure(d: Path) -> tuple[int, float]:
     total, used = 0, 0.0
-    for p in [d, *d.rglob("*")]:
-        try:
-            st = p.lstat()
-        except OSError:
-            continue
-        if p.is_file():
+    for _, st in _walk(d):
+        is_file = stat.S_ISREG(st.st_mode)
+        if is_file:
             total += st.st_size
-        used = max(used, st.st_mtime, st.st_atime if p.is_file() else 0.0)
+        used = max(used, st.st_mtime, st.st_atime if is_file else 0.0)
     return total, used
 
 
@@ -105,7 +119,7 @@ def entries() -> list[Entry]:
 def total_bytes() -> int:
     """Every byte under the cache root (what `du` would count, roughly)."""
     r = root()
-    return sum(p.stat().st_size for p in r.rglob("*") if p.is_file() and not p.is_symlink()) if r.is_dir() else 0
+    return sum(st.st_size for _, st in _walk(r) if stat.S_ISREG(st.st_mode)) if r.is_dir() else 0
 
 
 def info() -> dict:

@@ -62,6 +62,12 @@ def _params(template: templates.Template, pairs) -> dict:
     return out
 
 
+def _dtypes(op: ops.OpSpec, dtypes) -> None:
+    for d in dtypes:
+        if d not in op.dtypes:
+            raise click.UsageError(f"[{op.name}] unsupported dtype {d!r} (one of {', '.join(op.dtypes)})")
+
+
 def _shapes(op, texts):
     try:
         return [op.parse_shape(t) for t in texts] or None
@@ -85,6 +91,11 @@ class _Group(click.Group):
 def main():
     """Write, check, tune and ship custom GPU kernels for MLX."""
     warnings.showwarning = _show_warning
+    from . import config
+    try:
+        config.check_all()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -125,6 +136,7 @@ def list_cmd(op):
 def render(op, template, pairs, full, dtype):
     """Print a variant's kernel body (missing parameters take their first value)."""
     spec = _op(op)
+    _dtypes(spec, [dtype])
     t = _template(spec, template)
     params = {k: v[0] for k, v in t.params.items()}
     params.update(_params(t, pairs))
@@ -157,7 +169,7 @@ def render(op, template, pairs, full, dtype):
 @click.argument("template", required=False)
 @click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
 @click.option("--dtype", "dtypes", multiple=True, help="dtype(s) to check (default: every dtype of the op).")
-@click.option("--sample", type=int, default=None, help="Check a seeded sample of N variants per template.")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Check a seeded sample of N variants per template.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sanitize/--no-sanitize", default=True, show_default=True,
               help="Emulator: check for races, out-of-bounds, uninitialized reads, barrier divergence.")
@@ -168,12 +180,16 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 
     from . import check as check_mod
     spec = _op(op)
+    _dtypes(spec, dtypes)
     try:
         be = backends.resolve(backend)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     temps = [_template(spec, template, backends.TEMPLATE_BACKEND[be])] if template else [
         t for t in _templates(spec.name) if t.backend == backends.TEMPLATE_BACKEND[be]]
+    for t in temps:
+        if t.backend != backends.TEMPLATE_BACKEND[be]:
+            raise click.UsageError(backends.wrong_backend(t.name, t.backend, be))
     if not temps:
         raise click.UsageError(f"no {backends.TEMPLATE_BACKEND[be]} templates for {spec.name}")
     rng = np.random.default_rng()
@@ -219,12 +235,12 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
 @click.option("--dtype", "dtypes", multiple=True, help="dtype(s) (default float32).")
 @click.option("--backend", type=click.Choice(["auto", *backends.BACKENDS]), default="auto", show_default=True)
 @click.option("--template", default=None, help="Sweep only this template family.")
-@click.option("--budget", type=int, default=None, help="At most N variants: a seeded sample, then neighbours of the best.")
+@click.option("--budget", type=click.IntRange(min=1), default=None, help="At most N variants: a seeded sample, then neighbours of the best.")
 @click.option("--variant", "picks", multiple=True, metavar="K=V,K=V",
               help="Run this variant of --template first (repeat); the budget beyond these goes to their neighbours.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--top", type=int, default=None, help="Show only the N best variants.")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Show only the N best variants.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="Seconds per variant before it counts as hung.")
 @click.option("--retime", is_flag=True, help="Time the built-in and the stored winner again in this run, "
               "even if no variant is new (e.g. on another machine, before comparing).")
 @click.option("--retry-failed", is_flag=True, help="Run again every stored failure (environmental ones - no "
@@ -239,9 +255,7 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
 
     Exits 1 when no variant passed, 0 otherwise."""
     spec = _op(op)
-    for d in dtypes:
-        if d not in spec.dtypes:
-            raise click.UsageError(f"[{spec.name}] unsupported dtype {d!r} (one of {', '.join(spec.dtypes)})")
+    _dtypes(spec, dtypes)
     if picks and not template:
         raise click.UsageError("--variant needs --template (the family the parameters belong to)")
     if (top or retime) and backends.resolve(backend) == "emulator":
@@ -253,7 +267,8 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
             tb = backends.TEMPLATE_BACKEND[backends.resolve(backend)]
             t = next((t for t in _templates(spec.name) if template in (t.family, t.name) and t.backend == tb), None)
             if t is None:
-                raise click.UsageError(f"unknown template {template!r} for {spec.name}")
+                t = _template(spec, template, tb)  # unknown: names the known ones
+                raise click.UsageError(backends.wrong_backend(t.name, t.backend, backends.resolve(backend)))
             pick_params = [_params(t, text.split(",")) for text in picks]
         p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
                            backend=backend, budget=budget, seed=seed, timeout=timeout, template=template,
@@ -373,12 +388,18 @@ def guard(paths):
     Templates must render without host escapes and write every output correctly on fresh
     random inputs. Python files are scanned for patched timers, identity caches, hard-coded
     shapes, built-in fallbacks inside `except`, and side streams. Default: templates/.
+    Counts and an ETA go to stderr (a line every tenth of the work when piped).
     """
     from pathlib import Path
 
     from . import guard as guard_mod, paths as paths_mod
     targets = list(paths) or paths_mod.template_roots()[:1]
-    findings = guard_mod.scan([Path(p) for p in targets])
+    for p in targets:
+        if not Path(p).is_dir() and not (Path(p).suffix == ".py" or Path(p).name.endswith(".j2")):
+            raise click.UsageError(f"{p}: guard checks templates (.j2) and Python files (.py), or folders of them")
+    jobs = guard_mod.plan([Path(p) for p in targets])  # templates are loaded here: the count is known
+    with Progress(len(jobs), "guarding") as bar:  # on stderr: the findings on stdout stay as they were
+        findings = guard_mod.run(jobs, progress=lambda: bar.update(1))
     for f in findings:
         click.echo(("" if f.blocking else "note: ") + str(f))
     blocking = [f for f in findings if f.blocking]
@@ -400,8 +421,11 @@ def export(op, variant_id, output, fmt):
         text = export_mod.render_module(spec.name, variant_id, fmt)
     except export_mod.ExportError as e:
         raise click.ClickException(str(e)) from None
-    with open(output, "w") as f:
-        f.write(text)
+    try:
+        with open(output, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     click.echo(f"wrote {output}")
 
 

@@ -60,6 +60,18 @@ def get(name: str):
     return _values[name]
 
 
+def check_all() -> None:
+    """Parse every setting now, keeping nothing: a ValueError naming the first bad one (the
+    command line checks them before any work; a worker would fail each variant on it)."""
+    for knob in KNOBS.values():
+        raw = os.environ.get(knob.name, "")
+        try:
+            if raw.strip():
+                knob.parse(raw)
+        except ValueError:
+            raise ValueError(f"{knob.name}={raw!r} is not valid: {knob.doc}") from None
+
+
 def reset() -> None:
     """Read every setting from the environment again on next use."""
     _values.clear()

@@ -168,64 +168,94 @@ def scan_python(path: Path) -> list[Finding]:
 
 def scan_template(path: Path, sample: int = 2) -> list[Finding]:
     """Render a sample of variants; refuse host escapes; run Metal ones with poisoned outputs."""
-    import numpy as np
+    return [f for job in _template_jobs(path, sample) for f in job()]
 
-    from . import backends, check, ops, templates, variants
-    from .emulator import safety
-    from .emulator.errors import UnsafeKernelError
+
+def _template_jobs(path: Path, sample: int = 2) -> list:
+    """The checks of one template, one job per sampled variant (a job returns findings)."""
+    from . import templates, variants
     from .templates import TemplateError
 
     try:
         t = templates.load(path)
         vs = variants.sample(variants.expand(t), sample, seed=0)
-    except (TemplateError, ValueError) as e:
-        return [Finding(str(path), getattr(e, "line", None), "template", str(e))]
+    except TemplateError as e:
+        return [lambda e=e: [Finding(str(path), e.line, "template", e.message)]]
+    except ValueError as e:
+        return [lambda e=e: [Finding(str(path), None, "template", str(e))]]
     if not vs:
-        return [Finding(str(path), None, "template", "the space has no valid variant")]
+        return [lambda: [Finding(str(path), None, "template", "the space has no valid variant")]]
     # buffer names go into generated kernel code (and the emulator's launcher spec) as they are
     bad = [n for n in [*t.inputs, *t.outputs] if not (isinstance(n, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n))]
     if bad:
-        return [Finding(str(path), None, "host-escape", "input/output names must be C identifiers: "
-                        + ", ".join(ascii(n) for n in bad))]
+        return [lambda: [Finding(str(path), None, "host-escape", "input/output names must be C identifiers: "
+                                 + ", ".join(ascii(n) for n in bad))]]
+    return [lambda v=v: _check_variant(path, t, v) for v in vs]
+
+
+def _check_variant(path: Path, t, v) -> list[Finding]:
+    import numpy as np
+
+    from . import backends, check, ops
+    from .emulator import safety
+    from .emulator.errors import UnsafeKernelError
+    from .templates import TemplateError
+
     out = []
     op = ops.get(t.op)
     rng = np.random.default_rng()
-    for v in vs:
+    try:
         r = v.rendered
-        try:
-            if t.backend == "metal":  # the kernel then runs only inside the emulator's sandbox
-                for part, text in (("header", r.header), ("source", r.source)):
-                    safety.prepare(v.label(), part, text)
-                    safety.check(v.label(), part, text)
-            else:
-                safety.check_cuda(v.label(), r.header + "\n" + r.source)
-        except UnsafeKernelError as e:
-            out.append(Finding(str(path), None, "host-escape", str(e)))
-            continue
-        if t.backend != "metal":
-            if not backends.has_cuda():
-                out.append(Finding(str(path), None, "not-run", f"{v.label()}: needs an NVIDIA GPU to prove it writes "
-                                                               "every output (run `hlh_mlx check` there)", False))
-                continue
-        be = "cuda" if t.backend == "cuda" else ("metal" if backends.has_metal() else "emulator")
-        dtype = (t.dtypes or ["float32"])[0]
-        try:
-            k = backends.Kernel(v, be, sanitize=True)
-            _, failure = check.check_shapes(k, op, v, op.edge_shapes, dtype, rng)
-            if failure:
-                out.append(Finding(str(path), None, "wrong-or-unwritten", f"{v.label()} at {failure}"))
-        except Exception as e:
-            out.append(Finding(str(path), None, "fails", f"{v.label()}: {backends.map_compile_error(e, v)}"))
+    except TemplateError as e:  # a failure of this variant: a finding, and the scan goes on
+        return [Finding(str(path), e.line, "template", e.message)]
+    try:
+        if t.backend == "metal":  # the kernel then runs only inside the emulator's sandbox
+            for part, text in (("header", r.header), ("source", r.source)):
+                safety.prepare(v.label(), part, text)
+                safety.check(v.label(), part, text)
+        else:
+            safety.check_cuda(v.label(), r.header + "\n" + r.source)
+    except UnsafeKernelError as e:
+        return [Finding(str(path), None, "host-escape", str(e))]
+    if t.backend != "metal":
+        if not backends.has_cuda():
+            return [Finding(str(path), None, "not-run", f"{v.label()}: needs an NVIDIA GPU to prove it writes "
+                                                        "every output (run `hlh_mlx check` there)", False)]
+    be = "cuda" if t.backend == "cuda" else ("metal" if backends.has_metal() else "emulator")
+    dtype = (t.dtypes or ["float32"])[0]
+    try:
+        k = backends.Kernel(v, be, sanitize=True)
+        _, failure = check.check_shapes(k, op, v, op.edge_shapes, dtype, rng)
+        if failure:
+            out.append(Finding(str(path), None, "wrong-or-unwritten", f"{v.label()} at {failure}"))
+    except Exception as e:
+        out.append(Finding(str(path), None, "fails", f"{v.label()}: {backends.map_compile_error(e, v)}"))
     return out
 
 
-def scan(paths: list[Path]) -> list[Finding]:
-    findings = []
+def plan(paths: list[Path]) -> list:
+    """What `scan` will do, as jobs (each returns its findings): one per Python file and
+    one per sampled template variant, in scan order, so a caller can count them."""
+    jobs = []
     for p in paths:
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         for f in files:
             if f.suffix == ".py":
-                findings += scan_python(f)
+                jobs.append(lambda f=f: scan_python(f))
             elif f.name.endswith(".j2"):
-                findings += scan_template(f)
+                jobs += _template_jobs(f)
+    return jobs
+
+
+def scan(paths: list[Path], progress=None) -> list[Finding]:
+    """Every finding in `paths`; `progress()` is called after each job of `plan(paths)`."""
+    return run(plan(paths), progress)
+
+
+def run(jobs: list, progress=None) -> list[Finding]:
+    findings = []
+    for job in jobs:
+        findings += job()
+        if progress is not None:
+            progress()
     return findings

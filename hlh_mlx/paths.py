@@ -42,3 +42,21 @@ def results_dir() -> Path:
         return p
     base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
     return base / "hlh_mlx" / "variants"
+
+
+def bench_results() -> Path:
+    """Where benchmark scripts write by default: benchmarks/results/local/ in the checkout,
+    which git ignores, so a run never overwrites the results the repository records (those
+    are written on purpose, with --out PATH --force)."""
+    return _CHECKOUT / "benchmarks" / "results" / "local"
+
+
+def refuse_overwrite(files, force: bool) -> None:
+    """Before a benchmark runs: a ValueError naming the first output file that already exists,
+    unless `force` (scripts turn it into a usage error, so nothing is measured in vain)."""
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder: give a file name to --out")
+        if p.exists() and not force:
+            raise ValueError(f"{p} exists: pass --force to overwrite it, or another --out")

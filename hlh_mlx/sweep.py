@@ -108,6 +108,9 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
     temps = [t for t in templates.discover(op.name) if t.backend == tbackend]
     if template:
         temps = [t for t in temps if t.family == template or t.name == template]
+        other = [t for t in templates.discover(op.name) if template in (t.family, t.name)]
+        if not temps and other:
+            raise ValueError(backends.wrong_backend(other[0].name, other[0].backend, be))
         if not temps:
             known = ", ".join(t.name for t in templates.discover(op.name)) or "none"
             raise ValueError(f"unknown template {template!r} for {op.name} (known: {known})")

@@ -65,7 +65,7 @@ class TemplateError(ValueError):
     """A template that cannot be used: names the file and line."""
 
     def __init__(self, path: Path | str, line: int | None, message: str):
-        self.path, self.line = str(path), line
+        self.path, self.line, self.message = str(path), line, message
         super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
@@ -568,6 +568,35 @@ def _env() -> SandboxedEnvironment:
     return env
 
 
+_UNDEFINED = re.compile(r"'([^']+)' is undefined")
+
+
+def _undefined_message(e: jinja2.UndefinedError) -> str | None:
+    """Jinja's "'X' is undefined" as the toolkit says it: undefined name 'X'."""
+    m = _UNDEFINED.fullmatch(str(e.message or ""))
+    return f"undefined name {m.group(1)!r}" if m else None
+
+
+def _undefined_names(tree: jinja2.nodes.Template, known: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of each name the body reads that nothing can define: not a parameter,
+    not a global, and never assigned anywhere in the template (a name set on one branch
+    only is left to the render, which names its line when it is missing). Reads guarded by
+    `is defined` or `| default` are fine."""
+    from jinja2 import meta, nodes
+    loaded = meta.find_undeclared_variables(tree) - known - set(ENV.globals)
+    if not loaded:
+        return []
+    names = list(tree.find_all(nodes.Name))
+    assigned = {n.name for n in names if n.ctx != "load"}
+    guarded = {id(n.node) for n in tree.find_all((nodes.Test, nodes.Filter))
+               if isinstance(n.node, nodes.Name) and n.name in ("defined", "undefined", "default", "d")}
+    first: dict[str, int] = {}
+    for n in names:
+        if n.ctx == "load" and n.name in loaded and n.name not in assigned and id(n) not in guarded:
+            first[n.name] = min(first.get(n.name, n.lineno), n.lineno)
+    return sorted((line, name) for name, line in first.items())
+
+
 def _template_line(tb, nlines: int, compiled: jinja2.Template | None = None) -> int | None:
     """The template line a render error was raised at: the innermost frame of the
     compiled template, mapped back through its debug info (code line -> template line)."""
@@ -606,7 +635,7 @@ class Expr:
         try:
             return compiled(**values)
         except jinja2.UndefinedError as e:
-            raise TemplateError(self.path, self.line, f"in {self.text!r}: {e.message}") from None
+            raise TemplateError(self.path, self.line, f"{_undefined_message(e) or e.message} in {self.text!r}") from None
         except RenderLimit as e:
             raise TemplateError(self.path, self.line, f"in {self.text!r}: stopped: {e}") from None
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, MemoryError, RecursionError,
@@ -663,12 +692,20 @@ class Template:
     @cached_property
     def _jinja(self) -> jinja2.Template:
         try:
-            return ENV.from_string(_mark_lines(self.text))
+            tree = ENV.parse(_mark_lines(self.text))
+            compiled = ENV.from_string(tree)
+            undefined = _undefined_names(tree, set(self.params))
         except jinja2.TemplateSyntaxError as e:
             line = e.lineno or self.text.count("\n") + 1
             raise TemplateError(self.path, line, f"template syntax error: {e.message}") from None
         except (RecursionError, MemoryError, ValueError, OverflowError) as e:  # nesting too deep for the compiler
             raise TemplateError(self.path, None, f"template cannot be compiled: {type(e).__name__}: {e}") from None
+        if undefined:  # a typo in the body: say so when the template loads, for every command
+            line, name = undefined[0]
+            sees = ", ".join([*self.params, "ceil_div", "min", "max", "range", "namespace"])
+            raise TemplateError(self.path, line, f"undefined name {name!r} (the body sees only {sees}; shape "
+                                                 "sizes and the dtype reach the kernel at run time, e.g. x_shape[0])")
+        return compiled
 
     def render(self, params: dict) -> Rendered:
         compiled = self._jinja
@@ -691,7 +728,9 @@ class Template:
                 raise RenderLimit(f"rendered {len(body) + len(header)} characters (at most {MAX_RENDER_CHARS})")
         except jinja2.TemplateError as e:
             line = getattr(e, "lineno", None) or _template_line(e.__traceback__, nlines, compiled)
-            raise TemplateError(self.path, line, f"rendering with {params}: {e}") from None
+            undefined = _undefined_message(e) if isinstance(e, jinja2.UndefinedError) else None
+            raise TemplateError(self.path, line, f"{undefined} (rendering with {params})" if undefined
+                                else f"rendering with {params}: {e}") from None
         except RenderLimit as e:
             raise TemplateError(self.path, _template_line(e.__traceback__, nlines, compiled),
                                 f"rendering with {params} was stopped: {e}") from None

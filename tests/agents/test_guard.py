@@ -1,6 +1,9 @@
 """`hlh_mlx guard` catches each known trick on a planted example, naming the line, and
 passes the shipped templates and an honest kernel file."""
 
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -84,3 +87,21 @@ def test_guard_catches_a_host_escape_in_a_template(tmp_path):
     p.write_text(copy_template("naive.metal.j2").replace("float acc = 0.0f;", 'float acc = 0.0f; system("id");'))
     r = CliRunner().invoke(main, ["guard", str(p)])
     assert r.exit_code == 1 and "host-escape" in r.output and "system" in r.output
+
+
+def test_guard_shows_counts_and_an_eta_when_piped(tmp_path):
+    """`guard templates/matmul` was silent for minutes when piped: progress goes to stderr
+    (one line per item here), the findings and the exit status stay what they were."""
+    d = tmp_path / "submission"
+    (d / "gelu").mkdir(parents=True)
+    (d / "honest.py").write_text(HONEST)
+    (d / "cheat.py").write_text(CHEATS["stream"][1])
+    (d / "gelu" / "elementwise.metal.j2").write_text((ROOT / "templates" / "gelu" / "elementwise.metal.j2").read_text())
+    r = subprocess.run([sys.executable, "-m", "hlh_mlx", "guard", str(d)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr
+    # two python files and the two sampled variants of the template
+    assert "guarding: 0/4" in r.stderr and "guarding: 4/4 (100%)" in r.stderr, r.stderr
+    assert "guarding: 3/4 (75%)" in r.stderr and "eta" in r.stderr, r.stderr
+    expected = [str(f) for f in guard.scan([d])] + [f"guard: 1 finding(s) in {d}"]
+    assert r.stdout.splitlines() == expected and "stream" in expected[0]

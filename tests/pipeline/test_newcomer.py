@@ -30,7 +30,7 @@ def test_a_template_error_is_one_line_naming_file_and_line_in_every_command(extr
     for args in (["list", "softmax"], ["check", "softmax", "bad", "--sample", "1"]):
         r = CliRunner().invoke(main, args)
         assert r.exit_code in (1, 2) and "Traceback" not in r.output, (args, r.output)
-        assert f"{path}:" in r.output and "'R' is undefined" in r.output
+        assert f"{path}:" in r.output and "undefined name 'R'" in r.output
 
 
 def test_the_emulator_shows_what_it_proved_and_refuses_to_rank(store_dir):

@@ -92,3 +92,24 @@ def test_a_bad_size_is_a_one_line_error(cache_dir):
     assert r.exit_code == 1 and "not a size: 'lots'" in r.output and "Traceback" not in r.output
     r = cli("cache", "info", env={"HLH_MLX_CACHE_MAX": "huge"})
     assert r.exit_code == 1 and "HLH_MLX_CACHE_MAX: not a size" in r.output
+
+
+@pytest.mark.parametrize("command", [("cache", "info"), ("cache", "clean")])
+def test_a_build_that_vanishes_while_the_cache_is_counted_is_skipped(cache_dir, monkeypatch, command):
+    """Another process's partial build can be renamed or removed while `cache info` walks the
+    cache (two sweeps at once are supported): that was a FileNotFoundError traceback."""
+    import shutil
+    kernel(cache_dir, "k0", 2, 3600)
+    sub = cache_dir / "emulator" / "kernels" / ".build-racing" / "obj"
+    sub.mkdir(parents=True)
+    (sub / "kernel.o").write_bytes(b"\0" * 100)
+    real = os.scandir
+
+    def racing(path="."):
+        if str(path).endswith("obj"):  # the other process finishes just before this folder is read
+            shutil.rmtree(os.path.dirname(str(path)), ignore_errors=True)
+        return real(path)
+    monkeypatch.setattr(os, "scandir", racing)
+    r = cli(*command)
+    assert r.exit_code == 0 and "Traceback" not in r.output and r.exception is None, r.output
+    assert (cache_dir / "emulator" / "kernels" / "k0").exists()
