@@ -6,8 +6,8 @@ while the GPU work of one is a few microseconds too, so a patched model is host-
 the calls are few. `DecoderBlock` keeps an mlx-lm block's children (same parameter names:
 checkpoints load unchanged) and runs its decode step as
 
-    q, k, v = pre(x)                     # compiled: norm, q/k/v projections (+ q/k norms)
-    q, k = rope(q), rope(k); k, v = cache.update_and_fetch(k, v); o = attention(q, k, v)
+    q, k, v = pre(x, offset)             # compiled: norm, q/k/v projections (+ q/k norms), RoPE
+    k, v = cache.update_and_fetch(k, v); o = attention(q, k, v)
     out = post(x, o)                     # compiled: o projection, residual, norm, MLP, residual
 
 where `pre` and `post` are `mx.compile`d with every weight of the block passed as an input
@@ -25,7 +25,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import tuned
+from . import runtime, tuned
+from .ops.rope import _offset_array as offset_array
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
 _BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -105,21 +106,25 @@ class DecoderBlock(nn.Module):
                 object.__setattr__(self, k, v)
         object.__setattr__(self, "_fused", fused)
         object.__setattr__(self, "_compiled", None)
+        self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
         """Forget the compiled step (after children are replaced)."""
         object.__setattr__(self, "_compiled", None)
 
     def _children_key(self):
-        """Which modules the compiled step was traced with (patching replaces children)."""
-        key = []
+        """Which modules and which decisions the compiled step was traced with (patching
+        replaces children; hlh_mlx.tuned.refresh() after a sweep changes what a call runs)."""
+        key = [runtime.generation[0]]
         for k in _BLOCK_PARTS:
             m = self[k]
             key.append(id(m))
             key += [id(c) for c in m.values() if isinstance(c, nn.Module)]
         return tuple(key)
 
-    def _qkv(self, x):
+    def _qkv(self, x, offset):
+        """Queries and keys rotated to `offset` (an int, or a (1,) array inside the compiled step),
+        and values, each (B, heads, T, head_dim)."""
         a = self["self_attn"]
         b, t, _ = x.shape
         h = self["input_layernorm"](x)
@@ -127,7 +132,8 @@ class DecoderBlock(nn.Module):
             a.v_proj(h).reshape(b, t, a.n_kv_heads, -1)
         if "q_norm" in a:
             q, k = a.q_norm(q), a.k_norm(k)
-        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        return a.rope(q, offset=offset), a.rope(k, offset=offset), v.transpose(0, 2, 1, 3)
 
     def _out(self, x, o):
         b, t, _ = x.shape
@@ -150,18 +156,16 @@ class DecoderBlock(nn.Module):
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         from mlx_lm.models.base import scaled_dot_product_attention
-        a = self["self_attn"]
+        offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1 and not self.training:
             qkv, out = self._steps()
+            offset = offset_array(offset)  # data, so one trace serves every step
         else:  # prefill and training: shapes vary, the host cost is small beside the work
             qkv, out = self._qkv, self._out
-        q, k, v = qkv(x)
+        q, k, v = qkv(x, offset)
         if cache is not None:
-            q, k = a.rope(q, offset=cache.offset), a.rope(k, offset=cache.offset)
             k, v = cache.update_and_fetch(k, v)
-        else:
-            q, k = a.rope(q), a.rope(k)
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=a.scale, mask=mask)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self["self_attn"].scale, mask=mask)
         return out(x, o)
 
 

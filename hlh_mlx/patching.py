@@ -116,6 +116,7 @@ def patch(model: base_nn.Module) -> PatchReport:
     def visit(parent, key, module, path):
         new, reason = _replacement(module)
         if new is not None:
+            new.train(module.training)  # a new Module starts in training mode: keep the model's
             parent[key] = new
             report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
             walk(new, path)  # a SwiGLU's projections are layers of their own

@@ -1,0 +1,85 @@
+"""hlh_mlx.blocks.DecoderBlock: an mlx-lm block's decode step as two compiled calls, same
+results, traced once, weights read as inputs (never stale), eval mode kept."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import make_prompt_cache
+
+from hlh_mlx import blocks, models, patching, tuned
+
+
+@pytest.fixture(autouse=True)
+def fresh(store_dir):
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+def _decode(model, steps=4, prompt=(3, 1, 4, 1, 5)):
+    cache = make_prompt_cache(model)
+    logits = [model(mx.array([list(prompt)]), cache=cache)[:, -1]]
+    tok = mx.array([[7]])
+    for _ in range(steps):
+        logits.append(model(tok, cache=cache)[:, -1])
+    return mx.concatenate(logits).astype(mx.float32)
+
+
+class _Counting(nn.Module):
+    """Wraps a layer and counts how often Python runs it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "calls", 0)
+
+    def __call__(self, x):
+        object.__setattr__(self, "calls", self.calls + 1)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
+def test_blocks_give_the_same_logits_and_trace_the_decode_step_once(name):
+    model, _ = models.load(name, bits=16, dtype="float32")
+    before = _decode(model)
+    report = patching.patch(model)
+    layers = model.model.layers
+    assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
+    assert not any(b.training for b in layers), "patch put an eval-mode model into training mode"
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    counter = _Counting(layers[0].self_attn.q_proj)
+    layers[0].self_attn.q_proj = counter
+    _decode(model, steps=6)
+    # the 5-token prefill runs Python; the six decode steps run it once, to trace
+    assert counter.calls == 2
+
+
+def test_weights_loaded_after_patching_are_used():
+    model, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    twin, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    patching.patch(model)
+    _decode(model)  # traced with the old weights
+    new = tree_map(lambda w: w * 1.5 if w.ndim == 2 else w, dict(tree_flatten(model.parameters())))
+    model.load_weights(list(new.items()))
+    twin.load_weights(list(new.items()))
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(_decode(twin)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_block_that_computes_something_else_is_kept_with_the_reason():
+    model, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    block = model.model.layers[0]
+
+    class Odd(type(block)):  # the same children, another computation (no residual on the MLP)
+        def __call__(self, x, mask=None, cache=None):
+            h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+            return self.mlp(self.post_attention_layernorm(h))
+    odd = Odd.__new__(Odd)
+    odd.__dict__.update(block.__dict__)
+    dict.update(odd, block)
+    model.model.layers[0] = odd
+    report = patching.patch(model)
+    kept = {p: why for p, _, why in report.kept}
+    assert "decoder block kept: differs at prefill" in kept["model.layers.0"]
+    assert model.model.layers[0] is odd and isinstance(model.model.layers[1], blocks.DecoderBlock)
