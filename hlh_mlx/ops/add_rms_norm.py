@@ -13,8 +13,9 @@ EPS = 1e-5
 
 
 def add_rms_norm(x, r, weight, eps):
-    """h = x + r; y = mx.fast.rms_norm(h, weight, eps); returns (h, y) (the residual add
-    and RMSNorm of a decoder block, as mlx-lm writes them)."""
+    """Residual add + RMSNorm of a decoder block: returns (h, y) with h = x + r, y = rms_norm(h).
+
+    As mlx-lm writes it: h = x + r (in the inputs' dtype), y = mx.fast.rms_norm(h, weight, eps)."""
     h = x + r
     return h, mx.fast.rms_norm(h, weight, eps)
 
@@ -65,6 +66,10 @@ OP = rowwise(
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}, {"R": 2, "C": 1000}],
     bind=bind,
     function=add_rms_norm,
-    differentiable=True,
+    # False: hlh_mlx.runtime's VJP passes the cotangent of a call as one array ([cotangent]),
+    # and for two outputs MLX hands it a tuple of two, which mx.vjp refuses. Without a
+    # variant the built-in runs and mx.grad works; through a variant a gradient is MLX's
+    # error that custom kernels have no VJP.
+    differentiable=False,
     export_outputs=["(R, C)", "(R, C)"],
 )
