@@ -43,11 +43,19 @@ def _tmpdir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+# Where a buffer starts without the sanitizer: Metal buffers are at least this aligned, and
+# a kernel's vec<T, 4> loads compile to aligned vector instructions (a buffer that followed
+# an odd-sized one crashed them with SIGSEGV, where the sanitizer's page-aligned layout passed).
+ALIGN = 64
+
+
 def _layout(regions: list[Region], sanitize: bool) -> int:
     pos = 0
     for r in regions:
         if sanitize:  # page-aligned: the launcher maps each buffer on its own, far from the others
             pos = (pos + 4095) // 4096 * 4096
+        else:
+            pos = (pos + ALIGN - 1) // ALIGN * ALIGN
         r.offset = pos
         pos += max(r.nbytes, 1)
     return (pos + 4095) // 4096 * 4096 + 4096 if sanitize else pos + 64

@@ -296,3 +296,22 @@ def test_verbose_prints_mlx_style_signature(capsys):
     assert "const constant int* a_shape [[buffer(1)]]" in text  # substring match, comments count
     assert "const constant float& s [[buffer(2)]]" in text
     assert "uint3 thread_position_in_grid [[thread_position_in_grid]]" in text
+
+
+VEC4_AFTER_ODD = """
+    uint i = thread_position_in_grid.x;
+    vec<float, 4> v = *(const device vec<float, 4>*)(b + 4 * i);
+    *(device vec<float, 4>*)(out + 4 * i) = v * 2.0f + a[0];
+"""
+
+
+@pytest.mark.parametrize("sanitize", [False, True])
+def test_vector_loads_from_a_buffer_after_an_odd_sized_one(rng, sanitize):
+    """Metal buffers are aligned; so are the emulator's with and without the sanitizer (a
+    vec<float, 4> load from a buffer laid out after a 3-float one crashed unsanitized)."""
+    k = emulator.metal_kernel("vec4", ["a", "b"], ["out"], VEC4_AFTER_ODD, sanitize=sanitize)
+    a = mx.array(rng.standard_normal(3).astype(np.float32))
+    b = mx.array(rng.standard_normal(64).astype(np.float32))
+    (y,) = k(inputs=[a, b], grid=(16, 1, 1), threadgroup=(16, 1, 1), output_shapes=[(64,)],
+             output_dtypes=[mx.float32])
+    close(y, b * 2 + a[0], 1e-6)

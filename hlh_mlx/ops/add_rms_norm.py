@@ -1,0 +1,75 @@
+"""add_rms_norm: the residual add + RMSNorm of a transformer decoder block, as mlx-lm
+computes it: h = x + r (rounded to the input dtype), y = mx.fast.rms_norm(h, w, 1e-5),
+over rows of (rows, cols); two outputs, h and y, both in the input dtype.
+
+y is computed from the *rounded* h, so a fused kernel matches the unfused built-ins bit
+for bit in h and within one rounding in y."""
+
+import mlx.core as mx
+
+from .spec import Call, as_shape, dtype_name, random_array, rowwise
+
+EPS = 1e-5
+
+
+def add_rms_norm(x, r, weight, eps):
+    """Residual add + RMSNorm of a decoder block: returns (h, y) with h = x + r, y = rms_norm(h).
+
+    As mlx-lm writes it: h = x + r (in the inputs' dtype), y = mx.fast.rms_norm(h, weight, eps)."""
+    h = x + r
+    return h, mx.fast.rms_norm(h, weight, eps)
+
+
+def _reference(x, r, w):
+    h = x + r  # in the input dtype: the rounding the built-in (and mlx-lm) applies
+    h32 = h.astype(mx.float32)
+    s = mx.rsqrt(mx.mean(h32 * h32, axis=-1, keepdims=True) + EPS)
+    return [h, (h32 * s * w.astype(mx.float32)).astype(x.dtype)]
+
+
+def _builtin(x, r, w):
+    h = x + r
+    return [h, mx.fast.rms_norm(h, w, EPS)]
+
+
+def bind(x, r, weight, eps, **_):
+    if weight is None or abs(eps - EPS) > 1e-12:
+        return f"tuned kernels use eps={EPS} and a weight"
+    if not isinstance(r, mx.array) or r.shape != x.shape or r.dtype != x.dtype:
+        return "the residual must be an mx.array of x's shape and dtype (no broadcasting or promotion)"
+    c = x.shape[-1]
+    if not isinstance(weight, mx.array) or weight.shape != (c,) or weight.dtype != x.dtype:
+        return "weight must be a vector of the last dimension, in x's dtype"
+    rows = x.size // c
+    return Call([as_shape(x, (rows, c)), as_shape(r, (rows, c)), weight], {"R": rows, "C": c},
+                dtype_name(x.dtype), [x.shape, x.shape], finish=lambda outs: (outs[0], outs[1]))
+
+
+OP = rowwise(
+    "add_rms_norm",
+    "x",
+    make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype),
+                                       random_array(rng, (s["R"], s["C"]), dtype),
+                                       random_array(rng, (s["C"],), dtype)],
+    reference=_reference,
+    builtin=_builtin,
+    output_shapes=lambda s: [(s["R"], s["C"]), (s["R"], s["C"])],
+    output_dtypes=lambda dtype: [dtype, dtype],
+    # read x, r, w; write h, y
+    bytes=lambda s, size: (4 * s["R"] * s["C"] + s["C"]) * size,
+    flops=lambda s: 5 * s["R"] * s["C"],
+    # decode (one token) and prefill (512 tokens) at Llama-3-8B / Qwen2-7B / 13B widths
+    shapes=[{"R": 1, "C": 4096}, {"R": 512, "C": 4096}, {"R": 1, "C": 3584}, {"R": 512, "C": 3584},
+            {"R": 512, "C": 5120}],
+    emulator_shapes=[{"R": 8, "C": 512}, {"R": 5, "C": 96}],
+    # C=1: one element; 1001: odd, no vector path; 1000: vector path with a partial last step
+    edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}, {"R": 2, "C": 1000}],
+    bind=bind,
+    function=add_rms_norm,
+    # False: hlh_mlx.runtime's VJP passes the cotangent of a call as one array ([cotangent]),
+    # and for two outputs MLX hands it a tuple of two, which mx.vjp refuses. Without a
+    # variant the built-in runs and mx.grad works; through a variant a gradient is MLX's
+    # error that custom kernels have no VJP.
+    differentiable=False,
+    export_outputs=["(R, C)", "(R, C)"],
+)
