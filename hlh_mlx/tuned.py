@@ -1,6 +1,7 @@
 """Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends
 (softmax, rms_norm, layer_norm, swiglu, gelu, matmul, gemv, quantized_matmul, rope,
-scaled_dot_product_attention), with the arguments of the MLX function each replaces.
+scaled_dot_product_attention; qgemv_swiglu, a decode MLP's gate and up projections with
+SwiGLU), with the arguments of the MLX function each replaces.
 
 Each call runs the best stored variant for this device, back end, dtype and shape (the
 exact shape if it was tuned, else the nearest tuned shape its variant supports), but only
@@ -68,6 +69,7 @@ swiglu = dispatch("swiglu")
 rope = dispatch("rope")  # the offset travels as data: one plan serves every decode step
 gemv = dispatch("gemv")
 quantized_matmul = qgemv = dispatch("qgemv")
+qgemv_swiglu = dispatch("qgemv_swiglu")  # (x, wg, sg, bg, wu, su, bu, group_size, bits): silu(x Wg^T) * (x Wu^T)
 scaled_dot_product_attention = decode_attention = dispatch("decode_attention")
 gelu = dispatch("gelu")
 matmul = dispatch("matmul")
