@@ -1,15 +1,15 @@
 """add_rms_norm: the residual add + RMSNorm of a transformer decoder block, as mlx-lm
-computes it: h = x + r (rounded to the input dtype), y = mx.fast.rms_norm(h, w, 1e-5),
-over rows of (rows, cols); two outputs, h and y, both in the input dtype.
+computes it: h = x + r (rounded to the input dtype), y = mx.fast.rms_norm(h, w, eps),
+over rows of (rows, cols); two outputs, h and y, both in the input dtype. Kernel inputs
+x, r (R, C), w (C,), eps (1,) float32 (as rms_norm: any model's epsilon).
 
 y is computed from the *rounded* h, so a fused kernel matches the unfused built-ins bit
 for bit in h and within one rounding in y."""
 
 import mlx.core as mx
 
+from .rms_norm import EPS, eps_array
 from .spec import Call, as_shape, dtype_name, random_array, rowwise
-
-EPS = 1e-5
 
 
 def add_rms_norm(x, r, weight, eps):
@@ -20,28 +20,37 @@ def add_rms_norm(x, r, weight, eps):
     return h, mx.fast.rms_norm(h, weight, eps)
 
 
-def _reference(x, r, w):
+def _reference(x, r, w, eps):
     h = x + r  # in the input dtype: the rounding the built-in (and mlx-lm) applies
     h32 = h.astype(mx.float32)
-    s = mx.rsqrt(mx.mean(h32 * h32, axis=-1, keepdims=True) + EPS)
+    s = mx.rsqrt(mx.mean(h32 * h32, axis=-1, keepdims=True) + eps)
     return [h, (h32 * s * w.astype(mx.float32)).astype(x.dtype)]
 
 
-def _builtin(x, r, w):
+def _builtin(x, r, w, eps):
     h = x + r
-    return [h, mx.fast.rms_norm(h, w, EPS)]
+    return [h, mx.fast.rms_norm(h, w, eps.item())]
+
+
+def _builtin_for(shape):
+    def run(x, r, w, eps):
+        h = x + r
+        return [h, mx.fast.rms_norm(h, w, EPS)]
+    return run
 
 
 def bind(x, r, weight, eps, **_):
-    if weight is None or abs(eps - EPS) > 1e-12:
-        return f"tuned kernels use eps={EPS} and a weight"
+    if weight is None:
+        return "tuned kernels need a weight"
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        return "eps must be a number >= 0"
     if not isinstance(r, mx.array) or r.shape != x.shape or r.dtype != x.dtype:
         return "the residual must be an mx.array of x's shape and dtype (no broadcasting or promotion)"
     c = x.shape[-1]
     if not isinstance(weight, mx.array) or weight.shape != (c,) or weight.dtype != x.dtype:
         return "weight must be a vector of the last dimension, in x's dtype"
     rows = x.size // c
-    return Call([as_shape(x, (rows, c)), as_shape(r, (rows, c)), weight], {"R": rows, "C": c},
+    return Call([as_shape(x, (rows, c)), as_shape(r, (rows, c)), weight, eps_array(eps)], {"R": rows, "C": c},
                 dtype_name(x.dtype), [x.shape, x.shape], finish=lambda outs: (outs[0], outs[1]))
 
 
@@ -50,9 +59,12 @@ OP = rowwise(
     "x",
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype),
                                        random_array(rng, (s["R"], s["C"]), dtype),
-                                       random_array(rng, (s["C"],), dtype)],
+                                       random_array(rng, (s["C"],), dtype),
+                                       # large enough to matter: a kernel that ignores it fails
+                                       eps_array(float(rng.choice([0.25, 1e-5])))],
     reference=_reference,
     builtin=_builtin,
+    builtin_for=_builtin_for,
     output_shapes=lambda s: [(s["R"], s["C"]), (s["R"], s["C"])],
     output_dtypes=lambda dtype: [dtype, dtype],
     # read x, r, w; write h, y
@@ -72,4 +84,5 @@ OP = rowwise(
     # error that custom kernels have no VJP.
     differentiable=False,
     export_outputs=["(R, C)", "(R, C)"],
+    export_inputs=["(R, C)", "(R, C)", "(C,)", "(1,)"],
 )

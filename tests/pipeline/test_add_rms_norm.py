@@ -72,7 +72,7 @@ def test_arguments_no_kernel_takes_fall_back_with_the_reason(store_dir, rng):
     write(store_dir, OP, {"R": 8, "C": 512}, "float32", _variant(), ms=0.5, base_ms=1.0)
     x, r, w = _inputs(rng, (8, 512), mx.float32)
     cases = [
-        ("eps=1e-05", (x, r, w, 1e-6)),
+        ("eps must be a number", (x, r, w, -1.0)),
         ("x's shape and dtype", (x, r[:1], w, 1e-5)),                    # a broadcast residual
         ("x's shape and dtype", (x, r.astype(mx.float16), w, 1e-5)),     # promotion
         ("weight must be a vector", (x, r, w.astype(mx.float16), 1e-5)),
@@ -110,9 +110,10 @@ def test_under_mx_compile(store_dir, rng, monkeypatch):
             pass
 
         def launcher(self, shape, dtype, out_shapes, out_dtypes):
-            def launch(x, r, w):
+            def launch(x, r, w, eps):
                 h = x + r
-                return [h.reshape(out_shapes[0]), (mx.fast.rms_norm(h, w, 1e-5) * 1.0).reshape(out_shapes[1])]
+                y = h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + eps) * w
+                return [h.reshape(out_shapes[0]), y.reshape(out_shapes[1])]
             return launch
     monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
     monkeypatch.setattr(backends, "Kernel", GraphKernel)
@@ -206,7 +207,7 @@ import kernel
 rng = np.random.default_rng({seed})
 x, r = (mx.array(rng.standard_normal((6, 1000)).astype(np.float32)).astype(mx.float16) for _ in range(2))
 w = mx.array(rng.standard_normal(1000).astype(np.float32)).astype(mx.float16)
-h, y = kernel.add_rms_norm(x, r, w)
+h, y = kernel.add_rms_norm(x, r, w, mx.array([1e-5], dtype=mx.float32))
 assert mx.array_equal(h, x + r).item(), "h"
 y0 = mx.fast.rms_norm(x + r, w, 1e-5)
 err = float(mx.linalg.norm((y - y0).astype(mx.float32)) / mx.linalg.norm(y0.astype(mx.float32)))

@@ -87,14 +87,17 @@ def test_tune_sweeps_the_calls_the_model_makes_and_resumes(store_dir):
     model, _ = models.load("tiny-llama", bits=4)
     result = model_tune.tune(model, prompt_tokens=6, budget=1, notify=lambda m: None)
     calls = {(op, "x".join(map(str, s.values())), d) for op, s, d in result.calls}
-    # decode: a 4-bit gemv per projection at one token; the norms at the prefill's 5 rows and at 1
-    assert ("qgemv", "128x128x64", "float16") in calls and ("qgemv", "256x128x64", "float16") in calls
+    # decode: 4-bit gemvs at one token, gate and up fused with SwiGLU; the norms (the second one
+    # fused with the residual add) at the prefill's 5 rows and at 1
+    assert ("qgemv", "128x128x64", "float16") in calls and ("qgemv", "128x256x64", "float16") in calls
+    assert ("qgemv_swiglu", "256x128x64", "float16") in calls and ("qgemv", "256x128x64", "float16") not in calls
     assert ("rms_norm", "5x128", "float16") in calls and ("rms_norm", "1x128", "float16") in calls
+    assert ("add_rms_norm", "5x128", "float16") in calls and ("add_rms_norm", "1x128", "float16") in calls
     assert {(op, s, d) for op, s, d, ok, bad in result.swept} == calls
     assert all(ok == 1 and bad == 0 for *_, ok, bad in result.swept)
     assert set(result.decisions) == {f"{op} {s} {d}" for op, s, d in calls}
     stored = {p.name: p.read_text() for p in store_dir.rglob("*.jsonl")}
-    assert {"qgemv.jsonl", "rms_norm.jsonl", "swiglu.jsonl", "rope.jsonl"} <= set(stored)
+    assert {"qgemv.jsonl", "qgemv_swiglu.jsonl", "rms_norm.jsonl", "add_rms_norm.jsonl", "rope.jsonl"} <= set(stored)
     # a second tune (an interrupted one run again) finds every variant done: nothing re-run
     model_tune.tune(model, prompt_tokens=6, budget=1, notify=lambda m: None)
     assert {p.name: p.read_text() for p in store_dir.rglob("*.jsonl")} == stored
