@@ -129,11 +129,21 @@ def main():
               "model": a.model, "bits": a.bits, "layers": a.layers, "node_cost": node_cost()}
     print(json.dumps(result["node_cost"], indent=1))
     model, _ = models.load(a.model, bits=a.bits, layers=a.layers)
-    result["unpatched"] = step_breakdown(model, a.steps)
-    print("unpatched", json.dumps(result["unpatched"]))
+    from hlh_mlx.validate import compiled_blocks
+    for stream_name in ("default", "new"):
+        ctx = mx.stream(mx.new_thread_local_stream(mx.default_device())) if stream_name == "new" else mx.stream(mx.default_stream(mx.default_device()))
+        with ctx:
+            result[f"unpatched_{stream_name}"] = step_breakdown(model, a.steps)
+            print(f"unpatched {stream_name}", json.dumps(result[f"unpatched_{stream_name}"]))
+            with compiled_blocks(model):
+                result[f"unpatched_blocks_{stream_name}"] = step_breakdown(model, a.steps)
+                print(f"unpatched+blocks {stream_name}", json.dumps(result[f"unpatched_blocks_{stream_name}"]))
     result["patch"] = patching.patch(model).as_dict()
-    result["patched"] = step_breakdown(model, a.steps)
-    print("patched  ", json.dumps(result["patched"]))
+    for stream_name in ("default", "new"):
+        ctx = mx.stream(mx.new_thread_local_stream(mx.default_device())) if stream_name == "new" else mx.stream(mx.default_stream(mx.default_device()))
+        with ctx:
+            result[f"patched_{stream_name}"] = step_breakdown(model, a.steps)
+            print(f"patched {stream_name}", json.dumps(result[f"patched_{stream_name}"]))
     result["fallbacks"] = {f"{op}: {why}": c for (op, why), c in runtime.fallbacks().items()}
     for k, v in result["fallbacks"].items():
         print(f"fallback x{v}: {k[:120]}")
