@@ -15,9 +15,10 @@ where `pre` and `post` are `mx.compile`d with every weight of the block passed a
 run the same code uncompiled. With `fused=True` the residual add and the second norm are
 one op (`add_rms_norm`), so a tuned kernel can serve both.
 
-The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks) and
-`hlh_mlx.patch` installs it only after it computes what the original block computes, at a
-prefill and at decode steps through a KV cache.
+The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
+MoE blocks of the same layout) and `hlh_mlx.patch` installs it in quantized models only,
+after it computes what the original block computes, at a prefill and at decode steps
+through a KV cache.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ def why_not(block) -> str | None:
     if not isinstance(norm, nn.Module) or "weight" not in norm or not hasattr(norm, "eps"):
         return "post_attention_layernorm has no weight and eps (an RMSNorm)"
     return None
+
+
+def quantized(block: nn.Module) -> bool:
+    """The block's projections hold quantized weights: its decode step reads few bytes, so
+    the per-call cost of Python and graph building is what bounds it, and a compiled step
+    pays. Unquantized blocks are bound by weight reads (benchmarks/results/llm_models_h200.md)."""
+    return any(isinstance(m, nn.QuantizedLinear) for m in block.modules())
 
 
 class _Compiled:

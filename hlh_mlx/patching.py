@@ -68,6 +68,10 @@ def _replacement(module):
     """(new module, None) or (None, reason) or (None, None) when not a candidate."""
     if isinstance(module, base_nn.Module) and not isinstance(module, blocks.DecoderBlock) \
             and blocks.why_not(module) is None:
+        if not blocks.quantized(module):
+            # its layers are still patched one by one (below); only the compiled step is not used
+            return None, ("decoder block kept as it is (its layers are patched): not quantized, so its decode "
+                          "step is bound by weight reads, where a compiled step measured slower, not faster")
         new = blocks.DecoderBlock(module, fused="add_rms_norm" in ops.names())
         why = blocks.differs(module, new, module["post_attention_layernorm"]["weight"].shape[0], _dtype_of(module))
         return (new, None) if why is None else (None, f"decoder block kept: {why}")

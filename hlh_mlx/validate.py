@@ -159,8 +159,9 @@ def summary(result: dict) -> str:
                          f"{100 * e['patched_decode_of_limit']:.0f}% of the weight-read limit "
                          f"({result['decode_limit_tps']:.0f} tok/s)")
     p = result["patch"]
-    lines.append(f"  patch: replaced {len(p['replaced'])}, kept {len(p['kept'])}; "
-                 f"fallback calls while patched: {sum(result['fallbacks'].values())}")
+    builtin = sum(1 for what in result["decisions"].values() if what.startswith("built-in"))
+    lines.append(f"  patch: replaced {len(p['replaced'])}, kept {len(p['kept'])}; of {len(result['decisions'])} "
+                 f"distinct tuned calls, {builtin} run the built-in (`hlh_mlx tune` sweeps them)")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ class _Counting(nn.Module):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
 def test_blocks_give_the_same_logits_and_trace_the_decode_step_once(name):
-    model, _ = models.load(name, bits=16, dtype="float32")
+    model, _ = models.load(name, bits=4, dtype="float32")
     before = _decode(model)
     report = patching.patch(model)
     layers = model.model.layers
@@ -57,18 +57,28 @@ def test_blocks_give_the_same_logits_and_trace_the_decode_step_once(name):
 
 
 def test_weights_loaded_after_patching_are_used():
-    model, _ = models.load("tiny-llama", bits=16, dtype="float32")
-    twin, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    twin, _ = models.load("tiny-llama", bits=4, dtype="float32")
     patching.patch(model)
+    assert isinstance(model.model.layers[0], blocks.DecoderBlock)
     _decode(model)  # traced with the old weights
-    new = tree_map(lambda w: w * 1.5 if w.ndim == 2 else w, dict(tree_flatten(model.parameters())))
+    new = tree_map(lambda w: w * 1.5 if w.dtype == mx.float32 and w.ndim == 2 else w,
+                   dict(tree_flatten(model.parameters())))
     model.load_weights(list(new.items()))
     twin.load_weights(list(new.items()))
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(_decode(twin)), rtol=1e-4, atol=1e-4)
 
 
-def test_a_block_that_computes_something_else_is_kept_with_the_reason():
+def test_unquantized_blocks_keep_their_own_step_and_get_patched_layers():
     model, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    report = patching.patch(model)
+    kept = {p: why for p, _, why in report.kept}
+    assert "not quantized" in kept["model.layers.0"] and not isinstance(model.model.layers[0], blocks.DecoderBlock)
+    assert "model.layers.0.mlp" in {p for p, _, _ in report.replaced}
+
+
+def test_a_block_that_computes_something_else_is_kept_with_the_reason():
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
     block = model.model.layers[0]
 
     class Odd(type(block)):  # the same children, another computation (no residual on the MLP)
