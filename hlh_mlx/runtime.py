@@ -212,7 +212,8 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
             wrt = [i for i in range(len(prim)) if i not in data]
             grads = mx.vjp(lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i]
                                                     for i in range(len(prim))]),
-                           [prim[i] for i in wrt], [cotangent])[1]
+                           [prim[i] for i in wrt],
+                           list(cotangent) if isinstance(cotangent, (list, tuple)) else [cotangent])[1]
             full = [grads[wrt.index(i)] if i in wrt else mx.zeros_like(prim[i]) for i in range(len(prim))]
             return full[0] if one else tuple(full)
     core = compiled_for(backend(), fn)

@@ -78,11 +78,7 @@ OP = rowwise(
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}, {"R": 2, "C": 1000}],
     bind=bind,
     function=add_rms_norm,
-    # False: hlh_mlx.runtime's VJP passes the cotangent of a call as one array ([cotangent]),
-    # and for two outputs MLX hands it a tuple of two, which mx.vjp refuses. Without a
-    # variant the built-in runs and mx.grad works; through a variant a gradient is MLX's
-    # error that custom kernels have no VJP.
-    differentiable=False,
+    differentiable=True,
     export_outputs=["(R, C)", "(R, C)"],
     export_inputs=["(R, C)", "(R, C)", "(C,)", "(1,)"],
 )

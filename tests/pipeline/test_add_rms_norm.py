@@ -124,6 +124,32 @@ def test_under_mx_compile(store_dir, rng, monkeypatch):
     assert tuned.fallbacks() == {}
 
 
+def test_a_gradient_through_a_variant_takes_both_outputs_cotangents(store_dir, rng, monkeypatch):
+    """Two outputs hand the VJP a cotangent each: the built-in's VJP gets both."""
+    class GraphKernel:
+        def __init__(self, variant, backend):
+            pass
+
+        def launcher(self, shape, dtype, out_shapes, out_dtypes):
+            def launch(x, r, w, eps):
+                h = x + r
+                return [h.reshape(out_shapes[0]), (mx.fast.rms_norm(h, w, 1e-5) * 1.0).reshape(out_shapes[1])]
+            return launch
+    monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
+    monkeypatch.setattr(backends, "Kernel", GraphKernel)
+    write(store_dir, OP, {"R": 4, "C": 64}, "float32", _variant(), ms=0.5, base_ms=1.0)
+    tuned.refresh()
+    x, r, w = _inputs(rng, (4, 64), mx.float32)
+
+    def loss(fn):  # weights the outputs differently, so a swapped or dropped cotangent shows
+        return lambda x, r, w: (lambda h, y: (h * h).sum() + 3 * (y * x).sum())(*fn(x, r, w, 1e-5))
+    got = mx.grad(loss(tuned.add_rms_norm), argnums=(0, 1, 2))(x, r, w)
+    want = mx.grad(loss(add_rms_norm), argnums=(0, 1, 2))(x, r, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert tuned.fallbacks() == {}
+
+
 def test_a_gradient_goes_through_the_builtin_where_it_runs(store_dir, rng):
     x, r, w = _inputs(rng, (4, 64), mx.float32)
 
