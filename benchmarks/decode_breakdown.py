@@ -18,7 +18,6 @@ Writes nothing unless --out FILE is given (an existing FILE is refused without -
 import argparse
 import json
 import time
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -107,20 +106,11 @@ def parse_args(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None,
-                    help="also write the result to FILE (refused if it exists, unless --force)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
-    args = ap.parse_args(argv)
-    try:
-        paths.refuse_overwrite(outputs(args), args.force)
-    except ValueError as e:
-        ap.error(str(e))
-    return args
+    paths.output_options(ap)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
-def outputs(args) -> list[Path]:
-    """The files this run writes."""
-    return [args.out] if args.out else []
+outputs = paths.given_output  # the files this run writes
 
 
 def main():

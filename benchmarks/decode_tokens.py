@@ -22,7 +22,6 @@ the decode shapes) and which fell back. --small shrinks it for a smoke test on a
 import argparse
 import json
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -168,19 +167,11 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke test")
-    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
-    args = ap.parse_args(argv)
-    try:
-        paths.refuse_overwrite(outputs(args), args.force)
-    except ValueError as e:
-        ap.error(str(e))
-    return args
+    paths.output_options(ap)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
-def outputs(args) -> list[Path]:
-    """The files this run writes."""
-    return [args.out] if args.out else []
+outputs = paths.given_output  # the files this run writes
 
 
 def main():

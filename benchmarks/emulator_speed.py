@@ -60,18 +60,12 @@ def median_ms(fn, reps=7):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", metavar="FILE", type=Path, default=paths.bench_results() / "emulator_speed.json",
-                    help="where the JSON goes (default: %(default)s, ignored by git)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    paths.output_options(ap, paths.bench_results() / "emulator_speed.json",
+                         "where the JSON goes (default: %(default)s, ignored by git)")
     ap.add_argument("--baseline", help="a result of this script from an earlier version, run on this machine "
                                        "in the same session: its medians and the ratios are recorded")
     ap.add_argument("--baseline-label", default="", help="what the baseline ran (a commit)")
-    args = ap.parse_args(argv)
-    try:
-        paths.refuse_overwrite(outputs(args), args.force)
-    except ValueError as e:
-        ap.error(str(e))
-    return args
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
 def outputs(args) -> list[Path]:

@@ -19,7 +19,6 @@ custom-kernel call (shown alone as "raw custom-kernel call").
 import argparse
 import json
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -69,19 +68,11 @@ def case(name, op_name, builtin, tuned_fn, args, kwargs):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="small shapes: a smoke run on a CPU")
-    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
-    args = ap.parse_args(argv)
-    try:
-        paths.refuse_overwrite(outputs(args), args.force)
-    except ValueError as e:
-        ap.error(str(e))
-    return args
+    paths.output_options(ap)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
-def outputs(args) -> list[Path]:
-    """The files this run writes."""
-    return [args.out] if args.out else []
+outputs = paths.given_output  # the files this run writes
 
 
 def main():

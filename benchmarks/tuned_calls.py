@@ -23,7 +23,6 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -127,20 +126,12 @@ def _last_choice(op_name):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any machine")
-    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=None, help="also write the result to FILE (refused if it exists, unless --force)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    paths.output_options(ap)
     ap.add_argument("--only", action="append", default=[], help="only these ops (repeat)")
-    args = ap.parse_args(argv)
-    try:
-        paths.refuse_overwrite(outputs(args), args.force)
-    except ValueError as e:
-        ap.error(str(e))
-    return args
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
-def outputs(args) -> list[Path]:
-    """The files this run writes."""
-    return [args.out] if args.out else []
+outputs = paths.given_output  # the files this run writes
 
 
 def main():

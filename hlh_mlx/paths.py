@@ -60,3 +60,26 @@ def refuse_overwrite(files, force: bool) -> None:
             raise ValueError(f"{p} is a folder: give a file name to --out")
         if p.exists() and not force:
             raise ValueError(f"{p} exists: pass --force to overwrite it, or another --out")
+
+
+def output_options(ap, default: Path | None = None, help: str = "also write the result to FILE") -> None:
+    """--out FILE (alias --json) and --force on a benchmark script's argument parser."""
+    ap.add_argument("--out", "--json", dest="out", metavar="FILE", type=Path, default=default,
+                    help=f"{help} (refused if it exists, unless --force)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+
+
+def parse_refusing_overwrite(ap, argv, outputs):
+    """ap.parse_args(argv), then a usage error before any work if an output file exists."""
+    args = ap.parse_args(argv)
+    try:
+        refuse_overwrite(outputs(args), args.force)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def given_output(args) -> list[Path]:
+    """The files a run writes when --out is optional: that one, or none."""
+    return [args.out] if args.out else []
+
