@@ -13,7 +13,8 @@ def test_kernel_source_has_mlx_signature():
     t = next(t for t in CUDA if t.op == "rms_norm")
     v = variants.expand(t)[0]
     text, body = cuda_source.variant_source(v, ops.get("rms_norm"), "float16")
-    assert "const __half* x,\n    const __grid_constant__ Shape x_shape,\n    const __half* w,\n    __half* y) {" in text
+    assert ("const __half* x,\n    const __grid_constant__ Shape x_shape,\n    const __half* w,\n"
+            "    const float* eps,\n    __half* y) {") in text
     assert "x_strides" not in text  # only what the body mentions
     assert "  using T = __half;" in text
     assert text.splitlines()[body - 1] == v.rendered.source.splitlines()[0]
