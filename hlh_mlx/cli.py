@@ -575,9 +575,8 @@ def tune(model, bits, group_size, layers, model_dtype, prompt_tokens, budget, ba
     except models.ModelError as e:
         raise click.UsageError(str(e)) from None
     try:
-        with Progress(0, "tuning") as bar:
-            result = model_tune.tune(m, prompt_tokens=prompt_tokens, budget=budget, backend=backend, timeout=timeout,
-                                     progress=lambda *a: bar.update(1), notify=lambda msg: click.echo(msg, err=True))
+        result = model_tune.tune(m, prompt_tokens=prompt_tokens, budget=budget, backend=backend, timeout=timeout,
+                                 progress=Progress, notify=lambda msg: click.echo(msg, err=True))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished variants are saved; run the same command to resume", err=True)
         sys.exit(130)

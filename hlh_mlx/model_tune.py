@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,8 @@ def record_calls(model, prompt_tokens: int, decode_tokens: int = 3, seed: int = 
 
 def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: str = "auto", timeout: float = 600.0,
          progress=None, notify=print) -> Tuning:
-    """Patch `model` (in place), record its calls, sweep them, decide again."""
+    """Patch `model` (in place), record its calls, sweep them, decide again. `progress(total,
+    label)`: a context manager with `update(n)` for each sweep (hlh_mlx.progress.Progress)."""
     be = backends.resolve(backend)
     report = patching.patch(model)
     notify(f"patched: {len(report.replaced)} layer(s) replaced, {len(report.kept)} kept")
@@ -60,9 +62,11 @@ def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: s
             for s in shapes:
                 out.skipped.append((op, spec.shape_str(s), dtype, str(e)))
             continue
-        notify(f"sweeping {op} {dtype} at {', '.join(spec.shape_str(s) for s in shapes)} "
-               f"({len(p.candidates)} of {len(p.space)} variants)")
-        records = sweep_mod.run(p, progress=progress)
+        label = f"{op} {dtype} at {', '.join(spec.shape_str(s) for s in shapes)}"
+        notify(f"sweeping {label} ({len(p.candidates)} of {len(p.space)} variants)")
+        per_shape = max(len(p.candidates), p.budget or 0) + (1 if p.device.can_time else 0)
+        with progress(len(shapes) * per_shape, label) if progress else nullcontext() as bar:
+            records = sweep_mod.run(p, progress=(lambda *a: bar.update(1)) if bar else None)
         for s in shapes:
             mine = [r for r in records if r.get("shape") == s and r.get("template") != "builtin"]
             ok = sum(1 for r in mine if r.get("correct"))

@@ -101,8 +101,9 @@ def load(source: str, *, seed: int = 0, **kwargs) -> tuple[nn.Module, dict]:
     named config (see `build`, which takes the keyword arguments and the seed)."""
     path = Path(source)
     if path.is_dir():
-        if kwargs.get("layers") is not None or kwargs.get("bits") not in (None, 4):
-            raise ModelError(f"{source}: --bits and --layers apply to named configs; a checkpoint loads as saved")
+        given = sorted(k for k, v in kwargs.items() if v is not None)
+        if given:
+            raise ModelError(f"{source}: {', '.join(given)} apply to named configs; a checkpoint loads as saved")
         if not (path / "config.json").is_file():
             raise ModelError(f"{source}: no config.json (an mlx-lm checkpoint directory has config.json and "
                              "model*.safetensors)")

@@ -112,3 +112,14 @@ def test_recording_sees_decode_and_prefill_calls():
     rows = {s["R"] for op, s, _ in calls if op == "rms_norm" and s["C"] == 128}
     assert rows == {8, 1}  # mlx-lm prefills all but the last prompt token, then steps one at a time
     assert runtime.decided_calls() == calls
+
+
+def test_tune_command_shows_progress_and_the_result(store_dir):
+    r = CliRunner().invoke(main, ["tune", "tiny-qwen3", "--layers", "1", "--prompt-tokens", "6", "--budget", "1"])
+    assert r.exit_code == 0, r.output
+    assert "what the patched model runs now:" in r.output and "distinct tuned call(s)" in r.output
+    assert "qgemv_swiglu float16 at 256x128x64: 1/1 (100%)" in r.output  # progress when piped, per sweep
+    (store_dir.parent / "ck").mkdir()
+    (store_dir.parent / "ck" / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["validate", str(store_dir.parent / "ck"), "--bits", "4"])
+    assert r.exit_code == 2 and "bits apply to named configs" in r.output
