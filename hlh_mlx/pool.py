@@ -156,16 +156,22 @@ class Pool:
                 out.append(got[1:])
         return out
 
-    def states(self) -> str:
-        """One line: each worker's finished units and what it runs now, for how long."""
+    def states(self, short: bool = False) -> str:
+        """One line: each worker's finished jobs and what it runs now, for how long
+        (`short`: counts and busy/idle only, for a progress bar)."""
         now = time.monotonic()
         parts = []
         for lane in self.lanes:
             s = lane.state
-            what = f"{s.current} {now - s.since:.0f}s" if s.current and s.since is not None else "idle"
+            name = f"{lane.name}{'@gpu' + lane.pin if lane.pin else ''}"
+            busy = s.current is not None and s.since is not None
+            if short:
+                parts.append(f"{name} {s.done}{'*' if busy else ''}")
+                continue
+            what = f"running {s.current} ({now - s.since:.0f}s)" if busy else "idle"
             extra = f", {s.restarts} restarted" if s.restarts else ""
-            parts.append(f"{lane.name}{'@gpu' + lane.pin if lane.pin else ''}: {s.done} done{extra}, {what}")
-        return "; ".join(parts)
+            parts.append(f"{name}: {s.done} done{extra}, {what}")
+        return ("workers " if short else "") + ("  " if short else "; ").join(parts)
 
     def stop(self):
         for lane in self.lanes:

@@ -122,12 +122,13 @@ class Plan:
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
-         template=None, retime=False, retry_failed=False, force=False, picks=None) -> Plan:
+         template=None, retime=False, retry_failed=False, force=False, picks=None, device=None) -> Plan:
     """What to run. `picks`: parameter dicts of variants of `template` to run first (e.g.
-    the ones its author expects to win); the budget beyond them goes to their neighbours."""
+    the ones its author expects to win); the budget beyond them goes to their neighbours.
+    `device`: the device the workers run on when it is not this machine's (a Ray cluster's)."""
     op = ops.get(op_name)
-    be = backends.resolve(backend)
-    dev = backends.device(be)
+    be = device.backend if device is not None else backends.resolve(backend)
+    dev = device if device is not None else backends.device(be)
     tbackend = backends.TEMPLATE_BACKEND[be]
     temps = [t for t in templates.discover(op.name) if t.backend == tbackend]
     if template:
