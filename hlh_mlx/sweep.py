@@ -49,7 +49,7 @@ class Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # HLH_MLX_WORKER replaces the worker command (e.g. to run it under compute-sanitizer)
-        cmd = shlex.split(os.environ["HLH_MLX_WORKER"]) if os.environ.get("HLH_MLX_WORKER") else [
+        cmd = shlex.split(env["HLH_MLX_WORKER"]) if env.get("HLH_MLX_WORKER") else [
             sys.executable, "-m", "hlh_mlx.worker"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
