@@ -289,3 +289,43 @@ def test_a_ray_task_whose_worker_dies_runs_again(ray_cluster, store_dir, tmp_pat
     assert asked.count({"BS": 16, "PAD": 0}) == 2 and len(asked) == 7  # re-run by Ray; everything else once
     recs = store.read(store_dir / "emulator" / "matmul.jsonl")
     assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)  # nothing lost, no crash stored
+
+
+# slow enough that the interrupt lands mid-sweep; logs its pid
+SLOW = textwrap.dedent("""
+    import json, os, sys, time
+    log = sys.argv[1]
+    for line in sys.stdin:
+        req = json.loads(line)
+        with open(log, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "params": req.get("params")}) + "\\n")
+        time.sleep(0.5)
+        sys.stdout.write(json.dumps({"status": "ok", "checks": []}) + "\\n")
+        sys.stdout.flush()
+""")
+
+
+def test_interrupted_sweep_with_workers_keeps_what_finished_stops_its_workers_and_resumes(store_dir, tmp_path):
+    w, log = tmp_path / "worker.py", tmp_path / "log"
+    w.write_text(SLOW)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HLH_MLX_WORKER=f"{sys.executable} {w} {log}")
+    cmd = [sys.executable, "-m", "hlh_mlx", "sweep", "matmul", "--template", "regblock", "--budget", "10",
+           "--workers", "2"]
+    path = store_dir / "emulator" / "matmul.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(store.read(path)) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "rerun the same command to resume" in err
+    before = store.read(path)
+    assert 3 <= len(before) < 10
+    for pid in {json.loads(x)["pid"] for x in log.read_text().splitlines()}:  # no worker outlives the sweep
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (store_dir / "emulator" / "matmul.jsonl.claims").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = store.read(path)
+    assert len(after) == 10 and after[:len(before)] == before   # nothing redone, nothing lost
