@@ -1,0 +1,144 @@
+"""Wall clock of an emulator check of a whole op space: serial, `--workers N`, and on a
+local Ray cluster (`--ray auto`, the cluster started before the clock runs), with the
+verdicts of every run compared with the serial run's.
+
+    python benchmarks/workers_cpu.py [--op rms_norm] [--template rows] [--workers 2] [--repeats 2]
+                                     [--ray] [--out benchmarks/results/workers_cpu.md]
+
+Every run starts from a compile cache holding only the emulator's runtime (built once
+before any clock runs): each variant is compiled and checked, as in a first check of a
+new template. Runs of the modes alternate, so a change in the machine's load hits all of
+them; the load average before each run is written down with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def verdicts(out: str) -> list[str]:
+    """`check`'s verdict lines, without counters, worker names and order, and without
+    which of the racing threads a sanitizer report names first."""
+    found = []
+    for line in out.splitlines():
+        if line.startswith("[") and "] " in line:
+            found.append(line.split("] ", 1)[1])
+        elif line.startswith("     ") and found:
+            found[-1] += " | " + re.sub(r"\(offset \d+\)|thread \(\d+, \d+, \d+\)", "", line.strip())
+    return sorted(found)
+
+
+def run(cmd: list[str], cache: Path, env: dict) -> tuple[float, float, str, int]:
+    """(wall s, CPU s of the command and its children, output, exit status). A Ray
+    cluster's processes are not the command's children: their CPU time is not counted."""
+    import resource
+    e = dict(os.environ, **env, HLH_MLX_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, r.stdout + r.stderr, r.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--op", default="rms_norm")
+    ap.add_argument("--template", default=None)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--ray", action="store_true", help="also on a local Ray cluster (needs hlh_mlx[ray])")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="hlh-workers-bench-"))
+    base_cmd = [sys.executable, "-m", "hlh_mlx", "check", a.op] + ([a.template] if a.template else [])
+    # the emulator's runtime, built once: every timed run starts with it and no kernel
+    warm = work / "runtime-cache"
+    subprocess.run([sys.executable, "-m", "hlh_mlx", "check", "matmul", "tiled", "-p", "BS=8", "-p", "PAD=0",
+                    "--dtype", "float32"], cwd=ROOT, env=dict(os.environ, HLH_MLX_CACHE=str(warm),
+                                                              PYTHONPATH=str(ROOT)), check=True, capture_output=True)
+    shutil.rmtree(warm / "emulator" / "kernels", ignore_errors=True)
+
+    modes = {"serial": [], f"--workers {a.workers}": ["--workers", str(a.workers)]}
+    ray_start = None
+    if a.ray:
+        t = time.perf_counter()
+        subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+                        "--disable-usage-stats"], check=True, capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        ray_start = time.perf_counter() - t
+        modes["--ray auto"] = ["--ray", "auto"]
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    try:
+        for i in range(a.repeats):
+            for mode, extra in modes.items():
+                cache = work / f"cache-{mode.replace(' ', '_')}-{i}"
+                shutil.copytree(warm, cache)
+                load = os.getloadavg()[0]
+                wall, cpu, out, rc = run(base_cmd + extra, cache, {})
+                summary = next((ln for ln in out.splitlines() if re.match(r"\d+ passed, \d+ failed", ln)), "?")
+                results[mode].append({"wall": wall, "cpu": cpu, "load": load, "verdicts": verdicts(out), "rc": rc,
+                                      "summary": summary})
+                print(f"{mode:>12} run {i + 1}: {wall:6.1f} s wall, {cpu:6.1f} s CPU  ({summary}; load before "
+                      f"{load:.2f})", flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        if a.ray:
+            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    reference = results["serial"][0]["verdicts"]
+    serial = statistics.median(r["wall"] for r in results["serial"])
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import mlx.core as mx
+    lines = [
+        f"# `check {a.op}{' ' + a.template if a.template else ''}` on the emulator: serial, "
+        f"`--workers {a.workers}`{', `--ray auto`' if a.ray else ''}",
+        "",
+        f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, MLX {mx.__version__}",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Command: `python benchmarks/workers_cpu.py --op {a.op}{' --template ' + a.template if a.template else ''} "
+        f"--workers {a.workers} --repeats {a.repeats}{' --ray' if a.ray else ''}`",
+        f"- Jobs: {len(reference)} variant x dtype checks (the whole Metal space, every dtype), sanitizer on; "
+        "each run starts from a compile cache holding only the emulator's runtime (every kernel is compiled).",
+        "- Wall clock of the whole command (process start to exit), runs of the modes alternating."
+        + (f" The Ray cluster (`ray start --head --num-cpus={os.cpu_count()}`) was started before the clock "
+           f"ran ({ray_start:.1f} s); `--ray auto` joins it." if a.ray else ""),
+        "",
+        "| mode | wall clock per run (s) | median (s) | speedup vs serial | CPU s per run | "
+        "load average before each run | verdicts = serial |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, rs in results.items():
+        med = statistics.median(r["wall"] for r in rs)
+        same = all(r["verdicts"] == reference and r["rc"] == results["serial"][0]["rc"] for r in rs)
+        walls = ", ".join(f"{r['wall']:.1f}" for r in rs)
+        loads = ", ".join(f"{r['load']:.2f}" for r in rs)
+        cpus = ", ".join(f"{r['cpu']:.0f}" for r in rs)
+        lines.append(f"| {mode} | {walls} | {med:.1f} | {serial / med:.2f}x | {cpus} | {loads} | "
+                     f"{'yes' if same else 'NO'} ({rs[0]['summary']}) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
