@@ -1,5 +1,5 @@
 """Wall clock of an emulator check of a whole op space: serial, `--workers N`, and on a
-local Ray cluster (`--ray auto`, the cluster started before the clock runs), with the
+local Ray cluster (`--ray ADDRESS`, the cluster started before the clock runs), with the
 verdicts of every run compared with the serial run's.
 
     python benchmarks/workers_cpu.py [--op rms_norm] [--template rows] [--workers 2] [--repeats 2]
@@ -28,6 +28,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the benchmark's own throwaway cluster, on this machine only: a second process joining it
+# by address would need the token the first one made (Ray >= 2.5x token authentication)
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+HOLDER = """
+import sys, ray
+ray.init(address="local", num_cpus=int(sys.argv[1]), include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
 
 def verdicts(out: str) -> list[str]:
     """`check`'s verdict lines, without counters, worker names and order, and without
@@ -41,18 +52,26 @@ def verdicts(out: str) -> list[str]:
     return sorted(found)
 
 
-def run(cmd: list[str], cache: Path, env: dict) -> tuple[float, float, str, int]:
-    """(wall s, CPU s of the command and its children, output, exit status). A Ray
-    cluster's processes are not the command's children: their CPU time is not counted."""
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd: list[str], cache: Path, env: dict) -> tuple[float, float, float, str, int]:
+    """(wall s, CPU s of the command and its children, CPU s the whole machine was busy,
+    output, exit status). A Ray cluster's processes are not the command's children: their
+    CPU time is in the machine's, not the command's."""
     import resource
     e = dict(os.environ, **env, HLH_MLX_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, busy = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds()
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, busy = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds() - busy
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, r.stdout + r.stderr, r.returncode
+    return wall, cpu, busy, r.stdout + r.stderr, r.returncode
 
 
 def main() -> None:
@@ -75,14 +94,17 @@ def main() -> None:
     shutil.rmtree(warm / "emulator" / "kernels", ignore_errors=True)
 
     modes = {"serial": [], f"--workers {a.workers}": ["--workers", str(a.workers)]}
-    ray_start = None
+    ray_start, holder = None, None
     if a.ray:
+        # a cluster of our own (not `ray start`, whose `ray stop` ends every cluster on the
+        # machine): a process holds it until its stdin closes; the runs join it by address
         t = time.perf_counter()
-        subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
-                        "--disable-usage-stats"], check=True, capture_output=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(os.cpu_count())], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT), **RAY_ENV))
+        address = holder.stdout.readline().strip()
         ray_start = time.perf_counter() - t
-        modes["--ray auto"] = ["--ray", "auto"]
+        modes["--ray ADDRESS"] = ["--ray", address]
     results: dict[str, list[dict]] = {m: [] for m in modes}
     try:
         for i in range(a.repeats):
@@ -90,16 +112,17 @@ def main() -> None:
                 cache = work / f"cache-{mode.replace(' ', '_')}-{i}"
                 shutil.copytree(warm, cache)
                 load = os.getloadavg()[0]
-                wall, cpu, out, rc = run(base_cmd + extra, cache, {})
+                wall, cpu, busy, out, rc = run(base_cmd + extra, cache, RAY_ENV if "--ray" in extra else {})
                 summary = next((ln for ln in out.splitlines() if re.match(r"\d+ passed, \d+ failed", ln)), "?")
-                results[mode].append({"wall": wall, "cpu": cpu, "load": load, "verdicts": verdicts(out), "rc": rc,
+                results[mode].append({"wall": wall, "cpu": cpu, "busy": busy, "load": load, "verdicts": verdicts(out), "rc": rc,
                                       "summary": summary})
-                print(f"{mode:>12} run {i + 1}: {wall:6.1f} s wall, {cpu:6.1f} s CPU  ({summary}; load before "
-                      f"{load:.2f})", flush=True)
+                print(f"{mode:>14} run {i + 1}: {wall:6.1f} s wall, {cpu:6.1f} s CPU, machine busy {busy:6.1f} "
+                      f"CPU s of {wall * (os.cpu_count() or 1):.0f}  ({summary}; load before {load:.2f})", flush=True)
                 shutil.rmtree(cache, ignore_errors=True)
     finally:
-        if a.ray:
-            subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        if holder is not None:
+            holder.stdin.close()
+            holder.wait(timeout=120)
         shutil.rmtree(work, ignore_errors=True)
 
     reference = results["serial"][0]["verdicts"]
@@ -109,7 +132,7 @@ def main() -> None:
     import mlx.core as mx
     lines = [
         f"# `check {a.op}{' ' + a.template if a.template else ''}` on the emulator: serial, "
-        f"`--workers {a.workers}`{', `--ray auto`' if a.ray else ''}",
+        f"`--workers {a.workers}`{', `--ray ADDRESS` (a local cluster)' if a.ray else ''}",
         "",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, MLX {mx.__version__}",
@@ -119,12 +142,17 @@ def main() -> None:
         f"- Jobs: {len(reference)} variant x dtype checks (the whole Metal space, every dtype), sanitizer on; "
         "each run starts from a compile cache holding only the emulator's runtime (every kernel is compiled).",
         "- Wall clock of the whole command (process start to exit), runs of the modes alternating."
-        + (f" The Ray cluster (`ray start --head --num-cpus={os.cpu_count()}`) was started before the clock "
-           f"ran ({ray_start:.1f} s); `--ray auto` joins it." if a.ray else ""),
+        + (f" The Ray cluster (`ray.init(address='local', num_cpus={os.cpu_count()})` in a process of its own) "
+           f"was started before the clock ran ({ray_start:.1f} s); `--ray ADDRESS` joins it, and its wall clock "
+           "includes joining and shipping hlh_mlx to the cluster." if a.ray else ""),
         "",
-        "| mode | wall clock per run (s) | median (s) | speedup vs serial | CPU s per run | "
-        "load average before each run | verdicts = serial |",
-        "|---|---|---|---|---|---|---|",
+        "- `CPU s`: the command and its processes; `others`: CPU seconds the rest of the machine used during the "
+        "run (`/proc/stat` busy time minus the command's; for Ray this includes the cluster's workers, which do "
+        "the checks), out of wall x cores available.",
+        "",
+        "| mode | wall clock per run (s) | median (s) | speedup vs serial | CPU s per run | others, CPU s per run "
+        "| load average before each run | verdicts = serial |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, rs in results.items():
         med = statistics.median(r["wall"] for r in rs)
@@ -132,7 +160,9 @@ def main() -> None:
         walls = ", ".join(f"{r['wall']:.1f}" for r in rs)
         loads = ", ".join(f"{r['load']:.2f}" for r in rs)
         cpus = ", ".join(f"{r['cpu']:.0f}" for r in rs)
-        lines.append(f"| {mode} | {walls} | {med:.1f} | {serial / med:.2f}x | {cpus} | {loads} | "
+        others = ", ".join(f"{max(0.0, r['busy'] - r['cpu']):.0f} of {r['wall'] * (os.cpu_count() or 1):.0f}"
+                           for r in rs)
+        lines.append(f"| {mode} | {walls} | {med:.1f} | {serial / med:.2f}x | {cpus} | {others} | {loads} | "
                      f"{'yes' if same else 'NO'} ({rs[0]['summary']}) |")
     text = "\n".join(lines) + "\n"
     print(text)
