@@ -160,18 +160,21 @@ class Pool:
         """One line: each worker's finished jobs and what it runs now, for how long
         (`short`: counts and busy/idle only, for a progress bar)."""
         now = time.monotonic()
+        if short and len(self.lanes) > 4:  # a bar's line has room for totals only
+            busy = sum(lane.state.current is not None for lane in self.lanes)
+            return f"{len(self.lanes)} workers, {busy} busy"
         parts = []
         for lane in self.lanes:
             s = lane.state
             name = f"{lane.name}{'@gpu' + lane.pin if lane.pin else ''}"
             busy = s.current is not None and s.since is not None
             if short:
-                parts.append(f"{name} {s.done}{'*' if busy else ''}")
+                parts.append(f"{name}: {s.done}{' busy' if busy else ''}")
                 continue
             what = f"running {s.current} ({now - s.since:.0f}s)" if busy else "idle"
             extra = f", {s.restarts} restarted" if s.restarts else ""
             parts.append(f"{name}: {s.done} done{extra}, {what}")
-        return ("workers " if short else "") + ("  " if short else "; ").join(parts)
+        return ("  " if short else "; ").join(parts)
 
     def stop(self):
         for lane in self.lanes:
