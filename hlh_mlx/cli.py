@@ -75,6 +75,40 @@ def _shapes(op, texts):
         raise click.UsageError(str(e)) from None
 
 
+def _workers_options(f):
+    f = click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+                     metavar="[ADDRESS|auto|local]",
+                     help="Run the jobs as tasks on a Ray cluster (pip install 'hlh_mlx[ray]'): ADDRESS "
+                          "(host:6379, ray://host:10001), auto (the running cluster), local (start one here); "
+                          "bare: $RAY_ADDRESS or a cluster running here, else a local one.")(f)
+    f = click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Run N variants at once, each in a worker process of its own (one GPU each on a "
+                          "multi-GPU host; the cores shared out on the emulator). With --ray: tasks at once.")(f)
+    return f
+
+
+def _ray_pool(ray_address, backend: str, workers):
+    """(pool, device) on the Ray cluster, or (None, None) without --ray."""
+    if ray_address is None:
+        return None, None
+    from . import pool as pool_mod, ray_pool
+    try:
+        return ray_pool.make(ray_address, backend, workers)
+    except pool_mod.PoolError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _local_pool(workers, backend: str):
+    """A pool of `workers` local worker processes, or None for the serial default."""
+    if not workers or workers == 1:
+        return None
+    from . import pool as pool_mod
+    try:
+        return pool_mod.local(workers, backend)
+    except pool_mod.PoolError as e:
+        raise click.ClickException(str(e)) from None
+
+
 class _Group(click.Group):
     """Template and space errors already name the file and line: every command prints them
     as one line (exit 2), never as a traceback."""
@@ -174,15 +208,19 @@ def render(op, template, pairs, full, dtype):
 @click.option("--sanitize/--no-sanitize", default=True, show_default=True,
               help="Emulator: check for races, out-of-bounds, uninitialized reads, barrier divergence.")
 @click.option("-p", "--param", "pairs", multiple=True, metavar="KEY=VAL", help="Check only this variant (with TEMPLATE).")
-def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
+@click.option("--timeout", type=float, default=600.0, show_default=True,
+              help="With --workers/--ray: seconds per variant before it counts as hung.")
+@_workers_options
+def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout, workers, ray_address):
     """Prove variants correct on fresh random inputs and edge shapes. Exits 1 on a failure."""
     import numpy as np
 
     from . import check as check_mod
     spec = _op(op)
     _dtypes(spec, dtypes)
+    pool, device = _ray_pool(ray_address, backend, workers)
     try:
-        be = backends.resolve(backend)
+        be = device.backend if device is not None else backends.resolve(backend)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     temps = [_template(spec, template, backends.TEMPLATE_BACKEND[be])] if template else [
@@ -210,8 +248,15 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
                 if shapes:
                     jobs.append((v, dtype, shapes))
     start = time.monotonic()
+    pool = pool or _local_pool(workers, be)
     if jobs:
-        click.echo(f"checking {len(jobs)} variant x dtype pairs of {spec.name} on {be}")
+        click.echo(f"checking {len(jobs)} variant x dtype pairs of {spec.name} on {be}"
+                   + (f" with {len(pool)} {'Ray task slots' if pool.kind == 'ray' else 'workers'}" if pool else ""))
+    if pool is not None:
+        failures = _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start)
+        click.echo(f"{len(jobs) - failures} passed, {failures} failed")
+        _enforce_cache_bound()
+        sys.exit(1 if failures else 0)
     for v, dtype, shapes in jobs:
         total += 1
         err = None
@@ -227,6 +272,45 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
     click.echo(f"{total - failures} passed, {failures} failed")
     _enforce_cache_bound()
     sys.exit(1 if failures else 0)
+
+
+def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start) -> int:
+    """`check`'s jobs on a pool's workers, each line printed as its verdict comes in;
+    returns the number of failures."""
+    import secrets
+
+    from . import pool as pool_mod
+    count = {"done": 0, "failed": 0}
+    every = max(1, len(jobs) // 10)
+
+    def job(item):
+        v, dtype, shapes = item
+        return {"kind": "variant", "op": spec.name, "backend": be, "dtype": dtype, "template": str(v.template.path),
+                "params": v.param_dict, "check_shapes": shapes, "time_shape": None, "time": False,
+                "seed": secrets.randbits(32), "sanitize": sanitize}
+
+    def verdict(item, lane, reply):
+        v, dtype, _ = item
+        count["done"] += 1
+        status = reply.get("status")
+        err = None if status == "ok" else (reply.get("error") or str(status))
+        if status in ("crashed", "timeout"):
+            err = f"{status}: {err}"
+        count["failed"] += err is not None
+        n = count["done"]
+        where = f"[{n}/{len(jobs)}, eta {eta_text(n, len(jobs), time.monotonic() - start)}, {lane.name}]"
+        click.echo(f"{where} {'ok  ' if err is None else 'FAIL'} {v.label()} {dtype} [{v.id}]"
+                   + (f"\n     {err}" if err else ""))
+        if n % every == 0 and n < len(jobs):
+            click.echo(f"  {pool.states()}")
+
+    try:
+        pool_mod.run_unordered(pool, jobs, job, timeout, label=lambda it: f"{it[0].label()} {it[1]}",
+                               on_result=verdict)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted after {count['done']} of {len(jobs)} checks", err=True)
+        sys.exit(130)
+    return count["failed"]
 
 
 @main.command()
@@ -247,8 +331,9 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs):
               "compiler, timeout, crash - are always retried).")
 @click.option("--force", is_flag=True, help="Run every variant again, whatever is stored.")
 @click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@_workers_options
 def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, timeout, retime, retry_failed, force,
-          fmt):
+          fmt, workers, ray_address):
     """Check the variants of OP and, on a GPU, time them against the MLX built-in and rank
     them (latency in a dependent chain plus host cost per call); store the results. On the
     emulator (no GPU) variants are only checked: a seeded sample of 16 unless --budget.
@@ -258,13 +343,16 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
     _dtypes(spec, dtypes)
     if picks and not template:
         raise click.UsageError("--variant needs --template (the family the parameters belong to)")
-    if (top or retime) and backends.resolve(backend) == "emulator":
+    pool, device = _ray_pool(ray_address, backend, workers)
+    if device is not None:  # the cluster's device decides the back end
+        backend = device.backend
+    if (top or retime) and (device.backend if device is not None else backends.resolve(backend)) == "emulator":
         raise click.UsageError(f"{'--top' if top else '--retime'} needs a GPU: the emulator checks variants, "
                                "it does not time or rank them")
     try:
         pick_params = None
         if picks:
-            tb = backends.TEMPLATE_BACKEND[backends.resolve(backend)]
+            tb = backends.TEMPLATE_BACKEND[device.backend if device is not None else backends.resolve(backend)]
             t = next((t for t in _templates(spec.name) if template in (t.family, t.name) and t.backend == tb), None)
             if t is None:
                 t = _template(spec, template, tb)  # unknown: names the known ones
@@ -272,22 +360,31 @@ def sweep(op, shape_texts, dtypes, backend, template, budget, picks, seed, top, 
             pick_params = [_params(t, text.split(",")) for text in picks]
         p = sweep_mod.plan(spec.name, shapes=_shapes(spec, shape_texts), dtypes=list(dtypes) or None,
                            backend=backend, budget=budget, seed=seed, timeout=timeout, template=template,
-                           retime=retime, retry_failed=retry_failed, force=force, picks=pick_params)
+                           retime=retime, retry_failed=retry_failed, force=force, picks=pick_params,
+                           device=device)
     except (ValueError, TemplateError, SpaceError) as e:
         raise click.UsageError(str(e)) from None
+    pool = pool or _local_pool(workers, p.backend)
     err = click.echo if fmt == "table" else (lambda m: click.echo(m, err=True))
     err(f"{spec.name} on {p.device.name} [{p.backend}]: {len(p.candidates)} of {len(p.space)} variants, "
         f"shapes {', '.join(spec.shape_str(s) for s in p.shapes)}, dtypes {', '.join(p.dtypes)}")
     for n in p.notes:
         err(f"note: {n}")
+    if pool is not None:
+        err(f"note: {len(pool)} {'Ray task slots' if pool.kind == 'ray' else 'worker processes'}"
+            + (f" ({', '.join(f'{x.name} on GPU {x.pin}' for x in pool.lanes)})" if any(x.pin for x in pool.lanes)
+               else ""))
     if not p.device.can_time:
         err("note: the emulator has no speed: variants are checked for correctness, not timed or ranked")
     per_shape = max(len(p.candidates), p.budget or 0) if p.device.can_time else len(p.candidates)
     n_jobs = len(p.shapes) * len(p.dtypes) * (per_shape + (1 if p.device.can_time else 0))
+    from .pool import MixedDevicesError
     try:
-        with Progress(n_jobs, f"sweeping {spec.name}") as bar:
+        with Progress(n_jobs, f"sweeping {spec.name}", status=pool.states if pool is not None else None) as bar:
             records = sweep_mod.run(p, progress=lambda *a: bar.update(1),
-                                    notify=lambda m: click.echo(f"\n{m}", err=True))
+                                    notify=lambda m: click.echo(f"\n{m}", err=True), pool=pool)
+    except MixedDevicesError as e:
+        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: finished variants are saved in {store.path_for(p.device.slug, spec.name)}; "
                    "rerun the same command to resume", err=True)

@@ -51,11 +51,12 @@ def newest_method(records) -> list[dict]:
 
 def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
     """The newest record per variant ("builtin" for the built-in), and for each variant the
-    built-in record of the same run: the one written last before it (a sweep times the
-    built-in before the first variant of every run), so a ratio never divides times from
-    two machines or days."""
+    built-in record of the same run: the one written last before it on the same device
+    (`timed_on`, when a run timed on several GPUs; a sweep times the built-in on each
+    device before its first variant of every run), so a ratio never divides times from two
+    machines, devices or days."""
     keep, base = {}, {}
-    last_builtin = None
+    last_builtin: dict = {}  # timed_on -> the built-in record written last
     mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
     for r in newest_method(mine):
         if r.get("repeat"):
@@ -63,9 +64,9 @@ def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
         key = r.get("variant_id") or "builtin"
         keep[key] = r
         if key == "builtin":
-            last_builtin = r
+            last_builtin[r.get("timed_on")] = r
         else:
-            base[key] = last_builtin
+            base[key] = last_builtin.get(r.get("timed_on"))
     return keep, base
 
 

@@ -49,6 +49,8 @@ OPTIONAL = {
     "error": (str, type(None)), "timing": (dict, type(None)), "checks": (list, type(None)),
     "params": (dict,), "family": (str, type(None)), "source_hash": (str, type(None)), "mlx": (str, type(None)),
     "repeat": (bool,), "timing_method": (int,), "date": (str, type(None)), "seed": (int, type(None)),
+    # which device of a run timed it (a sweep over several GPUs): ranked against that device's built-in
+    "timed_on": (str, type(None)),
 }
 SCHEMA_FIELDS = {**REQUIRED, **OPTIONAL}
 

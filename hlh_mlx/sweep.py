@@ -36,16 +36,20 @@ EMULATOR_MAX_BYTES = 64 * 2**20
 class Worker:
     """A `python -m hlh_mlx.worker` child that answers one request per line."""
 
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
+        """`env`: variables set for this worker on top of ours (a GPU pin, emulator threads)."""
         self.proc = None
+        self.env = dict(env or {})
         self.replies: queue.Queue = queue.Queue()
+        self.closed = False
+        self._lock = threading.Lock()  # a pool's thread may be in request() while the sweep closes us
 
     def _start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # HLH_MLX_WORKER replaces the worker command (e.g. to run it under compute-sanitizer)
-        cmd = shlex.split(os.environ["HLH_MLX_WORKER"]) if os.environ.get("HLH_MLX_WORKER") else [
+        cmd = shlex.split(env["HLH_MLX_WORKER"]) if env.get("HLH_MLX_WORKER") else [
             sys.executable, "-m", "hlh_mlx.worker"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -53,30 +57,50 @@ class Worker:
         proc, q = self.proc, self.replies
         threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
         self._stderr: deque[str] = deque(maxlen=20)  # the tail, for a crash report
-        threading.Thread(target=lambda: [self._stderr.append(line) for line in proc.stderr], daemon=True).start()
+        tail = self._stderr
+        threading.Thread(target=lambda: [tail.append(line) for line in proc.stderr], daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
 
     def request(self, req: dict, timeout: float) -> dict:
-        if self.proc is None or self.proc.poll() is not None:
-            self._start()
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
+        with self._lock:
+            if self.closed:
+                return {"status": "crashed", "error": "the run stopped before this job ran"}
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            proc, replies, tail = self.proc, self.replies, self._stderr
         try:
-            line = self.replies.get(timeout=timeout)
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            line = replies.get(timeout=timeout)
+        except (BrokenPipeError, OSError, ValueError):  # died before it read the request
+            line = None
         except queue.Empty:
             self.stop()
             return {"status": "timeout", "error": f"no result within {timeout:g} s (hang?); the worker was restarted"}
         if line is None:
-            code = self.proc.wait()
-            tail = "".join(list(self._stderr)[-5:]).strip()
-            self.proc = None
-            return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + tail[-300:] if tail else ''}"}
+            code = proc.wait()
+            with self._lock:
+                if self.proc is proc:
+                    self.proc = None
+            text = "".join(list(tail)[-5:]).strip()
+            return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + text[-300:] if text else ''}"}
         return json.loads(line)
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self):
+        """Stop for good: a request still on its way gets no new process."""
+        with self._lock:
+            self.closed = True
+        self.stop()
 
 
 @dataclass
@@ -98,12 +122,13 @@ class Plan:
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
-         template=None, retime=False, retry_failed=False, force=False, picks=None) -> Plan:
+         template=None, retime=False, retry_failed=False, force=False, picks=None, device=None) -> Plan:
     """What to run. `picks`: parameter dicts of variants of `template` to run first (e.g.
-    the ones its author expects to win); the budget beyond them goes to their neighbours."""
+    the ones its author expects to win); the budget beyond them goes to their neighbours.
+    `device`: the device the workers run on when it is not this machine's (a Ray cluster's)."""
     op = ops.get(op_name)
-    be = backends.resolve(backend)
-    dev = backends.device(be)
+    be = device.backend if device is not None else backends.resolve(backend)
+    dev = device if device is not None else backends.device(be)
     tbackend = backends.TEMPLATE_BACKEND[be]
     temps = [t for t in templates.discover(op.name) if t.backend == tbackend]
     if template:
@@ -193,110 +218,233 @@ def _redo_mode(p: Plan) -> str:
     return "all" if p.force else "failed" if p.retry_failed else "environment"
 
 
-def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None) -> list[dict]:
+def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None, pool=None) -> list[dict]:
     """Run the plan; return every record of this (device, op) for the planned shapes and dtypes.
 
+    `pool` (hlh_mlx.pool): worker lanes that run variants at once (default: one lane,
+    `worker` or a new Worker). Every result is written here, in this thread, as it comes.
     Concurrent sweeps of one op share the work: each variant is claimed in the store before
     it runs; a variant claimed by another live sweep is left to it (and waited for at the
-    end of its shape), one whose claimant died is run here."""
+    end of its shape), one whose claimant died is run here. A variant whose worker crashed
+    is run once more in the same run (a worker killed from outside costs only its variant)."""
+    from . import pool as pool_mod
     path = store.path_for(p.device.slug, p.op.name)
     stale = {json.dumps(r, sort_keys=True) for r in store.to_redo(store.read(path), _redo_mode(p))}
+    rerun: set[tuple] = set()  # keys whose crash this run runs again
 
     def is_done(r):  # a record written before this run that it redoes does not count
+        if store.result_key(r) in rerun and r.get("status") == "crashed":
+            return False
         return json.dumps(r, sort_keys=True) not in stale
 
     done = {store.result_key(r) for r in store.read(path) if is_done(r)}
-    worker = worker or Worker()
-    timed = p.device.can_time
-    stale_after = 2 * p.timeout + 60
+    if pool is None:
+        pool = pool_mod.Pool([pool_mod.LocalLane(worker or Worker(), owned=worker is None)])
+    ctx = _Run(p, path, pool, progress, notify, is_done, done, rerun)
     try:
         for dtype in p.dtypes:
             for shape in p.shapes:
-                # The built-in is timed in every run that times anything for this shape,
-                # before the first variant, so new variants are ranked against a built-in
-                # measured on the same machine in the same run (a resumed sweep may run on
-                # another machine, days later).
-                builtin_timed = False
-
-                def run_job(v):
-                    job = _job(p, v, shape, dtype)
-                    reply = worker.request(job, p.timeout)
-                    reply.setdefault("seed", job.get("seed"))
-                    store.append_result(path, _record(p, shape, dtype, reply, v), _key(p, v, shape, dtype))
-                    done.add(_key(p, v, shape, dtype))
-
-                def take(v) -> str:
-                    """"mine" (run it), "done" (by another sweep) or "claimed" (running elsewhere)."""
-                    state = store.claim(path, _key(p, v, shape, dtype), is_done, stale_after)
-                    if state == "done":
-                        done.add(_key(p, v, shape, dtype))
-                    return state
-
-                def run_variant(v):
-                    nonlocal builtin_timed
-                    if timed and not builtin_timed:
-                        run_job(None)
-                        builtin_timed = True
-                    run_job(v)
-
-                if timed and (p.retime or _key(p, None, shape, dtype) not in done):
-                    run_job(None)
-                    builtin_timed = True
-                if progress and timed:
-                    progress(None, shape, dtype)
-                jobs = list(p.candidates)
-                forced = set()
-                if timed and p.retime:  # the stored winners are timed again next to the built-in
-                    for best in reversed(_stored_winners(p, path, shape, dtype)[:2]):
-                        jobs.insert(0, best)
-                        forced.add(best.id)
-                seen: set[str] = set()
-                deferred: list[Variant] = []
-                i = 0
-                while i < len(jobs):
-                    v = jobs[i]
-                    i += 1
-                    runnable = v.id not in seen and v.supports(shape, dtype)
-                    seen.add(v.id)
-                    if runnable and v.id in forced:
-                        run_variant(v)
-                    elif runnable and _key(p, v, shape, dtype) not in done:
-                        state = take(v)
-                        if state == "mine":
-                            run_variant(v)
-                        elif state == "claimed":
-                            deferred.append(v)
-                    if progress:
-                        progress(v, shape, dtype)
-                    # once the first sample is in, add neighbours of the best few
-                    if timed and p.budget is not None and i == len(jobs) and len(seen) < p.budget:
-                        jobs += _refinements(p, path, shape, dtype, seen)
-                # variants another sweep is running: wait for its results; run any whose
-                # claimant died
-                if deferred and notify:
-                    notify(f"waiting for {len(deferred)} variant(s) another sweep of {p.op.name} is running "
-                           f"(claims in {path}.claims)")
-                while deferred:
-                    waiting = []
-                    for v in deferred:
-                        state = take(v)
-                        if state == "mine":
-                            run_variant(v)
-                        elif state == "claimed":
-                            waiting.append(v)
-                    deferred = waiting
-                    if deferred:
-                        time.sleep(0.25)
-                if builtin_timed:
-                    _time_again(p, path, shape, dtype, worker)
+                ctx.shape(shape, dtype)
     finally:
-        worker.stop()
+        pool.stop()
         store.release(path)
     # the current renderings of the plan's templates only: records of older versions of a
     # template (another source, another id) stay in the file but are not ranked
     ids = {v.id for v in p.space} | {None}
     return [r for r in _local(path) if r.get("dtype") in p.dtypes and r.get("shape") in p.shapes
             and r.get("variant_id") in ids]
+
+
+class _Run:
+    """One sweep's scheduling: variants to idle lanes, replies to the store (one writer)."""
+
+    POLL = 0.25
+
+    def __init__(self, p: Plan, path, pool, progress, notify, is_done, done: set, rerun: set):
+        self.p, self.path, self.pool, self.progress, self.notify = p, path, pool, progress, notify
+        self.is_done, self.done, self.rerun = is_done, done, rerun
+        self.timed = p.device.can_time
+        self.stale_after = 2 * p.timeout + 60
+
+    # -- one shape -----------------------------------------------------------------------
+    def shape(self, shape, dtype):
+        p, pool = self.p, self.pool
+        self.cur = (shape, dtype)
+        key = lambda v: _key(p, v, shape, dtype)  # noqa: E731
+        # The built-in is timed in every run that times anything for this shape, by every
+        # lane (device) before its first variant, so new variants are ranked against a
+        # built-in measured on the same device in the same run (a resumed sweep may run on
+        # another machine, days later).
+        self.lanes_timed: set = set()
+        if self.timed and (p.retime or key(None) not in self.done):
+            lane = pool.lanes[0]
+            self._wait_idle(lane)
+            self._submit(lane, None)
+        if self.progress and self.timed:
+            self.progress(None, shape, dtype)
+        pending: deque = deque((v, "new") for v in p.candidates)
+        self.forced: set[str] = set()
+        if self.timed and p.retime:  # the stored winners are timed again next to the built-in
+            for best in reversed(_stored_winners(p, self.path, shape, dtype)[:2]):
+                pending.appendleft((best, "new"))
+                self.forced.add(best.id)
+        self.seen: set[str] = set()
+        self.retried: set[str] = set()
+        self.counted: set[str] = set()  # variants progress has been told about
+        deferred: list = []
+        told = False
+        while True:
+            for lane in pool.idle():
+                v = None
+                while pending and v is None:
+                    v = self._consider(*pending.popleft(), deferred)
+                if v is None:
+                    break
+                self._submit(lane, v)
+            if not pool.busy():
+                if pending:
+                    continue
+                # once the first sample is in, add neighbours of the best few
+                if self.timed and p.budget is not None and len(self.seen) < p.budget:
+                    more = _refinements(p, self.path, shape, dtype, self.seen)
+                    if more:
+                        pending.extend((v, "new") for v in more)
+                        continue
+                if not deferred:
+                    break
+                # variants another sweep is running: wait for its results; run any whose
+                # claimant died
+                if self.notify and not told:
+                    told = True
+                    self.notify(f"waiting for {len(deferred)} variant(s) another sweep of {p.op.name} is running "
+                                f"(claims in {self.path}.claims)")
+                waiting = []
+                for v in deferred:
+                    state = self._take(v)
+                    if state == "mine":
+                        pending.append((v, "mine"))
+                    elif state == "claimed":
+                        waiting.append(v)
+                deferred[:] = waiting
+                if deferred and not pending:
+                    time.sleep(self.POLL)
+                continue
+            got = pool.get(timeout=self.POLL)
+            if got is not None:
+                self._reply(*got, pending)
+        if self.lanes_timed:
+            self._time_again(shape, dtype)
+
+    def _consider(self, v, how, deferred):
+        """The variant if a lane should run it now, else None (done, claimed elsewhere, or
+        not for this shape)."""
+        shape, dtype = self.cur
+        if how == "mine":
+            return v
+        if how == "rerun":
+            state = self._take(v)
+        else:
+            runnable = v.id not in self.seen and v.supports(shape, dtype)
+            self.seen.add(v.id)
+            if runnable and v.id in self.forced:
+                return v
+            state = self._take(v) if runnable and _key(self.p, v, shape, dtype) not in self.done else "skip"
+        if state == "mine":
+            return v
+        if state == "claimed":
+            deferred.append(v)
+        self._count(v)
+        return None
+
+    def _count(self, v):
+        if self.progress and v.id not in self.counted:
+            self.counted.add(v.id)
+            self.progress(v, *self.cur)
+
+    def _take(self, v) -> str:
+        """"mine" (run it), "done" (by another sweep) or "claimed" (running elsewhere)."""
+        k = _key(self.p, v, *self.cur)
+        state = store.claim(self.path, k, self.is_done, self.stale_after)
+        if state == "done":
+            self.done.add(k)
+        return state
+
+    def _submit(self, lane, v):
+        """Hand `lane` the variant `v` (None: the built-in alone), preceded by the built-in
+        where the lane has not timed it for this shape in this run."""
+        shape, dtype = self.cur
+        unit = []
+        if self.timed and (v is None or lane.bundles_builtin or lane not in self.lanes_timed):
+            unit.append(((None, False), _job(self.p, None, shape, dtype)))
+            self.lanes_timed.add(lane)
+        if v is not None:
+            unit.append(((v, False), _job(self.p, v, shape, dtype)))
+        label = f"{v.label() if v else 'built-in'} {self.p.op.shape_str(shape)} {dtype}"
+        self.pool.submit(lane, unit, self.p.timeout, label)
+
+    def _wait_idle(self, lane):
+        while lane.outstanding:
+            got = self.pool.get(timeout=self.POLL)
+            if got is not None:
+                self._reply(*got, deque())
+
+    def _write(self, lane, v, reply: dict, job_seed=None, repeat=False) -> dict:
+        p, (shape, dtype) = self.p, self.cur
+        if self.timed and reply.get("device") and reply["device"] != p.device.slug:
+            from .pool import MixedDevicesError
+            raise MixedDevicesError(
+                f"worker {lane.name} timed on {reply['device']!r}, this run on {p.device.slug!r}: one ranking "
+                "compares kernels timed on one kind of device (choose GPUs of one kind: CUDA_VISIBLE_DEVICES, "
+                "or a Ray cluster whose GPUs match); its results were not stored")
+        rec = _record(p, shape, dtype, reply, v)
+        timed_on = reply.get("timed_on") or lane.timed_on
+        if self.timed and timed_on:
+            rec["timed_on"] = timed_on
+        if repeat:
+            rec.update(repeat=True, correct=False)  # never ranked or used: it only checks the first timing
+            store.append(self.path, rec)
+        else:
+            k = _key(p, v, shape, dtype)
+            store.append_result(self.path, rec, k)
+            self.done.add(k)
+        return rec
+
+    def _reply(self, lane, tag, reply, pending):
+        v, repeat = tag
+        self._write(lane, v, reply, repeat=repeat)
+        if v is None or repeat:
+            return
+        shape, dtype = self.cur
+        k = _key(self.p, v, shape, dtype)
+        if reply.get("status") == "crashed" and v.id not in self.retried:
+            # the worker died under it (a kernel fault, or killed from outside): once more,
+            # on whichever lane is free; a second crash stays (store.MAX_HANG_ATTEMPTS)
+            self.retried.add(v.id)
+            self.rerun.add(k)
+            pending.append((v, "rerun"))
+            return
+        self.rerun.discard(k)
+        self._count(v)
+
+    def _time_again(self, shape, dtype):
+        """Time the winner and the built-in a second time, after everything else in this run,
+        on the device that timed the winner first: the report shows how far two timings of
+        one kernel in one run drift apart."""
+        p = self.p
+        best = _stored_best(p, self.path, shape, dtype)
+        lane = self.pool.lanes[0]
+        if best is not None:
+            first = next((r for r in reversed(_local(self.path)) if r.get("variant_id") == best.id
+                          and r.get("shape") == shape and r.get("dtype") == dtype and not r.get("repeat")), None)
+            on = (first or {}).get("timed_on")
+            lane = next((x for x in self.pool.lanes if on and x.timed_on == on), lane)
+        self._wait_idle(lane)
+        unit = [((v, True), dict(_job(p, v, shape, dtype), repeat=True)) for v in [None] + ([best] if best else [])]
+        self.pool.submit(lane, unit, p.timeout, "timing the winner again")
+        while lane.outstanding:
+            got = self.pool.get(timeout=self.POLL)
+            if got is not None:
+                self._reply(*got, deque())
 
 
 def _local(path) -> list[dict]:
@@ -326,20 +474,9 @@ def _stored_winners(p: Plan, path, shape, dtype) -> list[Variant]:
     return out
 
 
-def _time_again(p: Plan, path, shape, dtype, worker: Worker) -> None:
-    """Time the winner and the built-in a second time, after everything else in this run:
-    the report shows how far two timings of one kernel in one run drift apart."""
-    best = _stored_best(p, path, shape, dtype)
-    for v in ([None] + ([best] if best else [])):
-        job = dict(_job(p, v, shape, dtype), repeat=True)
-        rec = _record(p, shape, dtype, worker.request(job, p.timeout), v)
-        rec.update(repeat=True, correct=False)  # never ranked or used: it only checks the first timing
-        store.append(path, rec)
-
-
 def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
     if v is None:
-        return {"kind": "builtin", "op": p.op.name, "dtype": dtype, "time_shape": shape}
+        return {"kind": "builtin", "op": p.op.name, "backend": p.backend, "dtype": dtype, "time_shape": shape}
     checks = list(p.op.edge_shapes) + [shape]
     return {"kind": "variant", "op": p.op.name, "backend": p.backend, "dtype": dtype,
             "template": str(v.template.path), "params": v.param_dict, "check_shapes": checks,

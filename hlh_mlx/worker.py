@@ -55,10 +55,14 @@ def handle(req: dict) -> dict:
     dtype = req["dtype"]
     shape = req.get("time_shape")
     if req["kind"] == "builtin":
-        return {"status": "ok", "timing": _time(op, op.baseline_for(shape), shape, dtype)}
+        return {"status": "ok", "timing": _time(op, op.baseline_for(shape), shape, dtype), **_device(req)}
 
     # the emulator is for proving kernels: sanitize unless the user said HLH_MLX_SANITIZE=0
-    sanitize = os.environ.get("HLH_MLX_SANITIZE", "1") != "0" if req["backend"] == "emulator" else None
+    # (or the request says, as `check --no-sanitize` does)
+    sanitize = None
+    if req["backend"] == "emulator":
+        sanitize = req["sanitize"] if req.get("sanitize") is not None else \
+            os.environ.get("HLH_MLX_SANITIZE", "1") != "0"
     template = templates.load(req["template"])
     variant = variants.make(template, req["params"])
     reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash}
@@ -85,7 +89,17 @@ def handle(req: dict) -> dict:
         # cost stored is the one users pay
         launch = kernel.launcher(shape, dtype, op.output_shapes(shape), op.output_dtypes(DTYPES[dtype]))
         reply["timing"] = _time(op, dispatched(compiled_for(req["backend"], launch)), shape, dtype)
+        reply.update(_device(req))
     return reply
+
+
+def _device(req: dict) -> dict:
+    """The device this worker timed on, so a sweep never ranks timings of two kinds of
+    device together (a worker pinned to another GPU model, a Ray node of another kind)."""
+    if not req.get("backend"):
+        return {}
+    from . import backends
+    return {"device": backends.device(req["backend"]).slug}
 
 
 def main() -> None:
