@@ -59,9 +59,9 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(root_pid: int | None) -> dict[int, float]:
-    """CPU seconds of a process and of each of its descendants (each with its reaped
-    children): the Ray cluster's, whose workers do a `--ray` run's checks."""
+def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of it and of the children it reaped) for a process
+    and its descendants: the Ray cluster's, whose workers do a `--ray` run's checks."""
     if root_pid is None:
         return {}
     stats = {}
@@ -79,22 +79,24 @@ def tree_cpu(root_pid: int | None) -> dict[int, float]:
         tree.add(pid)
         todo += [c for c, (pp, _) in stats.items() if pp == pid and c not in tree]
     tick = os.sysconf("SC_CLK_TCK")
-    return {p: stats[p][1] / tick for p in tree if p in stats}
+    return {p: (stats[p][0], stats[p][1] / tick) for p in tree if p in stats}
 
 
 def tree_cpu_seconds(root_pid: int | None) -> float:
-    return sum(tree_cpu(root_pid).values())
+    return sum(cpu for _, cpu in tree_cpu(root_pid).values())
 
 
 class TreeSampler:
     """CPU the process tree under `root_pid` spends from now until `stop()`, sampled every
-    0.5 s: a Ray job's workers (and their worker processes) are gone when its driver
-    exits, taking their CPU time out of the tree."""
+    0.5 s: a Ray job's workers (and their worker processes, orphaned then) are gone when
+    its driver exits, taking their CPU time out of the tree. A process that left is
+    counted at its last sample unless its parent is still there (the parent reaped it:
+    its time is in the parent's)."""
 
     def __init__(self, root_pid: int | None):
         import threading
-        self.root, self.base, self.last = root_pid, tree_cpu(root_pid), {}
-        self.last.update(self.base)
+        self.root, self.base = root_pid, tree_cpu(root_pid)
+        self.last = dict(self.base)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -104,14 +106,25 @@ class TreeSampler:
             self._sample()
 
     def _sample(self):
-        for pid, cpu in tree_cpu(self.root).items():
-            self.last[pid] = max(cpu, self.last.get(pid, 0.0))
+        now = tree_cpu(self.root)
+        for pid, (ppid, cpu) in now.items():
+            self.last[pid] = (ppid, max(cpu, self.last.get(pid, (0, 0.0))[1]))
+        return now
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        self._sample()
-        return sum(cpu - self.base.get(pid, 0.0) for pid, cpu in self.last.items())
+        alive = self._sample()
+        total = 0.0
+        for pid, (ppid, cpu) in self.last.items():
+            before = self.base.get(pid, (0, 0.0))[1]
+            if pid in alive:
+                total += cpu - before
+            elif ppid in alive:  # reaped: in its parent's time, with what it had used before we started
+                total -= before
+            else:  # orphaned or its parent left too: its last sample
+                total += cpu - before
+        return total
 
 
 def wait_quiet(max_busy: float, cluster: int | None, window: float = 10.0, timeout: float = 7200.0) -> float:

@@ -1,6 +1,6 @@
 """Worker lanes: a sweep's or a check's jobs in several worker processes at once.
 
-A lane runs jobs one at a time, in order: a local worker process (`sweep.Worker`; on a
+A lane runs jobs one at a time, in order: a local worker process (`pool.Worker`; on a
 multi-GPU host pinned to one GPU through CUDA_VISIBLE_DEVICES) or a slot of a Ray cluster
 (`ray_pool`). The caller hands an idle lane a *unit* (a short list of jobs: the built-in,
 then a variant) and reads the replies back in its own thread, so every result reaches the
@@ -14,12 +14,89 @@ Two kernels are never timed on one GPU at once: a timing lane owns its device.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+
+
+class Worker:
+    """A `python -m hlh_mlx.worker` child that answers one request per line (the sweep's
+    worker; here, with no MLX import, so that a Ray worker that only hands jobs to it
+    stays light)."""
+
+    def __init__(self, env: dict | None = None):
+        """`env`: variables set for this worker on top of ours (a GPU pin, emulator threads)."""
+        self.proc = None
+        self.env = dict(env or {})
+        self.replies: queue.Queue = queue.Queue()
+        self.closed = False
+        self._lock = threading.Lock()  # a pool's thread may be in request() while the sweep closes us
+
+    def _start(self):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # HLH_MLX_WORKER replaces the worker command (e.g. to run it under compute-sanitizer)
+        cmd = shlex.split(env["HLH_MLX_WORKER"]) if env.get("HLH_MLX_WORKER") else [
+            sys.executable, "-m", "hlh_mlx.worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.replies = queue.Queue()
+        proc, q = self.proc, self.replies
+        threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
+        self._stderr: deque[str] = deque(maxlen=20)  # the tail, for a crash report
+        tail = self._stderr
+        threading.Thread(target=lambda: [tail.append(line) for line in proc.stderr], daemon=True).start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def request(self, req: dict, timeout: float) -> dict:
+        with self._lock:
+            if self.closed:
+                return {"status": "crashed", "error": "the run stopped before this job ran"}
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            proc, replies, tail = self.proc, self.replies, self._stderr
+        try:
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            line = replies.get(timeout=timeout)
+        except (BrokenPipeError, OSError, ValueError):  # died before it read the request
+            line = None
+        except queue.Empty:
+            self.stop()
+            return {"status": "timeout", "error": f"no result within {timeout:g} s (hang?); the worker was restarted"}
+        if line is None:
+            code = proc.wait()
+            with self._lock:
+                if self.proc is proc:
+                    self.proc = None
+            text = "".join(list(tail)[-5:]).strip()
+            return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + text[-300:] if text else ''}"}
+        return json.loads(line)
+
+    def stop(self):
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self):
+        """Stop for good: a request still on its way gets no new process."""
+        with self._lock:
+            self.closed = True
+        self.stop()
 
 
 class PoolError(ValueError):
@@ -222,11 +299,10 @@ def local(n: int, backend: str, *, worker_factory=None, count: int | None = None
     """`n` worker processes on this host for `backend`. GPU back ends pin each worker to
     its own GPU (`count`, `visible`: the device count and CUDA_VISIBLE_DEVICES, read from
     this process when not given). `worker_factory(env)` makes one worker (default
-    `sweep.Worker`); `workers` gives them ready-made (tests)."""
+    `pool.Worker`); `workers` gives them ready-made (tests)."""
     if n < 1:
         raise PoolError(f"--workers must be at least 1 (got {n})")
     if worker_factory is None:
-        from .sweep import Worker
         worker_factory = lambda env: Worker(env=env)  # noqa: E731
     envs: list[dict] = []
     pins: list[str | None] = [None] * n

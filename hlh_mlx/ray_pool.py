@@ -16,6 +16,7 @@ Every node needs MLX and hlh_mlx's dependencies; hlh_mlx itself travels with the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -90,7 +91,7 @@ def run_unit(jobs: list[dict], timeout: float, env: dict, texts: dict) -> dict:
     """(a Ray task) Run `jobs` in order in this Ray worker's hlh_mlx worker process."""
     import ray
 
-    from .sweep import Worker
+    from .pool import Worker
     key = (tuple(sorted(env.items())), os.environ.get("CUDA_VISIBLE_DEVICES"))
     w = _WORKERS.get(key)
     if w is None:  # another pin or settings: a fresh worker process (the old one stops)
@@ -182,12 +183,14 @@ def make(address: str | None, backend: str, workers: int | None = None) -> tuple
     if wants_gpu and gpus == 0:
         raise PoolError(f"--ray --backend {backend}: the cluster has no GPU (resources: {cpus} CPUs)")
     req = {"num_gpus": 1} if wants_gpu else {"num_cpus": 1}
-    try:
-        info = ray.get(ray.remote(probe).options(**req, max_retries=MAX_RETRIES).remote(
-            "emulator" if not wants_gpu else backend))
-    except ray.exceptions.RayError as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise PoolError(f"--ray: the cluster cannot run hlh_mlx's jobs: {msg[:300]}") from None
+    if wants_gpu:  # which GPU the cluster gives a task (the coordinator may have none)
+        try:
+            info = ray.get(ray.remote(probe).options(**req, max_retries=MAX_RETRIES).remote(backend))
+        except ray.exceptions.RayError as e:
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise PoolError(f"--ray: the cluster cannot run hlh_mlx's jobs: {msg[:300]}") from None
+    else:  # the emulator is the same everywhere: nothing to ask
+        info = {"device": dataclasses.asdict(backends.device("emulator")), "accelerator": None}
     device = backends.Device(**info["device"])
     timing = device.can_time
     options = dict(req, max_retries=MAX_RETRIES)

@@ -10,13 +10,7 @@ its compiled kernel.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import secrets
-import shlex
-import subprocess
-import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,82 +19,13 @@ from datetime import datetime, timezone
 import mlx.core as mx
 
 from . import __version__, backends, ops, store, templates, timing, variants
+from .pool import Worker  # noqa: F401  (the worker process; it lives in pool, which a Ray worker imports)
 from .variants import Variant
 
 DEFAULT_EMULATOR_BUDGET = 16
 # A GPU-sized shape on the emulator runs for minutes and proves nothing a small one does not
 # (a 4096^3 matmul ran 245 s and timed out blaming the kernels).
 EMULATOR_MAX_BYTES = 64 * 2**20
-
-
-class Worker:
-    """A `python -m hlh_mlx.worker` child that answers one request per line."""
-
-    def __init__(self, env: dict | None = None):
-        """`env`: variables set for this worker on top of ours (a GPU pin, emulator threads)."""
-        self.proc = None
-        self.env = dict(env or {})
-        self.replies: queue.Queue = queue.Queue()
-        self.closed = False
-        self._lock = threading.Lock()  # a pool's thread may be in request() while the sweep closes us
-
-    def _start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # HLH_MLX_WORKER replaces the worker command (e.g. to run it under compute-sanitizer)
-        cmd = shlex.split(env["HLH_MLX_WORKER"]) if env.get("HLH_MLX_WORKER") else [
-            sys.executable, "-m", "hlh_mlx.worker"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.replies = queue.Queue()
-        proc, q = self.proc, self.replies
-        threading.Thread(target=lambda: [q.put(line) for line in proc.stdout] + [q.put(None)], daemon=True).start()
-        self._stderr: deque[str] = deque(maxlen=20)  # the tail, for a crash report
-        tail = self._stderr
-        threading.Thread(target=lambda: [tail.append(line) for line in proc.stderr], daemon=True).start()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def request(self, req: dict, timeout: float) -> dict:
-        with self._lock:
-            if self.closed:
-                return {"status": "crashed", "error": "the run stopped before this job ran"}
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
-            proc, replies, tail = self.proc, self.replies, self._stderr
-        try:
-            proc.stdin.write(json.dumps(req) + "\n")
-            proc.stdin.flush()
-            line = replies.get(timeout=timeout)
-        except (BrokenPipeError, OSError, ValueError):  # died before it read the request
-            line = None
-        except queue.Empty:
-            self.stop()
-            return {"status": "timeout", "error": f"no result within {timeout:g} s (hang?); the worker was restarted"}
-        if line is None:
-            code = proc.wait()
-            with self._lock:
-                if self.proc is proc:
-                    self.proc = None
-            text = "".join(list(tail)[-5:]).strip()
-            return {"status": "crashed", "error": f"the worker died (exit {code}){': ' + text[-300:] if text else ''}"}
-        return json.loads(line)
-
-    def stop(self):
-        with self._lock:
-            proc, self.proc = self.proc, None
-        if proc and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-    def close(self):
-        """Stop for good: a request still on its way gets no new process."""
-        with self._lock:
-            self.closed = True
-        self.stop()
 
 
 @dataclass
