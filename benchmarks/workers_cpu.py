@@ -9,6 +9,8 @@ Every run starts from a compile cache holding only the emulator's runtime (built
 before any clock runs): each variant is compiled and checked, as in a first check of a
 new template. Runs of the modes alternate, so a change in the machine's load hits all of
 them; the load average before each run is written down with it.
+
+Writes nothing unless --out FILE is given (an existing FILE is refused without --force).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hlh_mlx import paths  # noqa: E402  (the checkout's package, as the runs below use it)
 
 # the benchmark's own throwaway cluster, on this machine only: a second process joining it
 # by address would need the token the first one made (Ray >= 2.5x token authentication)
@@ -157,19 +161,26 @@ def run(cmd: list[str], cache: Path, env: dict, cluster: int | None = None) -> t
     return wall, cpu, busy, r.stdout + r.stderr, r.returncode
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--op", default="rms_norm")
     ap.add_argument("--template", default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--ray", action="store_true", help="also on a local Ray cluster (needs hlh_mlx[ray])")
-    ap.add_argument("--out", default=None)
+    paths.output_options(ap, help="also write the table (markdown) to FILE")
     ap.add_argument("--max-others", type=float, default=0.05,
                     help="a run during which the rest of the machine used more than this share of its cores is "
                          "run again (the machine is shared); 1 keeps every run")
     ap.add_argument("--attempts", type=int, default=8, help="runs of one mode and repeat at most")
-    a = ap.parse_args()
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+outputs = paths.given_output  # the files this run writes
+
+
+def main() -> None:
+    a = parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hlh-workers-bench-"))
     base_cmd = [sys.executable, "-m", "hlh_mlx", "check", a.op] + ([a.template] if a.template else [])
