@@ -63,9 +63,9 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds of it and of the children it reaped) for a process
-    and its descendants: the Ray cluster's, whose workers do a `--ray` run's checks."""
+def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float, float]]:
+    """pid -> (parent pid, its own CPU seconds, CPU seconds of the children it reaped) for
+    a process and its descendants: the Ray cluster's, whose workers do a `--ray` run's checks."""
     if root_pid is None:
         return {}
     stats = {}
@@ -76,31 +76,34 @@ def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float]]:
             except OSError:
                 continue
             rest = text[text.rindex(")") + 2:].split()
-            stats[int(d.name)] = (int(rest[1]), sum(int(x) for x in rest[11:15]))  # ppid, u+s+cu+cs
+            stats[int(d.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[13]) + int(rest[14]))
     tree, todo = set(), [root_pid]
     while todo:
         pid = todo.pop()
         tree.add(pid)
-        todo += [c for c, (pp, _) in stats.items() if pp == pid and c not in tree]
+        todo += [c for c, st in stats.items() if st[0] == pid and c not in tree]
     tick = os.sysconf("SC_CLK_TCK")
-    return {p: (stats[p][0], stats[p][1] / tick) for p in tree if p in stats}
+    return {p: (stats[p][0], stats[p][1] / tick, stats[p][2] / tick) for p in tree if p in stats}
 
 
 def tree_cpu_seconds(root_pid: int | None) -> float:
-    return sum(cpu for _, cpu in tree_cpu(root_pid).values())
+    return sum(own + kids for _, own, kids in tree_cpu(root_pid).values())
 
 
 class TreeSampler:
     """CPU the process tree under `root_pid` spends from now until `stop()`, sampled every
-    0.5 s: a Ray job's workers (and their worker processes, orphaned then) are gone when
-    its driver exits, taking their CPU time out of the tree. A process that left is
-    counted at its last sample unless its parent is still there (the parent reaped it:
-    its time is in the parent's)."""
+    0.5 s. Every process seen counts with what it used (itself and the children it reaped)
+    since it was first seen; a process its parent reaped while we watched is taken out of
+    the parent's count again (it is counted on its own). A Ray job's workers leave when its
+    driver exits, and their worker processes, orphaned, leave the tree: both count at their
+    last sample."""
 
     def __init__(self, root_pid: int | None):
         import threading
-        self.root, self.base = root_pid, tree_cpu(root_pid)
-        self.last = dict(self.base)
+        self.root = root_pid
+        self.first = tree_cpu(root_pid)
+        self.last = dict(self.first)
+        self.reaped: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -111,23 +114,23 @@ class TreeSampler:
 
     def _sample(self):
         now = tree_cpu(self.root)
-        for pid, (ppid, cpu) in now.items():
-            self.last[pid] = (ppid, max(cpu, self.last.get(pid, (0, 0.0))[1]))
-        return now
+        for pid, st in now.items():
+            self.first.setdefault(pid, (st[0], 0.0, 0.0))  # born while we watched
+            self.last[pid] = st
+        for pid, (ppid, _, _) in self.last.items():
+            if pid not in now and ppid in now:
+                self.reaped.add(pid)  # its time went into its parent's children time
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        alive = self._sample()
+        self._sample()
         total = 0.0
-        for pid, (ppid, cpu) in self.last.items():
-            before = self.base.get(pid, (0, 0.0))[1]
-            if pid in alive:
-                total += cpu - before
-            elif ppid in alive:  # reaped: in its parent's time, with what it had used before we started
-                total -= before
-            else:  # orphaned or its parent left too: its last sample
-                total += cpu - before
+        for pid, (_, own, kids) in self.last.items():
+            _, own0, kids0 = self.first[pid]
+            total += (own - own0) + (kids - kids0)
+            if pid in self.reaped:
+                total -= own + kids  # already in the parent's
         return total
 
 

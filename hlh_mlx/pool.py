@@ -148,8 +148,10 @@ class Lane:
                 replies = self._run_unit([job for _, job in unit], timeout)
             except Exception as e:  # noqa: BLE001 (a lane that breaks loses its unit, not the run)
                 replies = [{"status": "crashed", "error": f"worker {self.name} failed: {type(e).__name__}: {e}"}]
-            for (tag, _), reply in zip(unit, list(replies) + [None] * len(unit)):
-                outbox.put((self, tag, reply or {"status": "crashed", "error": f"worker {self.name} gave no reply"}))
+            # the unit's replies in one piece: a variant's record lands right after the
+            # built-in timed with it, whatever other workers finish meanwhile
+            outbox.put((self, [(tag, reply or {"status": "crashed", "error": f"worker {self.name} gave no reply"})
+                               for (tag, _), reply in zip(unit, list(replies) + [None] * len(unit))]))
 
     def _run_unit(self, jobs: list[dict], timeout: float) -> list[dict]:
         raise NotImplementedError
@@ -194,6 +196,7 @@ class Pool:
             raise PoolError("a pool needs at least one worker")
         self.lanes, self.kind = lanes, kind
         self.outbox: queue.Queue = queue.Queue()
+        self._ready: deque = deque()  # replies of a finished unit not yet handed out
 
     def __len__(self):
         return len(self.lanes)
@@ -214,10 +217,13 @@ class Pool:
 
     def get(self, timeout: float | None = None):
         """The next (lane, tag, reply), or None after `timeout` seconds without one."""
-        try:
-            lane, tag, reply = self.outbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        if not self._ready:
+            try:
+                lane, replies = self.outbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            self._ready.extend((lane, tag, reply) for tag, reply in replies)
+        lane, tag, reply = self._ready.popleft()
         lane.outstanding -= 1
         if lane.outstanding == 0:
             lane.state.done += 1
