@@ -63,12 +63,9 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float, float]]:
-    """pid -> (parent pid, its own CPU seconds, CPU seconds of the children it reaped) for
-    a process and its descendants: the Ray cluster's, whose workers do a `--ray` run's checks."""
-    if root_pid is None:
-        return {}
-    stats = {}
+def proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds of it and of the children it reaped), every process."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
@@ -76,34 +73,23 @@ def tree_cpu(root_pid: int | None) -> dict[int, tuple[int, float, float]]:
             except OSError:
                 continue
             rest = text[text.rindex(")") + 2:].split()
-            stats[int(d.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[13]) + int(rest[14]))
-    tree, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo += [c for c, st in stats.items() if st[0] == pid and c not in tree]
-    tick = os.sysconf("SC_CLK_TCK")
-    return {p: (stats[p][0], stats[p][1] / tick, stats[p][2] / tick) for p in tree if p in stats}
+            out[int(d.name)] = (int(rest[1]), sum(int(x) for x in rest[11:15]) / tick)
+    return out
 
 
-def tree_cpu_seconds(root_pid: int | None) -> float:
-    return sum(own + kids for _, own, kids in tree_cpu(root_pid).values())
+class OthersSampler:
+    """CPU seconds the rest of the (shared) machine uses from now until `stop()`: every
+    process but ours, sampled every 0.5 s. Ours: this process and the descendants of
+    `roots` (the command, the Ray cluster), counted as ours even once they leave the tree
+    (a Ray job's worker processes are orphaned when its driver exits)."""
 
-
-class TreeSampler:
-    """CPU the process tree under `root_pid` spends from now until `stop()`, sampled every
-    0.5 s. Every process seen counts with what it used (itself and the children it reaped)
-    since it was first seen; a process its parent reaped while we watched is taken out of
-    the parent's count again (it is counted on its own). A Ray job's workers leave when its
-    driver exits, and their worker processes, orphaned, leave the tree: both count at their
-    last sample."""
-
-    def __init__(self, root_pid: int | None):
+    def __init__(self, roots: list[int]):
         import threading
-        self.root = root_pid
-        self.first = tree_cpu(root_pid)
-        self.last = dict(self.first)
-        self.reaped: set[int] = set()
+        self.roots = [r for r in roots if r] + [os.getpid()]
+        self.mine: set[int] = set()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._sample(start=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -112,56 +98,54 @@ class TreeSampler:
         while not self._stop.wait(0.5):
             self._sample()
 
-    def _sample(self):
-        now = tree_cpu(self.root)
-        for pid, st in now.items():
-            self.first.setdefault(pid, (st[0], 0.0, 0.0))  # born while we watched
-            self.last[pid] = st
-        for pid, (ppid, _, _) in self.last.items():
-            if pid not in now and ppid in now:
-                self.reaped.add(pid)  # its time went into its parent's children time
+    def _sample(self, start: bool = False):
+        table = proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (pp, _) in table.items():
+            children.setdefault(pp, []).append(pid)
+        todo, seen = [r for r in self.roots if r in table], set()
+        while todo:
+            pid = todo.pop()
+            if pid not in seen:
+                seen.add(pid)
+                todo += children.get(pid, [])
+        self.mine |= seen
+        for pid, (_, cpu) in table.items():
+            if pid not in self.mine:
+                self.first.setdefault(pid, cpu if start else 0.0)  # born while we watched: all of it
+                self.last[pid] = cpu
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         self._sample()
-        total = 0.0
-        for pid, (_, own, kids) in self.last.items():
-            _, own0, kids0 = self.first[pid]
-            total += (own - own0) + (kids - kids0)
-            if pid in self.reaped:
-                total -= own + kids  # already in the parent's
-        return total
+        return sum(self.last[p] - self.first[p] for p in self.last if p not in self.mine)
 
 
 def wait_quiet(max_busy: float, cluster: int | None, window: float = 10.0, timeout: float = 7200.0) -> float:
-    """Wait for a `window` in which the machine (but our idle Ray cluster) is busy less
-    than `max_busy` of its cores (it is shared); returns the busy fraction seen."""
+    """Wait for a `window` in which the rest of the machine (all but us and our idle Ray
+    cluster) is busy less than `max_busy` of its cores; returns the share seen."""
     deadline = time.time() + timeout
     while True:
-        b, c = busy_seconds(), tree_cpu_seconds(cluster)
+        sampler = OthersSampler([cluster])
         time.sleep(window)
-        frac = (busy_seconds() - b - (tree_cpu_seconds(cluster) - c)) / (window * (os.cpu_count() or 1))
+        frac = sampler.stop() / (window * (os.cpu_count() or 1))
         if frac < max_busy or time.time() > deadline:
             return frac
 
 
 def run(cmd: list[str], cache: Path, env: dict, cluster: int | None = None) -> tuple[float, float, float, str, int]:
-    """(wall s, CPU s of the command and its children, CPU s the whole machine was busy,
-    output, exit status). A Ray cluster's processes are not the command's children: their
-    CPU time is in the machine's, not the command's."""
-    import resource
+    """(wall s, CPU s of this run's processes - the command's, and the Ray cluster's that do
+    its work -, CPU s of the rest of the machine, output, exit status)."""
     e = dict(os.environ, **env, HLH_MLX_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    before, busy = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds()
-    sampler = TreeSampler(cluster) if cluster else None
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True)
+    busy, t = busy_seconds(), time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = OthersSampler([proc.pid, cluster])
+    out, _ = proc.communicate()
     wall = time.perf_counter() - t
-    after, busy = resource.getrusage(resource.RUSAGE_CHILDREN), busy_seconds() - busy
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if sampler is not None:
-        cpu += sampler.stop()  # the cluster's work for this run
-    return wall, cpu, busy, r.stdout + r.stderr, r.returncode
+    others = sampler.stop()
+    busy = busy_seconds() - busy
+    return wall, max(0.0, busy - others), others, out, proc.returncode
 
 
 def parse_args(argv=None):
@@ -218,15 +202,15 @@ def main() -> None:
                     cache = work / f"cache-{mode.replace(' ', '_')}-{i}-{attempt}"
                     shutil.copytree(warm, cache)
                     load = os.getloadavg()[0]
-                    wall, cpu, busy, out, rc = run(base_cmd + extra, cache, RAY_ENV if "--ray" in extra else {},
-                                                   holder.pid if holder is not None and "--ray" in extra else None)
+                    wall, cpu, other_cpu, out, rc = run(base_cmd + extra, cache, RAY_ENV if "--ray" in extra else {},
+                                                        holder.pid if holder is not None else None)
                     shutil.rmtree(cache, ignore_errors=True)
                     summary = next((ln for ln in out.splitlines() if re.match(r"\d+ passed, \d+ failed", ln)), "?")
-                    others = max(0.0, busy - cpu) / (wall * cores)
+                    others = other_cpu / (wall * cores)
                     print(f"{mode:>14} run {i + 1}: {wall:6.1f} s wall, {cpu:6.1f} s CPU, the rest of the machine "
                           f"{100 * others:.0f}% of its cores ({summary}; load before {load:.2f})", flush=True)
                     if others <= a.max_others or attempt == a.attempts - 1:
-                        results[mode].append({"wall": wall, "cpu": cpu, "busy": busy, "load": load, "others": others,
+                        results[mode].append({"wall": wall, "cpu": cpu, "load": load, "others": others,
                                               "verdicts": verdicts(out), "rc": rc, "summary": summary})
                         break
                     discarded += 1
@@ -258,10 +242,11 @@ def main() -> None:
            f"was started before the clock ran ({ray_start:.1f} s); `--ray ADDRESS` joins it, and its wall clock "
            "includes joining and shipping hlh_mlx to the cluster." if a.ray else ""),
         "",
-        "- `CPU s`: the command, its processes and (`--ray`) the Ray cluster's processes during the run; "
-        "`others`: the share of the machine's cores the rest of the (shared) machine used during the run "
-        f"(`/proc/stat`). Runs where others used more than {100 * a.max_others:.0f}% were run again "
-        f"({discarded} such runs), after waiting for {100 * a.max_others:.0f}% quiet over 10 s.",
+        "- `CPU s`: the command, its processes and (`--ray`) the Ray cluster's processes during the run "
+        "(the machine's busy time, `/proc/stat`, less the others'); `others`: the share of the machine's cores "
+        "every other process used during the run (sampled every 0.5 s from `/proc/*/stat`). The machine is "
+        f"shared: each run waited for 10 s in which others used under {100 * a.max_others:.0f}%, and a run during "
+        f"which they used more was run again ({discarded} such runs).",
         "",
         "| mode | wall clock per run (s) | median (s) | speedup vs serial | CPU s per run | others per run "
         "| load average before each run | verdicts = serial |",
