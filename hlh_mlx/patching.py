@@ -1,11 +1,17 @@
 """`hlh_mlx.patch(model)`: swap layers of an mlx.nn.Module for tuned drop-ins.
 
-Replaced: mlx.nn.RMSNorm, LayerNorm, RoPE, Linear and QuantizedLinear -> hlh_mlx.nn's, and
-MLP blocks with gate_proj, up_proj and down_proj -> hlh_mlx.nn.SwiGLU (whose projections are
-then patched too), each only after it is shown to compute the same thing on a random input.
-Everything else stays, and the report says what stayed and why. Attention is not patched:
-mlx-lm calls scaled_dot_product_attention as a function inside its Attention modules, so
-use hlh_mlx.tuned.scaled_dot_product_attention there explicitly.
+Replaced, each only after it is shown to compute the same thing:
+- decoder blocks of mlx-lm's layout (input_layernorm, self_attn with q/k/v/o projections
+  and rope, post_attention_layernorm, mlp) in quantized models -> hlh_mlx.blocks.DecoderBlock
+  (a compiled decode step, the residual add fused with the second norm), checked at a
+  prefill and at decode steps through a KV cache;
+- mlx.nn.RMSNorm, LayerNorm, RoPE, Linear and QuantizedLinear -> hlh_mlx.nn's, and MLPs
+  with gate_proj, up_proj and down_proj linear layers -> hlh_mlx.nn.SwiGLU (one 4-bit launch
+  for gate, up and SwiGLU at one token), checked on a random input; a block's children are
+  patched too.
+Everything else stays, and the report says what stayed and why (expert MLPs, blocks whose
+check fails or raises, unquantized blocks' compiled step). The model's train/eval mode is
+kept.
 """
 
 from __future__ import annotations
