@@ -148,7 +148,8 @@ class DecoderBlock(nn.Module):
         r = self["self_attn"].o_proj(o.transpose(0, 2, 1, 3).reshape(b, t, -1))
         norm = self["post_attention_layernorm"]
         if self._fused:
-            h, y = tuned.add_rms_norm.no_grad(x, r, norm["weight"], norm.eps)
+            f = tuned.add_rms_norm if self.training else tuned.add_rms_norm.no_grad
+            h, y = f(x, r, norm["weight"], norm.eps)
         else:
             h = x + r
             y = norm(h)
