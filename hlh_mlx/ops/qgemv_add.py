@@ -82,8 +82,12 @@ def bind(x, w, scales, biases, r, group_size=64, bits=4):
     if scales.shape != (n, k // group_size) or biases.shape != scales.shape:
         return f"scales and biases must be ({n}, {k // group_size}): x's last dimension over the group size"
     out = (*x.shape[:-1], n)
-    if not isinstance(r, mx.array) or r.shape != out or r.dtype != x.dtype:
-        return f"the residual must be an mx.array of shape {out} in x's dtype (no broadcasting or promotion)"
+    if not isinstance(r, mx.array):
+        return f"the residual must be an mx.array (got {type(r).__name__})"
+    if r.shape != out:
+        return f"the residual must have shape {out}, x's leading dims and N (got {r.shape}: no broadcasting)"
+    if r.dtype != x.dtype:
+        return f"the residual must be in x's dtype {x.dtype} (got {r.dtype}: no promotion)"
     return Call([as_shape(x, (1, k)), w, scales, biases, as_shape(r, (1, n))], {"N": n, "K": k, "G": group_size},
                 dtype_name(x.dtype), [out])
 
