@@ -20,6 +20,9 @@ from .spec import ROUNDED_ONCE, Call, OpSpec, random_array
 
 # x ~ N(0, 9): a kernel that skipped the normalisation (or its rsqrt) would be 3x off
 X_SCALE = 3.0
+# eps drawn from these: 2.0 matters next to mean(x^2) ~ 9 (a kernel that ignores eps is ~10%
+# off), 1e-5 is Llama's
+EPS_CHOICES = (2.0, 1e-5)
 
 
 def _inputs(shape, dtype, rng):
@@ -27,9 +30,9 @@ def _inputs(shape, dtype, rng):
     qs = _qs.OP.make_inputs(shape, dtype, rng)  # x, wg, sg, bg, wu, su, bu
     x = random_array(rng, (1, k), dtype, X_SCALE)
     # around 1 as a trained norm weight, but every element its own: a kernel that drops or
-    # misplaces norm_w fails; eps large enough to matter (mean(x^2) ~ 9) or a model's 1e-5
+    # misplaces norm_w fails
     w = mx.array((1.0 + 0.5 * rng.standard_normal(k)).astype("float32")).astype(dtype)
-    return [x, w, eps_array(float(rng.choice([2.0, 1e-5]))), *qs[1:]]
+    return [x, w, eps_array(float(rng.choice(EPS_CHOICES))), *qs[1:]]
 
 
 def _normed(x, w, eps):
