@@ -10,10 +10,22 @@ checkpoints load unchanged) and runs its decode step as
     k, v = cache.update_and_fetch(k, v); o = attention(q, k, v)
     out = post(x, o)                     # compiled: o projection, residual, norm, MLP, residual
 
-where `pre` and `post` are `mx.compile`d with every weight of the block passed as an input
+where `pre` and `post` are `mx.compile`d with every weight they read passed as an input
 (never baked in as a constant: weights loaded after patching are used). Prefill and training
-run the same code uncompiled. With `fused=True` the residual add and the second norm are
-one op (`add_rms_norm`), so a tuned kernel can serve both.
+run the same code uncompiled.
+
+With `fused=True`, a block whose seven projections are 4-bit affine weights of one group
+size, with plain RMSNorms and a RoPE the kernels serve, runs its decode step as four
+fused ops, each a tuned kernel where one beats the built-ins it replaces (else those
+built-ins, the same computation):
+
+    pre:  q, k, v = norm_qkv_rope(x, ...)          # norm, q/k/v projections, RoPE: 6 launches -> 1
+    post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 2 -> 1
+          y = norm_qgemv_swiglu(h, ...)            # norm, gate, up, SwiGLU: 4 -> 1
+          out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
+
+Otherwise (q/k norms, biases, other quantizations or RoPE scalings) the residual add and
+the second norm are one op (`add_rms_norm`) and the rest runs as the children do.
 
 The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
 MoE blocks of the same layout) and `hlh_mlx.patch` installs it in quantized models only,
@@ -23,10 +35,12 @@ through a KV cache.
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import runtime, tuned
+from . import ops, runtime, tuned
 from .ops.rope import _offset_array as offset_array
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
@@ -58,11 +72,12 @@ def quantized(block: nn.Module) -> bool:
 
 
 class _Compiled:
-    """fn(*xs) compiled, with every array held by `root`'s module tree passed in as an input
-    each call (gathered from their slots: a weight replaced in place is picked up)."""
+    """fn(*xs) compiled, with every array held by the module trees of `roots` passed in as
+    an input each call (gathered from their slots: a weight replaced in place is picked up).
+    `fn` must read no other module's arrays (they would be traced as constants)."""
 
-    def __init__(self, root: nn.Module, fn):
-        self.slots = _slots(root)
+    def __init__(self, roots: list, fn):
+        self.slots = [s for root in roots for s in _slots(root)]
 
         def traced(*arrays):
             n = len(self.slots)
@@ -114,6 +129,7 @@ class DecoderBlock(nn.Module):
                 object.__setattr__(self, k, v)
         object.__setattr__(self, "_fused", fused)
         object.__setattr__(self, "_compiled", None)
+        object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
@@ -155,11 +171,80 @@ class DecoderBlock(nn.Module):
             y = norm(h)
         return h + self["mlp"](y)
 
+    def why_not_fully_fused(self) -> str | None:
+        """None when the decode step runs as the four fused ops (module docstring), else why not."""
+        if not self._fused:
+            return "fused=False"
+        missing = [o for o in _FUSED_OPS if o not in ops.names()]
+        if missing:
+            return f"no op {', '.join(missing)}"
+        a, mlp = self["self_attn"], self["mlp"]
+        if "q_norm" in a:
+            return "queries and keys have norms of their own (q_norm, k_norm)"
+        if not all(k in mlp for k in ("gate_proj", "up_proj", "down_proj")):
+            return "the MLP is not gate/up/down projections (experts?)"
+        projs = [a[k] for k in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                [mlp[k] for k in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, nn.QuantizedLinear) for p in projs):
+            return "not every projection is quantized"
+        if any("bias" in p for p in projs):
+            return "projections with a bias"
+        formats = {(p.bits, p.group_size, getattr(p, "mode", "affine")) for p in projs}
+        if len(formats) != 1:
+            return f"projections quantized in different formats (bits, group, mode: {sorted(formats)})"
+        if next(iter(formats)) not in {(4, 64, "affine"), (4, 128, "affine")}:
+            return f"weights are not 4-bit affine with group size 64 or 128 ({next(iter(formats))})"
+        for k in ("input_layernorm", "post_attention_layernorm"):
+            if not isinstance(self[k], nn.RMSNorm):
+                return f"{k} is a {type(self[k]).__name__}, not an RMSNorm"
+        if self._head_dim() is None:
+            return "q_proj's outputs are not n_heads whole heads"
+        if rope_freqs(a.rope, self._head_dim()) is None:
+            return (f"RoPE {type(a.rope).__name__} (dims {getattr(a.rope, 'dims', '?')}, "
+                    f"traditional {getattr(a.rope, 'traditional', '?')}) is not one the fused kernel takes")
+        return None
+
+    def _head_dim(self) -> int | None:
+        a = self["self_attn"]
+        n = a.q_proj.weight.shape[0]
+        return n // a.n_heads if n % a.n_heads == 0 else None
+
+    def _qkv_fused(self, x, offset):
+        """Decode only (one token): the fused norm, q/k/v projections and RoPE."""
+        a, norm = self["self_attn"], self["input_layernorm"]
+        d = self._head_dim()
+        q, k, v = a.q_proj, a.k_proj, a.v_proj
+        qs, ks, vs = tuned.norm_qkv_rope.no_grad(
+            x.reshape(1, -1), norm["weight"], norm.eps, q["weight"], q["scales"], q["biases"],
+            k["weight"], k["scales"], k["biases"], v["weight"], v["scales"], v["biases"],
+            self._freqs, offset, d, group_size=q.group_size, bits=4)
+        return qs.reshape(1, a.n_heads, 1, d), ks.reshape(1, a.n_kv_heads, 1, d), vs.reshape(1, a.n_kv_heads, 1, d)
+
+    def _out_fused(self, x, o):
+        """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual."""
+        wo, norm, mlp = self["self_attn"].o_proj, self["post_attention_layernorm"], self["mlp"]
+        g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        gs = wo.group_size
+        h = tuned.qgemv_add.no_grad(o.reshape(1, -1), wo["weight"], wo["scales"], wo["biases"], x.reshape(1, -1),
+                                    group_size=gs, bits=4)
+        y = tuned.norm_qgemv_swiglu.no_grad(h, norm["weight"], norm.eps, g["weight"], g["scales"], g["biases"],
+                                            u["weight"], u["scales"], u["biases"], group_size=gs, bits=4)
+        out = tuned.qgemv_add.no_grad(y, dn["weight"], dn["scales"], dn["biases"], h, group_size=gs, bits=4)
+        return out.reshape(x.shape)
+
     def _steps(self):
         key = self._children_key()
         c = self._compiled
         if c is None or c[0] != key:
-            c = (key, _Compiled(self, self._qkv), _Compiled(self, self._out))
+            a = self["self_attn"]
+            pre_reads = [self["input_layernorm"]] + [m for k, m in a.children().items()
+                                                     if k != "o_proj" and isinstance(m, nn.Module)]
+            post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
+            if self.why_not_fully_fused() is None:
+                object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
+                c = (key, _Compiled(pre_reads, self._qkv_fused), _Compiled(post_reads, self._out_fused))
+            else:
+                c = (key, _Compiled(pre_reads, self._qkv), _Compiled(post_reads, self._out))
             object.__setattr__(self, "_compiled", c)
         return c[1], c[2]
 
@@ -176,6 +261,25 @@ class DecoderBlock(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self["self_attn"].scale, mask=mask)
         return out(x, o)
+
+
+_FUSED_OPS = ("norm_qkv_rope", "qgemv_add", "norm_qgemv_swiglu")
+
+
+def rope_freqs(rope, head_dim: int) -> mx.array | None:
+    """mx.fast.rope's `freqs` for a RoPE module (angle_i = position / freqs[i]: its base and
+    scale folded in), or None where the fused kernel does not serve it: traditional pairs,
+    a partial rotation, scalings other than a base (mlx.nn.RoPE) or Llama 3's table."""
+    if getattr(rope, "traditional", True) or getattr(rope, "dims", None) != head_dim or head_dim % 2:
+        return None
+    half = head_dim // 2
+    if isinstance(rope, nn.RoPE):  # angle = position * scale * base ** (-i / half), as MLX computes it
+        inv = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(rope.base) / half)) * rope.scale
+        return mx.reciprocal(inv)
+    freqs = getattr(rope, "_freqs", None)
+    if type(rope).__name__ == "Llama3RoPE" and isinstance(freqs, mx.array) and freqs.shape == (half,):
+        return freqs.astype(mx.float32)  # mlx-lm calls mx.fast.rope with these and scale 1.0
+    return None
 
 
 def differs(old: nn.Module, new: nn.Module, dims: int, dtype) -> str | None:

@@ -29,15 +29,18 @@ from . import blocks, nn, ops, tuned
 class PatchReport:
     replaced: list = field(default_factory=list)   # (path, old class, new class)
     kept: list = field(default_factory=list)       # (path, class, reason)
+    notes: list = field(default_factory=list)      # (path, what a replaced layer runs)
 
     def as_dict(self) -> dict:
         return {"replaced": [{"path": p, "from": a, "to": b} for p, a, b in self.replaced],
-                "kept": [{"path": p, "class": c, "reason": why} for p, c, why in self.kept]}
+                "kept": [{"path": p, "class": c, "reason": why} for p, c, why in self.kept],
+                "notes": [{"path": p, "note": n} for p, n in self.notes]}
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} layer(s), kept {len(self.kept)}"]
         lines += [f"  {p}: {a} -> {b}" for p, a, b in self.replaced]
         lines += [f"  kept {p} ({c}): {why}" for p, c, why in self.kept]
+        lines += [f"  {p}: {n}" for p, n in self.notes]
         return "\n".join(lines)
 
 
@@ -130,6 +133,10 @@ def patch(model: base_nn.Module) -> PatchReport:
             parent[key] = new
             report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
             walk(new, path)  # a SwiGLU's projections are layers of their own
+            if isinstance(new, blocks.DecoderBlock):
+                why = new.why_not_fully_fused()
+                report.notes.append((path, "decode step as four fused ops" if why is None
+                                     else f"decode step partly fused ({why})"))
             return
         if reason:
             report.kept.append((path, type(module).__name__, reason))

@@ -1,0 +1,124 @@
+"""A patched Llama-style block decodes through four fused ops (norm + q/k/v + RoPE, o +
+residual, norm + gate + up + SwiGLU, down + residual) with the same logits; blocks the
+fused kernels do not serve say why and keep the partly fused step."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from hlh_mlx import blocks, models, patching, runtime, tuned
+
+
+@pytest.fixture(autouse=True)
+def fresh(store_dir):
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+def _decode(model, steps=4, prompt=(3, 1, 4, 1, 5)):
+    cache = make_prompt_cache(model)
+    logits = [model(mx.array([list(prompt)]), cache=cache)[:, -1]]
+    tok = mx.array([[7]])
+    for _ in range(steps):
+        logits.append(model(tok, cache=cache)[:, -1])
+    return mx.concatenate(logits).astype(mx.float32)
+
+
+@pytest.mark.parametrize("rope", [
+    nn.RoPE(64, base=10000.0),
+    nn.RoPE(64, base=500000.0, scale=0.25),
+    initialize_rope(64, 500000.0, False, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+])
+def test_rope_freqs_reproduce_the_module(rope):
+    """The fused kernel's RoPE takes mx.fast.rope's `freqs`: they must turn the module's own
+    rotation (base and scale, or Llama 3's table) into the same numbers, at several positions."""
+    freqs = blocks.rope_freqs(rope, 64)
+    assert freqs is not None and freqs.shape == (32,) and freqs.dtype == mx.float32
+    x = mx.random.normal((1, 4, 1, 64), key=mx.random.key(1))
+    for offset in (0, 5, 3000):
+        want = rope(x, offset=offset)
+        got = mx.fast.rope(x, 64, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_freqs_refuse_what_the_kernel_does_not_rotate():
+    assert blocks.rope_freqs(nn.RoPE(64, traditional=True), 64) is None  # pairs (2i, 2i+1)
+    assert blocks.rope_freqs(nn.RoPE(32), 64) is None                    # a partial rotation
+    yarn = initialize_rope(64, 10000.0, False, {"rope_type": "yarn", "factor": 4.0,
+                                                "original_max_position_embeddings": 4096})
+    assert blocks.rope_freqs(yarn, 64) is None                           # scales its output too
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2)])
+def test_llama_blocks_decode_through_the_four_fused_ops(dtype, tol):
+    model, _ = models.load("tiny-llama", bits=4, dtype=dtype)
+    before = _decode(model)
+    report = patching.patch(model)
+    layers = model.model.layers
+    assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
+    assert [n for _, n in report.notes] == ["decode step as four fused ops"] * len(layers), report
+    assert all(b.why_not_fully_fused() is None for b in layers)
+    after = _decode(model)
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=tol, atol=tol)
+    # the decode step called each fused op with arguments its kernels take (bind accepted
+    # them: a refused call is never decided), at the model's shapes
+    called = {op: shape for op, shape, _ in runtime.decided_calls()}
+    assert called["norm_qkv_rope"]["K"] == 128 and called["norm_qkv_rope"]["D"] == 32
+    assert called["qgemv_add"]["N"] == 128 and {called["qgemv_add"]["K"]} <= {128, 256}
+    assert called["norm_qgemv_swiglu"]["N"] == 256
+
+
+def test_the_fused_step_follows_the_offset_through_one_trace():
+    """The position is data inside the compiled step: each decode step rotates by its own
+    offset (a step that reused the first step's position would drift from the unpatched logits)."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32", seed=3)
+    before = _decode(model, steps=9, prompt=(2, 7))
+    patching.patch(model)
+    np.testing.assert_allclose(np.asarray(_decode(model, steps=9, prompt=(2, 7))), np.asarray(before),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("tiny-qwen3", "queries and keys have norms of their own"),
+    ("tiny-qwen2-moe", "the MLP is not gate/up/down projections"),
+])
+def test_other_blocks_say_why_they_are_partly_fused(name, reason):
+    model, _ = models.load(name, bits=4, dtype="float32")
+    before = _decode(model)
+    report = patching.patch(model)
+    notes = [n for _, n in report.notes]
+    assert notes and all(reason in n for n in notes), report
+    assert reason in str(report)
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_quantization_is_partly_fused_with_the_reason():
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    block = model.model.layers[0]
+    down = block.mlp.down_proj
+    w = mx.dequantize(down.weight, down.scales, down.biases, group_size=64, bits=4)
+    block.mlp.down_proj = nn.QuantizedLinear.from_linear(_linear(w), group_size=128, bits=4)
+    before = _decode(model)
+    report = patching.patch(model)
+    assert "projections quantized in different formats" in report.notes[0][1], report
+    assert report.notes[1][1] == "decode step as four fused ops", report
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def test_eight_bit_blocks_are_partly_fused_with_the_reason():
+    model, _ = models.load("tiny-llama", bits=8, dtype="float32")
+    before = _decode(model)
+    report = patching.patch(model)
+    assert report.notes and all("not 4-bit affine" in n for _, n in report.notes), report
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def _linear(w):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = w
+    return lin
