@@ -78,7 +78,7 @@ def case(op_name, shape, family, params, calls, offset=None) -> dict:
         first = t.expect.split()[0].rstrip(":.,")
         params = {k: int(v) for k, v in (kv.split("=") for kv in first.split(","))}
     v = variants.make(t, params)
-    inputs = op.make_inputs(shape, "float16", np.random.default_rng(0))
+    inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
     if offset is not None:
         inputs[-1] = mx.array([offset], dtype=mx.int32)
     mx.eval(inputs)

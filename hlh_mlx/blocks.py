@@ -117,7 +117,9 @@ class DecoderBlock(nn.Module):
 
     Args:
         block: the mlx-lm block; its children are kept as they are.
-        fused: the residual add and the second norm through hlh_mlx.tuned.add_rms_norm.
+        fused: True: the decode step's fused ops (module docstring) where a stored variant serves
+            them, else the residual add and the second norm through hlh_mlx.tuned.add_rms_norm;
+            "always": the fused ops even where their built-in composition would run; False: neither.
     """
 
     def __init__(self, block: nn.Module, fused: bool = True):
@@ -232,7 +234,32 @@ class DecoderBlock(nn.Module):
         out = tuned.qgemv_add.no_grad(y, dn["weight"], dn["scales"], dn["biases"], h, group_size=gs, bits=4)
         return out.reshape(x.shape)
 
-    def _steps(self):
+    def _fused_steps_that_pay(self, x) -> tuple[bool, bool]:
+        """(pre, post): whether each half of the decode step runs its fused ops. A fused op that
+        no stored variant serves would run its built-in composition, the same launches as the
+        unfused half, whose layers may each have a tuned kernel: then the unfused half runs.
+        With fused="always" both run fused (tests: the composition on a CPU)."""
+        if self._fused == "always":
+            return True, True
+        a, mlp, norm = self["self_attn"], self["mlp"], self["input_layernorm"]
+        q, k, v, o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
+        g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        gs, x1 = q.group_size, x.reshape(1, -1)
+        pre = runtime.serves("norm_qkv_rope", x1, norm["weight"], norm.eps, q["weight"], q["scales"], q["biases"],
+                             k["weight"], k["scales"], k["biases"], v["weight"], v["scales"], v["biases"],
+                             self._freqs, offset_array(0), self._head_dim(), group_size=gs, bits=4)
+        o1 = mx.zeros((1, o["weight"].shape[1] * 8), x.dtype)  # bind reads shapes and dtypes only
+        h1 = mx.zeros((1, dn["weight"].shape[0]), x.dtype)
+        y1 = mx.zeros((1, dn["weight"].shape[1] * 8), x.dtype)
+        post = (runtime.serves("qgemv_add", o1, o["weight"], o["scales"], o["biases"], x1, group_size=gs, bits=4)
+                and runtime.serves("norm_qgemv_swiglu", h1, self["post_attention_layernorm"]["weight"],
+                                   self["post_attention_layernorm"].eps, g["weight"], g["scales"], g["biases"],
+                                   u["weight"], u["scales"], u["biases"], group_size=gs, bits=4)
+                and runtime.serves("qgemv_add", y1, dn["weight"], dn["scales"], dn["biases"], h1,
+                                   group_size=gs, bits=4))
+        return pre, post
+
+    def _steps(self, x):
         key = self._children_key()
         c = self._compiled
         if c is None or c[0] != key:
@@ -240,11 +267,13 @@ class DecoderBlock(nn.Module):
             pre_reads = [self["input_layernorm"]] + [m for k, m in a.children().items()
                                                      if k != "o_proj" and isinstance(m, nn.Module)]
             post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
+            pre, post = self._qkv, self._out
             if self.why_not_fully_fused() is None:
                 object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
-                c = (key, _Compiled(pre_reads, self._qkv_fused), _Compiled(post_reads, self._out_fused))
-            else:
-                c = (key, _Compiled(pre_reads, self._qkv), _Compiled(post_reads, self._out))
+                fused_pre, fused_post = self._fused_steps_that_pay(x)
+                pre = self._qkv_fused if fused_pre else pre
+                post = self._out_fused if fused_post else post
+            c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))
             object.__setattr__(self, "_compiled", c)
         return c[1], c[2]
 
@@ -252,7 +281,7 @@ class DecoderBlock(nn.Module):
         from mlx_lm.models.base import scaled_dot_product_attention
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1 and not self.training:
-            qkv, out = self._steps()
+            qkv, out = self._steps(x)
             offset = offset_array(offset)  # data, so one trace serves every step
         else:  # prefill and training: shapes vary, the host cost is small beside the work
             qkv, out = self._qkv, self._out

@@ -71,6 +71,7 @@ def _differs(old, new, dims: int) -> str | None:
 
 
 _LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
+FUSABLE = "decode step fusable (each half runs its fused ops where a tuned kernel serves them)"
 
 
 def _replacement(module):
@@ -135,8 +136,7 @@ def patch(model: base_nn.Module) -> PatchReport:
             walk(new, path)  # a SwiGLU's projections are layers of their own
             if isinstance(new, blocks.DecoderBlock):
                 why = new.why_not_fully_fused()
-                report.notes.append((path, "decode step as four fused ops" if why is None
-                                     else f"decode step partly fused ({why})"))
+                report.notes.append((path, FUSABLE if why is None else f"decode step partly fused ({why})"))
             return
         if reason:
             report.kept.append((path, type(module).__name__, reason))

@@ -312,6 +312,12 @@ def explain(op_name: str, *args, **kwargs) -> str:
     return str(choose(op_name, _bind(ops.get(op_name), args, kwargs)))
 
 
+def serves(op_name: str, *args, **kwargs) -> bool:
+    """Whether a stored variant (not the built-in) would run for these arguments: for callers
+    choosing between a fused op and the separately tuned ops it replaces."""
+    return choose(op_name, _bind(ops.get(op_name), args, kwargs)).variant is not None
+
+
 def decisions() -> dict:
     """{(op, shape, dtype): what runs and why} for every call decided so far."""
     return {(op, "x".join(str(v) for _, v in shape), dtype): str(c) for (op, shape, dtype), c in _choices.items()}

@@ -61,8 +61,9 @@ def test_llama_blocks_decode_through_the_four_fused_ops(dtype, tol):
     report = patching.patch(model)
     layers = model.model.layers
     assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
-    assert [n for _, n in report.notes] == ["decode step as four fused ops"] * len(layers), report
+    assert [n for _, n in report.notes] == [patching.FUSABLE] * len(layers), report
     assert all(b.why_not_fully_fused() is None for b in layers)
+    _always_fused(layers)
     after = _decode(model)
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=tol, atol=tol)
     # the decode step called each fused op with arguments its kernels take (bind accepted
@@ -79,6 +80,7 @@ def test_the_fused_step_follows_the_offset_through_one_trace():
     model, _ = models.load("tiny-llama", bits=4, dtype="float32", seed=3)
     before = _decode(model, steps=9, prompt=(2, 7))
     patching.patch(model)
+    _always_fused(model.model.layers)
     np.testing.assert_allclose(np.asarray(_decode(model, steps=9, prompt=(2, 7))), np.asarray(before),
                                rtol=1e-4, atol=1e-4)
 
@@ -106,7 +108,7 @@ def test_mixed_quantization_is_partly_fused_with_the_reason():
     before = _decode(model)
     report = patching.patch(model)
     assert "projections quantized in different formats" in report.notes[0][1], report
-    assert report.notes[1][1] == "decode step as four fused ops", report
+    assert report.notes[1][1] == patching.FUSABLE, report
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
 
 
@@ -116,6 +118,38 @@ def test_eight_bit_blocks_are_partly_fused_with_the_reason():
     report = patching.patch(model)
     assert report.notes and all("not 4-bit affine" in n for _, n in report.notes), report
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def _always_fused(layers):
+    """Run the fused ops even where no variant serves them (their built-in compositions here)."""
+    for b in layers:
+        object.__setattr__(b, "_fused", "always")
+        b.reset()
+
+
+def test_untuned_fused_ops_leave_the_step_unfused(monkeypatch):
+    """Where no stored variant serves a fused op its built-in composition would run: the block
+    runs the unfused half instead (whose layers may each be tuned); where one does, the fused
+    half. The choice is made per half, from the store, when the step is traced."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    before = _decode(model)
+    patching.patch(model)
+    layers = model.model.layers
+    _decode(model)  # traces the step: nothing is tuned on this CPU
+    assert layers[0]._fused_steps_that_pay(mx.zeros((1, 1, 128))) == (False, False)
+    served = {"qgemv_add", "norm_qgemv_swiglu"}
+    monkeypatch.setattr(runtime, "serves", lambda op, *a, **k: op in served)
+    for b in layers:
+        b.reset()
+    called = []
+    real = blocks.DecoderBlock._out_fused
+    monkeypatch.setattr(blocks.DecoderBlock, "_out_fused", lambda self, x, o: called.append(1) or real(self, x, o))
+    qkv_fused = []
+    real_qkv = blocks.DecoderBlock._qkv_fused
+    monkeypatch.setattr(blocks.DecoderBlock, "_qkv_fused", lambda self, x, off: qkv_fused.append(1) or real_qkv(self, x, off))
+    after = _decode(model)
+    assert called and not qkv_fused  # the post half traced fused, the pre half not
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
 
 
 def _linear(w):
