@@ -122,7 +122,7 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     unpatched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
     report = patching.patch(model)
     result["patch"] = report.as_dict()
-    runtime_fallbacks_before = dict(runtime.fallbacks())
+    runtime_fallbacks_before = dict(runtime.fallbacks())  # distinct calls, each counted once
     patched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
     result["fallbacks"] = {f"{op}: {why}": n - runtime_fallbacks_before.get((op, why), 0)
                            for (op, why), n in runtime.fallbacks().items()}
