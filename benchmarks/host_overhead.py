@@ -2,7 +2,7 @@
 (a variant, or a fallback), each step of the tuned path alone, and the same call through
 an hlh_mlx.nn layer (which remembers its plan) against mlx.nn's layer.
 
-    python benchmarks/host_overhead.py [--small] [--repeats R] [--out F [--force]]   # us per call
+    python benchmarks/host_overhead.py [--small] [--calls N] [--repeats R] [--clock wall|thread] [--out F [--force]]
 
 (--small: small shapes, for a run on a CPU. On the CPU back end every tuned call is a
 fallback: the numbers say what the fallback path costs, and "compiled stub" what the
@@ -19,9 +19,11 @@ dictionary lookup, then the plan: the built-in for a fallback, or the variant's 
 compiled on Metal/CUDA so a replay skips the binding and MLX's own per-call work of a
 custom-kernel call (shown alone as "raw custom-kernel call").
 
-Timing: CALLS calls per measurement (graphs built, not evaluated), the calls of one case
-alternated and repeated (--repeats), the best repeat kept: on a shared machine compare
-numbers within one run only.
+Timing: microseconds per call, --calls calls per measurement (graphs built, not evaluated),
+the calls of one case alternated and repeated (--repeats), the best repeat kept. --clock
+wall (default) times elapsed time; --clock thread this thread's CPU time
+(time.thread_time), which other processes on a shared machine do not inflate. Compare
+numbers within one run, or between runs on one machine with the same clock.
 """
 
 import argparse
@@ -38,6 +40,11 @@ from hlh_mlx import nn as hnn
 CALLS = 2000
 
 
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = [time.perf_counter]
+calls = [CALLS]
+
+
 def per_call_us(fn, repeats: int = 5) -> float:
     return timed({"fn": fn}, repeats)["fn"]
 
@@ -46,14 +53,15 @@ def timed(fns: dict, repeats: int = 5) -> dict:
     """{name: best microseconds per call}, the functions alternated within each repeat."""
     for fn in fns.values():
         mx.eval(fn())
+    now = clock[0]
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             outs = []
-            t = time.perf_counter()
-            for _ in range(CALLS):
+            t = now()
+            for _ in range(calls[0]):
                 outs.append(fn())
-            best[name] = min(best[name], (time.perf_counter() - t) / CALLS * 1e6)
+            best[name] = min(best[name], (now() - t) / calls[0] * 1e6)
             del outs
     return best
 
@@ -122,7 +130,10 @@ def layer_case(name, builtin_layer, tuned_layer, x, repeats):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="small shapes: a run on a CPU")
+    ap.add_argument("--calls", type=int, default=CALLS, help=f"calls per measurement (default {CALLS})")
     ap.add_argument("--repeats", type=int, default=5, help="repeats per measurement, best kept (default 5)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: elapsed time (default); thread: this thread's CPU time, for a shared machine")
     paths.output_options(ap)
     return paths.parse_refusing_overwrite(ap, argv, outputs)
 
@@ -133,10 +144,12 @@ outputs = paths.given_output  # the files this run writes
 def main():
     args = parse_args()
     small, repeats = args.small, args.repeats
+    clock[0], calls[0] = CLOCKS[args.clock], args.calls
     rng = np.random.default_rng(0)
     be = backends.auto()
     out = {"device": backends.device(be).name, "backend": be, "mlx": mx.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "calls": CALLS, "repeats": repeats}
+           "date": time.strftime("%Y-%m-%d %H:%M"), "calls": args.calls, "repeats": repeats,
+           "clock": args.clock}
     qs = {"N": 256, "K": 512, "G": 64} if small else {"N": 14336, "K": 4096, "G": 64}
     x, w, s, b = ops.get("qgemv").make_inputs(qs, mx.float16, rng)
     mx.eval(x, w, s, b)
