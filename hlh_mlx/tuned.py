@@ -35,9 +35,10 @@ def refresh() -> None:
 _dispatches: dict = {}
 
 
-def dispatch(op_name: str) -> Dispatch:
+def dispatch(op_name: str):
     """The tuned entry point of any op, from its spec (`function`, `bind`,
-    `differentiable`): an op an agent adds is callable the same day, no wrapper needed."""
+    `differentiable`): an op an agent adds is callable the same day, no wrapper needed.
+    A function (`Dispatch.function`), with the op's `plans`, `plan_for` and `no_grad`."""
     if op_name not in _dispatches:
         spec = ops.get(op_name)
         if spec.function is None or spec.bind is None:
@@ -48,7 +49,7 @@ def dispatch(op_name: str) -> Dispatch:
                                         dynamic=tuple(spec.dynamic),
                                         doc=f"{op_name}: tuned, with the arguments of "
                                             f"{getattr(spec.function, '__name__', spec.function)}. "
-                                            + (doc[0] if doc else ""))
+                                            + (doc[0] if doc else "")).function
     return _dispatches[op_name]
 
 

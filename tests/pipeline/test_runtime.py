@@ -169,8 +169,8 @@ def test_a_call_that_cannot_be_remembered_is_counted_every_time(rng, resolves):
 
 
 def test_the_inline_signature_is_the_signature(rng):
-    """Dispatch.__call__ builds the key of a call without keywords inline, not through
-    `signature`: it must be the same key, and a value must never pass for an array."""
+    """`tuned.<op>` builds a call's key inline, not through `signature`: it must be the
+    same key, with and without keywords, and a value must never pass for an array."""
     x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
     w = mx.ones((16,))
     for args, kwargs in [((x, w, 1e-5), {}), ((x, w), dict(eps=1e-5)), ((), dict(x=x, weight=w, eps=1e-5))]:
