@@ -59,9 +59,16 @@ def dispatched(fn, dynamic: tuple = ()):
     """`fn` behind a tuned call's hot path (the signature and its lookup), so the sweep
     measures the host cost a program pays per call, not the kernel call's alone."""
     plans: dict = {}
+    dk = _DKEY
 
     def call(*args):  # the key as `tuned.<op>` builds it for a call without keywords
-        key = tuple([(_ARRAY, a.shape, a.dtype) if type(a) is _ARRAY else a for a in args])
+        key = []
+        for a in args:
+            if type(a) is _ARRAY:
+                key += (_ARRAY, a.shape, dk(a.dtype))
+            else:
+                key.append(a)
+        key = tuple(key)
         plan = plans.get(key)
         if plan is None:
             plan = plans[key] = fn
@@ -107,16 +114,34 @@ def _settings_reset() -> None:
     _rearm()
 
 
+def _dtype_key():
+    """How a signature holds a dtype: `hash` where that tells every MLX dtype apart (an int,
+    hashed and compared with no call into MLX: a Dtype's own hash and == are; 0.3 us of a
+    4-array lookup on the CPU box), else the Dtype itself."""
+    dtypes = [v for v in vars(mx).values() if isinstance(v, mx.Dtype)]
+    return hash if len({hash(d) for d in dtypes}) == len(dtypes) else (lambda d: d)
+
+
+_DKEY = _dtype_key()
+
+
 def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
     """What a plan depends on: each array's shape and dtype, every other value; a dynamic
-    argument only by kind (a number or an array). Built on every call: one list
-    comprehension, one entry per argument (`tuned.<op>`, the function `_entry` makes,
-    builds the same key inline)."""
-    key = [(_ARRAY, a.shape, a.dtype) if type(a) is _ARRAY else a for a in args]
-    if kwargs:
-        for k, v in kwargs.items():
-            key.append(k)
-            key.append((_ARRAY, v.shape, v.dtype) if type(v) is _ARRAY else type(v) if k in dynamic else v)
+    argument only by kind (a number or an array). Flat, since it is built on every call
+    (`tuned.<op>`, the function `_entry` makes, builds the same key inline)."""
+    key = []
+    dk = _DKEY
+    for a in args:
+        if type(a) is _ARRAY:
+            key += (_ARRAY, a.shape, dk(a.dtype))
+        else:
+            key.append(a)
+    for k, v in kwargs.items():
+        key.append(k)
+        if type(v) is _ARRAY:
+            key += (_ARRAY, v.shape, dk(v.dtype))
+        else:
+            key.append(type(v) if k in dynamic else v)
     return tuple(key)
 
 
@@ -379,19 +404,25 @@ class Dispatch:
 def _entry(d: Dispatch):
     """The function behind `tuned.<op>`: the signature (built inline, as `signature` builds
     it: a function call fewer), one lookup, the plan."""
-    plans, decide, A = d.plans, d._plan, _ARRAY
+    plans, decide, A, dk = d.plans, d._plan, _ARRAY, _DKEY
 
     def call(*args, **kwargs):
-        try:
-            if kwargs:
-                key = [(A, a.shape, a.dtype) if type(a) is A else a for a in args]
-                dynamic = d._dynamic
-                for k, v in kwargs.items():
-                    key.append(k)
-                    key.append((A, v.shape, v.dtype) if type(v) is A else type(v) if k in dynamic else v)
-                plan = plans[tuple(key)]
+        key = []
+        for a in args:
+            if type(a) is A:
+                key += (A, a.shape, dk(a.dtype))
             else:
-                plan = plans[tuple([(A, a.shape, a.dtype) if type(a) is A else a for a in args])]
+                key.append(a)
+        if kwargs:
+            dynamic = d._dynamic
+            for k, v in kwargs.items():
+                key.append(k)
+                if type(v) is A:
+                    key += (A, v.shape, dk(v.dtype))
+                else:
+                    key.append(type(v) if k in dynamic else v)
+        try:
+            plan = plans[tuple(key)]
         except (KeyError, TypeError):  # a first call, or an unhashable argument
             plan = decide(args, kwargs)
         return plan(*args, **kwargs)

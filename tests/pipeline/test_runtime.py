@@ -178,6 +178,9 @@ def test_the_inline_signature_is_the_signature(rng):
         tuned.rms_norm(*args, **kwargs)
         assert list(tuned.rms_norm.plans) == [runtime.signature(args, kwargs, ())]
     assert runtime.signature((x, 3), {}) != runtime.signature(((x.shape, x.dtype), 3), {})
+    assert runtime.signature((x,), {}) != runtime.signature((x.astype(mx.float16),), {})
+    dtypes = [v for v in vars(mx).values() if isinstance(v, mx.Dtype)]
+    assert len({runtime._DKEY(d) for d in dtypes}) == len(dtypes) > 10  # every dtype told apart
     assert runtime.signature((x,), dict(offset=3), ("offset",)) == runtime.signature((x,), dict(offset=4), ("offset",))
 
 
