@@ -84,8 +84,6 @@ def strict() -> bool:
     return _strict[0]
 
 
-
-
 class lenient:
     """Within this block a fallback is never an error (HLH_MLX_STRICT notwithstanding):
     for checks on made-up inputs, whose shapes nobody tuned for."""

@@ -153,6 +153,11 @@ def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rn
     assert resolves == ["softmax"] and sum(tuned.fallbacks().values()) == 1
     (plan,) = tuned.softmax.plans.values()
     assert plan is mx.softmax  # no wrapper between a fallback and the built-in after its first call
+    w = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    g = mx.grad(lambda x: (tuned.softmax(x, axis=-1) * w).sum())(x)  # the settled plan under mx.grad
+    _same(g, mx.grad(lambda x: (mx.softmax(x, axis=-1) * w).sum())(x))
+    _same(mx.compile(lambda x: tuned.softmax(x, axis=-1) * 2)(x), mx.softmax(x, axis=-1) * 2)  # and mx.compile
+    assert sum(tuned.fallbacks().values()) == 1
     tuned.softmax(x[:2], axis=-1)  # another signature: another decision, counted
     assert sum(tuned.fallbacks().values()) == 2
     tuned.refresh()
@@ -177,6 +182,9 @@ def test_the_inline_signature_is_the_signature(rng):
         tuned.refresh()
         tuned.rms_norm(*args, **kwargs)
         assert list(tuned.rms_norm.plans) == [runtime.signature(args, kwargs, ())]
+        d = runtime.Dispatch("rms_norm", mx.fast.rms_norm)  # the object calls as its function does
+        _same(d(*args, **kwargs), mx.fast.rms_norm(x, w, 1e-5))
+        assert list(d.plans) == list(tuned.rms_norm.plans) and d.function.plans is d.plans
     assert runtime.signature((x, 3), {}) != runtime.signature(((x.shape, x.dtype), 3), {})
     assert runtime.signature((x,), {}) != runtime.signature((x.astype(mx.float16),), {})
     dtypes = [v for v in vars(mx).values() if isinstance(v, mx.Dtype)]
