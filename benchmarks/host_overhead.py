@@ -4,7 +4,8 @@ an hlh_mlx.nn layer (which remembers its plan) against mlx.nn's layer.
 
     python benchmarks/host_overhead.py [--small] [--calls N] [--repeats R] [--clock wall|thread] [--out F [--force]]
 
-(--small: small shapes, for a run on a CPU. On the CPU back end every tuned call is a
+(Run it from the checkout with PYTHONPATH=. so it times this checkout's hlh_mlx, not an
+installed one. --small: small shapes, for a run on a CPU. On the CPU back end every tuned call is a
 fallback: the numbers say what the fallback path costs, and "compiled stub" what the
 tuned path costs around a plan: the signature, the lookup, and a plan whose core is
 `mx.compile` of the built-in, which is what a tuned plan's replay costs structurally.)
