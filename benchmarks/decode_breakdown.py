@@ -134,9 +134,10 @@ def main():
         with ctx:
             result[f"patched_{stream_name}"] = step_breakdown(model, a.steps)
             print(f"patched {stream_name}", json.dumps(result[f"patched_{stream_name}"]))
+    # distinct calls that ran the built-in (runtime.fallbacks() counts each once, not each call)
     result["fallbacks"] = {f"{op}: {why}": c for (op, why), c in runtime.fallbacks().items()}
     for k, v in result["fallbacks"].items():
-        print(f"fallback x{v}: {k[:120]}")
+        print(f"fallback, {v} distinct call(s): {k[:120]}")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
 

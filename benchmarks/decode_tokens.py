@@ -219,7 +219,7 @@ def main():
                  f"prompt {args.prompt}, {args.tokens} decode tokens" + (" (small)" if args.small else ""),
         "runs": runs,
         "replaced_layers": len(report.replaced), "kept_layers": [f"{p}: {why}" for p, _, why in report.kept],
-        "fallback_calls_per_run": fallbacks,
+        "fallback_distinct_calls": fallbacks,  # tuned.fallbacks(): each distinct call once, not each call
         "explain_at_decode": explain_decode(dims, heads, kv_heads, hidden, args.bits, dtype),
     }
     print(json.dumps(result, indent=2))

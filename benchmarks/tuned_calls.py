@@ -111,6 +111,9 @@ def measure_case(op_name, shape_text, dtype=mx.float16):
 
 
 def _explain(op_name, builtin, tuned_fn, inputs):
+    # fallbacks() counts a distinct call once: forget earlier decisions, so that this call
+    # is decided (and counted, if it falls back) here even if an earlier case made it
+    tuned.refresh()
     before = sum(tuned.fallbacks().values())
     mx.eval(tuned_fn(*inputs))
     fell_back = sum(tuned.fallbacks().values()) > before

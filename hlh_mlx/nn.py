@@ -3,6 +3,8 @@ parameter names and outputs, so existing weights load unchanged."""
 
 from __future__ import annotations
 
+from operator import is_
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -13,11 +15,13 @@ from .ops.gemv import MAX_M as GEMV_MAX_ROWS
 def _planned(layer, op, x, *rest, **kwargs):
     """op(x, *rest, **kwargs) through the plan this layer used last time, when the call is
     the same but for x's values: a layer's weights and settings do not change between decode
-    steps, so it skips the signature a free call builds (one shape and dtype per array)."""
+    steps, so it skips the signature a free call builds (one shape and dtype per array).
+    For a fallback the plan is the built-in itself (`Dispatch.plan_for`); whatever could
+    change that (new results, strict mode turned on) bumps `runtime.generation`."""
     last = layer.__dict__.get("_hlh_plan")
-    if (last is not None and last[6] is op and last[0] == x.shape and last[1] == x.dtype
-            and last[4] == runtime.generation[0] and len(last[2]) == len(rest)
-            and all(a is b for a, b in zip(last[2], rest)) and last[3] == kwargs):
+    if (last is not None and last[4] == runtime.generation[0] and last[6] is op and last[0] == x.shape
+            and last[1] == x.dtype and len(last[2]) == len(rest) and all(map(is_, last[2], rest))
+            and last[3] == kwargs):
         return last[5](x, *rest, **kwargs)
     plan = op.plan_for((x, *rest), kwargs)
     # kept outside the module's parameters (nn.Module is a dict of them)

@@ -5,8 +5,9 @@ the op costs, not what deciding costs. The first call with a given signature (ar
 shapes and dtypes, every other argument's value) binds it (validation in Python), chooses
 (`select.choose`) and builds a plan; every later call is one dictionary lookup and the plan:
 
-- the built-in, when no stored variant beats it end to end (counted in `fallbacks()`;
-  an error under HLH_MLX_STRICT=1);
+- the built-in, when no stored variant beats it end to end (counted once per distinct
+  call in `fallbacks()`; an error under HLH_MLX_STRICT=1): after its first call the
+  plan is the built-in itself, so a fallback costs the signature and the lookup only;
 - the variant's kernel, launched with every argument worked out once, wrapped with the
   reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
   kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python
@@ -31,7 +32,7 @@ _ARRAY = mx.array
 _fallbacks: Counter = Counter()
 _dispatches: list = []    # every Dispatch, so refresh() can forget their plans
 _lenient_depth = [0]      # inside `lenient` blocks
-generation = [0]          # bumped by refresh(): plans remembered outside a Dispatch are stale
+generation = [0]          # bumped by refresh() and _rearm(): plans remembered outside a Dispatch are stale
 _strict = [None]          # strict() as last worked out; None: work it out again
 _kernels: dict = {}       # (variant id, back end) -> backends.Kernel
 _backend: list = [None]   # this process's back end, found once
@@ -58,9 +59,16 @@ def dispatched(fn, dynamic: tuple = ()):
     """`fn` behind a tuned call's hot path (the signature and its lookup), so the sweep
     measures the host cost a program pays per call, not the kernel call's alone."""
     plans: dict = {}
+    dk = _DKEY
 
-    def call(*args):
-        key = signature(args, {}, dynamic)
+    def call(*args):  # the key as `tuned.<op>` builds it for a call without keywords
+        key = []
+        for a in args:
+            if type(a) is _ARRAY:
+                key += (_ARRAY, a.shape, dk(a.dtype))
+            else:
+                key.append(a)
+        key = tuple(key)
         plan = plans.get(key)
         if plan is None:
             plan = plans[key] = fn
@@ -76,9 +84,6 @@ def strict() -> bool:
     return _strict[0]
 
 
-config.on_reset(lambda: _strict.__setitem__(0, None))
-
-
 class lenient:
     """Within this block a fallback is never an error (HLH_MLX_STRICT notwithstanding):
     for checks on made-up inputs, whose shapes nobody tuned for."""
@@ -90,21 +95,49 @@ class lenient:
     def __exit__(self, *exc):
         _lenient_depth[0] -= 1
         _strict[0] = None
+        if not _lenient_depth[0] and _strict_now():
+            _rearm()  # fallbacks settled in here may not run as the built-in out there
+
+
+def _strict_now() -> bool:
+    """strict(), or True where the setting cannot be read (the next fallback raises why)."""
+    try:
+        return strict()
+    except Exception:
+        return True
+
+
+def _settings_reset() -> None:
+    _strict[0] = None
+    _rearm()
+
+
+def _dtype_key():
+    """How a signature holds a dtype: `hash` where that tells every MLX dtype apart (an int,
+    hashed and compared with no call into MLX: a Dtype's own hash and == are; 0.3 us of a
+    4-array lookup on the CPU box), else the Dtype itself."""
+    dtypes = [v for v in vars(mx).values() if isinstance(v, mx.Dtype)]
+    return hash if len({hash(d) for d in dtypes}) == len(dtypes) else (lambda d: d)
+
+
+_DKEY = _dtype_key()
 
 
 def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
     """What a plan depends on: each array's shape and dtype, every other value; a dynamic
-    argument only by kind (a number or an array). Flat, since it is built on every call."""
+    argument only by kind (a number or an array). Flat, since it is built on every call
+    (`tuned.<op>`, the function `_entry` makes, builds the same key inline)."""
     key = []
+    dk = _DKEY
     for a in args:
         if type(a) is _ARRAY:
-            key += (_ARRAY, a.shape, a.dtype)
+            key += (_ARRAY, a.shape, dk(a.dtype))
         else:
             key.append(a)
     for k, v in kwargs.items():
         key.append(k)
         if type(v) is _ARRAY:
-            key += (_ARRAY, v.shape, v.dtype)
+            key += (_ARRAY, v.shape, dk(v.dtype))
         else:
             key.append(type(v) if k in dynamic else v)
     return tuple(key)
@@ -144,17 +177,62 @@ def choose(op_name: str, call) -> select.Choice:
     return _choices[key]
 
 
-def _fallback_plan(op_name: str, reason: str, builtin):
-    count = (op_name, reason)
+class _Fallback:
+    """The built-in for a call no tuned kernel serves, until strict mode is known to be off.
 
-    def plan(*args, **kwargs):
+    A remembered one (`dispatch` and `key` set) checks strict mode and counts the decision
+    on its first call, then puts the built-in itself in its place among the plans: later
+    calls cost the built-in's, no wrapper, check or count. Whatever can turn strict mode
+    on again (`config.reset()`, leaving a `lenient` block) puts it back (`_rearm`). One not
+    remembered (an unhashable argument, a trace on the emulator) checks and counts every call.
+    """
+
+    __slots__ = ("op_name", "reason", "builtin", "dispatch", "key", "counted")
+
+    def __init__(self, op_name: str, reason: str, builtin, dispatch=None, key=None):
+        self.op_name, self.reason, self.builtin = op_name, reason, builtin
+        self.dispatch, self.key, self.counted = dispatch, key, False
+
+    def _check(self):
         if _strict[0] is None:
             strict()
         if _strict[0]:
-            raise FallbackError(f"[hlh_mlx.tuned.{op_name}] HLH_MLX_STRICT=1 and the built-in would run: {reason}")
-        _fallbacks[count] += 1
-        return builtin(*args, **kwargs)
-    return plan
+            raise FallbackError(f"[hlh_mlx.tuned.{self.op_name}] HLH_MLX_STRICT=1 and the built-in would run: "
+                                f"{self.reason}")
+
+    def settle(self):
+        """What runs from now on: strict mode checked (FallbackError), the decision counted
+        once, and the built-in itself in this plan's place; this wrapper if not remembered."""
+        if self.dispatch is None:
+            return self
+        self._check()
+        if not self.counted:
+            self.counted = True
+            _fallbacks[(self.op_name, self.reason)] += 1
+        plans = self.dispatch.plans
+        if plans.get(self.key) is self:  # still this call's plan (not forgotten by refresh())
+            plans[self.key] = self.builtin
+        return self.builtin
+
+    def __call__(self, *args, **kwargs):
+        if self.dispatch is None:
+            self._check()
+            _fallbacks[(self.op_name, self.reason)] += 1
+            return self.builtin(*args, **kwargs)
+        return self.settle()(*args, **kwargs)
+
+
+def _fallback_plan(op_name: str, reason: str, builtin) -> _Fallback:
+    return _Fallback(op_name, reason, builtin)
+
+
+def _rearm() -> None:
+    """Strict mode may be on again: every remembered fallback checks it on its next call,
+    and plans remembered outside a Dispatch (layers, compiled blocks) are looked up again."""
+    for d in _dispatches:
+        if d.fallbacks:
+            d.plans.update(d.fallbacks)
+    generation[0] += 1
 
 
 def _kernel(variant):
@@ -261,22 +339,34 @@ def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False
 
 
 class Dispatch:
-    """One op's entry point: `Dispatch("rms_norm", mx.fast.rms_norm)(x, w, eps)`."""
+    """One op's decisions: `Dispatch("rms_norm", mx.fast.rms_norm).function(x, w, eps)`.
 
-    def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = ""):
+    What users call (`tuned.<op>`) is `.function`, a plain function carrying this object's
+    plans, `plan_for`, `no_grad` (its function) and `dispatch` (this object) as attributes:
+    CPython calls a function with keywords directly, where an object's `__call__` costs a
+    dictionary and a repacking of the arguments more (0.3 us of a call on the CPU box).
+    """
+
+    def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = "",
+                 dynamic: tuple | None = None):
         self.op_name, self.builtin, self.differentiable = op_name, builtin, differentiable
         self.__doc__ = doc or f"hlh_mlx.tuned {op_name}, with the arguments of {builtin}."
         # the same op without the built-in's VJP attached: one graph node fewer per call,
         # for inference (hlh_mlx.nn layers in eval mode); a gradient through it is MLX's
         # error that custom kernels have no VJP
-        self.no_grad = Dispatch(op_name, builtin, doc=self.__doc__) if differentiable else self
-        self.plans: dict = {}  # signature -> plan
-        self._dynamic = None
+        self.no_grad = Dispatch(op_name, builtin, doc=self.__doc__, dynamic=dynamic) if differentiable else self
+        # both dictionaries are cleared, never replaced: `function` holds them
+        self.plans: dict = {}      # signature -> plan (for a fallback, once settled, the built-in itself)
+        self.fallbacks: dict = {}  # signature -> its _Fallback, to put back when strict mode may be on
+        # the op's dynamic arguments (read from its spec on the first decision when not given:
+        # ops load lazily); until then no plan exists and every lookup misses anyway
+        self._dynamic, self._dynamic_known = tuple(dynamic or ()), dynamic is not None
+        self.function = _entry(self)
         _dispatches.append(self)
 
     def _plan(self, args, kwargs):
-        if self._dynamic is None:
-            self._dynamic = tuple(ops.get(self.op_name).dynamic)
+        if not self._dynamic_known:
+            self._dynamic, self._dynamic_known = tuple(ops.get(self.op_name).dynamic), True
         try:
             key = signature(args, kwargs, self._dynamic)
             return self.plans[key]
@@ -287,23 +377,60 @@ class Dispatch:
         plan = resolve(self.op_name, self.builtin, args, kwargs, differentiable=self.differentiable)[0]
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
+            self.fallbacks.clear()
+        if type(plan) is _Fallback:
+            plan.dispatch, plan.key = self, key
+            self.fallbacks[key] = plan
         self.plans[key] = plan
         return plan
 
     def __call__(self, *args, **kwargs):
-        try:
-            plan = self.plans[signature(args, kwargs, self._dynamic or ())]
-        except (KeyError, TypeError):
-            plan = self._plan(args, kwargs)
-        return plan(*args, **kwargs)
+        return self.function(*args, **kwargs)
 
     def plan_for(self, args: tuple, kwargs: dict):
         """The plan these arguments would run (for callers that remember it themselves, like
-        a layer whose weights and settings do not change between calls)."""
-        return self._plan(args, kwargs)
+        a layer whose weights and settings do not change between calls): for a fallback the
+        built-in itself, strict mode checked (FallbackError) and the fallback counted here.
+        Valid while `generation` is unchanged."""
+        plan = self._plan(args, kwargs)
+        return plan.settle() if type(plan) is _Fallback else plan
 
     def __repr__(self) -> str:
         return f"<hlh_mlx.tuned {self.op_name}>"
+
+
+def _entry(d: Dispatch):
+    """The function behind `tuned.<op>`: the signature (built inline, as `signature` builds
+    it: a function call fewer), one lookup, the plan."""
+    plans, decide, A, dk = d.plans, d._plan, _ARRAY, _DKEY
+
+    def call(*args, **kwargs):
+        key = []
+        for a in args:
+            if type(a) is A:
+                key += (A, a.shape, dk(a.dtype))
+            else:
+                key.append(a)
+        if kwargs:
+            dynamic = d._dynamic
+            for k, v in kwargs.items():
+                key.append(k)
+                if type(v) is A:
+                    key += (A, v.shape, dk(v.dtype))
+                else:
+                    key.append(type(v) if k in dynamic else v)
+        try:
+            plan = plans[tuple(key)]
+        except (KeyError, TypeError):  # a first call, or an unhashable argument
+            plan = decide(args, kwargs)
+        return plan(*args, **kwargs)
+
+    call.__name__, call.__qualname__, call.__module__ = d.op_name, f"hlh_mlx.tuned {d.op_name}", "hlh_mlx.tuned"
+    call.__doc__ = d.__doc__
+    call.dispatch, call.op_name, call.builtin, call.differentiable = d, d.op_name, d.builtin, d.differentiable
+    call.plans, call.fallbacks, call.plan_for = d.plans, d.fallbacks, d.plan_for
+    call.no_grad = call if d.no_grad is d else d.no_grad.function
+    return call
 
 
 def explain(op_name: str, *args, **kwargs) -> str:
@@ -330,7 +457,11 @@ def decided_calls() -> list[tuple]:
 
 
 def fallbacks() -> dict:
-    """{(op, reason): count} of calls that ran the built-in."""
+    """{(op, reason): count} of decisions to run the built-in: a distinct call (signature)
+    counts once, when it first runs, however often it runs after (its plan is then the
+    built-in itself, at no cost over it); a call that cannot be remembered (an unhashable
+    argument, a trace of a user's compiled function on the emulator) counts every time.
+    Since `refresh()`, which forgets the decisions and the counts."""
     return dict(_fallbacks)
 
 
@@ -343,6 +474,10 @@ def refresh() -> None:
     generation[0] += 1
     for d in _dispatches:
         d.plans.clear()
+        d.fallbacks.clear()
     _kernels.clear()
     _backend[0] = None
     _choices.clear()
+
+
+config.on_reset(_settings_reset)

@@ -8,7 +8,8 @@ exact shape if it was tuned, else the nearest tuned shape its variant supports),
 where that variant beat the built-in *end to end* where it was measured: latency in a
 dependent chain plus the host time of a call (`hlh_mlx.select`). Otherwise the MLX
 built-in runs, and that is recorded: `explain(op, *args)` says what would run and why,
-`fallbacks()` counts what did, and HLH_MLX_STRICT=1 turns a fallback into an error.
+`fallbacks()` counts what did (once per distinct call), and HLH_MLX_STRICT=1 turns a
+fallback into an error.
 
 A call is decided once per signature (shapes, dtypes, other arguments) and then costs a
 lookup and the kernel launch (`hlh_mlx.runtime`). Functions that call these work under
@@ -34,9 +35,10 @@ def refresh() -> None:
 _dispatches: dict = {}
 
 
-def dispatch(op_name: str) -> Dispatch:
+def dispatch(op_name: str):
     """The tuned entry point of any op, from its spec (`function`, `bind`,
-    `differentiable`): an op an agent adds is callable the same day, no wrapper needed."""
+    `differentiable`): an op an agent adds is callable the same day, no wrapper needed.
+    A function (`Dispatch.function`), with the op's `plans`, `plan_for` and `no_grad`."""
     if op_name not in _dispatches:
         spec = ops.get(op_name)
         if spec.function is None or spec.bind is None:
@@ -44,9 +46,10 @@ def dispatch(op_name: str) -> Dispatch:
                              f"(hlh_mlx/ops/{op_name}.py): nothing to call or to fall back to")
         doc = (spec.function.__doc__ or "").strip().splitlines()
         _dispatches[op_name] = Dispatch(op_name, spec.function, differentiable=spec.differentiable,
+                                        dynamic=tuple(spec.dynamic),
                                         doc=f"{op_name}: tuned, with the arguments of "
                                             f"{getattr(spec.function, '__name__', spec.function)}. "
-                                            + (doc[0] if doc else ""))
+                                            + (doc[0] if doc else "")).function
     return _dispatches[op_name]
 
 

@@ -146,11 +146,117 @@ def test_one_rope_plan_serves_every_offset(store_dir, rng, resolves):
     assert resolves == ["rope"] and tuned.fallbacks() == {}
 
 
-def test_a_remembered_fallback_counts_every_call(rng, resolves):
+def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rng, resolves):
     x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
     for _ in range(5):
+        _same(tuned.softmax(x, axis=-1), mx.softmax(x, axis=-1))
+    assert resolves == ["softmax"] and sum(tuned.fallbacks().values()) == 1
+    (plan,) = tuned.softmax.plans.values()
+    assert plan is mx.softmax  # no wrapper between a fallback and the built-in after its first call
+    w = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    g = mx.grad(lambda x: (tuned.softmax(x, axis=-1) * w).sum())(x)  # the settled plan under mx.grad
+    _same(g, mx.grad(lambda x: (mx.softmax(x, axis=-1) * w).sum())(x))
+    _same(mx.compile(lambda x: tuned.softmax(x, axis=-1) * 2)(x), mx.softmax(x, axis=-1) * 2)  # and mx.compile
+    assert sum(tuned.fallbacks().values()) == 1
+    tuned.softmax(x[:2], axis=-1)  # another signature: another decision, counted
+    assert sum(tuned.fallbacks().values()) == 2
+    tuned.refresh()
+    assert tuned.fallbacks() == {} and not tuned.softmax.plans and not tuned.softmax.fallbacks
+    tuned.softmax(x, axis=-1)
+    assert sum(tuned.fallbacks().values()) == 1
+
+
+def test_a_call_that_cannot_be_remembered_is_counted_every_time(rng, resolves):
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    for _ in range(3):
+        _same(tuned.softmax(x, axis=[-1]), mx.softmax(x, axis=[-1]))  # a list: unhashable
+    assert resolves == ["softmax"] * 3 and sum(tuned.fallbacks().values()) == 3 and not tuned.softmax.plans
+
+
+def test_the_inline_signature_is_the_signature(rng):
+    """`tuned.<op>` builds a call's key inline, not through `signature`: it must be the
+    same key, with and without keywords, and a value must never pass for an array."""
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    w = mx.ones((16,))
+    for args, kwargs in [((x, w, 1e-5), {}), ((x, w), dict(eps=1e-5)), ((), dict(x=x, weight=w, eps=1e-5))]:
+        tuned.refresh()
+        tuned.rms_norm(*args, **kwargs)
+        assert list(tuned.rms_norm.plans) == [runtime.signature(args, kwargs, ())]
+        d = runtime.Dispatch("rms_norm", mx.fast.rms_norm)  # the object calls as its function does
+        _same(d(*args, **kwargs), mx.fast.rms_norm(x, w, 1e-5))
+        assert list(d.plans) == list(tuned.rms_norm.plans) and d.function.plans is d.plans
+    assert runtime.signature((x, 3), {}) != runtime.signature(((x.shape, x.dtype), 3), {})
+    assert runtime.signature((x,), {}) != runtime.signature((x.astype(mx.float16),), {})
+    dtypes = [v for v in vars(mx).values() if isinstance(v, mx.Dtype)]
+    assert len({runtime._DKEY(d) for d in dtypes}) == len(dtypes) > 10  # every dtype told apart
+    assert runtime.signature((x,), dict(offset=3), ("offset",)) == runtime.signature((x,), dict(offset=4), ("offset",))
+
+
+def test_strict_mode_after_a_lenient_block_refuses_fallbacks_settled_in_it(monkeypatch, rng):
+    """A fallback decided inside `lenient` became the built-in itself; leaving the block with
+    HLH_MLX_STRICT=1 must make it an error again, for free calls and for layers alike."""
+    from hlh_mlx import nn as hnn
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    layer = hnn.RMSNorm(16)
+    layer.eval()
+    with tuned.lenient():
+        for _ in range(2):
+            tuned.softmax(x, axis=-1)
+            layer(x)
+        assert tuned.softmax.plans[runtime.signature((x,), {"axis": -1})] is mx.softmax
+        assert layer._hlh_plan[5] is mx.fast.rms_norm
+    with pytest.raises(tuned.FallbackError):
         tuned.softmax(x, axis=-1)
-    assert resolves == ["softmax"] and sum(tuned.fallbacks().values()) == 5
+    with pytest.raises(tuned.FallbackError):
+        layer(x)
+    with tuned.lenient():  # and lenient again, as often as asked
+        _same(tuned.softmax(x, axis=-1), mx.softmax(x, axis=-1))
+        _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert sum(tuned.fallbacks().values()) == 2  # two distinct calls, each counted once
+
+
+def test_strict_mode_refuses_a_layers_remembered_fallback(monkeypatch, rng):
+    from hlh_mlx import nn as hnn
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    layer = hnn.RMSNorm(16)
+    layer.eval()
+    layer(x)
+    layer(x)
+    assert layer._hlh_plan[5] is mx.fast.rms_norm
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()
+    with pytest.raises(tuned.FallbackError):
+        layer(x)
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    config.reset()
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert sum(tuned.fallbacks().values()) == 1
+
+
+def test_a_lenient_block_without_strict_mode_keeps_plans_remembered_outside(rng):
+    """Leaving `lenient` with strict mode off changes nothing: compiled blocks and layers
+    keep what they remembered (no new generation)."""
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    tuned.softmax(x, axis=-1)
+    before = runtime.generation[0]
+    with tuned.lenient():
+        tuned.softmax(x, axis=-1)
+    assert runtime.generation[0] == before
+    assert tuned.softmax.plans[runtime.signature((x,), {"axis": -1})] is mx.softmax
+
+
+def test_forgetting_plans_at_the_bound_forgets_their_fallbacks(monkeypatch, rng):
+    monkeypatch.setattr(runtime, "MAX_PLANS", 2)
+    for n in range(1, 6):
+        tuned.softmax(mx.zeros((n, 16)), axis=-1)
+    assert len(tuned.softmax.plans) <= 2 and set(tuned.softmax.fallbacks) <= set(tuned.softmax.plans)
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()  # puts back only the fallbacks still remembered
+    assert len(tuned.softmax.plans) <= 2
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(mx.zeros((5, 16)), axis=-1)
 
 
 # -- mx.compile and mx.grad -----------------------------------------------------------
@@ -292,7 +398,8 @@ def test_a_layer_remembers_its_plan_until_weights_settings_or_results_change(sto
     for _ in range(3):
         x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
         _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
-    assert resolves == ["rms_norm"] and sum(tuned.fallbacks().values()) == 3  # decided once, every call counted
+    assert resolves == ["rms_norm"] and sum(tuned.fallbacks().values()) == 1  # decided once, counted once
+    assert layer._hlh_plan[5] is mx.fast.rms_norm  # the layer's plan is the built-in itself
     layer.weight = layer.weight * 2            # a new weight array: the layer's plan is looked up again
     _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
     layer.eps = 1e-6                            # another setting: decided again

@@ -68,7 +68,7 @@ def test_a_remembered_fallback_is_still_counted_strict_and_forgotten_after_a_swe
     w = mx.array(rng.standard_normal(512).astype(np.float32))
     for _ in range(3):
         np.testing.assert_allclose(np.asarray(tuned.rms_norm(x, w, 1e-5)), np.asarray(mx.fast.rms_norm(x, w, 1e-5)))
-    assert sum(tuned.fallbacks().values()) == 3
+    assert sum(tuned.fallbacks().values()) == 1  # one distinct call: counted once, however often it runs
     monkeypatch.setenv("HLH_MLX_STRICT", "1")
     config.reset()  # settings are read once; the remembered fallback must still obey the new one
     with pytest.raises(tuned.FallbackError):
