@@ -21,7 +21,8 @@ built-ins, the same computation):
 
     pre:  q, k, v = norm_qkv_rope(x, ...)          # norm, q/k/v projections, RoPE: 6 launches -> 1
     post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 2 -> 1
-          y = norm_qgemv_swiglu(h, ...)            # norm, gate, up, SwiGLU: 4 -> 1
+          y = norm_qgemv_swiglu(h, ...)            # norm, gate, up, SwiGLU: 4 -> 1 (or -> 2:
+                                                   #   rms_norm, qgemv_swiglu, if cheaper)
           out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
 
 Otherwise (q/k norms, biases, other quantizations or RoPE scalings) the residual add and
@@ -132,6 +133,7 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_fused", fused)
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
+        object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
@@ -229,19 +231,26 @@ class DecoderBlock(nn.Module):
         gs = wo.group_size
         h = tuned.qgemv_add.no_grad(o.reshape(1, -1), wo["weight"], wo["scales"], wo["biases"], x.reshape(1, -1),
                                     group_size=gs, bits=4)
-        y = tuned.norm_qgemv_swiglu.no_grad(h, norm["weight"], norm.eps, g["weight"], g["scales"], g["biases"],
-                                            u["weight"], u["scales"], u["biases"], group_size=gs, bits=4)
+        gu = (g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"])
+        if self._mlp_fused:
+            y = tuned.norm_qgemv_swiglu.no_grad(h, norm["weight"], norm.eps, *gu, group_size=gs, bits=4)
+        else:  # the norm alone is cheaper than the fused prologue where the store says so
+            y = tuned.qgemv_swiglu.no_grad(tuned.rms_norm.no_grad(h, norm["weight"], norm.eps), *gu,
+                                           group_size=gs, bits=4)
         out = tuned.qgemv_add.no_grad(y, dn["weight"], dn["scales"], dn["biases"], h, group_size=gs, bits=4)
         return out.reshape(x.shape)
 
-    def _fused_steps_that_pay(self, x) -> tuple[bool, bool]:
-        """(pre, post): whether each half of the decode step runs its fused ops. A fused op that
-        no stored variant serves would run its built-in composition, the same launches as the
-        unfused half, whose layers may each have a tuned kernel: then the unfused half runs.
-        With fused="always" both run fused (tests: the composition on a CPU)."""
+    def _fused_steps_that_pay(self, x) -> tuple[bool, bool, bool]:
+        """(pre, post, mlp): whether each half of the decode step runs its fused ops, and
+        whether the post half's MLP is norm_qgemv_swiglu (else rms_norm, then qgemv_swiglu).
+        A fused op no stored variant serves would run its built-in composition, the launches
+        of the unfused half without that half's separately tuned kernels: then the unfused
+        half runs. The MLP takes whichever form the store says costs a program less (chain
+        latency + host time of each call); the fused form when that is unknown.
+        With fused="always" all run fused (tests: the compositions on a CPU)."""
         if self._fused == "always":
-            return True, True
-        a, mlp, norm = self["self_attn"], self["mlp"], self["input_layernorm"]
+            return True, True, True
+        a, mlp, norm, norm2 = self["self_attn"], self["mlp"], self["input_layernorm"], self["post_attention_layernorm"]
         q, k, v, o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
         g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         gs, x1 = q.group_size, x.reshape(1, -1)
@@ -252,12 +261,16 @@ class DecoderBlock(nn.Module):
         h1 = mx.zeros((1, dn["weight"].shape[0]), x.dtype)
         y1 = mx.zeros((1, dn["weight"].shape[1] * 8), x.dtype)
         post = (runtime.serves("qgemv_add", o1, o["weight"], o["scales"], o["biases"], x1, group_size=gs, bits=4)
-                and runtime.serves("norm_qgemv_swiglu", h1, self["post_attention_layernorm"]["weight"],
-                                   self["post_attention_layernorm"].eps, g["weight"], g["scales"], g["biases"],
-                                   u["weight"], u["scales"], u["biases"], group_size=gs, bits=4)
                 and runtime.serves("qgemv_add", y1, dn["weight"], dn["scales"], dn["biases"], h1,
                                    group_size=gs, bits=4))
-        return pre, post
+        gu = (g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"])
+        fused = runtime.expected_us("norm_qgemv_swiglu", h1, norm2["weight"], norm2.eps, *gu, group_size=gs, bits=4)
+        parts = [runtime.expected_us("rms_norm", h1, norm2["weight"], norm2.eps),
+                 runtime.expected_us("qgemv_swiglu", h1, *gu, group_size=gs, bits=4)]
+        split_known = fused is not None and None not in parts
+        mlp_fused = runtime.serves("norm_qgemv_swiglu", h1, norm2["weight"], norm2.eps, *gu, group_size=gs, bits=4) \
+            and not (split_known and sum(parts) < fused)
+        return pre, post, mlp_fused
 
     def _steps(self, x):
         key = self._children_key()
@@ -270,7 +283,8 @@ class DecoderBlock(nn.Module):
             pre, post = self._qkv, self._out
             if self.why_not_fully_fused() is None:
                 object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
-                fused_pre, fused_post = self._fused_steps_that_pay(x)
+                fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
+                object.__setattr__(self, "_mlp_fused", mlp_fused)
                 pre = self._qkv_fused if fused_pre else pre
                 post = self._out_fused if fused_post else post
             c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))

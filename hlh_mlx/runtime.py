@@ -445,6 +445,20 @@ def serves(op_name: str, *args, **kwargs) -> bool:
     return choose(op_name, _bind(ops.get(op_name), args, kwargs)).variant is not None
 
 
+def expected_us(op_name: str, *args, **kwargs) -> float | None:
+    """What one call with these arguments is expected to cost a program, from the store:
+    chain latency + host time (microseconds) of the variant that would run, or of the
+    built-in as last timed at this exact shape on this device; None when nothing was timed."""
+    call = _bind(ops.get(op_name), args, kwargs)
+    if isinstance(call, str):
+        return None
+    c = choose(op_name, call)
+    if c.variant is not None:
+        return 1e3 * select.end_to_end_ms(c.record["timing"])
+    be = backend()
+    return select.builtin_us(op_name, call, backends.device(be).slug, be)
+
+
 def decisions() -> dict:
     """{(op, shape, dtype): what runs and why} for every call decided so far."""
     return {(op, "x".join(str(v) for _, v in shape), dtype): str(c) for (op, shape, dtype), c in _choices.items()}

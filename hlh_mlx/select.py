@@ -216,6 +216,14 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
                                        f"({gpu} on GPU chain latency alone)", c.builtin)
 
 
+def builtin_us(op_name: str, call, device: str, backend: str) -> float | None:
+    """The built-in's cost to a program at exactly this call's shape and dtype (chain latency
+    + host time, microseconds) as last timed on this device; None when never timed there."""
+    keep, _ = latest_with_baselines(store.load(device, op_name), call.shape, call.dtype, backend)
+    e2e = end_to_end_ms((keep.get("builtin") or {}).get("timing"))
+    return None if e2e is None else 1e3 * e2e
+
+
 def refresh() -> None:
     candidates.cache_clear()
     current_variants.cache_clear()

@@ -136,7 +136,7 @@ def test_untuned_fused_ops_leave_the_step_unfused(monkeypatch):
     patching.patch(model)
     layers = model.model.layers
     _decode(model)  # traces the step: nothing is tuned on this CPU
-    assert layers[0]._fused_steps_that_pay(mx.zeros((1, 1, 128))) == (False, False)
+    assert layers[0]._fused_steps_that_pay(mx.zeros((1, 1, 128))) == (False, False, False)
     served = {"qgemv_add", "norm_qgemv_swiglu"}
     monkeypatch.setattr(runtime, "serves", lambda op, *a, **k: op in served)
     for b in layers:
@@ -156,3 +156,23 @@ def _linear(w):
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight = w
     return lin
+
+
+@pytest.mark.parametrize("fused_us,split_parts_us,mlp_fused", [(57.4, (7.6, 36.0), False), (40.0, (7.6, 36.0), True),
+                                                               (57.4, (None, 36.0), True)])
+def test_the_mlp_takes_the_form_the_store_says_costs_less(monkeypatch, fused_us, split_parts_us, mlp_fused):
+    """norm_qgemv_swiglu against rms_norm then qgemv_swiglu, by each call's stored chain latency
+    + host time; the fused form when a part was never timed. Either form computes the same."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    before = _decode(model)
+    patching.patch(model)
+    monkeypatch.setattr(runtime, "serves", lambda op, *a, **k: op in {"qgemv_add", "norm_qgemv_swiglu"})
+    costs = {"norm_qgemv_swiglu": fused_us, "rms_norm": split_parts_us[0], "qgemv_swiglu": split_parts_us[1]}
+    monkeypatch.setattr(runtime, "expected_us", lambda op, *a, **k: costs.get(op))
+    tuned.refresh()  # forget the calls patch's checks decided: what is decided next, the step ran
+    after = _decode(model)
+    assert all(b._mlp_fused is mlp_fused for b in model.model.layers)
+    called = {op for op, _, _ in runtime.decided_calls()}
+    assert ("norm_qgemv_swiglu" in called) is mlp_fused
+    assert ("qgemv_swiglu" in called) is not mlp_fused
+    np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
