@@ -93,18 +93,19 @@ def compile_check(text: str, arch: str = "sm_90a", timeout: float = 120) -> None
             raise CudaCompileError((r.stderr or r.stdout).replace(str(src), "kernel.cu").strip())
 
 
-def variant_source(variant, op, dtype: str, prelude: str | None = None) -> tuple[str, int]:
-    """A variant's full CUDA source for `dtype` at the op's first emulator shape, and the
-    line (1-based) where the body starts."""
+def variant_source(variant, op, dtype: str, prelude: str | None = None, shape: dict | None = None) -> tuple[str, int]:
+    """A variant's full CUDA source for `dtype` with the template arguments of `shape` (default:
+    the op's first emulator shape; compile-time sizes such as K unroll differently at GPU
+    shapes), and the line (1-based) where the body starts."""
     import numpy as np
     from .ops.spec import DTYPES
     t, r = variant.template, variant.rendered
-    shape = op.emulator_shapes[0]
-    arrays = op.make_inputs(shape, DTYPES[dtype], np.random.default_rng(0))
+    arrays = op.make_inputs(op.emulator_shapes[0], DTYPES[dtype], np.random.default_rng(0))
     outs = op.output_dtypes(DTYPES[dtype])
     text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", r.header, r.source,
                          [(n, a.dtype, a.ndim) for n, a in zip(t.inputs, arrays)],
-                         list(zip(t.outputs, outs)), variant.template_args(shape, dtype), prelude)
+                         list(zip(t.outputs, outs)), variant.template_args(shape or op.emulator_shapes[0], dtype),
+                         prelude)
     head = text[:text.index(r.source)] if r.source else text
     return text, head.count("\n") + 1
 
@@ -123,3 +124,30 @@ def check_variant(variant, op, dtype: str) -> None:
             if tline:
                 raise CudaCompileError(f"{variant.template.path}:{tline}: {m.group(2)} ({dtype})") from None
         raise CudaCompileError(f"{variant.template.path}: {dtype}: {msg.splitlines()[0] if msg else 'nvcc failed'}") from None
+
+
+def check_variants(jobs: list, op, workers: int | None = None) -> None:
+    """Compile many variants offline, `jobs` = [(variant, dtype, shape or None)], several to
+    an nvcc run (its headers cost seconds a run), each in a namespace of its own, the runs
+    on `workers` threads; on an error the failing run's variants are compiled alone, so the
+    message names the template line."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    n = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+
+    def together(part):
+        texts = [STAND_IN_HEADER]
+        for i, (v, dtype, shape) in enumerate(part):
+            text, _ = variant_source(v, op, dtype, prelude="", shape=shape)
+            texts.append(f"namespace hlh_v{i} {{\nusing namespace ::mlx::core::cu;\n{text}\n}}\n")
+        try:
+            compile_check("\n".join(texts), timeout=600)
+        except CudaCompileError:
+            for v, dtype, shape in part:
+                if shape is None:
+                    check_variant(v, op, dtype)
+                else:
+                    compile_check(variant_source(v, op, dtype, STAND_IN_HEADER, shape)[0])
+            raise
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        list(pool.map(together, [jobs[i::n] for i in range(n)]))

@@ -7,9 +7,7 @@ and catches broken copies; a sample of the CUDA space compiles under nvcc.
 As in test_tuned, the emulator measures no speed: a store record with made-up timings makes
 a variant the winner, and the kernel that then runs is the real template on the emulator."""
 
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import numpy as np
@@ -278,21 +276,6 @@ def test_the_cuda_space_is_small_and_its_expected_winner_serves_llama3_8b():
 needs_nvcc = pytest.mark.skipif(cuda_source.nvcc() is None, reason="nvcc (CUDA toolkit) is not installed")
 
 
-def _compile_together(jobs):
-    """Several variants in one nvcc run (its headers cost ~5 s a run on this box), each in a
-    namespace of its own; on an error, each alone, for the message that names the template line."""
-    parts = [cuda_source.STAND_IN_HEADER]
-    for i, (v, dtype) in enumerate(jobs):
-        text, _ = cuda_source.variant_source(v, OP, dtype, prelude="")
-        parts.append(f"namespace hlh_v{i} {{\nusing namespace ::mlx::core::cu;\n{text}\n}}\n")
-    try:
-        cuda_source.compile_check("\n".join(parts), timeout=600)
-    except cuda_source.CudaCompileError:
-        for v, dtype in jobs:
-            cuda_source.check_variant(v, OP, dtype)
-        raise
-
-
 @needs_nvcc
 def test_a_sample_of_the_cuda_space_compiles():
     """20 variants (the expected winner, split-K with h staged, and a seeded sample), each in
@@ -305,7 +288,4 @@ def test_a_sample_of_the_cuda_space_compiles():
     rest = [v for v in variants.sample(space, 30, seed=11) if v.id not in {f.id for f in first}]
     chosen = (first + rest)[:20]
     assert len({v.id for v in chosen}) == 20
-    jobs = [(v, ("float16", "bfloat16", "float32")[i % 3]) for i, v in enumerate(chosen)]
-    n = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        list(pool.map(_compile_together, [jobs[i::n] for i in range(n)]))
+    cuda_source.check_variants([(v, ("float16", "bfloat16", "float32")[i % 3], None) for i, v in enumerate(chosen)], OP)
