@@ -134,6 +134,7 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
+        object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
@@ -284,6 +285,8 @@ class DecoderBlock(nn.Module):
             if self.why_not_fully_fused() is None:
                 object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
                 fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
+                if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
+                    mlp_fused = self.mlp_form == "fused"
                 object.__setattr__(self, "_mlp_fused", mlp_fused)
                 pre = self._qkv_fused if fused_pre else pre
                 post = self._out_fused if fused_post else post
