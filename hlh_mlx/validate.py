@@ -158,6 +158,11 @@ def summary(result: dict) -> str:
         lines.append(f"  {mode:10s}  prefill {_f(a['prefill_tps'])} -> {_f(b['prefill_tps'])} tok/s "
                      f"({_x(e['prefill_speedup'])}), {dec}, tokens "
                      + ("identical" if e["tokens_identical"] else f"DIVERGE at position {e['first_divergence']}"))
+        unsteady = [side for side in ("unpatched", "patched") if not e[side].get("repeats_agree", True)]
+        if unsteady:  # then a divergence may be a near-tied logit flipping, not a wrong kernel
+            lines.append(f"              the {' and '.join(unsteady)} side{'s' if len(unsteady) > 1 else ''} did not "
+                         "repeat {} own tokens across repeats (near-tied logits)".format(
+                             "their" if len(unsteady) > 1 else "its"))
         if "patched_decode_of_limit" in e:
             lines.append(f"              decode at {100 * e['unpatched_decode_of_limit']:.0f}% -> "
                          f"{100 * e['patched_decode_of_limit']:.0f}% of the weight-read limit "

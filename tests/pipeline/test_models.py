@@ -123,3 +123,18 @@ def test_tune_command_shows_progress_and_the_result(store_dir):
     (store_dir.parent / "ck" / "config.json").write_text("{}")
     r = CliRunner().invoke(main, ["validate", str(store_dir.parent / "ck"), "--bits", "4"])
     assert r.exit_code == 2 and "bits apply to named configs" in r.output
+
+
+def test_summary_says_when_a_side_did_not_repeat_its_own_tokens():
+    side = {"prefill_tps": 10.0, "decode_tps": 5.0, "repeats_agree": True}
+    result = {"model": {"source": "m", "bits": 4, "group_size": 64}, "device": "d", "backend": "cuda",
+              "mlx": "0", "mlx_lm": "0", "date": "today", "prompt_tokens": 8, "max_tokens": 4, "repeats": 3,
+              "modes": {"uncompiled": {"unpatched": {**side, "repeats_agree": False}, "patched": side,
+                                       "tokens_identical": False, "first_divergence": 2,
+                                       "prefill_speedup": 1.0, "decode_speedup": 1.0},
+                        "compiled": {"unpatched": side, "patched": side, "tokens_identical": True,
+                                     "first_divergence": None, "prefill_speedup": 1.0, "decode_speedup": 1.0}},
+              "patch": {"replaced": [], "kept": []}, "decisions": {}}
+    text = validate_mod.summary(result)
+    assert "DIVERGE at position 2" in text
+    assert text.count("did not repeat") == 1 and "the unpatched side did not repeat its own tokens" in text
