@@ -176,3 +176,42 @@ def test_the_mlp_takes_the_form_the_store_says_costs_less(monkeypatch, fused_us,
     assert ("norm_qgemv_swiglu" in called) is mlp_fused
     assert ("qgemv_swiglu" in called) is not mlp_fused
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def test_one_compiled_call_per_step_writes_the_kv_cache_as_mlx_lm_does():
+    """The whole decode step (the KV cache's buffers in and out, attention masked past the
+    offset) gives the unpatched logits and leaves each layer's cache as mlx-lm's own update
+    does, across a growth of the buffer (256 positions); the two-call step gives the same."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32", seed=5)
+    prompt = tuple(i % 200 + 1 for i in range(249))  # 249 positions (ids below the vocabulary of 211): the steps cross the buffer of 256
+    ref_cache = make_prompt_cache(model)
+    ref = [model(mx.array([list(prompt)]), cache=ref_cache)[:, -1]]
+    tok = mx.array([[7]])
+    for _ in range(10):
+        ref.append(model(tok, cache=ref_cache)[:, -1])
+    patching.patch(model)
+    layers = model.model.layers
+    calls = []
+    for b in layers:
+        assert b.whole_step
+        whole = b._steps(mx.zeros((1, 1, 128), dtype=mx.float32))[2]
+        object.__setattr__(b, "_compiled", b._compiled[:3] + (_counted(whole, calls),))
+    cache = make_prompt_cache(model)
+    got = [model(mx.array([list(prompt)]), cache=cache)[:, -1]]
+    for _ in range(10):
+        got.append(model(tok, cache=cache)[:, -1])
+    np.testing.assert_allclose(np.asarray(mx.concatenate(got)), np.asarray(mx.concatenate(ref)), rtol=1e-4, atol=1e-4)
+    # 2 layers x 9 of the 10 steps: the one that finds the buffer of 256 full takes the two
+    # halves (mlx-lm's update grows the buffer), the steps after it the whole step again
+    assert len(calls) == 2 * 9
+    for c, r in zip(cache, ref_cache):
+        assert c.offset == r.offset == 259
+        np.testing.assert_allclose(np.asarray(c.keys[..., :c.offset, :]), np.asarray(r.keys[..., :r.offset, :]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _counted(fn, calls):
+    def run(*a):
+        calls.append(1)
+        return fn(*a)
+    return run
