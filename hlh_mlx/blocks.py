@@ -1,4 +1,4 @@
-"""Decoder blocks of mlx-lm models whose decode step costs one Python call, not fifteen.
+"""Decoder blocks of mlx-lm models whose decode step costs two Python calls, not fifteen.
 
 A decode step of a Llama-style block makes ~15 small calls (norms, projections, RoPE, cache
 update, attention, MLP, residual adds); each costs microseconds of Python and graph building
@@ -11,11 +11,8 @@ checkpoints load unchanged) and runs its decode step as
     out = post(x, o)                     # compiled: o projection, residual, norm, MLP, residual
 
 where `pre` and `post` are `mx.compile`d with every weight they read passed as an input
-(never baked in as a constant: weights loaded after patching are used). With mlx-lm's
-plain KVCache the three lines are one compiled call: the cache's preallocated buffers go in
-and out, the new key and value are written at the offset (data), and attention runs over
-the buffer with the positions past the offset masked, so one trace serves every step until
-the buffer grows. Prefill and training run the same code uncompiled.
+(never baked in as a constant: weights loaded after patching are used). Prefill and training
+run the same code uncompiled.
 
 With `fused=True`, a block whose seven projections are 4-bit affine weights of one group
 size, with plain RMSNorms and a RoPE the kernels serve, runs its decode step as four
@@ -138,8 +135,6 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
-        # one compiled call per decode step, the KV cache written inside (mlx-lm's KVCache)
-        object.__setattr__(self, "whole_step", True)
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
@@ -295,41 +290,16 @@ class DecoderBlock(nn.Module):
                 object.__setattr__(self, "_mlp_fused", mlp_fused)
                 pre = self._qkv_fused if fused_pre else pre
                 post = self._out_fused if fused_post else post
-            scale = a.scale
-
-            def whole(x, keys, values, offset):
-                """The whole decode step, the KV cache's preallocated buffers in and out: the new
-                key and value written at `offset`, attention over the buffer with the positions
-                past `offset` masked (the same softmax over the same positions as the sliced
-                cache), so one trace serves every step until the buffer grows."""
-                q, k, v = pre(x, offset)
-                keys = mx.slice_update(keys, k.astype(keys.dtype), offset, axes=(2,))
-                values = mx.slice_update(values, v.astype(values.dtype), offset, axes=(2,))
-                valid = (mx.arange(keys.shape[2]) <= offset)[None, None, None, :]
-                o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=valid)
-                return post(x, o), keys, values
-            c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post), _Compiled(pre_reads + post_reads, whole))
+            c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))
             object.__setattr__(self, "_compiled", c)
-        return c[1], c[2], c[3]
-
-    def _in_place_cache(self, cache) -> bool:
-        """mlx-lm's plain KVCache with room for one more position: the whole step can write it
-        (a rotating or quantized cache, or one about to grow, takes the step in two halves)."""
-        if not self.whole_step or type(cache).__name__ != "KVCache" or type(cache).__module__ != "mlx_lm.models.cache":
-            return False
-        keys = getattr(cache, "keys", None)
-        return keys is not None and cache.offset + 1 <= keys.shape[2] and cache.values is not None
+        return c[1], c[2]
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         from mlx_lm.models.base import scaled_dot_product_attention
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1 and not self.training:
-            qkv, out, whole = self._steps(x)
+            qkv, out = self._steps(x)
             offset = offset_array(offset)  # data, so one trace serves every step
-            if mask is None and self._in_place_cache(cache):
-                y, cache.keys, cache.values = whole(x, cache.keys, cache.values, offset)
-                cache.offset += 1
-                return y
         else:  # prefill and training: shapes vary, the host cost is small beside the work
             qkv, out = self._qkv, self._out
         q, k, v = qkv(x, offset)
