@@ -6,10 +6,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from hlh_mlx import blocks, models, patching, runtime, tuned
+
+from .test_blocks import _decode
 
 
 @pytest.fixture(autouse=True)
@@ -17,15 +18,6 @@ def fresh(store_dir):
     tuned.refresh()
     yield
     tuned.refresh()
-
-
-def _decode(model, steps=4, prompt=(3, 1, 4, 1, 5)):
-    cache = make_prompt_cache(model)
-    logits = [model(mx.array([list(prompt)]), cache=cache)[:, -1]]
-    tok = mx.array([[7]])
-    for _ in range(steps):
-        logits.append(model(tok, cache=cache)[:, -1])
-    return mx.concatenate(logits).astype(mx.float32)
 
 
 @pytest.mark.parametrize("rope", [
