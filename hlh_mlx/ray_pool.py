@@ -12,6 +12,12 @@ kind of device than the run's is refused (pool.MixedDevicesError).
 
 Every node needs MLX and hlh_mlx's dependencies; hlh_mlx itself travels with the tasks
 (`runtime_env` py_modules), and each job carries its template's text.
+
+What a run costs beyond its jobs: importing Ray and joining the cluster, a Ray worker
+process per slot with its hlh_mlx worker (both started as soon as the pool is made, while
+the coordinator still lists the jobs, and loading their modules meanwhile), and leaving
+the cluster, which the pool does itself when it stops (left to Ray's exit hook, leaving
+first sleeps half a second for log lines that `log_to_driver=False` never sends).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from .pool import Lane, Pool, PoolError
 INSTALL = "pip install 'hlh_mlx[ray]'"
 # a task whose Ray worker died is run again this many times (a kernel crash does not kill it)
 MAX_RETRIES = 3
+# seconds a warm-up waits for a worker process to load its modules
+WARM_UP_TIMEOUT = 120.0
 # settings that name paths or files of the coordinator: the workers get the jobs, not these
 _NOT_FORWARDED = {"HLH_MLX_VARIANTS", "HLH_MLX_TEMPLATES"}
 
@@ -65,6 +73,19 @@ def connect(address: str | None):
 _WORKERS: dict = {}
 
 
+def _worker(env: dict):
+    """This Ray worker's hlh_mlx worker process for `env` (kept for the next task)."""
+    from .pool import Worker
+    key = (tuple(sorted(env.items())), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    w = _WORKERS.get(key)
+    if w is None:  # another pin or settings: a fresh worker process (the old one stops)
+        for old in _WORKERS.values():
+            old.close()
+        _WORKERS.clear()
+        w = _WORKERS[key] = Worker(env=env)
+    return w
+
+
 def _localize(job: dict, texts: dict) -> tuple[dict, tuple[str, str] | None]:
     """The job with its template at a path on this node holding the coordinator's text."""
     src = job.get("template")
@@ -88,17 +109,14 @@ def _localize(job: dict, texts: dict) -> tuple[dict, tuple[str, str] | None]:
 
 
 def run_unit(jobs: list[dict], timeout: float, env: dict, texts: dict) -> dict:
-    """(a Ray task) Run `jobs` in order in this Ray worker's hlh_mlx worker process."""
+    """(a Ray task) Run `jobs` in order in this Ray worker's hlh_mlx worker process
+    (no jobs: only start that process, a warm-up)."""
     import ray
 
-    from .pool import Worker
-    key = (tuple(sorted(env.items())), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    w = _WORKERS.get(key)
-    if w is None:  # another pin or settings: a fresh worker process (the old one stops)
-        for old in _WORKERS.values():
-            old.close()
-        _WORKERS.clear()
-        w = _WORKERS[key] = Worker(env=env)
+    w = _worker(env)
+    if not jobs:  # held until the process has loaded its modules, so that each slot's
+        # warm-up gets a Ray worker of its own (a finished one would be handed the next)
+        return {"replies": [w.request({"kind": "ping"}, timeout)], "timed_on": None}
     replies = []
     for job in jobs:
         job, moved = _localize(job, texts)
@@ -134,6 +152,12 @@ class RayLane(Lane):
         self.fn, self.options, self.env = fn, options, env
         self.bundles_builtin = timing
         self._ref = None
+        self._warm = None
+
+    def warm_up(self):
+        """Start a Ray worker and its hlh_mlx worker for this slot now (not waited for):
+        the first job finds them running."""
+        self._warm = self.fn.options(**self.options).remote([], WARM_UP_TIMEOUT, self.env, {})
 
     def _run_unit(self, jobs, timeout):
         ray = _ray()
@@ -158,11 +182,39 @@ class RayLane(Lane):
 
     def stop(self):
         super().stop()
-        ref = self._ref
-        if ref is not None:
+        for ref in (self._ref, self._warm):
+            if ref is not None:
+                try:
+                    _ray().cancel(ref, force=True)
+                except Exception:  # noqa: BLE001 (best effort: it may have finished)
+                    pass
+
+    def join(self, timeout: float) -> bool:
+        """Wait for this slot's thread to finish its unit; whether it did."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        return t is None or not t.is_alive()
+
+
+class RayPool(Pool):
+    """The slots of a cluster; a cluster the pool joined itself it leaves when it stops."""
+
+    def __init__(self, lanes: list[RayLane], owns_connection: bool = False):
+        super().__init__(lanes, kind="ray")
+        self.owns_connection = owns_connection
+
+    def stop(self):
+        super().stop()
+        if not self.owns_connection:  # joined by the caller (its own ray.init): theirs to leave
+            return
+        self.owns_connection = False
+        # once no slot is inside a Ray call (a stopped task returns at once); a slot stuck
+        # there leaves it to Ray's exit hook
+        if all(lane.join(10.0) for lane in self.lanes):
             try:
-                _ray().cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 (best effort: it may have finished)
+                _ray().shutdown()
+            except Exception:  # noqa: BLE001 (best effort: the exit hook tries again)
                 pass
 
 
@@ -176,6 +228,7 @@ def make(address: str | None, backend: str, workers: int | None = None) -> tuple
     `backends.Device`): timing jobs ask for one GPU of that kind each, emulator checks one
     CPU. `workers`: how many tasks at once (default: the cluster's GPUs, or CPUs)."""
     from . import backends
+    owns = not _ray().is_initialized()
     ray = connect(address)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
@@ -202,5 +255,8 @@ def make(address: str | None, backend: str, workers: int | None = None) -> tuple
     n = workers or max(1, gpus if timing else cpus)
     fn = ray.remote(run_unit)
     lanes = [RayLane(f"r{i}", fn, options, env, timing) for i in range(n)]
-    return Pool(lanes, kind="ray"), device
+    if not timing:  # (a timing task's GPU is Ray's pick: a worker started now may be pinned to another)
+        for lane in lanes:
+            lane.warm_up()
+    return RayPool(lanes, owns_connection=owns), device
 

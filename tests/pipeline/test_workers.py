@@ -286,9 +286,51 @@ def test_a_ray_task_whose_worker_dies_runs_again(ray_cluster, store_dir, tmp_pat
             env={"HLH_MLX_WORKER": f"{sys.executable} {w} {log} {marker}"})
     assert r.exit_code == 0, r.output
     asked = [json.loads(x)["params"] for x in log.read_text().splitlines()]
+    asked = [x for x in asked if x is not None]  # (a slot's warm-up asks with no variant)
     assert asked.count({"BS": 16, "PAD": 0}) == 2 and len(asked) == 7  # re-run by Ray; everything else once
     recs = store.read(store_dir / "emulator" / "matmul.jsonl")
     assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)  # nothing lost, no crash stored
+
+
+# logs its pid and the kind of each request
+STARTS = textwrap.dedent("""
+    import json, os, sys
+    for line in sys.stdin:
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{os.getpid()} {json.loads(line)['kind']}\\n")
+        sys.stdout.write(json.dumps({"status": "ok", "checks": []}) + "\\n")
+        sys.stdout.flush()
+""")
+
+
+def test_a_ray_pool_starts_its_workers_before_the_first_job(ray_cluster, tmp_path, monkeypatch):
+    from hlh_mlx import ray_pool
+    w, log = tmp_path / "worker.py", tmp_path / "log"
+    w.write_text(STARTS)
+    monkeypatch.setenv("HLH_MLX_WORKER", f"{sys.executable} {w} {log}")
+    pool, _ = ray_pool.make(None, "emulator", 2)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) == 2):
+            time.sleep(0.1)
+        lines = [x.split() for x in log.read_text().splitlines()]
+        assert len({pid for pid, _ in lines}) == 2 and {kind for _, kind in lines} == {"ping"}  # one per slot
+    finally:
+        pool.stop()
+
+
+def test_a_ray_pool_leaves_the_cluster_it_joined_and_only_that(monkeypatch):
+    from types import SimpleNamespace
+
+    from hlh_mlx import ray_pool
+    left = []
+    monkeypatch.setattr(ray_pool, "_ray", lambda: SimpleNamespace(shutdown=lambda: left.append(1)))
+    ray_pool.RayPool([ray_pool.RayLane("r0", None, {}, {}, False)], owns_connection=False).stop()
+    assert left == []  # joined by the caller's own ray.init: theirs to leave
+    p = ray_pool.RayPool([ray_pool.RayLane("r0", None, {}, {}, False)], owns_connection=True)
+    p.stop()
+    p.stop()
+    assert left == [1]
 
 
 # slow enough that the interrupt lands mid-sweep; logs its pid
