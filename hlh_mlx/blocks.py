@@ -249,6 +249,8 @@ class DecoderBlock(nn.Module):
         half runs. The MLP takes whichever form the store says costs a program less (chain
         latency + host time of each call); the fused form when that is unknown.
         With fused="always" all run fused (tests: the compositions on a CPU)."""
+        if x.shape[0] != 1:
+            return False, False, False  # several sequences at once: the fused kernels take one token
         if self._fused == "always":
             return True, True, True
         a, mlp, norm, norm2 = self["self_attn"], self["mlp"], self["input_layernorm"], self["post_attention_layernorm"]
@@ -274,7 +276,9 @@ class DecoderBlock(nn.Module):
         return pre, post, mlp_fused
 
     def _steps(self, x):
-        key = self._children_key()
+        # what the halves were chosen for: the children, the batch (the fused ops take one
+        # token of one sequence) and the dtype (the store's figures are per dtype)
+        key = (self._children_key(), x.shape[0], x.dtype)
         c = self._compiled
         if c is None or c[0] != key:
             a = self["self_attn"]

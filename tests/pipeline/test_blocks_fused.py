@@ -168,3 +168,22 @@ def test_the_mlp_takes_the_form_the_store_says_costs_less(monkeypatch, fused_us,
     assert ("norm_qgemv_swiglu" in called) is mlp_fused
     assert ("qgemv_swiglu" in called) is not mlp_fused
     np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_of_sequences_decodes_unfused_after_a_single_one():
+    """The fused ops take one token of one sequence: a block that traced its step for one
+    sequence must not reuse it for a batch (nor the reverse), whatever it chose."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def decode(batch):
+        cache = make_prompt_cache(model)
+        out = [model(mx.array([[3, 1, 4]] * batch), cache=cache)[:, -1]]
+        for _ in range(3):
+            out.append(model(mx.array([[7]] * batch), cache=cache)[:, -1])
+        return np.asarray(mx.stack(out))
+    before = [decode(1), decode(2)]
+    patching.patch(model)
+    _always_fused(model.model.layers)
+    for got, want in zip([decode(1), decode(2), decode(1)], before + before[:1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
