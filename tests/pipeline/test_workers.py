@@ -293,11 +293,17 @@ def test_a_ray_task_whose_worker_dies_runs_again(ray_cluster, store_dir, tmp_pat
 
 
 # logs its pid and the kind of each request
+# answers a ping after 2 s, as a real worker answers once it has loaded MLX and hlh_mlx: the
+# two slots' warm-ups overlap, so Ray runs them in two workers (an instant answer would let
+# one Ray worker take both, one after the other)
 STARTS = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
     for line in sys.stdin:
+        kind = json.loads(line)['kind']
+        if kind == "ping":
+            time.sleep(2)
         with open(sys.argv[1], "a") as f:
-            f.write(f"{os.getpid()} {json.loads(line)['kind']}\\n")
+            f.write(f"{os.getpid()} {kind}\\n")
         sys.stdout.write(json.dumps({"status": "ok", "checks": []}) + "\\n")
         sys.stdout.flush()
 """)
