@@ -410,3 +410,25 @@ def test_a_layer_remembers_its_plan_until_weights_settings_or_results_change(sto
     tuned.refresh()                             # new results (a sweep in this process): the layer sees them
     _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
     assert tuned.fallbacks() == {} and "rms_norm" not in layer.parameters().get("_hlh_plan", "")
+
+
+def test_expected_us_is_what_the_call_would_cost_from_the_store(store_dir, rng):
+    """A fused op is weighed against the separate calls it replaces by these figures: the
+    chosen variant's chain latency + host time, else the built-in's at exactly this shape,
+    else None (never a guess)."""
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    assert runtime.expected_us("softmax", x, axis=-1) is None  # nothing timed
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.020, base_ms=0.050,
+          host_us=2.0, base_host_us=1.0)
+    tuned.refresh()
+    assert runtime.expected_us("softmax", x, axis=-1) == pytest.approx(22.0)  # the variant runs
+    write(store_dir, "softmax", {"R": 64, "C": 512}, "float32", v, ms=0.060, base_ms=0.030,
+          host_us=2.0, base_host_us=1.0)
+    tuned.refresh()
+    x64 = mx.array(rng.standard_normal((64, 512)).astype(np.float32))
+    # the variant lost at 64x512 (and the 8x512 winner is too far away to serve it): the
+    # built-in runs, and its own figure at exactly this shape is used
+    assert not runtime.serves("softmax", x64, axis=-1)
+    assert runtime.expected_us("softmax", x64, axis=-1) == pytest.approx(31.0)
+    assert runtime.expected_us("softmax", mx.zeros((3, 7)), axis=-1) is None
