@@ -27,5 +27,24 @@ def extra_templates(tmp_path, monkeypatch):
     return write
 
 
+@pytest.fixture
+def check_fails_on(store_dir, extra_templates):
+    """`check_fails_on(op, source, old, new, params, dtype)`: `hlh_mlx check` of a copy of a
+    Metal template with one slip in it (`old` -> `new`) must fail for the numbers it gets
+    wrong (a relative error, or elements left unwritten)."""
+    from click.testing import CliRunner
+
+    from hlh_mlx.cli import main
+
+    def run(op, source, old, new, params: dict, dtype: str):
+        assert source.count(old) == 1, "the template changed: update the broken copy"
+        extra_templates(op, "broken.metal.j2", source.replace(old, new))
+        args = ["check", op, "broken", "--dtype", dtype] + [a for k, v in params.items() for a in ("-p", f"{k}={v}")]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        assert "relative error" in r.output or "NaN/inf (unwritten?)" in r.output, r.output
+    return run
+
+
 def copy_template(name):
     return (ROOT / "templates" / "matmul" / name).read_text()
