@@ -263,9 +263,10 @@ class DecoderBlock(nn.Module):
         o1 = mx.zeros((1, o["weight"].shape[1] * 8), x.dtype)  # bind reads shapes and dtypes only
         h1 = mx.zeros((1, dn["weight"].shape[0]), x.dtype)
         y1 = mx.zeros((1, dn["weight"].shape[1] * 8), x.dtype)
-        post = (runtime.serves("qgemv_add", o1, o["weight"], o["scales"], o["biases"], x1, group_size=gs, bits=4)
-                and runtime.serves("qgemv_add", y1, dn["weight"], dn["scales"], dn["biases"], h1,
-                                   group_size=gs, bits=4))
+        # every call asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it
+        post = all([runtime.serves("qgemv_add", o1, o["weight"], o["scales"], o["biases"], x1, group_size=gs, bits=4),
+                    runtime.serves("qgemv_add", y1, dn["weight"], dn["scales"], dn["biases"], h1,
+                                   group_size=gs, bits=4)])
         gu = (g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"])
         fused = runtime.expected_us("norm_qgemv_swiglu", h1, norm2["weight"], norm2.eps, *gu, group_size=gs, bits=4)
         parts = [runtime.expected_us("rms_norm", h1, norm2["weight"], norm2.eps),
