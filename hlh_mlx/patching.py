@@ -3,15 +3,15 @@
 Replaced, each only after it is shown to compute the same thing:
 - decoder blocks of mlx-lm's layout (input_layernorm, self_attn with q/k/v/o projections
   and rope, post_attention_layernorm, mlp) in quantized models -> hlh_mlx.blocks.DecoderBlock
-  (a compiled decode step, the residual add fused with the second norm), checked at a
-  prefill and at decode steps through a KV cache;
+  (a compiled decode step through fused decoder ops where tuned kernels serve them, see
+  hlh_mlx.blocks), checked at a prefill and at decode steps through a KV cache;
 - mlx.nn.RMSNorm, LayerNorm, RoPE, Linear and QuantizedLinear -> hlh_mlx.nn's, and MLPs
   with gate_proj, up_proj and down_proj linear layers -> hlh_mlx.nn.SwiGLU (one 4-bit launch
   for gate, up and SwiGLU at one token), checked on a random input; a block's children are
   patched too.
 Everything else stays, and the report says what stayed and why (expert MLPs, blocks whose
-check fails or raises, unquantized blocks' compiled step). The model's train/eval mode is
-kept.
+check fails or raises, unquantized blocks' compiled step) and, per block, whether its decode
+step can run the fused ops and if not why. The model's train/eval mode is kept.
 """
 
 from __future__ import annotations
