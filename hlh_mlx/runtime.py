@@ -22,6 +22,7 @@ the signature and reach the kernel as data.
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -56,23 +57,44 @@ def compiled_for(backend_name: str, fn):
 
 
 def dispatched(fn, dynamic: tuple = ()):
-    """`fn` behind a tuned call's hot path (the signature and its lookup), so the sweep
-    measures the host cost a program pays per call, not the kernel call's alone."""
+    """`fn` behind a tuned call's hot path (the signature and its lookup, as `tuned.<op>`
+    runs them), so the sweep measures the host cost a program pays per call, not the
+    kernel call's alone."""
     plans: dict = {}
-    dk = _DKEY
 
-    def call(*args):  # the key as `tuned.<op>` builds it for a call without keywords
+    def decide(args, kwargs):
+        plan = plans[signature(args, kwargs, dynamic)] = fn
+        return plan
+    return _hot_path(plans, decide, SimpleNamespace(_dynamic=tuple(dynamic)))
+
+
+def _hot_path(plans: dict, decide, owner):
+    """call(*args, **kwargs): the signature built inline (as `signature` builds it: a function
+    call fewer), one lookup in `plans`, the plan; `decide(args, kwargs)` (which remembers the
+    plan) on a miss or an unhashable argument. `owner._dynamic`: the dynamic argument names,
+    read at a call with keywords (a Dispatch learns them on its first decision)."""
+    A, dk = _ARRAY, _DKEY
+
+    def call(*args, **kwargs):
         key = []
         for a in args:
-            if type(a) is _ARRAY:
-                key += (_ARRAY, a.shape, dk(a.dtype))
+            if type(a) is A:
+                key += (A, a.shape, dk(a.dtype))
             else:
                 key.append(a)
-        key = tuple(key)
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = fn
-        return plan(*args)
+        if kwargs:
+            dynamic = owner._dynamic
+            for k, v in kwargs.items():
+                key.append(k)
+                if type(v) is A:
+                    key += (A, v.shape, dk(v.dtype))
+                else:
+                    key.append(type(v) if k in dynamic else v)
+        try:
+            plan = plans[tuple(key)]
+        except (KeyError, TypeError):  # a first call, or an unhashable argument
+            plan = decide(args, kwargs)
+        return plan(*args, **kwargs)
     return call
 
 
@@ -126,7 +148,7 @@ _DKEY = _dtype_key()
 def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
     """What a plan depends on: each array's shape and dtype, every other value; a dynamic
     argument only by kind (a number or an array). Flat, since it is built on every call
-    (`tuned.<op>`, the function `_entry` makes, builds the same key inline)."""
+    (`_hot_path`, behind `tuned.<op>`, builds the same key inline)."""
     key = []
     dk = _DKEY
     for a in args:
@@ -400,31 +422,8 @@ class Dispatch:
 
 
 def _entry(d: Dispatch):
-    """The function behind `tuned.<op>`: the signature (built inline, as `signature` builds
-    it: a function call fewer), one lookup, the plan."""
-    plans, decide, A, dk = d.plans, d._plan, _ARRAY, _DKEY
-
-    def call(*args, **kwargs):
-        key = []
-        for a in args:
-            if type(a) is A:
-                key += (A, a.shape, dk(a.dtype))
-            else:
-                key.append(a)
-        if kwargs:
-            dynamic = d._dynamic
-            for k, v in kwargs.items():
-                key.append(k)
-                if type(v) is A:
-                    key += (A, v.shape, dk(v.dtype))
-                else:
-                    key.append(type(v) if k in dynamic else v)
-        try:
-            plan = plans[tuple(key)]
-        except (KeyError, TypeError):  # a first call, or an unhashable argument
-            plan = decide(args, kwargs)
-        return plan(*args, **kwargs)
-
+    """The function behind `tuned.<op>`: the hot path over the Dispatch's plans."""
+    call = _hot_path(d.plans, d._plan, d)
     call.__name__, call.__qualname__, call.__module__ = d.op_name, f"hlh_mlx.tuned {d.op_name}", "hlh_mlx.tuned"
     call.__doc__ = d.__doc__
     call.dispatch, call.op_name, call.builtin, call.differentiable = d, d.op_name, d.builtin, d.differentiable
