@@ -110,10 +110,11 @@ def variant_source(variant, op, dtype: str, prelude: str | None = None, shape: d
     return text, head.count("\n") + 1
 
 
-def check_variant(variant, op, dtype: str) -> None:
-    """Compile a CUDA variant offline; errors name the template file and line."""
+def check_variant(variant, op, dtype: str, shape: dict | None = None) -> None:
+    """Compile a CUDA variant offline (template arguments of `shape`, default the op's first
+    emulator shape); errors name the template file and line."""
     import re
-    text, body = variant_source(variant, op, dtype, STAND_IN_HEADER)
+    text, body = variant_source(variant, op, dtype, STAND_IN_HEADER, shape)
     try:
         compile_check(text)
     except CudaCompileError as e:
@@ -144,10 +145,7 @@ def check_variants(jobs: list, op, workers: int | None = None) -> None:
             compile_check("\n".join(texts), timeout=600)
         except CudaCompileError:
             for v, dtype, shape in part:
-                if shape is None:
-                    check_variant(v, op, dtype)
-                else:
-                    compile_check(variant_source(v, op, dtype, STAND_IN_HEADER, shape)[0])
+                check_variant(v, op, dtype, shape)
             raise
     with ThreadPoolExecutor(max_workers=n) as pool:
         list(pool.map(together, [jobs[i::n] for i in range(n)]))
