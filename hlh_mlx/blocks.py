@@ -214,31 +214,42 @@ class DecoderBlock(nn.Module):
         n = a.q_proj.weight.shape[0]
         return n // a.n_heads if n % a.n_heads == 0 else None
 
+    # The fused step's calls as (args, kwargs): what the step runs and what
+    # `_fused_steps_that_pay` weighs must be the same calls.
+    def _qkv_call(self, x1, offset):
+        a, norm = self["self_attn"], self["input_layernorm"]
+        return ((x1, norm["weight"], norm.eps, *_packed(a.q_proj), *_packed(a.k_proj), *_packed(a.v_proj),
+                 self._freqs, offset, self._head_dim()), {"group_size": a.q_proj.group_size, "bits": 4})
+
+    @staticmethod
+    def _add_call(proj, y, residual):
+        return (y, *_packed(proj), residual), {"group_size": proj.group_size, "bits": 4}
+
+    def _mlp_call(self, h):
+        """norm_qgemv_swiglu's arguments; the first three are rms_norm's, h and the rest
+        qgemv_swiglu's (the split form)."""
+        norm, mlp = self["post_attention_layernorm"], self["mlp"]
+        return ((h, norm["weight"], norm.eps, *_packed(mlp.gate_proj), *_packed(mlp.up_proj)),
+                {"group_size": mlp.gate_proj.group_size, "bits": 4})
+
     def _qkv_fused(self, x, offset):
         """Decode only (one token): the fused norm, q/k/v projections and RoPE."""
-        a, norm = self["self_attn"], self["input_layernorm"]
-        d = self._head_dim()
-        q, k, v = a.q_proj, a.k_proj, a.v_proj
-        qs, ks, vs = tuned.norm_qkv_rope.no_grad(
-            x.reshape(1, -1), norm["weight"], norm.eps, q["weight"], q["scales"], q["biases"],
-            k["weight"], k["scales"], k["biases"], v["weight"], v["scales"], v["biases"],
-            self._freqs, offset, d, group_size=q.group_size, bits=4)
+        a, d = self["self_attn"], self._head_dim()
+        args, kw = self._qkv_call(x.reshape(1, -1), offset)
+        qs, ks, vs = tuned.norm_qkv_rope.no_grad(*args, **kw)
         return qs.reshape(1, a.n_heads, 1, d), ks.reshape(1, a.n_kv_heads, 1, d), vs.reshape(1, a.n_kv_heads, 1, d)
 
     def _out_fused(self, x, o):
         """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual."""
-        wo, norm, mlp = self["self_attn"].o_proj, self["post_attention_layernorm"], self["mlp"]
-        g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        gs = wo.group_size
-        h = tuned.qgemv_add.no_grad(o.reshape(1, -1), wo["weight"], wo["scales"], wo["biases"], x.reshape(1, -1),
-                                    group_size=gs, bits=4)
-        gu = (g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"])
+        args, kw = self._add_call(self["self_attn"].o_proj, o.reshape(1, -1), x.reshape(1, -1))
+        h = tuned.qgemv_add.no_grad(*args, **kw)
+        args, kw = self._mlp_call(h)
         if self._mlp_fused:
-            y = tuned.norm_qgemv_swiglu.no_grad(h, norm["weight"], norm.eps, *gu, group_size=gs, bits=4)
+            y = tuned.norm_qgemv_swiglu.no_grad(*args, **kw)
         else:  # the norm alone is cheaper than the fused prologue where the store says so
-            y = tuned.qgemv_swiglu.no_grad(tuned.rms_norm.no_grad(h, norm["weight"], norm.eps), *gu,
-                                           group_size=gs, bits=4)
-        out = tuned.qgemv_add.no_grad(y, dn["weight"], dn["scales"], dn["biases"], h, group_size=gs, bits=4)
+            y = tuned.qgemv_swiglu.no_grad(tuned.rms_norm.no_grad(*args[:3]), *args[3:], **kw)
+        args, kw = self._add_call(self["mlp"].down_proj, y, h)
+        out = tuned.qgemv_add.no_grad(*args, **kw)
         return out.reshape(x.shape)
 
     def _fused_steps_that_pay(self, x) -> tuple[bool, bool, bool]:
@@ -253,27 +264,21 @@ class DecoderBlock(nn.Module):
             return False, False, False  # several sequences at once: the fused kernels take one token
         if self._fused == "always":
             return True, True, True
-        a, mlp, norm, norm2 = self["self_attn"], self["mlp"], self["input_layernorm"], self["post_attention_layernorm"]
-        q, k, v, o = a.q_proj, a.k_proj, a.v_proj, a.o_proj
-        g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        gs, x1 = q.group_size, x.reshape(1, -1)
-        pre = runtime.serves("norm_qkv_rope", x1, norm["weight"], norm.eps, q["weight"], q["scales"], q["biases"],
-                             k["weight"], k["scales"], k["biases"], v["weight"], v["scales"], v["biases"],
-                             self._freqs, offset_array(0), self._head_dim(), group_size=gs, bits=4)
+        o, dn = self["self_attn"].o_proj, self["mlp"].down_proj
+        x1 = x.reshape(1, -1)
+        args, kw = self._qkv_call(x1, offset_array(0))
+        pre = runtime.serves("norm_qkv_rope", *args, **kw)
         o1 = mx.zeros((1, o["weight"].shape[1] * 8), x.dtype)  # bind reads shapes and dtypes only
         h1 = mx.zeros((1, dn["weight"].shape[0]), x.dtype)
         y1 = mx.zeros((1, dn["weight"].shape[1] * 8), x.dtype)
         # every call asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it
-        post = all([runtime.serves("qgemv_add", o1, o["weight"], o["scales"], o["biases"], x1, group_size=gs, bits=4),
-                    runtime.serves("qgemv_add", y1, dn["weight"], dn["scales"], dn["biases"], h1,
-                                   group_size=gs, bits=4)])
-        gu = (g["weight"], g["scales"], g["biases"], u["weight"], u["scales"], u["biases"])
-        fused = runtime.expected_us("norm_qgemv_swiglu", h1, norm2["weight"], norm2.eps, *gu, group_size=gs, bits=4)
-        parts = [runtime.expected_us("rms_norm", h1, norm2["weight"], norm2.eps),
-                 runtime.expected_us("qgemv_swiglu", h1, *gu, group_size=gs, bits=4)]
+        post = all([runtime.serves("qgemv_add", *a, **k) for a, k in (self._add_call(o, o1, x1),
+                                                                      self._add_call(dn, y1, h1))])
+        args, kw = self._mlp_call(h1)
+        fused = runtime.expected_us("norm_qgemv_swiglu", *args, **kw)
+        parts = [runtime.expected_us("rms_norm", *args[:3]), runtime.expected_us("qgemv_swiglu", h1, *args[3:], **kw)]
         split_known = fused is not None and None not in parts
-        mlp_fused = runtime.serves("norm_qgemv_swiglu", h1, norm2["weight"], norm2.eps, *gu, group_size=gs, bits=4) \
-            and not (split_known and sum(parts) < fused)
+        mlp_fused = runtime.serves("norm_qgemv_swiglu", *args, **kw) and not (split_known and sum(parts) < fused)
         return pre, post, mlp_fused
 
     def _steps(self, x):
@@ -315,6 +320,11 @@ class DecoderBlock(nn.Module):
 
 
 _FUSED_OPS = ("norm_qkv_rope", "qgemv_add", "norm_qgemv_swiglu")
+
+
+def _packed(proj) -> tuple:
+    """A 4-bit QuantizedLinear's weight, scales and biases, as the fused ops take them."""
+    return proj["weight"], proj["scales"], proj["biases"]
 
 
 def rope_freqs(rope, head_dim: int) -> mx.array | None:
