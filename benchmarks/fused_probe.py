@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from hlh_mlx import backends, ops, paths, templates, variants
+from hlh_mlx.cli import _params  # KEY=V pairs checked against the template's space
 
 CASES = [  # (op, shape, template family, expected winner's params)
     ("norm_qkv_rope", {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}, "splitk",
@@ -75,8 +76,7 @@ def case(op_name, shape, family, params, calls, offset=None) -> dict:
     op = ops.get(op_name)
     t = _template(op_name, family)
     if params is None:  # the template's own expected winner: the first KEY=V list of its expect
-        first = t.expect.split()[0].rstrip(":.,")
-        params = {k: int(v) for k, v in (kv.split("=") for kv in first.split(","))}
+        params = _params(t, t.expect.split()[0].rstrip(":.,").split(","))
     v = variants.make(t, params)
     inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
     if offset is not None:
