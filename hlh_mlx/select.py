@@ -122,10 +122,17 @@ class Candidate:
 
 
 @lru_cache(maxsize=None)
+def trusted_records(op: str, device: str) -> tuple[dict, ...]:
+    """The stored records of `op` on `device` that tuned calls may act on: local, shipped and
+    trusted packs' (read once until `refresh()`)."""
+    return tuple(r for r in store.load(device, op) if hub.is_trusted(r.get("source", "local")))
+
+
+@lru_cache(maxsize=None)
 def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
     """Correct, timed, current variants on this device and back end, each with the built-in
     of its run; stale ones dropped with a warning."""
-    records = [r for r in store.load(device, op) if hub.is_trusted(r.get("source", "local"))]
+    records = trusted_records(op, device)
     groups: dict = {}
     for r in records:
         if r.get("backend") == backend:
@@ -219,11 +226,12 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
 def builtin_us(op_name: str, call, device: str, backend: str) -> float | None:
     """The built-in's cost to a program at exactly this call's shape and dtype (chain latency
     + host time, microseconds) as last timed on this device; None when never timed there."""
-    keep, _ = latest_with_baselines(store.load(device, op_name), call.shape, call.dtype, backend)
+    keep, _ = latest_with_baselines(trusted_records(op_name, device), call.shape, call.dtype, backend)
     e2e = end_to_end_ms((keep.get("builtin") or {}).get("timing"))
     return None if e2e is None else 1e3 * e2e
 
 
 def refresh() -> None:
+    trusted_records.cache_clear()
     candidates.cache_clear()
     current_variants.cache_clear()
