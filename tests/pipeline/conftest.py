@@ -28,6 +28,25 @@ def extra_templates(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def tuned_fresh(store_dir, monkeypatch):
+    """An empty store, HLH_MLX_STRICT unset and nothing decided, before the test and after
+    (a test file of tuned calls: `pytestmark = pytest.mark.usefixtures("tuned_fresh")`)."""
+    from hlh_mlx import tuned
+    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
+    tuned.refresh()
+    yield
+    tuned.refresh()
+
+
+def rel_error(got, want) -> float:
+    """||got - want|| / ||want|| in float64."""
+    import mlx.core as mx
+    import numpy as np
+    g, w = (np.asarray(t.astype(mx.float32)).astype(np.float64) for t in (got, want))
+    return float(np.linalg.norm(g - w) / np.linalg.norm(w))
+
+
+@pytest.fixture
 def check_fails_on(store_dir, extra_templates):
     """`check_fails_on(op, source, old, new, params, dtype)`: `hlh_mlx check` of a copy of a
     Metal template with one slip in it (`old` -> `new`) must fail for the numbers it gets

@@ -15,7 +15,9 @@ from click.testing import CliRunner
 from hlh_mlx import backends, check, ops, templates, timing, tuned, variants
 from hlh_mlx.cli import main
 from hlh_mlx.ops.add_rms_norm import add_rms_norm
-from tests.pipeline.test_tuned import fresh, write  # noqa: F401  (fresh: an autouse fixture)
+from tests.pipeline.test_tuned import write
+
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 from .conftest import ROOT
 

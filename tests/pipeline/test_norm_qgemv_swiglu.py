@@ -19,7 +19,7 @@ from hlh_mlx.ops import norm_qgemv_swiglu as mod
 from hlh_mlx.ops.norm_qgemv_swiglu import norm_qgemv_swiglu
 from hlh_mlx.ops.spec import DTYPES
 
-from .conftest import ROOT
+from .conftest import ROOT, rel_error
 from .test_tuned import write
 
 NAME = "norm_qgemv_swiglu"
@@ -51,17 +51,9 @@ def composed(x, w, eps, wg, sg, bg, wu, su, bu, group_size=64, bits=4):
     return nn.silu(g) * u
 
 
-def rel(a, b):
-    a, b = np.asarray(a.astype(mx.float32), np.float64), np.asarray(b.astype(mx.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -83,15 +75,15 @@ def test_reference_is_the_builtin_composition(rng, dtype, eps):
     # differ only where rms_norm's rounding does (about one ulp of some elements)
     y = mx.fast.rms_norm(x, w, eps)
     qs = ops.get("qgemv_swiglu")
-    assert rel(ref, qs.reference(y, *q)[0]) < OP.tolerance[dtype]
+    assert rel_error(ref, qs.reference(y, *q)[0]) < OP.tolerance[dtype]
     if dtype == "float32":
-        assert rel(fn, ref) < OP.tolerance[dtype], rel(fn, ref)
+        assert rel_error(fn, ref) < OP.tolerance[dtype], rel_error(fn, ref)
     else:
         # in half MLX's own quantized_matmul (dequantized weights in the dtype on the CPU)
         # already differs from qgemv_swiglu's reference by more than the tolerance: the norm
         # adds no more than rms_norm's rounding to that gap
-        gap = rel(qs.baseline(y, *q)[0], qs.reference(y, *q)[0])
-        assert rel(fn, ref) < gap + OP.tolerance[dtype], (rel(fn, ref), gap)
+        gap = rel_error(qs.baseline(y, *q)[0], qs.reference(y, *q)[0])
+        assert rel_error(fn, ref) < gap + OP.tolerance[dtype], (rel_error(fn, ref), gap)
 
 
 def test_the_reference_normalises_with_eps_and_the_weight(rng):
@@ -99,9 +91,9 @@ def test_the_reference_normalises_with_eps_and_the_weight(rng):
     x, w, *q = inputs(rng, 64, 512, mx.float32)
     base = OP.reference(x, w, mod.eps_array(1e-5), *q)[0]
     qs = ops.get("qgemv_swiglu").reference
-    assert rel(OP.reference(x, w, mod.eps_array(2.0), *q)[0], base) > 0.03
-    assert rel(OP.reference(x, mx.ones_like(w), mod.eps_array(1e-5), *q)[0], base) > 0.1
-    assert rel(qs(x * w, *q)[0], base) > 0.5
+    assert rel_error(OP.reference(x, w, mod.eps_array(2.0), *q)[0], base) > 0.03
+    assert rel_error(OP.reference(x, mx.ones_like(w), mod.eps_array(1e-5), *q)[0], base) > 0.1
+    assert rel_error(qs(x * w, *q)[0], base) > 0.5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -114,9 +106,9 @@ def test_tuned_call_runs_the_winner_on_the_emulator_and_equals_the_builtin(store
         out = tuned.norm_qgemv_swiglu(*args[:2], eps, *args[2:], group_size=64)
         assert out.shape == (1, 48) and out.dtype == DTYPES[dtype]
         ref = OP.reference(*args[:2], mod.eps_array(eps), *args[2:])[0]
-        assert rel(out, ref) < OP.tolerance[dtype], rel(out, ref)
+        assert rel_error(out, ref) < OP.tolerance[dtype], rel_error(out, ref)
         if dtype == "float32":  # in half the CPU's quantized_matmul is off the reference itself
-            assert rel(out, composed(*args[:2], eps, *args[2:])) < OP.tolerance[dtype]
+            assert rel_error(out, composed(*args[:2], eps, *args[2:])) < OP.tolerance[dtype]
     assert tuned.fallbacks() == {}
     # a (1, 1, K) token keeps its leading dims, as the built-in does
     y3 = tuned.norm_qgemv_swiglu(args[0].reshape(1, 1, 512), args[1], 2.0, *args[2:], group_size=64)

@@ -18,7 +18,7 @@ from hlh_mlx import check, cuda_source, ops, templates, tuned, variants
 from hlh_mlx.cli import main
 from hlh_mlx.ops.norm_qkv_rope import norm_qkv_rope, rope_freqs
 
-from .conftest import ROOT
+from .conftest import ROOT, rel_error
 from .test_tuned import write
 
 NAME = "norm_qkv_rope"
@@ -68,17 +68,9 @@ def kernel_inputs(a, offset):
     return [x, norm_w, mx.array([eps], dtype=mx.float32), *w, freqs, mx.array([offset], dtype=mx.int32)]
 
 
-def rel(got, want):
-    g, w = (np.asarray(t.astype(mx.float32)).astype(np.float64) for t in (got, want))
-    return float(np.linalg.norm(g - w) / np.linalg.norm(w))
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 # ---- the op: reference, built-in, semantics ----
@@ -107,9 +99,9 @@ def test_the_reference_agrees_with_the_builtin_composition(rng, d, dtype):
     # the built-in is the less exact side; a wrong rotation or a missing norm is O(1) off.
     bound = {"float32": 1e-5, "float16": 1.2e-2, "bfloat16": 8e-2}[dtype]
     for i, (g, r) in enumerate(zip(got, ref)):
-        assert rel(g, r) < bound, (i, rel(g, r))
+        assert rel_error(g, r) < bound, (i, rel_error(g, r))
     # the offset matters: at offset 0 q and k are not rotated, at 1234 they are
-    assert rel(OP.reference(*kernel_inputs(a, 0))[0], ref[0]) > 0.3
+    assert rel_error(OP.reference(*kernel_inputs(a, 0))[0], ref[0]) > 0.3
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -158,7 +150,7 @@ def test_a_tuned_variant_serves_every_offset_from_one_plan(store_dir, rng, dtype
     assert len(tuned.norm_qkv_rope.plans) == 1
     assert tuned.fallbacks() == {}
     # two offsets, two rotations of the same q and k; v is the same
-    assert rel(results[5][0], results[301][0]) > 0.1
+    assert rel_error(results[5][0], results[301][0]) > 0.1
     assert mx.array_equal(results[5][2], results[301][2]).item()
     # an offset array (as mx.fast.rope takes one) runs the kernel too, the value read on the device
     arr = tuned.norm_qkv_rope(*a, mx.array([301], dtype=mx.int32), d, group_size=g)

@@ -18,7 +18,7 @@ from hlh_mlx import cuda_source, guard, ops, templates, tuned, variants
 from hlh_mlx.cli import _params, main
 from hlh_mlx.ops.qgemv_add import qgemv_add
 
-from .conftest import ROOT
+from .conftest import ROOT, rel_error
 from .test_tuned import write
 
 OP = ops.get("qgemv_add")
@@ -46,17 +46,9 @@ def composed(x, w, scales, biases, r, group_size=64, bits=4):
     return r + mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
-def rel(a, b):
-    a, b = (np.asarray(v.astype(mx.float32), dtype=np.float64) for v in (a, b))
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 # --- the op spec: reference against the built-in composition ----------------------------
@@ -77,12 +69,12 @@ def test_reference_is_the_builtin_composition(rng, dtype, shape):
     # in the dtype (its own error grows with K: ~1e-2 in float16, ~8e-2 in bfloat16 at K=4096),
     # so there y may differ from the reference by that gemv's error, and by one rounding more
     w32 = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=shape["G"], bits=4)
-    g_err = rel(g, x.astype(mx.float32) @ w32.T) * float(mx.linalg.norm(g.astype(mx.float32)))
-    y_err = rel(fn, ref) * float(mx.linalg.norm(ref.astype(mx.float32)))
+    g_err = rel_error(g, x.astype(mx.float32) @ w32.T) * float(mx.linalg.norm(g.astype(mx.float32)))
+    y_err = rel_error(fn, ref) * float(mx.linalg.norm(ref.astype(mx.float32)))
     y_tol = OP.tolerance[dtype] * float(mx.linalg.norm(ref.astype(mx.float32)))
     assert y_err <= (y_tol if dtype == "float32" else g_err + y_tol), (y_err, g_err, y_tol)
     # and the residual matters in the reference: dropping it is far outside the tolerance
-    assert rel(OP.reference(x, w, s, b, mx.zeros_like(r))[0], ref) > 0.3
+    assert rel_error(OP.reference(x, w, s, b, mx.zeros_like(r))[0], ref) > 0.3
 
 
 def test_magnitude_judges_a_cancelling_row_by_its_terms(rng):
@@ -105,9 +97,9 @@ def test_tuned_call_runs_the_winner_and_equals_the_builtin_composition(store_dir
     y = tuned.qgemv_add(*args, group_size=64)
     assert y.shape == (1, 45) and y.dtype == DT[dtype]
     assert tuned.fallbacks() == {}
-    assert rel(y, OP.reference(*args)[0]) <= OP.tolerance[dtype], rel(y, OP.reference(*args)[0])
+    assert rel_error(y, OP.reference(*args)[0]) <= OP.tolerance[dtype], rel_error(y, OP.reference(*args)[0])
     if dtype == "float32":  # half: the CPU built-in accumulates in the dtype (see the reference test)
-        assert rel(y, composed(*args)) <= OP.tolerance[dtype], rel(y, composed(*args))
+        assert rel_error(y, composed(*args)) <= OP.tolerance[dtype], rel_error(y, composed(*args))
     # a (1, 1, K) token with a (1, 1, N) residual keeps its leading dims, as the built-in does
     x, w, s, b, r = args
     y3 = tuned.qgemv_add(x.reshape(1, 1, 512), w, s, b, r.reshape(1, 1, 45), group_size=64)
@@ -121,7 +113,7 @@ def test_tuned_call_at_group_128(store_dir, rng):
     args = weights(rng, 64, 640, mx.float16, group_size=128)
     y = tuned.qgemv_add(*args, group_size=128)
     assert tuned.fallbacks() == {}
-    assert rel(y, OP.reference(*args)[0]) <= OP.tolerance["float16"]
+    assert rel_error(y, OP.reference(*args)[0]) <= OP.tolerance["float16"]
 
 
 def test_untuned_call_falls_back_to_the_builtin_with_a_reason(store_dir, rng):
@@ -182,7 +174,7 @@ def test_arguments_a_kernel_cannot_serve_fall_back_with_their_reason(store_dir, 
         assert said.startswith("built-in") and why in said, (why, said)
     # and the good call runs the kernel
     n = sum(tuned.fallbacks().values())
-    assert rel(tuned.qgemv_add(x, w, s, b, r), composed(x, w, s, b, r)) < 2e-5
+    assert rel_error(tuned.qgemv_add(x, w, s, b, r), composed(x, w, s, b, r)) < 2e-5
     assert sum(tuned.fallbacks().values()) == n
 
 

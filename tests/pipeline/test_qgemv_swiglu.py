@@ -42,12 +42,7 @@ def composed(x, wg, sg, bg, wu, su, bu, group_size=64, bits=4):
     return nn.silu(g) * u
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 def test_tuned_call_runs_the_winner_and_equals_the_builtin_composition(store_dir, rng):

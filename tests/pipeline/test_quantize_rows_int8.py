@@ -48,12 +48,7 @@ def awkward(rng, lead, c, dtype):
     return mx.array(x).astype(dtype)
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 def test_the_composition_rounds_half_to_even_and_maps_a_zero_row_to_scale_one():

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from hlh_mlx import backends, config, runtime, select, timing, tuned
-from tests.pipeline.test_tuned import fresh, variant, write  # noqa: F401  (fresh: an autouse fixture)
+from tests.pipeline.test_tuned import variant, write
+
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 # -- timing ---------------------------------------------------------------------------

@@ -29,12 +29,7 @@ def write(store_dir, op, shape, dtype, v, ms, base_ms, source_hash=None, host_us
                         "timing": {"median_ms": ms, "host_us": host_us}})
 
 
-@pytest.fixture(autouse=True)
-def fresh(store_dir, monkeypatch):
-    monkeypatch.delenv("HLH_MLX_STRICT", raising=False)
-    tuned.refresh()
-    yield
-    tuned.refresh()
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 
 def test_nearest_tuned_winner_runs_and_matches_mlx(store_dir, rng):
