@@ -2,8 +2,9 @@
 # On the lent NVIDIA GPU: the fused decoder ops of a Llama block at decode, then whole models.
 #   bash benchmarks/device_fused.sh sweeps   # MLX CUDA staged (../shared/device/README.md)
 #   bash benchmarks/device_fused.sh models   # and mlx-lm's wheels carried (.device-mlx/lm)
-# sweeps: norm_qkv_rope, qgemv_add and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the
-#   templates' expected winners first (their `expect`), timed as a model calls them.
+#   bash benchmarks/device_fused.sh host     # one call's host cost: source length, dispatch, 33 calls
+# sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
+#   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
 #   both sides uncompiled and compiled, tokens compared) and one decode step broken down.
 # The store is /tmp/hlh-variants on the device, kept between calls of one warm machine (each
@@ -29,22 +30,19 @@ picks() { local o=(); for v in "$@"; do o+=(--variant "$v"); done; echo "${o[@]}
 case "${1:-}" in
   sweeps)
     timeout 150 python benchmarks/fused_probe.py --out "$res/fused_probe.json" 2>&1 | grep -v "^WARN"; pack
-    # the templates' expected winners (their `expect`) and runners-up, timed first
-    sweep qgemv_add 120 --template splitk --budget 4 --shape 4096x14336x64 \
-      $(picks KS=8,RPT=2,TEAMS=1,PW=4,U=2,CS=1,XS=0 KS=4,RPT=2,TEAMS=1,PW=4,U=4,CS=1,XS=0)
-    sweep qgemv_add 100 --template splitk --budget 3 --shape 4096x4096x64 \
-      $(picks KS=2,RPT=2,TEAMS=4,PW=4,U=2,CS=1,XS=4096 KS=4,RPT=1,TEAMS=2,PW=4,U=4,CS=1,XS=0)
-    sweep norm_qgemv_swiglu 120 --template splitk --budget 4 --shape 14336x4096x64 \
-      $(picks KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=4096 KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=0)
-    sweep norm_qkv_rope 100 --template splitk --budget 3 --shape 4096x1024x4096x64x128 \
-      $(picks KS=1,RPT=1,TEAMS=4,U=4,XS=4096 KS=2,RPT=2,TEAMS=2,U=2,XS=4096)
+    # the templates' expected winners (their `expect`) and runners-up, timed first (qgemv_add's
+    # H200 records are in variants/: sweep it with the same line if its template changes)
+    sweep norm_qgemv_swiglu 130 --template splitk --budget 5 --shape 14336x4096x64 \
+      $(picks KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=0 KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=4096 KS=2,RPT=2,TEAMS=2,PW=4,U=2,XS=0)
+    sweep norm_qkv_rope 130 --template splitk --budget 5 --shape 4096x1024x4096x64x128 \
+      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=4096 KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=1,TEAMS=4,U=2,XS=0)
     ;;
   models)
     if ! python -c "import mlx_lm" 2>/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
     fi
     export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
-    for layers in 8 32; do
+    for layers in 32 8; do
       timeout 260 python -m hlh_mlx validate llama-3-8b --bits 4 --layers "$layers" --tokens 64 --repeats 3 \
         --json "$res/validate_llama-3-8b-4bit_${layers}layers.json" 2>&1 | tail -30 | tee "$res/validate_${layers}.txt"
       pack
@@ -53,5 +51,12 @@ case "${1:-}" in
       2>&1 | tail -30
     pack
     ;;
-  *) echo "usage: $0 sweeps|models" >&2; exit 2 ;;
+  host)
+    timeout 90 python benchmarks/source_size_cost.py --out "$res/source_size_cost.json" 2>&1 | grep -v '^{'; pack
+    timeout 120 python benchmarks/host_overhead.py --out "$res/host_overhead.json" > "$res/host_overhead.txt" 2>&1
+    head -40 "$res/host_overhead.txt"; pack
+    timeout 330 python benchmarks/tuned_calls.py --out "$res/tuned_calls.json" > "$res/tuned_calls.txt" 2>&1
+    tail -50 "$res/tuned_calls.txt"; pack
+    ;;
+  *) echo "usage: $0 sweeps|models|host" >&2; exit 2 ;;
 esac

@@ -92,8 +92,9 @@ class Kernel:
         r = variant.rendered
         name = f"hlh_{t.op}_{t.family}_{variant.id}"
         if backend == "cuda":
+            from .cuda_source import compact  # MLX re-hashes the whole source at every evaluation
             self._kernel = mx.fast.cuda_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
-                                               source=r.source, header=r.header,
+                                               source=compact(r.source), header=compact(r.header),
                                                shared_memory=variant.shared_memory())
         elif backend == "metal":
             self._kernel = mx.fast.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,

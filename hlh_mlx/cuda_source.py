@@ -8,6 +8,10 @@ and `_ndim` parameters only for names the body mentions, and template arguments 
 stand-in for MLX's device header, so a CUDA template's syntax and types are checked on a
 machine without a GPU before any device time is spent. It proves that the code compiles,
 not that it is correct: that takes the GPU.
+
+`compact` is the text a kernel is handed to MLX as: MLX's CUDA back end copies the body into
+a new source at every graph build and hashes the whole source at every evaluation (the JIT
+module's name), so a template's comments and indentation cost host time on every call.
 """
 
 from __future__ import annotations
@@ -71,6 +75,44 @@ def kernel_source(name: str, header: str, source: str, inputs: list[tuple[str, o
             + ("\n".join(consts) + "\n\n" if consts else "") + source + "\n}\n\n} // namespace mlx::core::cu\n")
 
 
+def compact(text: str) -> str:
+    """`text` without `//` comments, indentation and trailing blanks, one line for each line
+    (so compiler messages still map to template lines). A line is kept whole where stripping
+    could change the program: inside or after a `/*` comment, after a backslash continuation,
+    or where a quote leaves it unclear whether `//` is inside a literal."""
+    out, keep_next, in_block = [], False, False
+    for line in text.split("\n"):
+        whole = keep_next or in_block
+        keep_next = line.endswith("\\")
+        if "/*" in line or "*/" in line:
+            in_block = line.rfind("/*") > line.rfind("*/")
+            whole = True
+        if whole:
+            out.append(line)
+            continue
+        out.append(_strip_comment(line).strip())
+    return "\n".join(out)
+
+
+def _strip_comment(line: str) -> str:
+    """`line` up to a `//` that is outside every string and character literal (the whole line
+    where a literal is left open: unclear, so kept)."""
+    quote, i = None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif line.startswith("//", i):
+            return line[:i]
+        i += 1
+    return line
+
+
 def nvcc() -> str | None:
     return shutil.which("nvcc")
 
@@ -102,11 +144,12 @@ def variant_source(variant, op, dtype: str, prelude: str | None = None, shape: d
     t, r = variant.template, variant.rendered
     arrays = op.make_inputs(op.emulator_shapes[0], DTYPES[dtype], np.random.default_rng(0))
     outs = op.output_dtypes(DTYPES[dtype])
-    text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", r.header, r.source,
+    source = compact(r.source)  # as backends.Kernel hands it to MLX
+    text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", compact(r.header), source,
                          [(n, a.dtype, a.ndim) for n, a in zip(t.inputs, arrays)],
                          list(zip(t.outputs, outs)), variant.template_args(shape or op.emulator_shapes[0], dtype),
                          prelude)
-    head = text[:text.index(r.source)] if r.source else text
+    head = text[:text.index(source)] if source else text
     return text, head.count("\n") + 1
 
 

@@ -17,7 +17,35 @@ def test_kernel_source_has_mlx_signature():
             "    const float* eps,\n    __half* y) {") in text
     assert "x_strides" not in text  # only what the body mentions
     assert "  using T = __half;" in text
-    assert text.splitlines()[body - 1] == v.rendered.source.splitlines()[0]
+    assert text.splitlines()[body - 1] == cuda_source.compact(v.rendered.source).splitlines()[0]
+
+
+def test_compact_drops_comments_and_indentation_and_keeps_every_line():
+    src = ('  int a = 1;  // one\n'
+           '    // a whole-line comment\n'
+           '  const char* s = "http://x"; // after a string\n'
+           "  char c = '/'; int d = a / 2; // c\n"
+           '  /* block // with slashes\n'
+           '     still block // here */\n'
+           '  #define TWO(x) \\\n'
+           '      ((x) * 2)  // continued\n'
+           '  float f = 1.0f;')
+    out = cuda_source.compact(src)
+    assert out.split("\n") == [
+        "int a = 1;", "", 'const char* s = "http://x";', "char c = '/'; int d = a / 2;",
+        "  /* block // with slashes", "     still block // here */",  # kept whole: a block comment
+        "#define TWO(x) \\", "      ((x) * 2)  // continued",  # kept whole: after a continuation
+        "float f = 1.0f;"]
+
+
+def test_compact_source_is_what_the_templates_shrink_to():
+    # every CUDA template loses its comments and indentation, never a line
+    for t in CUDA:
+        r = variants.expand(t)[0].rendered
+        short = cuda_source.compact(r.source)
+        assert short.count("\n") == r.source.count("\n"), t.relpath
+        assert len(short) < len(r.source), t.relpath
+        assert not any(line.lstrip().startswith("//") for line in short.splitlines()), t.relpath
 
 
 @needs_nvcc
