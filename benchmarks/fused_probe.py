@@ -45,13 +45,17 @@ def _template(op, family):
 
 
 def _chain(step, inputs, calls):
-    """calls dependent calls: input 0 of each from the front of the previous first output."""
+    """calls dependent calls: input 0 of each from the front of the previous first output
+    (an output smaller than input 0 is copied over its front, a copy both sides pay)."""
     outs, x = [], inputs[0]
     for _ in range(calls):
         out = step(x, *inputs[1:])
         first = out[0] if isinstance(out, (list, tuple)) else out
         outs += list(out) if isinstance(out, (list, tuple)) else [out]
-        x = first.reshape(-1)[: x.size].reshape(x.shape)
+        flat = first.reshape(-1)
+        if flat.size < x.size:
+            flat = mx.concatenate([flat, x.reshape(-1)[flat.size:]])
+        x = flat[: x.size].reshape(x.shape)
     return outs
 
 
