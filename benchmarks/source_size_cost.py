@@ -73,12 +73,19 @@ def template_sizes() -> list:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=5)
     paths.output_options(ap)
-    a = paths.parse_refusing_overwrite(ap, None, paths.given_output)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+outputs = paths.given_output  # the files this run writes
+
+
+def main():
+    a = parse_args()
     if backends.auto() != "cuda":
         raise SystemExit("source_size_cost.py times MLX's CUDA back end: run it on an NVIDIA GPU")
     fns = {kb: kernel(kb) for kb in PAD_KB}
