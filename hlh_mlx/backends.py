@@ -15,6 +15,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from .cuda_source import mlx_text
 from .emulator import has_metal
 from .ops.spec import DTYPES
 from .templates import TemplateError
@@ -92,9 +93,9 @@ class Kernel:
         r = variant.rendered
         name = f"hlh_{t.op}_{t.family}_{variant.id}"
         if backend == "cuda":
-            from .cuda_source import compact  # MLX re-hashes the whole source at every evaluation
+            source, header = mlx_text(r)  # MLX re-hashes the whole source at every evaluation
             self._kernel = mx.fast.cuda_kernel(name=name, input_names=t.inputs, output_names=t.outputs,
-                                               source=compact(r.source), header=compact(r.header),
+                                               source=source, header=header,
                                                shared_memory=variant.shared_memory())
         elif backend == "metal":
             self._kernel = mx.fast.metal_kernel(name=name, input_names=t.inputs, output_names=t.outputs,

@@ -78,20 +78,22 @@ def kernel_source(name: str, header: str, source: str, inputs: list[tuple[str, o
 def compact(text: str) -> str:
     """`text` without `//` comments, indentation and trailing blanks, one line for each line
     (so compiler messages still map to template lines). A line is kept whole where stripping
-    could change the program: inside or after a `/*` comment, after a backslash continuation,
-    or where a quote leaves it unclear whether `//` is inside a literal."""
-    out, keep_next, in_block = [], False, False
+    could change the program: in or beside a `/*` comment, ending in a backslash (a `//`
+    comment there runs on into the next line), after such a line, or where a quote leaves it
+    unclear whether `//` is inside a literal."""
+    out, after_backslash, in_block = [], False, False
     for line in text.split("\n"):
-        whole = keep_next or in_block
-        keep_next = line.endswith("\\")
+        whole = after_backslash or in_block or line.endswith("\\") or "/*" in line or "*/" in line
         if "/*" in line or "*/" in line:
             in_block = line.rfind("/*") > line.rfind("*/")
-            whole = True
-        if whole:
-            out.append(line)
-            continue
-        out.append(_strip_comment(line).strip())
+        after_backslash = line.endswith("\\")
+        out.append(line if whole else _strip_comment(line).strip())
     return "\n".join(out)
+
+
+def mlx_text(rendered) -> tuple[str, str]:
+    """(body, header) of a rendered CUDA variant as hlh_mlx hands them to `mx.fast.cuda_kernel`."""
+    return compact(rendered.source), compact(rendered.header)
 
 
 def _strip_comment(line: str) -> str:
@@ -144,8 +146,8 @@ def variant_source(variant, op, dtype: str, prelude: str | None = None, shape: d
     t, r = variant.template, variant.rendered
     arrays = op.make_inputs(op.emulator_shapes[0], DTYPES[dtype], np.random.default_rng(0))
     outs = op.output_dtypes(DTYPES[dtype])
-    source = compact(r.source)  # as backends.Kernel hands it to MLX
-    text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", compact(r.header), source,
+    source, header = mlx_text(r)  # what runs, not the commented rendering
+    text = kernel_source(f"hlh_{t.op}_{t.family}_{variant.id}", header, source,
                          [(n, a.dtype, a.ndim) for n, a in zip(t.inputs, arrays)],
                          list(zip(t.outputs, outs)), variant.template_args(shape or op.emulator_shapes[0], dtype),
                          prelude)

@@ -29,12 +29,15 @@ def test_compact_drops_comments_and_indentation_and_keeps_every_line():
            '     still block // here */\n'
            '  #define TWO(x) \\\n'
            '      ((x) * 2)  // continued\n'
+           '  int z = 0;  // a comment that runs on \\\n'
+           '  int w = 1;\n'
            '  float f = 1.0f;')
     out = cuda_source.compact(src)
     assert out.split("\n") == [
         "int a = 1;", "", 'const char* s = "http://x";', "char c = '/'; int d = a / 2;",
         "  /* block // with slashes", "     still block // here */",  # kept whole: a block comment
-        "#define TWO(x) \\", "      ((x) * 2)  // continued",  # kept whole: after a continuation
+        "  #define TWO(x) \\", "      ((x) * 2)  // continued",  # kept whole: a continuation
+        "  int z = 0;  // a comment that runs on \\", "  int w = 1;",  # stripping would uncomment w
         "float f = 1.0f;"]
 
 
