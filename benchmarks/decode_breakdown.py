@@ -58,6 +58,29 @@ def step_breakdown(model, steps: int, prompt_len: int = 64) -> dict:
             "step_us": 1e6 * (build + encode + wait) / n, "pipelined_us": 1e6 * pipelined}
 
 
+def build_profile(model, steps: int, top: int, prompt_len: int = 64) -> str:
+    """cProfile of building `steps` decode steps (the model call only, no evaluation): which
+    Python functions the build time goes to, by own time."""
+    import cProfile
+    import io
+    import pstats
+    from mlx_lm.models.cache import make_prompt_cache
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[1] * prompt_len]), cache=cache))
+    tok = mx.array([[2]])
+    for _ in range(5):
+        mx.eval(model(tok, cache=cache))
+    prof = cProfile.Profile()
+    for _ in range(steps):
+        prof.enable()
+        out = model(tok, cache=cache)
+        prof.disable()
+        mx.eval(out)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def node_cost(n: int = 200) -> dict:
     """Encode time per node of a chain of n tiny ops: built-in, custom kernel with a short
     source, custom kernel with a 6 KB source (comments)."""
@@ -106,6 +129,8 @@ def parse_args(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the N Python functions with the most own time in building a step")
     paths.output_options(ap)
     return paths.parse_refusing_overwrite(ap, argv, outputs)
 
@@ -128,7 +153,13 @@ def main():
             with compiled_blocks(model):
                 result[f"unpatched_blocks_{stream_name}"] = step_breakdown(model, a.steps)
                 print(f"unpatched+blocks {stream_name}", json.dumps(result[f"unpatched_blocks_{stream_name}"]))
+    if a.profile:
+        result["profile_unpatched"] = build_profile(model, a.steps, a.profile)
+        print(result["profile_unpatched"])
     result["patch"] = patching.patch(model).as_dict()
+    if a.profile:
+        result["profile_patched"] = build_profile(model, a.steps, a.profile)
+        print(result["profile_patched"])
     for stream_name in ("default", "new"):
         ctx = mx.stream(mx.new_thread_local_stream(mx.default_device())) if stream_name == "new" else mx.stream(mx.default_stream(mx.default_device()))
         with ctx:

@@ -36,7 +36,7 @@ def main():
     a = parse_args()
     model, about = models.load(a.model, bits=4, layers=a.layers)
     prompt = np.random.default_rng(0).integers(0, about["config"]["vocab_size"], 512).tolist()
-    base = validate._measure(model, prompt, a.tokens, 3, "uncompiled")
+    base = validate.measure(model, prompt, a.tokens, 3, "uncompiled")
     print(f"unpatched: decode {base['decode_tps']:.1f} tok/s")
     patching.patch(model)
     layers = [b for b in validate.decoder_blocks(model) if isinstance(b, blocks.DecoderBlock)]
@@ -46,7 +46,7 @@ def main():
             for b in layers:
                 object.__setattr__(b, "mlp_form", form)
                 b.reset()
-            m = validate._measure(model, prompt, a.tokens, 3, "uncompiled")
+            m = validate.measure(model, prompt, a.tokens, 3, "uncompiled")
             rows.append({"round": r, "form": form, "decode_tps": m["decode_tps"],
                          "decode_tps_each": m.get("decode_tps_each"),
                          "tokens_identical": m["tokens"] == base["tokens"]})

@@ -7,7 +7,8 @@ build and hashes the whole source at every evaluation (the name of its JIT modul
 long body costs host time at each call, not once. This times one small copy kernel whose
 body is padded with N KB of `//` comment lines (0, 4, 8, 16 KB), per call: graph building
 alone, and building plus `mx.async_eval` (which returns once the node is encoded). The
-slope is the host cost per KB of source. Beside it: the rendered and the compacted
+slope is the host cost per KB of source. The same bodies are also timed as a one-line
+source that #includes them from a file (NVRTC reads the file once, at compile time). Beside it: the rendered and the compacted
 (`cuda_source.compact`, what hlh_mlx hands to MLX) source lengths of every CUDA template's
 first variant, so the saving per call can be read off.
 
@@ -18,7 +19,9 @@ refused before anything runs, unless --force).
 import argparse
 import datetime
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -26,17 +29,27 @@ import numpy as np
 from hlh_mlx import backends, cuda_source, paths, templates, variants
 
 BODY = """
-uint i = blockIdx.x * blockDim.x + threadIdx.x;
-if (i < x_size) { out[i] = x[i]; }
+unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+if (i < x_shape[0]) { out[i] = x[i]; }
 """
 PAD_KB = (0, 4, 8, 16)
 
 
-def kernel(pad_kb: int):
+def body(pad_kb: int) -> str:
     line = "// " + "x" * 76 + "\n"  # 80 characters a line, as a commented template reads
-    pad = line * (pad_kb * 1024 // len(line))
-    return mx.fast.cuda_kernel(name=f"pad{pad_kb}", input_names=["x"], output_names=["out"],
-                               source=pad + BODY)
+    return line * (pad_kb * 1024 // len(line)) + BODY
+
+
+def kernel(pad_kb: int, include_dir=None):
+    """The padded body as the kernel's source, or (include_dir given) written to a file there
+    and pulled in by an #include line: what MLX copies and hashes per call is then one line."""
+    text = body(pad_kb)
+    if include_dir is not None:
+        path = include_dir / f"pad{pad_kb}.cuh"
+        path.write_text(text)
+        text = f'#include "{path}"\n// x_shape\n'  # the comment: MLX passes x_shape if the source names it
+    return mx.fast.cuda_kernel(name=f"{'inc' if include_dir else 'pad'}{pad_kb}", input_names=["x"],
+                               output_names=["out"], source=text)
 
 
 def per_call_us(fns: dict, calls: int, repeats: int, encode: bool) -> dict:
@@ -44,8 +57,10 @@ def per_call_us(fns: dict, calls: int, repeats: int, encode: bool) -> dict:
     x = mx.ones((256,), mx.float32)
     mx.eval(x)
     kw = dict(grid=(256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(256,)], output_dtypes=[mx.float32])
-    for k in fns.values():
-        mx.eval(k(inputs=[x], **kw))  # compiled once, outside the clock
+    for name, k in fns.items():
+        y = k(inputs=[x], **kw)[0]  # compiled once, outside the clock
+        if not mx.array_equal(y, x).item():
+            raise SystemExit(f"kernel {name} did not copy its input")
     best = {n: float("inf") for n in fns}
     for _ in range(repeats):
         for name, k in fns.items():
@@ -88,7 +103,8 @@ def main():
     a = parse_args()
     if backends.auto() != "cuda":
         raise SystemExit("source_size_cost.py times MLX's CUDA back end: run it on an NVIDIA GPU")
-    fns = {kb: kernel(kb) for kb in PAD_KB}
+    inc_dir = Path(tempfile.mkdtemp(prefix="hlh-include-"))
+    fns = {kb: kernel(kb) for kb in PAD_KB} | {f"inc{kb}": kernel(kb, inc_dir) for kb in PAD_KB}
     build = per_call_us(fns, a.calls, a.repeats, encode=False)
     encode = per_call_us(fns, a.calls, a.repeats, encode=True)
     slope = {k: float(np.polyfit(PAD_KB, [d[kb] for kb in PAD_KB], 1)[0]) for k, d in (("build", build), ("build_encode", encode))}
@@ -100,7 +116,7 @@ def main():
     print(f"{dev.name}, MLX {mx.__version__}: host us per call of a copy kernel padded with N KB of comments")
     print("pad KB  build  build+encode")
     for kb in PAD_KB:
-        print(f"{kb:6d} {build[kb]:6.2f} {encode[kb]:8.2f}")
+        print(f"{kb:6d} {build[kb]:6.2f} {encode[kb]:8.2f}   #include: {build[f'inc{kb}']:6.2f} {encode[f'inc{kb}']:8.2f}")
     print(f"per KB: build {slope['build']:.3f} us, build+encode {slope['build_encode']:.3f} us")
     for r in res["templates"]:
         saved = (r["rendered_chars"] - r["compact_chars"]) / 1024 * slope["build_encode"]

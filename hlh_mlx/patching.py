@@ -16,6 +16,7 @@ step can run the fused ops and if not why. The model's train/eval mode is kept.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -30,6 +31,26 @@ class PatchReport:
     replaced: list = field(default_factory=list)   # (path, old class, new class)
     kept: list = field(default_factory=list)       # (path, class, reason)
     notes: list = field(default_factory=list)      # (path, what a replaced layer runs)
+    # (container, key, old, new) in the order made: what `unpatched()` takes back and redoes
+    swaps: list = field(default_factory=list, repr=False, compare=False)
+
+    def swap(self, parent, key, new) -> None:
+        """parent[key] = new, remembered so that `unpatched()` can put the old one back."""
+        self.swaps.append((parent, key, parent[key], new))
+        parent[key] = new
+
+    @contextmanager
+    def unpatched(self):
+        """The model as it was before `patch` for the duration (the same objects: their
+        compiled steps and caches stay warm), patched again after. A benchmark alternates
+        the two sides with this, so that drift of the machine falls on both alike."""
+        for parent, key, old, _ in reversed(self.swaps):
+            parent[key] = old
+        try:
+            yield
+        finally:
+            for parent, key, _, new in self.swaps:
+                parent[key] = new
 
     def as_dict(self) -> dict:
         return {"replaced": [{"path": p, "from": a, "to": b} for p, a, b in self.replaced],
@@ -131,7 +152,7 @@ def patch(model: base_nn.Module) -> PatchReport:
         new, reason = _replacement(module)
         if new is not None:
             new.train(module.training)  # a new Module starts in training mode: keep the model's
-            parent[key] = new
+            report.swap(parent, key, new)
             report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
             walk(new, path)  # a SwiGLU's projections are layers of their own
             if isinstance(new, blocks.DecoderBlock):

@@ -9,7 +9,9 @@ Two ways of running, each applied to both sides alike:
   (hlh_mlx.blocks.DecoderBlock, unfused, with the block's own layers) on both sides, so
   the difference left is the kernels'.
 Each side is warmed up (kernels built, plans decided) before it is timed; the figures are
-the medians of `repeats` timed generations."""
+the medians of `repeats` timed generations per side, the two sides' generations alternated
+(`PatchReport.unpatched()` puts the original layers back for the unpatched ones), so that
+a drifting machine moves both alike."""
 
 from __future__ import annotations
 
@@ -61,15 +63,19 @@ def decoder_blocks(model: nn.Module) -> list:
 
 
 @contextmanager
-def compiled_blocks(model: nn.Module):
+def compiled_blocks(model: nn.Module, wrappers: dict | None = None):
     """Every decoder block's decode step compiled as hlh_mlx.blocks.DecoderBlock compiles
     it (unfused, with the block's own layers): what `patch` does to a patched model's
-    blocks, done to an unpatched one, so both sides are compiled alike."""
+    blocks, done to an unpatched one, so both sides are compiled alike. `wrappers` (id of a
+    block -> its wrapper) keeps the wrappers, and their traces, across entries."""
+    wrappers = {} if wrappers is None else wrappers
     layers = decoder_blocks(model)
     originals = list(layers)
     for i, b in enumerate(layers):
         if not isinstance(b, blocks.DecoderBlock) and blocks.why_not(b) is None:
-            layers[i] = blocks.DecoderBlock(b, fused=False)
+            if id(b) not in wrappers:
+                wrappers[id(b)] = (b, blocks.DecoderBlock(b, fused=False))  # b held: its id stays its own
+            layers[i] = wrappers[id(b)][1]
     try:
         yield
     finally:
@@ -83,11 +89,8 @@ def first_divergence(a: list, b: list) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _measure(model, prompt, max_tokens, repeats, mode) -> dict:
-    with compiled_blocks(model) if mode == "compiled" else nullcontext():
-        generate(model, prompt, min(max_tokens, 4))  # warm-up: kernels built, plans decided
-        runs = [generate(model, prompt, max_tokens) for _ in range(repeats)]
-    rates = [r.rates(len(prompt)) for r in runs]
+def _summary(runs: list, prompt_tokens: int) -> dict:
+    rates = [r.rates(prompt_tokens) for r in runs]
     decode = [r["decode_tps"] for r in rates if r["decode_tps"] is not None]
     return {"tokens": runs[0].tokens,
             "repeats_agree": all(r.tokens == runs[0].tokens for r in runs),
@@ -95,6 +98,36 @@ def _measure(model, prompt, max_tokens, repeats, mode) -> dict:
             "decode_tps": statistics.median(decode) if decode else None,
             "prefill_tps_each": [round(r["prefill_tps"], 2) for r in rates],
             "decode_tps_each": [round(d, 2) for d in decode]}
+
+
+def measure(model, prompt, max_tokens, repeats, mode) -> dict:
+    """One side alone in one mode: warm-up, then `repeats` timed generations."""
+    with compiled_blocks(model) if mode == "compiled" else nullcontext():
+        generate(model, prompt, min(max_tokens, 4))
+        return _summary([generate(model, prompt, max_tokens) for _ in range(repeats)], len(prompt))
+
+
+def _measure_both(model, report, prompt, max_tokens, repeats, mode) -> dict:
+    """{"unpatched": ..., "patched": ...} of one mode, the two sides' generations alternated
+    (A B B A A B ...): a machine that speeds up or slows down over the run (clocks, other
+    tenants, a warming cache) moves both sides' medians alike instead of favouring one."""
+    wrappers: dict = {}
+
+    @contextmanager
+    def side(name):
+        with report.unpatched() if name == "unpatched" else nullcontext():
+            with compiled_blocks(model, wrappers) if mode == "compiled" else nullcontext():
+                yield
+
+    runs: dict = {"unpatched": [], "patched": []}
+    for name in runs:
+        with side(name):
+            generate(model, prompt, min(max_tokens, 4))  # warm-up: kernels built, plans decided
+    for r in range(repeats):
+        for name in (("unpatched", "patched") if r % 2 == 0 else ("patched", "unpatched")):
+            with side(name):
+                runs[name].append(generate(model, prompt, max_tokens))
+    return {name: _summary(rs, len(prompt)) for name, rs in runs.items()}
 
 
 def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, repeats: int = 3,
@@ -119,7 +152,6 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     if ceiling:
         # a decode step reads every weight at least once: the rate the copy bandwidth allows
         result["decode_limit_tps"] = ceiling["bandwidth_gbs"] * 1e9 / result["weight_bytes"]
-    unpatched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
     report = patching.patch(model)
     result["patch"] = report.as_dict()
     # fallbacks() counts a distinct call once, when first decided: forget the decisions the
@@ -127,7 +159,9 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     # shape), so that each call of the patched runs is decided, and counted, in their warm-up
     runtime.refresh()
     runtime_fallbacks_before = dict(runtime.fallbacks())
-    patched = {m: _measure(model, prompt, max_tokens, repeats, m) for m in modes}
+    both = {m: _measure_both(model, report, prompt, max_tokens, repeats, m) for m in modes}
+    unpatched = {m: both[m]["unpatched"] for m in modes}
+    patched = {m: both[m]["patched"] for m in modes}
     result["fallbacks"] = {f"{op}: {why}": n - runtime_fallbacks_before.get((op, why), 0)
                            for (op, why), n in runtime.fallbacks().items()}
     result["decisions"] = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from hlh_mlx import models, model_tune, patching, runtime, tuned
+from hlh_mlx import blocks, models, model_tune, patching, runtime, tuned
 from hlh_mlx import validate as validate_mod
 from hlh_mlx.cli import main
 
@@ -40,8 +40,12 @@ def test_validate_each_family(name, tmp_path):
 
 def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
     def bad_patch(model):  # a "patch" that changes what the model computes
-        model.model.norm.weight = -model.model.norm.weight
-        return patching.PatchReport()
+        report = patching.PatchReport()
+        norm = model.model.norm
+        wrong = type(norm)(norm.weight.shape[0], eps=norm.eps)
+        wrong.weight = -norm.weight
+        report.swap(model.model, "norm", wrong)
+        return report
     monkeypatch.setattr(validate_mod.patching, "patch", bad_patch)
     r = CliRunner().invoke(main, ["validate", "tiny-llama", *FAST, "--mode", "uncompiled", "--json",
                                   str(tmp_path / "v.json")])
@@ -142,3 +146,34 @@ def test_summary_says_when_a_side_did_not_repeat_its_own_tokens():
     text = validate_mod.summary(result)
     assert "DIVERGE at position 2" in text
     assert text.count("did not repeat") == 1 and "the unpatched side did not repeat its own tokens" in text
+
+
+def _modules_by_path(model):
+    return {path: id(m) for path, m in model.named_modules()}
+
+
+def test_unpatched_puts_back_every_original_layer_and_patches_again():
+    model, _ = models.load("tiny-llama", bits=4)
+    before = _modules_by_path(model)
+    x = mx.array([[1, 2, 3]])
+    want = model(x)
+    report = patching.patch(model)
+    after = _modules_by_path(model)
+    assert after != before and report.swaps
+    with report.unpatched():
+        assert _modules_by_path(model) == before  # the same objects, nested ones included
+        assert mx.array_equal(model(x), want).item()
+    assert _modules_by_path(model) == after
+
+
+def test_validate_alternates_the_sides(monkeypatch):
+    order = []
+    real = validate_mod.generate
+
+    def spy(model, prompt, max_tokens):
+        patched = any(isinstance(m, blocks.DecoderBlock) for m in validate_mod.decoder_blocks(model))
+        order.append(("P" if patched else "U") if max_tokens > 4 else "w")
+        return real(model, prompt, max_tokens)
+    monkeypatch.setattr(validate_mod, "generate", spy)
+    validate_mod.validate("tiny-llama", bits=4, max_tokens=5, prompt_tokens=3, repeats=3, modes=("uncompiled",))
+    assert order == ["w", "w", "U", "P", "P", "U", "U", "P"]
