@@ -3,6 +3,8 @@
 #   bash benchmarks/device_fused.sh sweeps   # MLX CUDA staged (../shared/device/README.md)
 #   bash benchmarks/device_fused.sh models   # and mlx-lm's wheels carried (.device-mlx/lm)
 #   bash benchmarks/device_fused.sh host     # one call's host cost: source length, dispatch, 33 calls
+#   bash benchmarks/device_fused.sh profile  # a decode step's build time by function, 32-layer validate
+#   bash benchmarks/device_fused.sh method6  # the model's decode calls re-timed (host cost with encoding), validate
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -51,6 +53,18 @@ case "${1:-}" in
       2>&1 | tail -30
     pack
     ;;
+  profile)  # where a decode step's build time goes (cProfile, 8 layers), then the 32-layer validate
+    if ! python -c "import mlx_lm" 2>/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
+    fi
+    export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+    timeout 200 python benchmarks/decode_breakdown.py --layers 8 --steps 30 --profile 30 \
+      --out "$res/breakdown_llama8_4bit_profile.json" 2>&1 | grep -v "Warning\|_choices\[key\]" | tail -120
+    pack
+    timeout 330 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4 \
+      --json "$res/validate_llama-3-8b-4bit_32layers_alternated.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
+    pack
+    ;;
   host)
     timeout 90 python benchmarks/source_size_cost.py --out "$res/source_size_cost.json" 2>&1 | grep -v '^{'; pack
     timeout 120 python benchmarks/host_overhead.py --out "$res/host_overhead.json" > "$res/host_overhead.txt" 2>&1
@@ -58,5 +72,23 @@ case "${1:-}" in
     timeout 330 python benchmarks/tuned_calls.py --out "$res/tuned_calls.json" > "$res/tuned_calls.txt" 2>&1
     tail -50 "$res/tuned_calls.txt"; pack
     ;;
-  *) echo "usage: $0 sweeps|models|host" >&2; exit 2 ;;
+  method6)  # the model's decode calls re-timed with the host cost including MLX's encoding (timing
+    # method 6): each shape's stored winner and the built-in, then the 32-layer validate
+    sweep qgemv 60 --template splitk --budget 1 --shape 4096x4096x64 $(picks CS=1,KS=2,PW=4,RPT=2,TEAMS=4,U=2,XS=4096)
+    sweep qgemv 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks CS=0,KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=4096)
+    sweep qgemv 60 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=0,KS=8,PW=4,RPT=2,TEAMS=1,U=4,XS=0)
+    sweep qgemv 60 --template warp --budget 1 --shape 128256x4096x64 $(picks PW=4,RPW=2,STATIC_K=1,UNROLL=1,WARPS=8)
+    sweep qgemv_add 60 --template splitk --budget 1 --shape 4096x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=2,XS=4096)
+    sweep qgemv_add 60 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=1,KS=4,PW=4,RPT=2,TEAMS=1,U=2,XS=0)
+    sweep norm_qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0)
+    sweep qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=0)
+    if ! python -c "import mlx_lm" 2>/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
+    fi
+    export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+    timeout 300 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
+      --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
+    pack
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6" >&2; exit 2 ;;
 esac

@@ -91,6 +91,7 @@ class _Compiled:
                 for (parent, key), a in zip(self.slots, saved):
                     parent[key] = a
         self.fn = mx.compile(traced)
+        self.plain = fn  # the same step uncompiled (reads the modules' arrays itself)
 
     def __call__(self, *xs):
         return self.fn(*[parent[key] for parent, key in self.slots], *xs)

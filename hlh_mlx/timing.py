@@ -10,8 +10,8 @@ call is evaluated: a built-in made of several ops (add_rms_norm's `x + r` then r
 would otherwise skip the ops whose outputs nothing reads, where a kernel writes them all. Inputs other than the
 chained one rotate through copies filling ROTATE_BYTES, so no call finds them in the L2.
 
-Beside it: the **host cost** of one call (building its graph, no evaluation), which a
-decode loop pays every token, and optionally the **throughput** of independent calls
+Beside it: the **host cost** of one call (building its graph, then MLX encoding its nodes
+into GPU work), which a decode loop pays every token, and optionally the **throughput** of independent calls
 (labelled as such, never used to rank).
 """
 
@@ -26,8 +26,10 @@ import mlx.core as mx
 # Bumped whenever how we time changes, so a rerun measures again instead of resuming and
 # older numbers are never ranked against newer ones (2: >= 2 input sets; 3: input sets
 # filling ROTATE_BYTES; 4: latency in a dependent chain plus host cost per call; 5: host
-# cost through the tuned call's dispatch path, not the kernel call's alone).
-METHOD = 5
+# cost through the tuned call's dispatch path, not the kernel call's alone; 6: host cost
+# includes MLX's encoding of the call's nodes, not only the graph building: a decode loop
+# pays both on the host, and a custom kernel's node costs several times a built-in's).
+METHOD = 6
 # Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py): the
 # L2 keeps part of a 117 MB weight from one call to the next unless ~40x its size streams
 # in between, so copies fill 2 GB.
@@ -47,7 +49,8 @@ class Timing:
     cache_resident: bool
     mode: str = "chain"       # "chain": each call consumes the previous output; "batch": independent calls
     link: str = "view"        # how a chained call gets the previous output: a "view" of it, or a "copy" into place
-    host_us: float | None = None        # building one call's graph on the host, no evaluation
+    host_us: float | None = None        # host time of one call: graph building + encoding (`host_parts`)
+    encode_us: float | None = None      # the encoding part of host_us
     throughput_ms: float | None = None  # independent calls, per call (labelled; never ranked)
 
     @property
@@ -141,25 +144,46 @@ def measure(fn, sets: list, *, cache_resident: bool, chain: bool = True, warmup:
 
 
 def host_us(fn, inputs: list, calls: int = HOST_CALLS) -> float:
-    """Microseconds of host time to build one call's graph (best of 5 rounds of `calls`
-    calls, nothing evaluated while the clock runs): what a program pays per call before
-    the GPU sees anything."""
-    mx.eval(fn(*inputs))
-    best = float("inf")
+    """Microseconds of host time one call costs a program: building its graph plus MLX
+    encoding its nodes into GPU work (`host_parts`)."""
+    build, encode = host_parts(fn, inputs, calls)
+    return build + encode
+
+
+ENCODE_BYTES = 2**30  # outputs one round of the encode timing may allocate
+
+
+def host_parts(fn, inputs: list, calls: int = HOST_CALLS) -> tuple[float, float]:
+    """(build, encode): microseconds per call, each the best of 5 rounds. build: `calls`
+    calls' graphs built, nothing evaluated while the clock runs. encode: calls built, then
+    `mx.async_eval` of all of them timed (it returns once every node is encoded and queued;
+    the GPU runs after), as many calls as ENCODE_BYTES of outputs allow (at least 4).
+    A program's loop pays both on the host before the GPU sees anything."""
+    first = fn(*inputs)
+    mx.eval(first)
+    out_bytes = sum(a.nbytes for a in (first if isinstance(first, (list, tuple)) else [first]))
+    best_build = best_encode = float("inf")
+    n_encode = max(4, min(calls, ENCODE_BYTES // max(out_bytes, 1)))
     for _ in range(5):
         outs = []
         t = time.perf_counter()
         for _ in range(calls):
             outs.append(fn(*inputs))
-        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+        best_build = min(best_build, (time.perf_counter() - t) / calls * 1e6)
+        outs = outs[:n_encode]
+        t = time.perf_counter()
+        mx.async_eval(outs)
+        best_encode = min(best_encode, (time.perf_counter() - t) / n_encode * 1e6)
+        mx.eval(outs)
         del outs
-    return best
+    return best_build, best_encode
 
 
 def measure_all(fn, sets: list, *, cache_resident: bool, throughput: bool = False) -> Timing:
     """Chain latency, host cost, and (when asked) the throughput of independent calls."""
     t = measure(fn, sets, cache_resident=cache_resident, chain=True)
-    t.host_us = round(host_us(fn, sets[0]), 3)
+    build, encode = host_parts(fn, sets[0])
+    t.host_us, t.encode_us = round(build + encode, 3), round(encode, 3)
     if throughput:
         t.throughput_ms = measure(fn, sets, cache_resident=cache_resident, chain=False).median_ms
     return t

@@ -60,6 +60,28 @@ def test_measure_all_stores_host_cost_and_throughput_only_when_asked():
     t2 = timing.measure_all(fn, sets, cache_resident=True, throughput=True)
     assert t2.throughput_ms is not None and t2.throughput_ms > 0
     assert timing.end_to_end_ms(t) == pytest.approx(t["median_ms"] + t["host_us"] / 1e3)
+    assert 0 < t["encode_us"] < t["host_us"]  # the host cost counts MLX's encoding as well
+
+
+def test_host_cost_counts_the_encoding_of_every_node(monkeypatch):
+    """A call whose graph has many nodes costs more to encode than one with a single node,
+    and the encode round never allocates more than ENCODE_BYTES of outputs (at least 4 calls)."""
+    x = mx.ones((64,))
+    one = lambda a: a + 1  # noqa: E731
+
+    def many(a):
+        for _ in range(40):
+            a = a * 1.0001
+        return a
+    _, enc_one = timing.host_parts(one, [x], calls=50)
+    _, enc_many = timing.host_parts(many, [x], calls=50)
+    assert enc_many > 5 * enc_one
+    seen = []
+    real = mx.async_eval
+    monkeypatch.setattr(timing.mx, "async_eval", lambda outs: (seen.append(len(outs)), real(outs)))
+    monkeypatch.setattr(timing, "ENCODE_BYTES", 64 * 4 * 10)  # room for 10 outputs of 256 bytes
+    timing.host_parts(one, [x], calls=50)
+    assert seen and set(seen) == {10}
 
 
 # -- selection ------------------------------------------------------------------------
