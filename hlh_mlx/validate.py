@@ -192,6 +192,11 @@ def summary(result: dict) -> str:
         lines.append(f"  {mode:10s}  prefill {_f(a['prefill_tps'])} -> {_f(b['prefill_tps'])} tok/s "
                      f"({_x(e['prefill_speedup'])}), {dec}, tokens "
                      + ("identical" if e["tokens_identical"] else f"DIVERGE at position {e['first_divergence']}"))
+        ranges = [e[side].get("decode_tps_each") or [] for side in ("unpatched", "patched")]
+        if all(len(r) > 1 for r in ranges):
+            (a_lo, a_hi), (b_lo, b_hi) = [(min(r), max(r)) for r in ranges]
+            overlap = " (the ranges overlap: within run-to-run noise)" if b_lo <= a_hi and a_lo <= b_hi else ""
+            lines.append(f"              decode runs {a_lo:.1f}-{a_hi:.1f} -> {b_lo:.1f}-{b_hi:.1f} tok/s{overlap}")
         unsteady = [side for side in ("unpatched", "patched") if not e[side].get("repeats_agree", True)]
         if unsteady:  # then a divergence may be a near-tied logit flipping, not a wrong kernel
             lines.append(f"              the {' and '.join(unsteady)} side{'s' if len(unsteady) > 1 else ''} did not "

@@ -177,3 +177,21 @@ def test_validate_alternates_the_sides(monkeypatch):
     monkeypatch.setattr(validate_mod, "generate", spy)
     validate_mod.validate("tiny-llama", bits=4, max_tokens=5, prompt_tokens=3, repeats=3, modes=("uncompiled",))
     assert order == ["w", "w", "U", "P", "P", "U", "U", "P"]
+
+
+def test_summary_shows_each_sides_range_and_says_when_they_overlap():
+    def side(each):
+        return {"prefill_tps": 10.0, "decode_tps": sorted(each)[len(each) // 2], "repeats_agree": True,
+                "decode_tps_each": each}
+    mode = {"tokens_identical": True, "first_divergence": None, "prefill_speedup": 1.0, "decode_speedup": 1.1}
+    result = {"model": {"source": "m", "bits": 4, "group_size": 64}, "device": "d", "backend": "cuda",
+              "mlx": "0", "mlx_lm": "0", "date": "today", "prompt_tokens": 8, "max_tokens": 4, "repeats": 3,
+              "modes": {"uncompiled": {**mode, "unpatched": side([139.0, 169.0, 145.0]),
+                                       "patched": side([130.0, 183.0, 151.0])},
+                        "compiled": {**mode, "unpatched": side([100.0, 104.0, 102.0]),
+                                     "patched": side([150.0, 155.0, 152.0])}},
+              "patch": {"replaced": [], "kept": []}, "decisions": {}}
+    lines = validate_mod.summary(result).splitlines()
+    ranges = [ln for ln in lines if "decode runs" in ln]
+    assert ranges[0].strip() == "decode runs 139.0-169.0 -> 130.0-183.0 tok/s (the ranges overlap: within run-to-run noise)"
+    assert ranges[1].strip() == "decode runs 100.0-104.0 -> 150.0-155.0 tok/s"
