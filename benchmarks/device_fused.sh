@@ -27,6 +27,12 @@ sweep() {  # sweep OP SECONDS ARGS...
     --format md "$@" 2>&1 | grep -v "^sweeping" | tee -a "$res/sweep-$op.md"
   pack
 }
+with_lm() {  # mlx-lm from the carried wheels (.device-mlx/lm), once per warm machine
+  if ! python -c "import mlx_lm" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
+  fi
+  export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+}
 picks() { local o=(); for v in "$@"; do o+=(--variant "$v"); done; echo "${o[@]}"; }
 
 case "${1:-}" in
@@ -40,10 +46,7 @@ case "${1:-}" in
       $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=4096 KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=1,TEAMS=4,U=2,XS=0)
     ;;
   models)
-    if ! python -c "import mlx_lm" 2>/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
-    fi
-    export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+    with_lm
     for layers in 32 8; do
       timeout 260 python -m hlh_mlx validate llama-3-8b --bits 4 --layers "$layers" --tokens 64 --repeats 3 \
         --json "$res/validate_llama-3-8b-4bit_${layers}layers.json" 2>&1 | tail -30 | tee "$res/validate_${layers}.txt"
@@ -54,10 +57,7 @@ case "${1:-}" in
     pack
     ;;
   profile)  # where a decode step's build time goes (cProfile, 8 layers), then the 32-layer validate
-    if ! python -c "import mlx_lm" 2>/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
-    fi
-    export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+    with_lm
     timeout 200 python benchmarks/decode_breakdown.py --layers 8 --steps 30 --profile 30 \
       --out "$res/breakdown_llama8_4bit_profile.json" 2>&1 | grep -v "Warning\|_choices\[key\]" | tail -120
     pack
@@ -82,10 +82,7 @@ case "${1:-}" in
     sweep qgemv_add 60 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=1,KS=4,PW=4,RPT=2,TEAMS=1,U=2,XS=0)
     sweep norm_qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0)
     sweep qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=0)
-    if ! python -c "import mlx_lm" 2>/dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site .device-mlx/lm/*.whl >/dev/null
-    fi
-    export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
+    with_lm
     timeout 300 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
       --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
     pack
