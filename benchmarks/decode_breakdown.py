@@ -82,36 +82,44 @@ def build_profile(model, steps: int, top: int, prompt_len: int = 64) -> str:
 
 
 def node_cost(n: int = 200) -> dict:
-    """Encode time per node of a chain of n tiny ops: built-in, custom kernel with a short
-    source, custom kernel with a 6 KB source (comments)."""
+    """Host time per node of a chain of n ops (build, encode, GPU wait): a built-in add; a
+    custom kernel with a short source, with a 6 KB source (comments), with 8 inputs; and the
+    decode shape's 4-bit gemv (4096x4096, group 64), built-in against hlh_mlx.tuned."""
     x = mx.zeros((1024,), dtype=mx.float16)
     mx.eval(x)
     body = "unsigned i = blockIdx.x * blockDim.x + threadIdx.x; if (i < a_shape[0]) b[i] = a[i] + (T)1;"
-    kernels = {}
+    more = [mx.zeros((16,), dtype=mx.float16) for _ in range(7)]
+    mx.eval(more)
     is_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available() if hasattr(mx, "cuda") else False
+    steps = {"builtin": (x, lambda y: y + 1)}
     if is_cuda:
-        for name, src in (("short", body), ("long", "// " + "x" * 6000 + "\n" + body)):
-            kernels[name] = mx.fast.cuda_kernel(name=f"hlh_cost_{name}", input_names=["a"], output_names=["b"],
-                                                source=src)
+        launch = dict(template=[("T", mx.float16)], grid=(1024, 1, 1), threadgroup=(256, 1, 1))
+        for name, src, extra in (("short", body, []), ("long", "// " + "x" * 6000 + "\n" + body, []),
+                                 ("inputs8", body, more)):
+            k = mx.fast.cuda_kernel(name=f"hlh_cost_{name}", input_names=["a"] + [f"c{i}" for i in range(len(extra))],
+                                    output_names=["b"], source=src)
+            steps[name] = (x, (lambda k, extra: lambda y: k(inputs=[y, *extra], output_shapes=[y.shape],
+                                                              output_dtypes=[y.dtype], **launch)[0])(k, extra))
+        from hlh_mlx import tuned
+        w = mx.random.normal((4096, 4096)).astype(mx.float16)
+        wq, sc, bi = mx.quantize(w, group_size=64, bits=4)
+        v = mx.random.normal((1, 4096)).astype(mx.float16)
+        mx.eval(wq, sc, bi, v)
+        kw = dict(transpose=True, group_size=64, bits=4)
+        steps["qgemv_builtin"] = (v, lambda y: mx.quantized_matmul(y, wq, sc, bi, **kw))
+        steps["qgemv_tuned"] = (v, lambda y: tuned.quantized_matmul(y, wq, sc, bi, **kw))
     out = {}
-
-    def chain(step):
-        y = x
-        for _ in range(n):
-            y = step(y)
-        return y
-
-    variants = {"builtin": lambda y: y + 1}
-    for name, k in kernels.items():
-        variants[name] = (lambda k: lambda y: k(inputs=[y], template=[("T", mx.float16)], grid=(1024, 1, 1),
-                                               threadgroup=(256, 1, 1), output_shapes=[y.shape],
-                                               output_dtypes=[y.dtype])[0])(k)
-    for name, step in variants.items():
-        mx.eval(chain(step))  # warm-up
+    for name, (start, step) in steps.items():
+        def chain():
+            y = start
+            for _ in range(n):
+                y = step(y)
+            return y
+        mx.eval(chain())  # warm-up
         best = None
         for _ in range(5):
             t0 = time.perf_counter()
-            y = chain(step)
+            y = chain()
             t1 = time.perf_counter()
             mx.async_eval(y)
             t2 = time.perf_counter()

@@ -4,6 +4,8 @@ leaves them) and run as plain calls, to tell which costs the host more.
 
     python benchmarks/decode_graph.py [--model llama-3-8b] [--bits 4] [--layers 8] [--steps 30] [--out F [--force]]
 
+Also the host time per node of chains of single ops (decode_breakdown.node_cost: built-in,
+custom kernels with short and long sources and with 8 inputs, built-in and tuned 4-bit gemv).
 Nodes are counted from `mx.export_to_dot` of one step's unevaluated outputs (a compiled
 half shows as the nodes its trace replays). Host time: decode_breakdown.step_breakdown.
 Writes: a table to stdout; the JSON to F only when --out F is given (an existing F is
@@ -22,7 +24,7 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_breakdown import step_breakdown  # noqa: E402
+from decode_breakdown import node_cost, step_breakdown  # noqa: E402
 
 from hlh_mlx import blocks, models, patching, paths  # noqa: E402
 
@@ -77,6 +79,9 @@ def main():
     model, _ = models.load(a.model, bits=a.bits, layers=a.layers)
     res = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"),
            "model": a.model, "bits": a.bits, "layers": a.layers}
+    res["node_cost"] = node_cost()
+    for name, c in res["node_cost"].items():
+        print(f"node {name:14s} " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()))
     res["nodes_unpatched"] = step_nodes(model)
     res["host_unpatched"] = step_breakdown(model, a.steps)
     patching.patch(model)
