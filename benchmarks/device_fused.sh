@@ -5,6 +5,7 @@
 #   bash benchmarks/device_fused.sh host     # one call's host cost: source length, dispatch, 33 calls
 #   bash benchmarks/device_fused.sh profile  # a decode step's build time by function, 32-layer validate
 #   bash benchmarks/device_fused.sh method6  # the model's decode calls re-timed (host cost with encoding), validate
+#   bash benchmarks/device_fused.sh short    # node costs, the fused decode ops re-timed, one validate (~4 min)
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -87,5 +88,18 @@ case "${1:-}" in
       --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
     pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6" >&2; exit 2 ;;
+  short)  # what a short device budget buys: node costs, the fused decode ops re-timed (method 6), one validate
+    timeout 60 python -c "import json,sys; sys.path.insert(0,'benchmarks'); import decode_breakdown as d; \
+r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w').write(json.dumps(r, indent=1))"
+    pack
+    sweep qgemv 40 --template splitk --budget 1 --shape 4096x4096x64 $(picks CS=1,KS=2,PW=4,RPT=2,TEAMS=4,U=2,XS=4096)
+    sweep qgemv_add 40 --template splitk --budget 1 --shape 4096x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=2,XS=4096)
+    sweep qgemv_add 40 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=1,KS=4,PW=4,RPT=2,TEAMS=1,U=2,XS=0)
+    sweep norm_qgemv_swiglu 40 --template splitk --budget 1 --shape 14336x4096x64 $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0)
+    with_lm
+    timeout 150 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 48 --repeats 2 \
+      --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\\|Warning\\|_choices" | tail -12
+    pack
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short" >&2; exit 2 ;;
 esac
