@@ -28,7 +28,7 @@ import mlx.core as mx
 # filling ROTATE_BYTES; 4: latency in a dependent chain plus host cost per call; 5: host
 # cost through the tuned call's dispatch path, not the kernel call's alone; 6: host cost
 # includes MLX's encoding of the call's nodes, not only the graph building: a decode loop
-# pays both on the host, and a custom kernel's node costs several times a built-in's).
+# pays both on the host, and a custom kernel's node costs more to encode than a built-in's).
 METHOD = 6
 # Input copies to cycle through. Measured on the H100 (benchmarks/gemv_sets_probe.py): the
 # L2 keeps part of a 117 MB weight from one call to the next unless ~40x its size streams
