@@ -137,7 +137,7 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
     for r in records:
         if r.get("backend") == backend:
             groups.setdefault((r.get("shape_str"), r.get("dtype")), []).append(r)
-    out = []
+    out, stale = [], []
     for g in groups.values():
         g0 = g[0]
         keep, base = latest_with_baselines(g, g0.get("shape"), g0.get("dtype"), backend)
@@ -148,10 +148,13 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
                 continue
             v = variant_of(op, r)
             if v is None:
-                warnings.warn(f"[hlh_mlx.tuned] ignoring stored {op} variant {r.get('variant_id')}: its template "
-                              "changed since it was tuned (re-run the sweep)", RuntimeWarning, stacklevel=3)
+                stale.append(f"{r.get('variant_id')} at {r.get('shape_str')}")
                 continue
             out.append(Candidate(v, r, (base.get(key) or {}).get("timing")))
+    if stale:  # one line per op and device, however many records
+        warnings.warn(f"[hlh_mlx.tuned] ignoring {len(stale)} stored {op} variant(s) on {device} whose template "
+                      f"changed since it was tuned (re-run the sweep): {', '.join(stale[:4])}"
+                      + (f" and {len(stale) - 4} more" if len(stale) > 4 else ""), RuntimeWarning, stacklevel=3)
     return tuple(out)
 
 

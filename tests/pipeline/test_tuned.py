@@ -4,6 +4,8 @@ The emulator measures no speed, so these tests write the timing fields of the re
 themselves (made-up numbers, in a temporary store) to drive the selection; the kernel
 that then runs is the real template on the emulator, checked against MLX."""
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -101,6 +103,17 @@ def test_stale_result_is_ignored_with_a_warning(store_dir, rng):
     x = mx.array(rng.standard_normal(4096).astype(np.float32))
     with pytest.warns(RuntimeWarning, match="template changed since it was tuned"):
         assert tuned.explain("gelu", x).startswith("built-in")
+
+
+def test_stale_results_of_one_op_make_one_warning(store_dir, rng):
+    for n in (4096, 8192, 16384):
+        write(store_dir, "gelu", {"N": n}, "float32", variant("gelu", "elementwise"), 0.1, 1.0, source_hash="0" * 16)
+    x = mx.array(rng.standard_normal(4096).astype(np.float32))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tuned.explain("gelu", x)
+    stale = [str(w.message) for w in seen if "template changed" in str(w.message)]
+    assert len(stale) == 1 and "ignoring 3 stored gelu variant(s)" in stale[0]
 
 
 def test_a_winner_is_not_extrapolated_to_far_smaller_launches(store_dir, rng):
