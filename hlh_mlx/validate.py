@@ -66,16 +66,19 @@ def decoder_blocks(model: nn.Module) -> list:
 def compiled_blocks(model: nn.Module, wrappers: dict | None = None):
     """Every decoder block's decode step compiled as hlh_mlx.blocks.DecoderBlock compiles
     it (unfused, with the block's own layers): what `patch` does to a patched model's
-    blocks, done to an unpatched one, so both sides are compiled alike. `wrappers` (id of a
-    block -> its wrapper) keeps the wrappers, and their traces, across entries."""
+    blocks, done to an unpatched one, so both sides are compiled alike. `wrappers` keeps the
+    wrappers, and their traces, across entries."""
     wrappers = {} if wrappers is None else wrappers
     layers = decoder_blocks(model)
     originals = list(layers)
     for i, b in enumerate(layers):
         if not isinstance(b, blocks.DecoderBlock) and blocks.why_not(b) is None:
-            if id(b) not in wrappers:
-                wrappers[id(b)] = (b, blocks.DecoderBlock(b, fused=False))  # b held: its id stays its own
-            layers[i] = wrappers[id(b)][1]
+            # a wrapper holds the children the block had when it was made: one per block and
+            # set of layers in it (`PatchReport.unpatched()` swaps layers inside kept blocks)
+            key = tuple(id(m) for m in b.modules())
+            if key not in wrappers:
+                wrappers[key] = (b, blocks.DecoderBlock(b, fused=False))  # b held: its ids stay its own
+            layers[i] = wrappers[key][1]
     try:
         yield
     finally:

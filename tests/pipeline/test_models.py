@@ -195,3 +195,23 @@ def test_summary_shows_each_sides_range_and_says_when_they_overlap():
     ranges = [ln for ln in lines if "decode runs" in ln]
     assert ranges[0].strip() == "decode runs 139.0-169.0 -> 130.0-183.0 tok/s (the ranges overlap: within run-to-run noise)"
     assert ranges[1].strip() == "decode runs 100.0-104.0 -> 150.0-155.0 tok/s"
+
+
+def test_compiled_blocks_wrap_the_layers_each_side_has():
+    """An unquantized block is kept and its layers patched inside it: alternating the sides
+    under compiled_blocks must give each side a wrapper with that side's own layers."""
+    model, _ = models.load("tiny-llama", bits=16)
+    report = patching.patch(model)
+    block = validate_mod.decoder_blocks(model)[0]
+    assert not isinstance(block, blocks.DecoderBlock)  # kept, its layers patched
+    patched_mlp = block.mlp
+    wrappers: dict = {}
+    for _ in range(2):
+        with report.unpatched():
+            original_mlp = block.mlp
+            with validate_mod.compiled_blocks(model, wrappers):
+                assert validate_mod.decoder_blocks(model)[0]["mlp"] is original_mlp
+        with validate_mod.compiled_blocks(model, wrappers):
+            assert validate_mod.decoder_blocks(model)[0]["mlp"] is patched_mlp
+    # one wrapper per block and side, made once however often the sides alternate
+    assert original_mlp is not patched_mlp and len(wrappers) == 2 * len(validate_mod.decoder_blocks(model))
