@@ -24,14 +24,20 @@ import mlx.core as mx
 from hlh_mlx import models, patching, paths, runtime
 
 
-def step_breakdown(model, steps: int, prompt_len: int = 64) -> dict:
+def warm_decode(model, prompt_len: int = 64, steps: int = 5):
+    """(cache, token): a prompt prefilled and `steps` decode steps run (kernels built, plans
+    decided), ready for the next decode step."""
     from mlx_lm.models.cache import make_prompt_cache
     cache = make_prompt_cache(model)
-    y = mx.array([[1] * prompt_len])
-    mx.eval(model(y, cache=cache))
+    mx.eval(model(mx.array([[1] * prompt_len]), cache=cache))
     tok = mx.array([[2]])
-    for _ in range(5):  # warm-up: kernels built, plans decided
+    for _ in range(steps):
         mx.eval(model(tok, cache=cache))
+    return cache, tok
+
+
+def step_breakdown(model, steps: int, prompt_len: int = 64) -> dict:
+    cache, tok = warm_decode(model, prompt_len)
     build = encode = wait = 0.0
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -64,12 +70,7 @@ def build_profile(model, steps: int, top: int, prompt_len: int = 64) -> str:
     import cProfile
     import io
     import pstats
-    from mlx_lm.models.cache import make_prompt_cache
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[1] * prompt_len]), cache=cache))
-    tok = mx.array([[2]])
-    for _ in range(5):
-        mx.eval(model(tok, cache=cache))
+    cache, tok = warm_decode(model, prompt_len)
     prof = cProfile.Profile()
     for _ in range(steps):
         prof.enable()

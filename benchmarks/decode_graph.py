@@ -24,19 +24,14 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_breakdown import node_cost, step_breakdown  # noqa: E402
+from decode_breakdown import node_cost, step_breakdown, warm_decode  # noqa: E402
 
-from hlh_mlx import blocks, models, patching, paths  # noqa: E402
+from hlh_mlx import blocks, models, patching, paths, validate  # noqa: E402
 
 
 def step_nodes(model, prompt_len: int = 16) -> dict:
     """{primitive: count} of the graph one decode step builds (after a warm-up)."""
-    from mlx_lm.models.cache import make_prompt_cache
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([[1] * prompt_len]), cache=cache))
-    tok = mx.array([[2]])
-    for _ in range(3):
-        mx.eval(model(tok, cache=cache))
+    cache, tok = warm_decode(model, prompt_len, steps=3)
     out = model(tok, cache=cache)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "step.dot")
@@ -51,7 +46,7 @@ def step_nodes(model, prompt_len: int = 16) -> dict:
 
 def uncompiled_halves(model) -> None:
     """Each patched block's decode halves run as plain calls from now on (same functions)."""
-    for b in model.layers if hasattr(model, "layers") else model.model.layers:
+    for b in validate.decoder_blocks(model):
         if isinstance(b, blocks.DecoderBlock):
             steps = b._steps
 
