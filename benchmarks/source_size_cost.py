@@ -8,9 +8,10 @@ long body costs host time at each call, not once. This times one small copy kern
 body is padded with N KB of `//` comment lines (0, 4, 8, 16 KB), per call: graph building
 alone, and building plus `mx.async_eval` (which returns once the node is encoded). The
 slope is the host cost per KB of source. The same bodies are also timed as a one-line
-source that #includes them from a file (NVRTC reads the file once, at compile time). Beside it: the rendered and the compacted
-(`cuda_source.compact`, what hlh_mlx hands to MLX) source lengths of every CUDA template's
-first variant, so the saving per call can be read off.
+source that #includes them from a file (NVRTC reads the file once, at compile time).
+Beside it: the rendered and the compacted (`cuda_source.compact`, what hlh_mlx hands to
+MLX) source lengths of every CUDA template's first variant, so the saving per call can be
+read off.
 
 Writes: a table to stdout; the JSON to F only when --out F is given (an existing F is
 refused before anything runs, unless --force).
