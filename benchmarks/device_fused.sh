@@ -6,8 +6,6 @@
 #   bash benchmarks/device_fused.sh profile  # a decode step's build time by function, 32-layer validate
 #   bash benchmarks/device_fused.sh method6  # the model's decode calls re-timed (host cost with encoding), validate
 #   bash benchmarks/device_fused.sh short    # node costs, the fused decode ops re-timed, one validate (~4 min)
-#   bash benchmarks/device_fused.sh stack    # the whole decode step as one compiled call vs block by block
-#   bash benchmarks/device_fused.sh probe    # where the stack's time goes (decode_stack.py --probes)
 #   bash benchmarks/device_fused.sh validate # hlh_mlx validate: Llama-3-8B 4-bit (32 layers), Qwen1.5-MoE 4-bit
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
@@ -108,28 +106,14 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
       --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\\|Warning\\|_choices" | tail -12
     pack
     ;;
-  stack)  # decode_stack.py at 8 layers with and without CUDA graphs, then at 32 layers
-    with_lm
-    timeout 150 python benchmarks/decode_stack.py --layers 8 --out "$res/decode_stack_8.json" 2>&1 | tail -6; pack
-    MLX_USE_CUDA_GRAPHS=0 timeout 150 python benchmarks/decode_stack.py --layers 8 \
-      --out "$res/decode_stack_8_nographs.json" 2>&1 | tail -6; pack
-    timeout 240 python benchmarks/decode_stack.py --layers 32 --tokens 64 --out "$res/decode_stack_32.json" 2>&1 | tail -6
-    pack
-    ;;
-  probe)  # where the whole-step stack's time goes (decode_stack.py --probes), 32 layers
-    with_lm
-    timeout 420 python benchmarks/decode_stack.py --layers 32 --probes --out "$res/decode_stack_32_probes.json" \
-      2>&1 | grep -v "Warning\|_choices" | tail -16
-    pack
-    ;;
   validate)
     with_lm
     timeout 500 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
-      --json "$res/validate_llama-3-8b-4bit_32layers_stack.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
+      --json "$res/validate_llama-3-8b-4bit_32layers.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
     pack
     timeout 240 python -m hlh_mlx validate qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3 \
-      --json "$res/validate_qwen1.5-moe-4bit_stack.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
+      --json "$res/validate_qwen1.5-moe-4bit.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
     pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|stack|probe|validate" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate" >&2; exit 2 ;;
 esac

@@ -44,8 +44,6 @@ import mlx.nn as nn
 from . import ops, runtime, tuned
 from .ops.rope import _offset_array as offset_array
 
-resets = [0]  # DecoderBlock.reset() calls: a compiled step over blocks traced before one is stale
-
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
 _BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -141,10 +139,8 @@ class DecoderBlock(nn.Module):
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
-        """Forget the compiled step (after children are replaced), and make every
-        hlh_mlx.decode_step stack trace its step again."""
+        """Forget the compiled step (after children are replaced)."""
         object.__setattr__(self, "_compiled", None)
-        resets[0] += 1
 
     def _children_key(self):
         """Which modules and which decisions the compiled step was traced with (patching
@@ -286,50 +282,28 @@ class DecoderBlock(nn.Module):
         mlp_fused = runtime.serves("norm_qgemv_swiglu", *args, **kw) and not (split_known and sum(parts) < fused)
         return pre, post, mlp_fused
 
-    def step_functions(self, x) -> tuple:
-        """The decode step's two halves as plain functions, (pre, post): the fused ops where
-        they pay (module docstring), else the children's calls. The arrays they read come
-        from the modules when called (compiled callers swap tracers into those slots)."""
-        pre, post = self._qkv, self._out
-        if self.why_not_fully_fused() is None:
-            a = self["self_attn"]
-            object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
-            fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
-            if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
-                mlp_fused = self.mlp_form == "fused"
-            object.__setattr__(self, "_mlp_fused", mlp_fused)
-            pre = self._qkv_fused if fused_pre else pre
-            post = self._out_fused if fused_post else post
-        return pre, post
-
-    def step_key(self, x) -> tuple:
-        """What the halves were chosen for: the children, the batch (the fused ops take one
-        token of one sequence) and the dtype (the store's figures are per dtype)."""
-        return self._children_key(), x.shape[0], x.dtype
-
     def _steps(self, x):
-        key = self.step_key(x)
+        # what the halves were chosen for: the children, the batch (the fused ops take one
+        # token of one sequence) and the dtype (the store's figures are per dtype)
+        key = (self._children_key(), x.shape[0], x.dtype)
         c = self._compiled
         if c is None or c[0] != key:
             a = self["self_attn"]
             pre_reads = [self["input_layernorm"]] + [m for k, m in a.children().items()
                                                      if k != "o_proj" and isinstance(m, nn.Module)]
             post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
-            pre, post = self.step_functions(x)
+            pre, post = self._qkv, self._out
+            if self.why_not_fully_fused() is None:
+                object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
+                fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
+                if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
+                    mlp_fused = self.mlp_form == "fused"
+                object.__setattr__(self, "_mlp_fused", mlp_fused)
+                pre = self._qkv_fused if fused_pre else pre
+                post = self._out_fused if fused_post else post
             c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))
             object.__setattr__(self, "_compiled", c)
         return c[1], c[2]
-
-    def decode_in_place(self, x, offset, keys, values, mask, pre, post):
-        """One token through the block over a KV cache of fixed size: its key and value
-        written at `offset` (a (1,) array), attention over the whole buffer with `mask`
-        hiding the rows past it. Shapes never change from step to step, so one trace of
-        many blocks serves every step (hlh_mlx.decode_step). Returns (out, keys, values)."""
-        q, k, v = pre(x, offset)
-        keys = mx.slice_update(keys, k.astype(keys.dtype), offset, axes=(2,))
-        values = mx.slice_update(values, v.astype(values.dtype), offset, axes=(2,))
-        o = masked_decode_attention(q, keys, values, mask, self["self_attn"].scale)
-        return post(x, o), keys, values
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         from mlx_lm.models.base import scaled_dot_product_attention
@@ -347,20 +321,6 @@ class DecoderBlock(nn.Module):
 
 
 _FUSED_OPS = ("norm_qkv_rope", "qgemv_add", "norm_qgemv_swiglu")
-
-
-def masked_decode_attention(q, keys, values, mask, scale):
-    """softmax(q k^T * scale, rows where `mask` is False left out) v for one query token,
-    q (B, HQ, 1, D), keys and values (B, HKV, S, D), mask (S,) bool; query head h reads KV
-    head h // (HQ / HKV). The order of operations of mx.fast.scaled_dot_product_attention's
-    own composition (scale first, precise softmax); the grouped heads are one batched
-    product's rows (no copies of the keys)."""
-    b, hq, _, d = q.shape
-    hkv = keys.shape[1]
-    qg = (q * mx.array(scale, q.dtype)).reshape(b, hkv, hq // hkv, d)
-    scores = mx.where(mask, qg @ keys.swapaxes(-1, -2), mx.array(-mx.inf, q.dtype))
-    p = mx.softmax(scores, axis=-1, precise=True)
-    return (p @ values).reshape(b, hq, 1, values.shape[-1])
 
 
 def _packed(proj) -> tuple:

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as base_nn
 import numpy as np
 
-from . import blocks, decode_step, nn, ops, tuned
+from . import blocks, nn, ops, tuned
 
 
 @dataclass
@@ -178,27 +178,4 @@ def patch(model: base_nn.Module) -> PatchReport:
     for m in model.modules():
         if isinstance(m, blocks.DecoderBlock):
             m.reset()  # traced with the children it had when checked
-    _install_stacks(model, report)
     return report
-
-
-def _install_stacks(model, report: PatchReport) -> None:
-    """A model stack whose layers are all patched blocks (`model.model` of mlx-lm's models)
-    runs its decode step as one compiled call (hlh_mlx.decode_step), once shown to compute
-    what it computed before; otherwise the report says why not."""
-    for name, inner in model.children().items():
-        if not isinstance(inner, base_nn.Module) or "layers" not in inner:
-            continue
-        why = decode_step.why_not(inner)
-        if why is None:
-            stack = decode_step.DecodeStack(inner)
-            why = decode_step.differs(inner, stack)
-            if why is None:
-                report.swap(model, name, stack)
-                report.replaced.append((name, type(inner).__name__, "hlh_mlx.decode_step.DecodeStack"))
-                report.notes.append((name, STACKED))
-                continue
-        report.kept.append((name, type(inner).__name__, f"decode step not compiled whole: {why}"))
-
-
-STACKED = "decode step: one compiled call for the whole stack (hlh_mlx.decode_step)"

@@ -6,9 +6,8 @@ Two ways of running, each applied to both sides alike:
 - "uncompiled": each model as it comes: mlx-lm's as mlx-lm runs it, the patched one as
   `patch` leaves it (its decoder blocks compile their own decode step);
 - "compiled": every decoder block's decode step compiled the way `patch` compiles it
-  (hlh_mlx.blocks.DecoderBlock, unfused, with the block's own layers, the whole stack's
-  step one compiled call: hlh_mlx.decode_step) on both sides, so the difference left is
-  the kernels'.
+  (hlh_mlx.blocks.DecoderBlock, unfused, with the block's own layers) on both sides, so
+  the difference left is the kernels'.
 Each side is warmed up (kernels built, plans decided) before it is timed; the figures are
 the medians of `repeats` timed generations per side, the two sides' generations alternated
 (`PatchReport.unpatched()` puts the original layers back for the unpatched ones), so that
@@ -26,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import backends, blocks, decode_step, devices, models, patching, runtime
+from . import backends, blocks, devices, models, patching, runtime
 
 MODES = ("uncompiled", "compiled")
 
@@ -66,10 +65,9 @@ def decoder_blocks(model: nn.Module) -> list:
 @contextmanager
 def compiled_blocks(model: nn.Module, wrappers: dict | None = None):
     """Every decoder block's decode step compiled as hlh_mlx.blocks.DecoderBlock compiles
-    it (unfused, with the block's own layers), and the model's stack run as one compiled
-    decode step over them (hlh_mlx.decode_step) where it can be: what `patch` does to a
-    patched model, done to an unpatched one, so both sides are compiled alike. `wrappers`
-    keeps the wrappers, and their traces, across entries."""
+    it (unfused, with the block's own layers): what `patch` does to a patched model's
+    blocks, done to an unpatched one, so both sides are compiled alike. `wrappers` keeps the
+    wrappers, and their traces, across entries."""
     wrappers = {} if wrappers is None else wrappers
     layers = decoder_blocks(model)
     originals = list(layers)
@@ -81,18 +79,9 @@ def compiled_blocks(model: nn.Module, wrappers: dict | None = None):
             if key not in wrappers:
                 wrappers[key] = (b, blocks.DecoderBlock(b, fused=False))  # b held: its ids stay its own
             layers[i] = wrappers[key][1]
-    inner = getattr(model, "model", None)
-    stacked = decode_step.why_not(inner) is None
-    if stacked:
-        key = ("stack", id(inner), *map(id, layers))  # one per side: each keeps its own trace
-        if key not in wrappers:
-            wrappers[key] = (inner, decode_step.DecodeStack(inner))
-        model.model = wrappers[key][1]
     try:
         yield
     finally:
-        if stacked:
-            model.model = inner
         layers[:] = originals
 
 
