@@ -158,16 +158,21 @@ class DecoderBlock(nn.Module):
         a = self["self_attn"]
         b, t, _ = x.shape
         h = self["input_layernorm"](x)
-        q, k, v = a.q_proj(h).reshape(b, t, a.n_heads, -1), a.k_proj(h).reshape(b, t, a.n_kv_heads, -1), \
-            a.v_proj(h).reshape(b, t, a.n_kv_heads, -1)
+        # one token: (B, 1, heads, D) and (B, heads, 1, D) are the same memory, so a reshape
+        # gives the heads-first layout without the transposes (graph nodes the host pays for)
+        shape = (lambda n: (b, n, 1, -1)) if t == 1 else (lambda n: (b, t, n, -1))
+        q, k, v = a.q_proj(h).reshape(shape(a.n_heads)), a.k_proj(h).reshape(shape(a.n_kv_heads)), \
+            a.v_proj(h).reshape(shape(a.n_kv_heads))
         if "q_norm" in a:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        return a.rope(q, offset=offset), a.rope(k, offset=offset), v.transpose(0, 2, 1, 3)
+            q, k = a.q_norm(q), a.k_norm(k)  # over the last axis: either layout
+        if t != 1:
+            q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return a.rope(q, offset=offset), a.rope(k, offset=offset), v
 
     def _out(self, x, o):
         b, t, _ = x.shape
-        r = self["self_attn"].o_proj(o.transpose(0, 2, 1, 3).reshape(b, t, -1))
+        o = o.reshape(b, 1, -1) if t == 1 else o.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        r = self["self_attn"].o_proj(o)
         norm = self["post_attention_layernorm"]
         if self._fused:
             f = tuned.add_rms_norm if self.training else tuned.add_rms_norm.no_grad
@@ -294,7 +299,9 @@ class DecoderBlock(nn.Module):
             post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
             pre, post = self._qkv, self._out
             if self.why_not_fully_fused() is None:
-                object.__setattr__(self, "_freqs", rope_freqs(a.rope, self._head_dim()))
+                freqs = rope_freqs(a.rope, self._head_dim())
+                mx.eval(freqs)  # a constant of the trace: unevaluated, its graph would run every step
+                object.__setattr__(self, "_freqs", freqs)
                 fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
                 if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
                     mlp_fused = self.mlp_form == "fused"

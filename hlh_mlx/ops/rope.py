@@ -53,17 +53,21 @@ def _builtin_for(shape):
 
 
 _positions: list = []
+_last: list = []  # [offset, its array]: every layer of a decode step asks for the same one
 
 
 def _offset_array(offset) -> mx.array:
     """[offset] as a view into a device-resident table of positions: a decode loop's
     offset changes every step, and a fresh host array per call costs a host-to-device copy
     in the GPU's timeline."""
+    if _last and _last[0] == offset:  # the same step's other layers: one slice, not one each
+        return _last[1]
     if not _positions or offset >= _positions[0].size:
         n = max(1 << 16, 1 << int(offset).bit_length())
         _positions[:] = [mx.arange(n, dtype=mx.int32)]
         mx.eval(_positions[0])
-    return _positions[0][offset:offset + 1]
+    _last[:] = [offset, _positions[0][offset:offset + 1]]
+    return _last[1]
 
 
 _freqs: dict = {}

@@ -187,3 +187,38 @@ def test_a_batch_of_sequences_decodes_unfused_after_a_single_one():
     _always_fused(model.model.layers)
     for got, want in zip([decode(1), decode(2), decode(1)], before + before[:1]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _step_primitives(model) -> list:
+    """Primitive names of one decode step's graph (mx.export_to_dot of its logits)."""
+    import re
+    import tempfile
+    from mlx_lm.models.cache import make_prompt_cache
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([[3, 1, 4]]), cache=cache))
+    mx.eval(model(mx.array([[7]]), cache=cache))
+    out = model(mx.array([[7]]), cache=cache)
+    with tempfile.TemporaryDirectory() as d:
+        mx.export_to_dot(f"{d}/step.dot", out)
+        text = open(f"{d}/step.dot").read()
+    mx.eval(out)
+    return [n.split(" ")[0] for n in re.findall(r"label ?= ?\"([^\"]+)\", shape=rectangle", text)]
+
+
+def test_a_decode_step_builds_no_nodes_it_does_not_need():
+    """Each node costs the host microseconds to build and encode, and a patched step is
+    host-bound: one token's q/k/v take the heads-first layout by a reshape (no transposes),
+    every layer shares one offset array, and RoPE's freqs are a constant of the fused
+    step's trace (unevaluated, their graph would run again every step)."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    unpatched = _step_primitives(model)
+    patching.patch(model)
+    layers = model.model.layers
+    patched = _step_primitives(model)
+    assert unpatched.count("Transpose") >= 3 * len(layers)  # mlx-lm's q, k, v
+    assert patched.count("Transpose") < unpatched.count("Transpose") - 3 * len(layers) + 1
+    from hlh_mlx.ops.rope import _offset_array
+    assert _offset_array(12) is _offset_array(12) and _offset_array(13) is not _offset_array(12)
+    _always_fused(layers)
+    import re
+    assert not [p for p in _step_primitives(model) if re.search(r"Exp(?!andDims)", p)]
