@@ -6,7 +6,8 @@
 #   bash benchmarks/device_fused.sh profile  # a decode step's build time by function, 32-layer validate
 #   bash benchmarks/device_fused.sh method6  # the model's decode calls re-timed (host cost with encoding), validate
 #   bash benchmarks/device_fused.sh short    # node costs, the fused decode ops re-timed, one validate (~4 min)
-#   bash benchmarks/device_fused.sh validate # hlh_mlx validate: Llama-3-8B 4-bit (32 layers), Qwen1.5-MoE 4-bit
+#   bash benchmarks/device_fused.sh validate # hlh_mlx validate Llama-3-8B 4-bit (32 layers), its step's nodes
+#   bash benchmarks/device_fused.sh moe      # hlh_mlx validate Qwen1.5-MoE-A2.7B 4-bit (24 layers)
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -106,14 +107,20 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
       --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\\|Warning\\|_choices" | tail -12
     pack
     ;;
-  validate)
+  validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)
     with_lm
-    timeout 500 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
+    timeout 400 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4 \
       --json "$res/validate_llama-3-8b-4bit_32layers.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
     pack
-    timeout 240 python -m hlh_mlx validate qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3 \
+    timeout 150 python benchmarks/decode_graph.py --layers 32 --steps 20 --out "$res/decode_graph_32.json" \
+      2>&1 | grep -v "Warning\|_choices" | tail -8
+    pack
+    ;;
+  moe)
+    with_lm
+    timeout 300 python -m hlh_mlx validate qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3 \
       --json "$res/validate_qwen1.5-moe-4bit.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
     pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe" >&2; exit 2 ;;
 esac
