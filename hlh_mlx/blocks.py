@@ -246,8 +246,10 @@ class DecoderBlock(nn.Module):
         return qs.reshape(1, a.n_heads, 1, d), ks.reshape(1, a.n_kv_heads, 1, d), vs.reshape(1, a.n_kv_heads, 1, d)
 
     def _out_fused(self, x, o):
-        """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual."""
-        args, kw = self._add_call(self["self_attn"].o_proj, o.reshape(1, -1), x.reshape(1, -1))
+        """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual.
+        The activations keep x's (1, 1, dims) shape throughout (the fused ops take one token
+        under any leading 1-dims): one reshape, of the heads into a row, and no other."""
+        args, kw = self._add_call(self["self_attn"].o_proj, o.reshape(x.shape[:-1] + (-1,)), x)
         h = tuned.qgemv_add.no_grad(*args, **kw)
         args, kw = self._mlp_call(h)
         if self._mlp_fused:
@@ -255,8 +257,7 @@ class DecoderBlock(nn.Module):
         else:  # the norm alone is cheaper than the fused prologue where the store says so
             y = tuned.qgemv_swiglu.no_grad(tuned.rms_norm.no_grad(*args[:3]), *args[3:], **kw)
         args, kw = self._add_call(self["mlp"].down_proj, y, h)
-        out = tuned.qgemv_add.no_grad(*args, **kw)
-        return out.reshape(x.shape)
+        return tuned.qgemv_add.no_grad(*args, **kw)
 
     def _fused_steps_that_pay(self, x) -> tuple[bool, bool, bool]:
         """(pre, post, mlp): whether each half of the decode step runs its fused ops, and
@@ -274,11 +275,14 @@ class DecoderBlock(nn.Module):
         x1 = x.reshape(1, -1)
         args, kw = self._qkv_call(x1, offset_array(0))
         pre = runtime.serves("norm_qkv_rope", *args, **kw)
-        o1 = mx.zeros((1, o["weight"].shape[1] * 8), x.dtype)  # bind reads shapes and dtypes only
-        h1 = mx.zeros((1, dn["weight"].shape[0]), x.dtype)
-        y1 = mx.zeros((1, dn["weight"].shape[1] * 8), x.dtype)
+        # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
+        # and dtypes only)
+        lead = x.shape[:-1]
+        o1 = mx.zeros(lead + (o["weight"].shape[1] * 8,), x.dtype)
+        h1 = mx.zeros(lead + (dn["weight"].shape[0],), x.dtype)
+        y1 = mx.zeros(lead + (dn["weight"].shape[1] * 8,), x.dtype)
         # every call asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it
-        post = all([runtime.serves("qgemv_add", *a, **k) for a, k in (self._add_call(o, o1, x1),
+        post = all([runtime.serves("qgemv_add", *a, **k) for a, k in (self._add_call(o, o1, x),
                                                                       self._add_call(dn, y1, h1))])
         args, kw = self._mlp_call(h1)
         fused = runtime.expected_us("norm_qgemv_swiglu", *args, **kw)

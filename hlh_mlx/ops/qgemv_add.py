@@ -15,7 +15,7 @@ import math
 
 import mlx.core as mx
 
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, as_shape, dtype_name, random_array
+from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 GROUPS = (64, 128)
 
@@ -88,7 +88,9 @@ def bind(x, w, scales, biases, r, group_size=64, bits=4):
         return f"the residual must have shape {out}, x's leading dims and N (got {r.shape}: no broadcasting)"
     if r.dtype != x.dtype:
         return f"the residual must be in x's dtype {x.dtype} (got {r.dtype}: no promotion)"
-    return Call([as_shape(x, (1, k)), w, scales, biases, as_shape(r, (1, n))], {"N": n, "K": k, "G": group_size},
+    # x and r as given (one token under any leading 1-dims: the kernels read K and N from the
+    # weights), so a model's (1, 1, K) activations need no reshape nodes around the call
+    return Call([x, w, scales, biases, r], {"N": n, "K": k, "G": group_size},
                 dtype_name(x.dtype), [out])
 
 

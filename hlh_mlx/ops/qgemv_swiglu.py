@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, as_shape, dtype_name, random_array
+from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 GROUPS = (64, 128)
 
@@ -91,7 +91,8 @@ def bind(x, wg, sg, bg, wu, su, bu, group_size=64, bits=4):
         return f"wg and wu must both be ({n}, {k // 8}) uint32 for x's last dimension {k}"
     if any(a.shape != (n, k // group_size) for a in (sg, bg, su, bu)):
         return f"scales and biases must be ({n}, {k // group_size}): x's last dimension over the group size"
-    return Call([as_shape(x, (1, k)), wg, sg, bg, wu, su, bu], {"N": n, "K": k, "G": group_size},
+    # x as given (one token under any leading 1-dims: the kernels read K from the weights)
+    return Call([x, wg, sg, bg, wu, su, bu], {"N": n, "K": k, "G": group_size},
                 dtype_name(x.dtype), [(*x.shape[:-1], n)])
 
 

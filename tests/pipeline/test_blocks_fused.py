@@ -222,3 +222,40 @@ def test_a_decode_step_builds_no_nodes_it_does_not_need():
     _always_fused(layers)
     import re
     assert not [p for p in _step_primitives(model) if re.search(r"Exp(?!andDims)", p)]
+
+
+def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
+    """With variants serving qgemv_add and norm_qgemv_swiglu (real templates on the
+    emulator), the post half's activations keep x's (1, 1, dims) shape end to end: the
+    kernels get them as they are (no reshape to (1, dims) and back: each view is a graph
+    node the host pays for), the heads of o reshaped into a row being the only view, and
+    it computes what the unfused half computes."""
+    from hlh_mlx import runtime, templates, variants
+
+    from .test_tuned import write
+
+    def simd(op, **params):
+        t = next(t for t in templates.discover(op) if t.family == "simd" and t.backend == "metal")
+        return variants.make(t, params)
+    write(store_dir, "qgemv_add", {"N": 128, "K": 256, "G": 64}, "float32", simd("qgemv_add", SG=2, RPS=2, PW=2),
+          ms=0.5, base_ms=1.0)
+    write(store_dir, "norm_qgemv_swiglu", {"N": 256, "K": 128, "G": 64}, "float32",
+          simd("norm_qgemv_swiglu", NSG=2, RPS=2, PW=2), ms=0.5, base_ms=1.0)
+    tuned.refresh()
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    patching.patch(model)
+    b = model.model.layers[0]
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(1))
+    o = mx.random.normal((1, 4, 1, 32), key=mx.random.key(2))
+    mx.eval(x, o)
+    assert b._fused_steps_that_pay(x)[1:] == (True, True)  # post half fused, norm_qgemv_swiglu
+    object.__setattr__(b, "_mlp_fused", True)
+    bound = []
+    real = runtime._bind
+    monkeypatch.setattr(runtime, "_bind", lambda op, a, k: bound.append(real(op, a, k)) or bound[-1])
+    tuned.refresh()  # decide the calls again: each is bound once
+    out = b._out_fused(x, o)
+    assert [c.inputs[0].shape for c in bound] == [(1, 1, 128), (1, 1, 128), (1, 1, 256)]  # o's row, h, y
+    assert bound[0].inputs[-1] is x and out.shape == x.shape  # the residual as given, the result x's shape
+    assert tuned.fallbacks() == {}
+    np.testing.assert_allclose(np.asarray(out), np.asarray(b._out(x, o)), rtol=1e-4, atol=1e-4)
