@@ -89,6 +89,10 @@ case "${1:-}" in
     sweep qgemv_add 60 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=1,KS=4,PW=4,RPT=2,TEAMS=1,U=2,XS=0)
     sweep norm_qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0)
     sweep qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=0)
+    # its records are method 5, whose host cost left out the encoding of the nine nodes its
+    # built-in composition makes (one for the kernel): the comparison that may flip
+    sweep norm_qkv_rope 60 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
+      $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
     with_lm
     timeout 300 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
       --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
