@@ -222,10 +222,11 @@ class DecoderBlock(nn.Module):
 
     # The fused step's calls as (args, kwargs): what the step runs and what
     # `_fused_steps_that_pay` weighs must be the same calls.
-    def _qkv_call(self, x1, offset):
+    def _qkv_call(self, x, offset):
         a, norm = self["self_attn"], self["input_layernorm"]
-        return ((x1, norm["weight"], norm.eps, *_packed(a.q_proj), *_packed(a.k_proj), *_packed(a.v_proj),
-                 self._freqs, offset, self._head_dim()), {"group_size": a.q_proj.group_size, "bits": 4})
+        return ((x, norm["weight"], norm.eps, *_packed(a.q_proj), *_packed(a.k_proj), *_packed(a.v_proj),
+                 self._freqs, offset, self._head_dim()), {"group_size": a.q_proj.group_size, "bits": 4,
+                                                          "heads_first": True})
 
     @staticmethod
     def _add_call(proj, y, residual):
@@ -239,11 +240,10 @@ class DecoderBlock(nn.Module):
                 {"group_size": mlp.gate_proj.group_size, "bits": 4})
 
     def _qkv_fused(self, x, offset):
-        """Decode only (one token): the fused norm, q/k/v projections and RoPE."""
-        a, d = self["self_attn"], self._head_dim()
-        args, kw = self._qkv_call(x.reshape(1, -1), offset)
-        qs, ks, vs = tuned.norm_qkv_rope.no_grad(*args, **kw)
-        return qs.reshape(1, a.n_heads, 1, d), ks.reshape(1, a.n_kv_heads, 1, d), vs.reshape(1, a.n_kv_heads, 1, d)
+        """Decode only (one token): the fused norm, q/k/v projections and RoPE, q/k/v made
+        (1, heads, 1, head_dim) by the kernel itself (no view nodes)."""
+        args, kw = self._qkv_call(x, offset)
+        return tuned.norm_qkv_rope.no_grad(*args, **kw)
 
     def _out_fused(self, x, o):
         """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual.
@@ -272,8 +272,7 @@ class DecoderBlock(nn.Module):
         if self._fused == "always":
             return True, True, True
         o, dn = self["self_attn"].o_proj, self["mlp"].down_proj
-        x1 = x.reshape(1, -1)
-        args, kw = self._qkv_call(x1, offset_array(0))
+        args, kw = self._qkv_call(x, offset_array(0))
         pre = runtime.serves("norm_qkv_rope", *args, **kw)
         # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
         # and dtypes only)

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .rms_norm import eps_array
 from .rope import _offset_array
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, as_shape, dtype_name, random_array
+from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 GROUPS = (64, 128)
 BASE = 10000.0
@@ -106,10 +106,11 @@ def _magnitude(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset
 
 
 def norm_qkv_rope(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim,
-                  group_size=64, bits=4):
+                  group_size=64, bits=4, heads_first=False):
     """RMSNorm, the q/k/v 4-bit projections and RoPE of q and k: a Llama attention's input at
     decode, as mlx-lm computes it (mx.fast.rms_norm, three mx.quantized_matmul, mx.fast.rope
-    with freqs= on heads of head_dim); returns (q, k, v), each (..., H * head_dim)."""
+    with freqs= on heads of head_dim); returns (q, k, v), each (..., H * head_dim), or with
+    heads_first (one token) each (1, H, 1, head_dim), the layout attention takes."""
     h = mx.fast.rms_norm(x, norm_w, eps)
     q = mx.quantized_matmul(h, wq, sq, bq, transpose=True, group_size=group_size, bits=bits)
     k = mx.quantized_matmul(h, wk, sk, bk, transpose=True, group_size=group_size, bits=bits)
@@ -118,8 +119,8 @@ def norm_qkv_rope(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, off
     def rope(t):
         r = mx.fast.rope(t.reshape(-1, t.shape[-1] // head_dim, 1, head_dim), head_dim, traditional=False,
                          base=None, scale=1.0, offset=offset, freqs=freqs)
-        return r.reshape(t.shape)
-    return rope(q), rope(k), v
+        return r if heads_first else r.reshape(t.shape)
+    return rope(q), rope(k), v.reshape(1, -1, 1, head_dim) if heads_first else v
 
 
 def _builtin(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset):
@@ -136,7 +137,8 @@ def _builtin_for(shape):
     return run
 
 
-def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim, group_size=64, bits=4):
+def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim, group_size=64, bits=4,
+         heads_first=False):
     if bits != 4 or group_size not in GROUPS:
         return f"tuned kernels take bits=4 and group_size in {GROUPS} (got bits={bits}, group_size={group_size})"
     if x.dtype not in DTYPES.values():
@@ -182,10 +184,15 @@ def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head
         off = _offset_array(offset)
     else:
         return "offset must be an int in the exact float32 range [0, 2^24) or an integer array"
+    if not isinstance(heads_first, bool):
+        return f"heads_first must be True or False (got {heads_first!r})"
+    # x as given and, with heads_first, q/k/v made in attention's layout: the kernels read K
+    # from the weights and write flat rows, so a model's step needs no reshape nodes around it
     lead = x.shape[:-1]
-    return Call([as_shape(x, (1, k)), norm_w, eps_array(eps), wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, off],
+    outs = [(1, n // d, 1, d) for n in (nq, nk, nk)] if heads_first else [(*lead, nq), (*lead, nk), (*lead, nk)]
+    return Call([x, norm_w, eps_array(eps), wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, off],
                 {"NQ": nq, "NK": nk, "K": k, "G": group_size, "D": d}, dtype_name(x.dtype),
-                [(*lead, nq), (*lead, nk), (*lead, nk)], finish=lambda outs: (outs[0], outs[1], outs[2]))
+                outs, finish=lambda outs: (outs[0], outs[1], outs[2]))
 
 
 def _rows(s):

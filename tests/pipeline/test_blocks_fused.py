@@ -259,3 +259,34 @@ def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
     assert bound[0].inputs[-1] is x and out.shape == x.shape  # the residual as given, the result x's shape
     assert tuned.fallbacks() == {}
     np.testing.assert_allclose(np.asarray(out), np.asarray(b._out(x, o)), rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatch):
+    """With a variant serving norm_qkv_rope (its Metal template on the emulator), the pre half
+    is that one call: the token goes in as (1, 1, dims) and q, k, v come out (1, heads, 1,
+    head_dim) from the kernel, no view nodes around it, with the unfused half's values."""
+    from hlh_mlx import runtime, templates, variants
+
+    from .test_tuned import write
+
+    t = next(t for t in templates.discover("norm_qkv_rope") if t.backend == "metal")
+    write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32}, "float32",
+          variants.make(t, {"NSG": 2, "PW": 2}), ms=0.5, base_ms=1.0)
+    tuned.refresh()
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    patching.patch(model)
+    b = model.model.layers[0]
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(3))
+    mx.eval(x)
+    b._steps(x)  # the fused step's freqs, as the decode step sets them
+    assert b._fused_steps_that_pay(x)[0]
+    bound = []
+    real = runtime._bind
+    monkeypatch.setattr(runtime, "_bind", lambda op, a, k: bound.append(real(op, a, k)) or bound[-1])
+    tuned.refresh()
+    from hlh_mlx.ops.rope import _offset_array
+    got = b._qkv_fused(x, _offset_array(9))
+    assert len(bound) == 1 and bound[0].inputs[0] is x
+    assert [o.shape for o in got] == [(1, 4, 1, 32), (1, 2, 1, 32), (1, 2, 1, 32)] and tuned.fallbacks() == {}
+    for g, w in zip(got, b._qkv(x, 9)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)

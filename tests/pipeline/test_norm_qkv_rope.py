@@ -159,6 +159,28 @@ def test_a_tuned_variant_serves_every_offset_from_one_plan(store_dir, rng, dtype
     assert tuned.fallbacks() == {}
 
 
+def test_a_token_in_and_heads_first_out_take_no_views(store_dir, rng):
+    """A model's (1, 1, K) token goes in as it is, and with heads_first q, k and v come out
+    (1, heads, 1, D), the layout attention takes, from the kernel itself (the Metal template
+    on the emulator) and from the built-in alike, with the values of the flat call."""
+    v = simd_variant(NSG=2, PW=2)
+    write(store_dir, NAME, S32, "float32", v, ms=0.5, base_ms=1.0)
+    d, g = S32["D"], S32["G"]
+    a = args_for(rng, S32["NQ"], S32["NK"], S32["K"], d, "float32", group_size=g)
+    flat = tuned.norm_qkv_rope(*a, offset=7, head_dim=d, group_size=g)
+    x3 = a[0].reshape(1, 1, -1)
+    got = tuned.norm_qkv_rope(x3, *a[1:], offset=7, head_dim=d, group_size=g, heads_first=True)
+    assert [t.shape for t in got] == [(1, S32["NQ"] // d, 1, d), (1, S32["NK"] // d, 1, d), (1, S32["NK"] // d, 1, d)]
+    assert tuned.fallbacks() == {}
+    for h, f in zip(got, flat):
+        assert mx.array_equal(h.reshape(f.shape), f).item()
+    builtin = norm_qkv_rope(x3, *a[1:], 7, d, group_size=g, heads_first=True)
+    assert [t.shape for t in builtin] == [t.shape for t in got]
+    for h, b in zip(got, builtin):
+        np.testing.assert_allclose(np.asarray(h), np.asarray(b), rtol=1e-4, atol=1e-4)
+    assert OP.bind(*a, 7, d, group_size=g, heads_first="yes") == "heads_first must be True or False (got 'yes')"
+
+
 def test_untuned_the_builtin_runs_and_says_why(store_dir, rng):
     a = args_for(rng, 128, 64, 256, 64, "float16")
     assert tuned.explain(NAME, *a, offset=3, head_dim=64).startswith("built-in: no stored norm_qkv_rope variant")
