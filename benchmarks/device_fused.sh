@@ -44,6 +44,12 @@ with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-ml
   python -c "import mlx_lm.generate" || echo "mlx-lm does not import: carry .device-mlx/lm (or lm1, then lm2)"
 }
 picks() { local o=(); for v in "$@"; do o+=(--variant "$v"); done; echo "${o[@]}"; }
+run_validate() {  # run_validate SECONDS FILE MODEL ARGS...: hlh_mlx validate, its summary, the JSON in $res/FILE
+  local secs=$1 file=$2; shift 2
+  timeout "$secs" python -m hlh_mlx validate "$@" --json "$res/$file" 2>&1 \
+    | grep -v "^warning\|Warning\|_choices" | tail -14
+  pack
+}
 
 case "${1:-}" in
   sweeps)
@@ -71,9 +77,7 @@ case "${1:-}" in
     timeout 200 python benchmarks/decode_breakdown.py --layers 8 --steps 30 --profile 30 \
       --out "$res/breakdown_llama8_4bit_profile.json" 2>&1 | grep -v "Warning\|_choices\[key\]" | tail -120
     pack
-    timeout 330 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4 \
-      --json "$res/validate_llama-3-8b-4bit_32layers_alternated.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
-    pack
+    run_validate 330 validate_llama-3-8b-4bit_32layers_alternated.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4
     ;;
   host)
     timeout 90 python benchmarks/source_size_cost.py --out "$res/source_size_cost.json" 2>&1 | grep -v '^{'; pack
@@ -97,9 +101,7 @@ case "${1:-}" in
     sweep norm_qkv_rope 60 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
       $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
     with_lm
-    timeout 300 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3 \
-      --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -12
-    pack
+    run_validate 300 validate_llama-3-8b-4bit_32layers_method6.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
   short)  # what a short device budget buys: node costs, the fused decode ops re-timed (method 6), one validate
     timeout 60 python -c "import json,sys; sys.path.insert(0,'benchmarks'); import decode_breakdown as d; \
@@ -110,24 +112,18 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     sweep qgemv_add 40 --template splitk --budget 1 --shape 4096x14336x64 $(picks CS=1,KS=4,PW=4,RPT=2,TEAMS=1,U=2,XS=0)
     sweep norm_qgemv_swiglu 40 --template splitk --budget 1 --shape 14336x4096x64 $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0)
     with_lm
-    timeout 150 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 48 --repeats 2 \
-      --json "$res/validate_llama-3-8b-4bit_32layers_method6.json" 2>&1 | grep -v "^warning\\|Warning\\|_choices" | tail -12
-    pack
+    run_validate 150 validate_llama-3-8b-4bit_32layers_method6.json llama-3-8b --bits 4 --layers 32 --tokens 48 --repeats 2
     ;;
   validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)
     with_lm
-    timeout 400 python -m hlh_mlx validate llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4 \
-      --json "$res/validate_llama-3-8b-4bit_32layers.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
-    pack
+    run_validate 400 validate_llama-3-8b-4bit_32layers.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 4
     timeout 150 python benchmarks/decode_graph.py --layers 32 --steps 20 --out "$res/decode_graph_32.json" \
       2>&1 | grep -v "Warning\|_choices" | tail -8
     pack
     ;;
   moe)
     with_lm
-    timeout 300 python -m hlh_mlx validate qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3 \
-      --json "$res/validate_qwen1.5-moe-4bit.json" 2>&1 | grep -v "^warning\|Warning\|_choices" | tail -14
-    pack
+    run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
   *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe" >&2; exit 2 ;;
 esac
