@@ -20,7 +20,8 @@ fused ops, each a tuned kernel where one beats the built-ins it replaces (else t
 built-ins, the same computation):
 
     pre:  q, k, v = norm_qkv_rope(x, ...)          # norm, q/k/v projections, RoPE: 6 launches -> 1
-    post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 2 -> 1
+    post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 3 -> 1 (o as attention
+                                                   #   leaves it: no reshape)
           y = norm_qgemv_swiglu(h, ...)            # norm, gate, up, SwiGLU: 4 -> 1 (or -> 2:
                                                    #   rms_norm, qgemv_swiglu, if cheaper)
           out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
@@ -247,9 +248,9 @@ class DecoderBlock(nn.Module):
 
     def _out_fused(self, x, o):
         """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual.
-        The activations keep x's (1, 1, dims) shape throughout (the fused ops take one token
-        under any leading 1-dims): one reshape, of the heads into a row, and no other."""
-        args, kw = self._add_call(self["self_attn"].o_proj, o.reshape(x.shape[:-1] + (-1,)), x)
+        No view nodes: qgemv_add reads attention's (1, heads, 1, head_dim) output as the row
+        it is in memory, and the activations keep x's (1, 1, dims) shape throughout."""
+        args, kw = self._add_call(self["self_attn"].o_proj, o, x)
         h = tuned.qgemv_add.no_grad(*args, **kw)
         args, kw = self._mlp_call(h)
         if self._mlp_fused:
@@ -277,7 +278,7 @@ class DecoderBlock(nn.Module):
         # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
         # and dtypes only)
         lead = x.shape[:-1]
-        o1 = mx.zeros(lead + (o["weight"].shape[1] * 8,), x.dtype)
+        o1 = mx.zeros((1, self["self_attn"].n_heads, 1, self._head_dim()), x.dtype)  # attention's output
         h1 = mx.zeros(lead + (dn["weight"].shape[0],), x.dtype)
         y1 = mx.zeros(lead + (dn["weight"].shape[1] * 8,), x.dtype)
         # every call asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it

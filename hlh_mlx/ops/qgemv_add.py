@@ -54,7 +54,14 @@ def _magnitude(x, wq, scales, biases, r):
 
 def qgemv_add(x, w, scales, biases, r, group_size=64, bits=4):
     """r + x @ W.T with a 4-bit affine quantized W: a decoder block's o_proj or down_proj and its
-    residual add at decode, as mlx-lm computes them (mx.quantized_matmul, then + r)."""
+    residual add at decode, as mlx-lm computes them (mx.quantized_matmul, then + r).
+
+    One token x may also come in another layout of its K values, attention's heads
+    (1, heads, 1, head_dim) for o_proj: it is read as the row r's leading dims and K (the
+    tuned kernels read it as it is; the built-in composition reshapes it)."""
+    k = w.shape[1] * 32 // bits
+    if x.shape[-1] != k and x.size == k and isinstance(r, mx.array):
+        x = x.reshape(*r.shape[:-1], k)
     return r + mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
 
@@ -71,25 +78,30 @@ def bind(x, w, scales, biases, r, group_size=64, bits=4):
         return f"x's dtype {x.dtype} has no tuned kernels"
     if scales.dtype != x.dtype or biases.dtype != x.dtype or w.dtype != mx.uint32:
         return "x, scales and biases must share one dtype; w must be uint32"
-    k = x.shape[-1]
+    if w.ndim != 2:
+        return f"w must be (N, K/8) uint32 (got {w.ndim} dims)"
+    n, k = w.shape[0], w.shape[1] * 8
+    if not isinstance(r, mx.array):
+        return f"the residual must be an mx.array (got {type(r).__name__})"
+    # one token: x (..., K), or its K values in another layout (attention's heads), then
+    # read as a row of r's shape
+    as_row = x.shape[-1] != k and x.size == k and r.shape[-1:] == (n,) and r.size == n
+    if x.shape[-1] != k and not as_row:
+        return f"x's last dimension {x.shape[-1]} is not w's K = {k} (w is ({n}, {k // 8}) uint32), " \
+               f"nor is x one token of {k} values for a residual (1, ..., {n})"
     if x.size != k:
         return f"one token only ({x.size // k} rows given)"
     if k % group_size:
         return f"x's last dimension {k} is not a multiple of the group size {group_size}"
-    n = w.shape[0]
-    if w.shape != (n, k // 8):
-        return f"w must be ({n}, {k // 8}) uint32 for x's last dimension {k}"
     if scales.shape != (n, k // group_size) or biases.shape != scales.shape:
         return f"scales and biases must be ({n}, {k // group_size}): x's last dimension over the group size"
-    out = (*x.shape[:-1], n)
-    if not isinstance(r, mx.array):
-        return f"the residual must be an mx.array (got {type(r).__name__})"
+    out = r.shape if as_row else (*x.shape[:-1], n)
     if r.shape != out:
         return f"the residual must have shape {out}, x's leading dims and N (got {r.shape}: no broadcasting)"
     if r.dtype != x.dtype:
         return f"the residual must be in x's dtype {x.dtype} (got {r.dtype}: no promotion)"
-    # x and r as given (one token under any leading 1-dims: the kernels read K and N from the
-    # weights), so a model's (1, 1, K) activations need no reshape nodes around the call
+    # x and r as given (one token under any leading 1-dims, or attention's heads: the kernels
+    # read K and N from the weights), so a model's activations need no view nodes around the call
     return Call([x, w, scales, biases, r], {"N": n, "K": k, "G": group_size},
                 dtype_name(x.dtype), [out])
 

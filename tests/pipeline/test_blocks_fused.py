@@ -228,8 +228,8 @@ def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
     """With variants serving qgemv_add and norm_qgemv_swiglu (real templates on the
     emulator), the post half's activations keep x's (1, 1, dims) shape end to end: the
     kernels get them as they are (no reshape to (1, dims) and back: each view is a graph
-    node the host pays for), the heads of o reshaped into a row being the only view, and
-    it computes what the unfused half computes."""
+    node the host pays for), attention's (1, heads, 1, head_dim) output included, and it
+    computes what the unfused half computes."""
     from hlh_mlx import runtime, templates, variants
 
     from .test_tuned import write
@@ -255,8 +255,9 @@ def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
     monkeypatch.setattr(runtime, "_bind", lambda op, a, k: bound.append(real(op, a, k)) or bound[-1])
     tuned.refresh()  # decide the calls again: each is bound once
     out = b._out_fused(x, o)
-    assert [c.inputs[0].shape for c in bound] == [(1, 1, 128), (1, 1, 128), (1, 1, 256)]  # o's row, h, y
-    assert bound[0].inputs[-1] is x and out.shape == x.shape  # the residual as given, the result x's shape
+    assert [c.inputs[0].shape for c in bound] == [(1, 4, 1, 32), (1, 1, 128), (1, 1, 256)]  # o, h, y
+    assert bound[0].inputs[0] is o and bound[0].inputs[-1] is x  # o and the residual as given
+    assert out.shape == x.shape
     assert tuned.fallbacks() == {}
     np.testing.assert_allclose(np.asarray(out), np.asarray(b._out(x, o)), rtol=1e-4, atol=1e-4)
 

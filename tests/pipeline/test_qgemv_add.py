@@ -105,6 +105,11 @@ def test_tuned_call_runs_the_winner_and_equals_the_builtin_composition(store_dir
     y3 = tuned.qgemv_add(x.reshape(1, 1, 512), w, s, b, r.reshape(1, 1, 45), group_size=64)
     assert y3.shape == (1, 1, 45) and tuned.fallbacks() == {}
     assert mx.array_equal(y3.reshape(1, 45), y).item()
+    # one token in attention's (1, heads, 1, head_dim) layout (o_proj's input) is read as the
+    # row it is in memory: r's shape out, no view of x made
+    y4 = tuned.qgemv_add(x.reshape(1, 8, 1, 64), w, s, b, r.reshape(1, 1, 45), group_size=64)
+    assert y4.shape == (1, 1, 45) and tuned.fallbacks() == {}
+    assert mx.array_equal(y4, y3).item()
 
 
 def test_tuned_call_at_group_128(store_dir, rng):
@@ -122,6 +127,10 @@ def test_untuned_call_falls_back_to_the_builtin_with_a_reason(store_dir, rng):
     y = tuned.qgemv_add(*args)
     assert mx.array_equal(y, composed(*args)).item()
     assert sum(tuned.fallbacks().values()) == 1
+    # the built-in composition reads a token in attention's layout as its row too
+    x, w, s, b, r = args
+    y4 = tuned.qgemv_add(x.reshape(1, 4, 1, 64), w, s, b, r.reshape(1, 1, 40))
+    assert y4.shape == (1, 1, 40) and mx.array_equal(y4.reshape(1, 40), y).item()
 
 
 def test_under_compile_the_call_still_matches_the_builtin(store_dir, rng):
@@ -162,7 +171,8 @@ def test_arguments_a_kernel_cannot_serve_fall_back_with_their_reason(store_dir, 
     # arguments the built-in itself may refuse: the binding's reason, never a kernel launch
     refused = [
         ("share one dtype", (x, w, s.astype(mx.float16), b, r)),
-        ("w must be (64, 64) uint32", (x, w[:, :32], s, b, r)),
+        ("x's last dimension 512 is not w's K = 256", (x, w[:, :32], s, b, r)),
+        ("nor is x one token of 512 values", (x.reshape(1, 8, 1, 64)[:, :4], w, s, b, r)),
         ("scales and biases must be (64, 8)", (x, w, s[:, :4], b[:, :4], r)),
         ("scales and biases are needed", (x, w, s, None, r)),
         ("has no tuned kernels", (x.astype(mx.int32), w, s, b, r)),
