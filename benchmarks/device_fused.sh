@@ -32,9 +32,12 @@ sweep() {  # sweep OP SECONDS ARGS...
 }
 with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-mlx/lm, or
   # its halves lm1 (carried with MLX's first half) and lm2 (with the second: the
-  # transformers and tokenizers wheels), each call then under 64 MiB with the tree; made here by
-  #   mkdir -p .device-mlx/lm1 .device-mlx/lm2; ln .device-mlx/lm/{transformers,tokenizers}-*.whl .device-mlx/lm2/
-  #   for f in .device-mlx/lm/*.whl; do [ -e ".device-mlx/lm2/${f##*/}" ] || ln "$f" .device-mlx/lm1/; done
+  # transformers wheel), each call then under 64 MiB with the tree as the tool counts it (disk
+  # blocks, not bytes); hf_xet and sentencepiece left out (no downloads, no tokenizer models
+  # on the device); made here by
+  #   mkdir -p .device-mlx/lm1 .device-mlx/lm2; ln .device-mlx/lm/transformers-*.whl .device-mlx/lm2/
+  #   for f in .device-mlx/lm/*.whl; do case "${f##*/}" in transformers-*|hf_xet-*|sentencepiece-*) ;;
+  #     *) ln "$f" .device-mlx/lm1/;; esac; done
   export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
   for d in .device-mlx/lm .device-mlx/lm1 .device-mlx/lm2; do
     [ -d "$d" ] && [ ! -f "/tmp/lm-site/.from-${d##*/}" ] || continue
