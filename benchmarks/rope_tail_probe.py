@@ -1,0 +1,110 @@
+"""Why norm_qkv_rope's kernel takes 20-40 us of GPU per call in a chain where qgemv, with
+two thirds of its bytes, takes ~7 (benchmarks/results/nvidia-h200/fused_probe.json): the
+same variant with parts of its source changed, each timed as fused_probe times a chain of
+dependent calls, and checked against the op's reference at three offsets.
+
+    python benchmarks/rope_tail_probe.py [--calls 100] [--out F [--force]]
+
+Edits (each a text replacement in the rendered source; the rest of the kernel unchanged):
+  as_is     the template's expected winner
+  sincosf   sin and cos in fp32 (`sincosf`, full range reduction) instead of fp64
+  no_rope   no rotation at all (wrong values: timing only, to bound the tail's cost)
+Writes: a table to stdout; the JSON to F only when --out F is given (an existing F is
+refused before anything runs, unless --force).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fused_probe import _template, per_call  # noqa: E402
+
+from hlh_mlx import backends, ops, paths, variants  # noqa: E402
+from hlh_mlx.cli import _params  # noqa: E402
+
+SHAPE = {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}
+FP64 = """            double sd, cd;
+            sincos(static_cast<double>(theta), &sd, &cd);
+            const float sn = static_cast<float>(sd), cs = static_cast<float>(cd);"""
+EDITS = {
+    "as_is": None,
+    "sincosf": "            float sn, cs;\n            sincosf(theta, &sn, &cs);",
+    "no_rope": "            const float sn = 0.0f * theta, cs = 1.0f;",
+}
+PARAMS = ["KS=2,RPT=2,TEAMS=2,U=2,XS=0", "KS=1,RPT=2,TEAMS=4,U=4,XS=0"]
+
+
+def edited(params: str, edit: str | None):
+    t = _template("norm_qkv_rope", "splitk")
+    v = variants.make(t, _params(t, params.split(",")))
+    if edit is not None:
+        r = v.rendered
+        if FP64 not in r.source:
+            raise ValueError("the template's sin/cos lines changed: update FP64 in this probe")
+        v.__dict__["rendered"] = dataclasses.replace(r, source=r.source.replace(FP64, edit))
+        v.__dict__.pop("id", None)  # a new kernel name for the new text
+    return v
+
+
+def max_error(launch, op, offsets=(0, 3000, 100000)) -> dict:
+    out = {}
+    for off in offsets:
+        inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(1))
+        inputs[-1] = mx.array([off], dtype=mx.int32)
+        got, want = launch(*inputs), op.reference(*inputs)
+        err = max(float(mx.max(mx.abs(g.astype(mx.float32).reshape(-1) - w.astype(mx.float32).reshape(-1))))
+                  for g, w in zip(got, want))
+        out[str(off)] = round(err, 5)
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=100)
+    paths.output_options(ap)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+outputs = paths.given_output  # the files this run writes
+
+
+def main():
+    a = parse_args()
+    op = ops.get("norm_qkv_rope")
+    rows = []
+    for params in PARAMS:
+        for name, edit in EDITS.items():
+            row = {"params": params, "edit": name}
+            try:
+                v = edited(params, edit)
+                launch = backends.Kernel(v, "cuda").launcher(SHAPE, "float16", op.output_shapes(SHAPE),
+                                                             op.output_dtypes(mx.float16))
+                row["max_abs_error"] = max_error(launch, op)
+                for off in (0, 3000):
+                    inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
+                    inputs[-1] = mx.array([off], dtype=mx.int32)
+                    mx.eval(inputs)
+                    row[f"offset_{off}"] = per_call(launch, inputs, a.calls)
+            except Exception as e:  # report and go on: one broken edit must not hide the others
+                row["error"] = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            print(json.dumps(row))
+    inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
+    mx.eval(inputs)
+    rows.append({"edit": "builtin", "offset_0": per_call(op.baseline_for(SHAPE), inputs, a.calls)})
+    print(json.dumps(rows[-1]))
+    result = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "tolerance_float16": op.tolerance["float16"], "calls": a.calls, "rows": rows}
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
