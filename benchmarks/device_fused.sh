@@ -122,6 +122,13 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     # re-timed under method 6 (which may make the pre half one fused call), the 32-layer validate
     timeout 120 python benchmarks/rope_tail_probe.py --out "$res/rope_tail_probe.json" 2>&1 | tail -8
     pack
+    if command -v ncu >/dev/null; then  # the kernels' own durations (hardware counters, where readable)
+      timeout 150 ncu --clock-control none -k regex:norm_qkv --metrics gpu__time_duration.sum --csv --page raw \
+        python benchmarks/rope_tail_probe.py --calls 3 >"$res/rope_tail_ncu.csv" 2>"$res/rope_tail_ncu.err"
+      python benchmarks/ncu_durations.py "$res/rope_tail_ncu.csv" --out "$res/rope_tail_ncu.json" \
+        || tail -5 "$res/rope_tail_ncu.err"
+      pack
+    fi
     sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
       $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
     with_lm
