@@ -9,6 +9,8 @@ Edits (each a text replacement in the rendered source; the rest of the kernel un
   as_is     the template's expected winner
   sincosf   sin and cos in fp32 (`sincosf`, full range reduction) instead of fp64
   no_rope   no rotation at all (wrong values: timing only, to bound the tail's cost)
+  no_norm   no sum of x^2 and no multiply by norm_w in the dot loop (wrong values: timing only)
+  no_norm_no_rope  both left out: what is left is a three-weight 4-bit gemv
 Writes: a table to stdout; the JSON to F only when --out F is given (an existing F is
 refused before anything runs, unless --force).
 """
@@ -33,22 +35,29 @@ SHAPE = {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}
 FP64 = """            double sd, cd;
             sincos(static_cast<double>(theta), &sd, &cd);
             const float sn = static_cast<float>(sd), cs = static_cast<float>(cd);"""
-EDITS = {
-    "as_is": None,
-    "sincosf": "            float sn, cs;\n            sincosf(theta, &sn, &cs);",
-    "no_rope": "            const float sn = 0.0f * theta, cs = 1.0f;",
+NORM = """                ssq += f * f;
+                hv[j] = f * static_cast<float>(ws.v[j]);"""
+EDITS = {  # name: {original text: replacement}
+    "as_is": {},
+    "sincosf": {FP64: "            float sn, cs;\n            sincosf(theta, &sn, &cs);"},
+    "no_rope": {FP64: "            const float sn = 0.0f * theta, cs = 1.0f;"},
+    # the norm's share: no sum of x^2, no multiply by norm_w (wrong values: timing only)
+    "no_norm": {NORM: "                hv[j] = f;"},
+    "no_norm_no_rope": {NORM: "                hv[j] = f;", FP64: "            const float sn = 0.0f * theta, cs = 1.0f;"},
 }
 PARAMS = ["KS=2,RPT=2,TEAMS=2,U=2,XS=0", "KS=1,RPT=2,TEAMS=4,U=4,XS=0"]
 
 
-def edited(params: str, edit: str | None):
+def edited(params: str, edit: dict):
     t = _template("norm_qkv_rope", "splitk")
     v = variants.make(t, _params(t, params.split(",")))
-    if edit is not None:
-        r = v.rendered
-        if FP64 not in r.source:
-            raise ValueError("the template's sin/cos lines changed: update FP64 in this probe")
-        v.__dict__["rendered"] = dataclasses.replace(r, source=r.source.replace(FP64, edit))
+    if edit:
+        r, source = v.rendered, v.rendered.source
+        for old, new in edit.items():
+            if old not in source:
+                raise ValueError(f"the template no longer has {old.strip()[:40]!r}: update this probe")
+            source = source.replace(old, new)
+        v.__dict__["rendered"] = dataclasses.replace(r, source=source)
         v.__dict__.pop("id", None)  # a new kernel name for the new text
     return v
 
