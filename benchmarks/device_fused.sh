@@ -124,7 +124,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     pack
     if command -v ncu >/dev/null; then  # the kernels' own durations (hardware counters, where readable)
       timeout 150 ncu --clock-control none -k regex:norm_qkv --metrics gpu__time_duration.sum --csv --page raw \
-        python benchmarks/rope_tail_probe.py --calls 3 >"$res/rope_tail_ncu.csv" 2>"$res/rope_tail_ncu.err"
+        python benchmarks/rope_tail_probe.py --profiler --calls 5 >"$res/rope_tail_ncu.csv" 2>"$res/rope_tail_ncu.err"
       python benchmarks/ncu_durations.py "$res/rope_tail_ncu.csv" --out "$res/rope_tail_ncu.json" \
         || tail -5 "$res/rope_tail_ncu.err"
       pack

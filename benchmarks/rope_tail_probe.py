@@ -4,6 +4,7 @@ same variant with parts of its source changed, each timed as fused_probe times a
 dependent calls, and checked against the op's reference at three offsets.
 
     python benchmarks/rope_tail_probe.py [--calls 100] [--out F [--force]]
+    ncu ... python benchmarks/rope_tail_probe.py --profiler --calls 5   # each kernel's own duration
 
 Edits (each a text replacement in the rendered source; the rest of the kernel unchanged):
   as_is     the template's expected winner
@@ -77,6 +78,8 @@ def max_error(launch, op, offsets=(0, 3000, 100000)) -> dict:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--profiler", action="store_true",
+                    help="under a profiler (ncu): each edit's kernel launched --calls times, nothing else")
     paths.output_options(ap)
     return paths.parse_refusing_overwrite(ap, argv, outputs)
 
@@ -95,6 +98,12 @@ def main():
                 v = edited(params, edit)
                 launch = backends.Kernel(v, "cuda").launcher(SHAPE, "float16", op.output_shapes(SHAPE),
                                                              op.output_dtypes(mx.float16))
+                if a.profiler:
+                    inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
+                    inputs[-1] = mx.array([3000], dtype=mx.int32)
+                    for _ in range(a.calls):
+                        mx.eval(launch(*inputs))
+                    continue
                 row["max_abs_error"] = max_error(launch, op)
                 for off in (0, 3000):
                     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
@@ -105,6 +114,8 @@ def main():
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             print(json.dumps(row))
+    if a.profiler:
+        return
     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
     mx.eval(inputs)
     rows.append({"edit": "builtin", "offset_0": per_call(op.baseline_for(SHAPE), inputs, a.calls)})
