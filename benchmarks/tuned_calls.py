@@ -14,6 +14,7 @@ attention; fp16), both sides called with the user's own arguments, as a model ca
 - host us: building one call on the host (no evaluation), uncompiled, and inside a
   function the user compiled with mx.compile;
 - e2e: built-in (chain + host) / tuned (chain + host), uncompiled and compiled;
+- each side measured --rounds times, alternating which goes first; each figure the median;
 - which variant ran, or why the built-in ran (hlh_mlx.tuned.explain).
 Results of the sweeps on this device decide what runs: sweep first (benchmarks/device_ops.sh).
 """
@@ -81,7 +82,7 @@ def calls(op_name, shape, inputs):
     raise KeyError(op_name)
 
 
-def measure_case(op_name, shape_text, dtype=mx.float16):
+def measure_case(op_name, shape_text, dtype=mx.float16, rounds: int = 2):
     op = ops.get(op_name)
     shape = op.parse_shape(shape_text)
     rng = np.random.default_rng(0)
@@ -90,14 +91,22 @@ def measure_case(op_name, shape_text, dtype=mx.float16):
     builtin, tuned_fn = calls(op_name, shape, first)
     row = {"op": op_name, "shape": shape_text, "dtype": "float16",
            "explain": _explain(op_name, builtin, tuned_fn, sets[0])}
-    for side, fn in (("builtin", builtin), ("tuned", tuned_fn)):
-        t = timing.measure(fn, sets, cache_resident=resident)
-        row[f"{side}_chain_ms"] = t.median_ms
-        row[f"{side}_spread"] = round(t.spread, 4)
-        row["link"] = t.link
-        row[f"{side}_host_us"] = timing.host_us(fn, sets[0])
-        row[f"{side}_host_compiled_us"] = timing.host_us(mx.compile(fn), sets[0])
-        mx.clear_cache()
+    # the sides alternate (B T, T B, ...) and each figure is the median over the rounds: a
+    # machine that drifts during a case moves both sides alike (a fallback runs the built-in
+    # itself, and measured once each way it differed by up to 2x from clock drift alone)
+    sides = [("builtin", builtin), ("tuned", tuned_fn)]
+    runs: dict = {}
+    for r in range(rounds):
+        for side, fn in (sides if r % 2 == 0 else sides[::-1]):
+            t = timing.measure(fn, sets, cache_resident=resident)
+            row["link"] = t.link
+            for key, value in ((f"{side}_chain_ms", t.median_ms), (f"{side}_spread", round(t.spread, 4)),
+                               (f"{side}_host_us", timing.host_us(fn, sets[0])),
+                               (f"{side}_host_compiled_us", timing.host_us(mx.compile(fn), sets[0]))):
+                runs.setdefault(key, []).append(value)
+            mx.clear_cache()
+    row.update({key: statistics.median(values) for key, values in runs.items()})
+    row["rounds"] = {key: values for key, values in runs.items() if not key.endswith("spread")}
     b, v = row["builtin_chain_ms"], row["tuned_chain_ms"]
     row["gpu_x"] = b / v
     row["e2e_x"] = (b + row["builtin_host_us"] / 1e3) / (v + row["tuned_host_us"] / 1e3)
@@ -131,6 +140,8 @@ def parse_args(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any machine")
     paths.output_options(ap)
     ap.add_argument("--only", action="append", default=[], help="only these ops (repeat)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="times each side is measured, the order alternating (default 2: B T, then T B)")
     return paths.parse_refusing_overwrite(ap, argv, outputs)
 
 
@@ -145,7 +156,7 @@ def main():
         if args.only and op_name not in args.only:
             continue
         try:
-            rows.append(measure_case(op_name, shape))
+            rows.append(measure_case(op_name, shape, rounds=args.rounds))
         except Exception as e:  # one broken case must not cost the others' numbers
             rows.append({"op": op_name, "shape": shape, "error": f"{type(e).__name__}: {e}"})
         r = rows[-1]
