@@ -3,6 +3,9 @@ gpu__time_duration.sum ...`): per kernel name, the number of launches and the me
 min and max duration in microseconds. The GPU time of a kernel alone, launch gaps excluded.
 
     python benchmarks/ncu_durations.py NCU.csv [--out F [--force]]
+
+Writes: a table to stdout; the JSON to F only when --out F is given (an existing F is
+refused before anything runs, unless --force).
 """
 
 import argparse
@@ -40,11 +43,20 @@ def durations(path: str) -> dict:
                 "max_us": round(max(d), 2)} for n, d in by_name.items()}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="?", help="ncu's CSV output")
     paths.output_options(ap)
-    a = paths.parse_refusing_overwrite(ap, argv, paths.given_output)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+outputs = paths.given_output  # the files this run writes
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.csv is None:
+        raise SystemExit("ncu_durations.py: give the CSV that ncu wrote (see the docstring)")
     d = durations(a.csv)
     for n, s in d.items():
         print(f"{s['median_us']:9.2f} us median ({s['min_us']}-{s['max_us']}, {s['launches']} launches)  {n[:100]}")
