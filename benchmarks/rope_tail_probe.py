@@ -9,6 +9,7 @@ dependent calls, and checked against the op's reference at three offsets.
 Edits (each a text replacement in the rendered source; the rest of the kernel unchanged):
   as_is     the template's expected winner
   sincosf   sin and cos in fp32 (`sincosf`, full range reduction) instead of fp64
+  reduced_fast  the angle reduced to [-pi, pi] by hand, then `__sincosf`
   no_rope   no rotation at all (wrong values: timing only, to bound the tail's cost)
   no_norm   no sum of x^2 and no multiply by norm_w in the dot loop (wrong values: timing only)
   no_norm_no_rope  both left out: what is left is a three-weight 4-bit gemv
@@ -41,6 +42,13 @@ NORM = """                ssq += f * f;
 EDITS = {  # name: {original text: replacement}
     "as_is": {},
     "sincosf": {FP64: "            float sn, cs;\n            sincosf(theta, &sn, &cs);"},
+    # the angle reduced to [-pi, pi] by hand (2 pi in two fp32 parts, fma), then the hardware
+    # approximation, accurate on that range whatever the compile flags
+    "reduced_fast": {FP64: """            const float turns = rintf(theta * 0.159154943091895336f);
+            float r = fmaf(-turns, 6.28318548202514648f, theta);
+            r = fmaf(turns, 1.74845553e-7f, r);
+            float sn, cs;
+            __sincosf(r, &sn, &cs);"""},
     "no_rope": {FP64: "            const float sn = 0.0f * theta, cs = 1.0f;"},
     # the norm's share: no sum of x^2, no multiply by norm_w (wrong values: timing only)
     "no_norm": {NORM: "                hv[j] = f;"},
