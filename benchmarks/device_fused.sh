@@ -8,7 +8,7 @@
 #   bash benchmarks/device_fused.sh short    # node costs, the fused decode ops re-timed, one validate (~4 min)
 #   bash benchmarks/device_fused.sh validate # hlh_mlx validate Llama-3-8B 4-bit (32 layers), its step's nodes
 #   bash benchmarks/device_fused.sh moe      # hlh_mlx validate Qwen1.5-MoE-A2.7B 4-bit (24 layers)
-#   bash benchmarks/device_fused.sh pre      # norm_qkv_rope: its GPU tail probed, re-timed (method 6), validate
+#   bash benchmarks/device_fused.sh pre      # norm_qkv_rope: where its GPU time goes, re-timed (method 6)
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -118,8 +118,8 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 150 validate_llama-3-8b-4bit_32layers_method6.json llama-3-8b --bits 4 --layers 32 --tokens 48 --repeats 2
     ;;
-  pre)  # the pre half: where norm_qkv_rope's GPU time goes (rope_tail_probe.py), its winners
-    # re-timed under method 6 (which may make the pre half one fused call), the 32-layer validate
+  pre)  # the pre half: where norm_qkv_rope's GPU time goes (rope_tail_probe.py, and ncu), its
+    # winners re-timed under method 6 (which may make the pre half one fused call); ~6 minutes
     timeout 120 python benchmarks/rope_tail_probe.py --out "$res/rope_tail_probe.json" 2>&1 | tail -8
     pack
     if command -v ncu >/dev/null; then  # the kernels' own durations (hardware counters, where readable)
@@ -131,8 +131,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     fi
     sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
       $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
-    with_lm
-    run_validate 330 validate_llama-3-8b-4bit_32layers_pre.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
+    with_lm  # installed now (while carried) for a later call's validate
     ;;
   validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)
     with_lm
