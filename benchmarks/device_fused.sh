@@ -120,7 +120,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     ;;
   pre)  # the pre half: where norm_qkv_rope's GPU time goes (rope_tail_probe.py, and ncu), its
     # winners re-timed under method 6 (which may make the pre half one fused call); ~6 minutes
-    timeout 120 python benchmarks/rope_tail_probe.py --out "$res/rope_tail_probe.json" 2>&1 | tail -8
+    timeout 120 python benchmarks/rope_tail_probe.py --out "$res/rope_tail_probe.json" 2>&1 | grep "^{"
     pack
     if command -v ncu >/dev/null; then  # the kernels' own durations (hardware counters, where readable)
       timeout 150 ncu --clock-control none -k regex:norm_qkv --metrics gpu__time_duration.sum --csv --page raw \
