@@ -63,7 +63,7 @@ case "${1:-}" in
     sweep norm_qgemv_swiglu 130 --template splitk --budget 5 --shape 14336x4096x64 \
       $(picks KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=0 KS=1,RPT=2,TEAMS=4,PW=4,U=4,XS=4096 KS=2,RPT=2,TEAMS=2,PW=4,U=2,XS=0)
     sweep norm_qkv_rope 130 --template splitk --budget 5 --shape 4096x1024x4096x64x128 \
-      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=4096 KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=1,TEAMS=4,U=2,XS=0)
+      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=4096,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=2,RPT=1,TEAMS=4,U=2,XS=0,TRIG=32)
     ;;
   models)
     with_lm
@@ -103,7 +103,7 @@ case "${1:-}" in
     # its records are method 5, whose host cost left out the encoding of the nine nodes its
     # built-in composition makes (one for the kernel): the comparison that may flip
     sweep norm_qkv_rope 60 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
-      $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
+      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
     with_lm
     run_validate 300 validate_llama-3-8b-4bit_32layers_method6.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
@@ -130,7 +130,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
       pack
     fi
     sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
-      $(picks KS=1,RPT=2,TEAMS=4,U=4,XS=0 KS=2,RPT=2,TEAMS=2,U=2,XS=0)
+      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
     with_lm  # installed now (while carried) for a later call's validate
     ;;
   validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)

@@ -28,7 +28,7 @@ CASES = [  # (op, shape, template family, expected winner's params)
     ("norm_qkv_rope", {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}, "splitk",
      None),
     ("norm_qkv_rope", {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}, "splitk",
-     dict(KS=2, RPT=2, TEAMS=2, U=2, XS=4096)),
+     dict(KS=2, RPT=2, TEAMS=2, U=2, XS=4096, TRIG=64)),
     ("qgemv", {"N": 4096, "K": 4096, "G": 64}, "splitk", dict(KS=2, RPT=2, TEAMS=4, PW=4, U=2, CS=1, XS=4096)),
     ("qgemv_add", {"N": 4096, "K": 4096, "G": 64}, "splitk", dict(KS=2, RPT=2, TEAMS=4, PW=4, U=2, CS=1, XS=4096)),
     ("qgemv_add", {"N": 4096, "K": 14336, "G": 64}, "splitk", dict(KS=8, RPT=2, TEAMS=1, PW=4, U=2, CS=1, XS=0)),

@@ -54,7 +54,7 @@ EDITS = {  # name: {original text: replacement}
     "no_norm": {NORM: "                hv[j] = f;"},
     "no_norm_no_rope": {NORM: "                hv[j] = f;", FP64: "            const float sn = 0.0f * theta, cs = 1.0f;"},
 }
-PARAMS = ["KS=2,RPT=2,TEAMS=2,U=2,XS=0", "KS=1,RPT=2,TEAMS=4,U=4,XS=0"]
+PARAMS = ["KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64", "KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64"]  # edits of the fp64 text
 
 
 def edited(params: str, edit: dict):
