@@ -27,7 +27,7 @@ def durations(path: str) -> dict:
     time_key = next((k for k in rows[0] if k.startswith("gpu__time_duration")), None)
     if name_key is None or time_key is None:
         raise SystemExit(f"{path}: no kernel name or gpu__time_duration column in {list(rows[0])}")
-    unit = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+    unit = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "ns": 1e-3, "us": 1.0, "ms": 1e3}
     scale = 1e-3  # ncu's default unit for durations: ns (its second row names the unit)
     by_name: dict = {}
     for r in rows:
