@@ -9,6 +9,7 @@
 #   bash benchmarks/device_fused.sh validate # hlh_mlx validate Llama-3-8B 4-bit (32 layers), its step's nodes
 #   bash benchmarks/device_fused.sh moe      # hlh_mlx validate Qwen1.5-MoE-A2.7B 4-bit (24 layers)
 #   bash benchmarks/device_fused.sh pre      # norm_qkv_rope: where its GPU time goes, re-timed (method 6)
+#   bash benchmarks/device_fused.sh stalls   # ncu's account of norm_qkv_rope's kernel beside a qgemv's, validate
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -132,6 +133,17 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
       $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
     with_lm  # installed now (while carried) for a later call's validate
+    ;;
+  stalls)  # why norm_qkv_rope's kernel takes ~40 us (ncu: 14 MB, a 4096x4096 qgemv of 9 MB ~7 us):
+    # ncu's speed-of-light, memory, occupancy and warp-stall sections of one launch of each, then validate
+    timeout 100 ncu --clock-control none -k "regex:norm_qkv_rope_splitk_66564bd7ca3f|qgemv_splitk" --launch-count 2 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats \
+      python benchmarks/rope_tail_probe.py --profiler --calls 1 >"$res/ncu_stalls.txt" 2>&1
+    grep -v "^{" "$res/ncu_stalls.txt" | grep -E "custom_kernel|Duration|Throughput|Stall|Warp Cycles|Achieved|Theoretical|Registers|Waves|Eligible|Issued|Block Limit|L2 Hit|L1/TEX Hit|Mem Busy|Max Bandwidth" | cut -c1-150 | head -80
+    pack
+    with_lm
+    run_validate 380 validate_llama-3-8b-4bit_32layers_pre.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
   validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)
     with_lm

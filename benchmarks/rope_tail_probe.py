@@ -5,6 +5,7 @@ dependent calls, and checked against the op's reference at three offsets.
 
     python benchmarks/rope_tail_probe.py [--calls 100] [--out F [--force]]
     ncu ... python benchmarks/rope_tail_probe.py --profiler --calls 5   # each kernel's own duration
+      (with --profiler, the 4096x4096 qgemv winner is launched after the edits, for comparison)
 
 Edits (each a text replacement in the rendered source; the rest of the kernel unchanged):
   as_is     the template's expected winner
@@ -122,7 +123,15 @@ def main():
                 row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)
             print(json.dumps(row))
-    if a.profiler:
+    if a.profiler:  # and the 4096x4096 qgemv winner beside it: two thirds of its bytes, ~7 us in a chain
+        q = ops.get("qgemv")
+        shape = {"N": 4096, "K": 4096, "G": 64}
+        t = _template("qgemv", "splitk")
+        v = variants.make(t, _params(t, "KS=2,RPT=2,TEAMS=4,PW=4,U=2,CS=1,XS=4096".split(",")))
+        launch = backends.Kernel(v, "cuda").launcher(shape, "float16", q.output_shapes(shape), q.output_dtypes(mx.float16))
+        inputs = q.make_inputs(shape, mx.float16, np.random.default_rng(0))
+        for _ in range(a.calls):
+            mx.eval(launch(*inputs))
         return
     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
     mx.eval(inputs)
