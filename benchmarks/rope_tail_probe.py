@@ -8,7 +8,7 @@ dependent calls, and checked against the op's reference at three offsets.
       (with --profiler, the 4096x4096 qgemv winner is launched after the edits, for comparison)
 
 Edits (each a text replacement in the rendered source; the rest of the kernel unchanged):
-  as_is     the template's expected winner
+  as_is     the variant as the template renders it (PARAMS: two plans, fp64 sin/cos, TRIG=64)
   sincosf   sin and cos in fp32 (`sincosf`, full range reduction) instead of fp64
   reduced_fast  the angle reduced to [-pi, pi] by hand, then `__sincosf`
   no_rope   no rotation at all (wrong values: timing only, to bound the tail's cost)
@@ -134,6 +134,7 @@ def main():
             mx.eval(launch(*inputs))
         return
     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
+    inputs[-1] = mx.array([0], dtype=mx.int32)
     mx.eval(inputs)
     rows.append({"edit": "builtin", "offset_0": per_call(op.baseline_for(SHAPE), inputs, a.calls)})
     print(json.dumps(rows[-1]))

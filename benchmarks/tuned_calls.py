@@ -135,12 +135,19 @@ def _last_choice(op_name):
     return choices[-1] if choices else "?"
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {n})")
+    return n
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes: a smoke test on any machine")
     paths.output_options(ap)
     ap.add_argument("--only", action="append", default=[], help="only these ops (repeat)")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=_positive, default=2,
                     help="times each side is measured, the order alternating (default 2: B T, then T B)")
     return paths.parse_refusing_overwrite(ap, argv, outputs)
 

@@ -59,10 +59,19 @@ def qgemv_add(x, w, scales, biases, r, group_size=64, bits=4):
     One token x may also come in another layout of its K values, attention's heads
     (1, heads, 1, head_dim) for o_proj: it is read as the row r's leading dims and K (the
     tuned kernels read it as it is; the built-in composition reshapes it)."""
-    k = w.shape[1] * 32 // bits
-    if x.shape[-1] != k and x.size == k and isinstance(r, mx.array):
-        x = x.reshape(*r.shape[:-1], k)
+    if _token_as_row(x, w, r, bits):
+        x = x.reshape(*r.shape[:-1], x.size)
     return r + mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def _token_as_row(x, w, r, bits=4) -> bool:
+    """x is one token's K values in another layout than (..., K) (attention's heads), to be
+    read as a row of the residual's leading dims: w is (N, K * bits / 32) and r is (..., N)
+    with N values. Anything else is left to MLX (whose own error then names the problem)."""
+    if not (isinstance(w, mx.array) and w.ndim == 2 and isinstance(r, mx.array) and isinstance(x, mx.array)):
+        return False
+    n, k = w.shape[0], w.shape[1] * 32 // bits
+    return x.ndim > 0 and x.shape[-1] != k and x.size == k and r.ndim > 0 and r.shape[-1] == n and r.size == n
 
 
 def _builtin(x, wq, scales, biases, r):
@@ -85,10 +94,13 @@ def bind(x, w, scales, biases, r, group_size=64, bits=4):
         return f"the residual must be an mx.array (got {type(r).__name__})"
     # one token: x (..., K), or its K values in another layout (attention's heads), then
     # read as a row of r's shape
-    as_row = x.shape[-1] != k and x.size == k and r.shape[-1:] == (n,) and r.size == n
+    as_row = _token_as_row(x, w, r, bits)
     if x.shape[-1] != k and not as_row:
+        if x.size == k:
+            return f"x holds one token's {k} values in the shape {x.shape}, read as a row of the residual's " \
+                   f"shape, which must then be (1, ..., {n}) (got {r.shape})"
         return f"x's last dimension {x.shape[-1]} is not w's K = {k} (w is ({n}, {k // 8}) uint32), " \
-               f"nor is x one token of {k} values for a residual (1, ..., {n})"
+               f"nor is x one token of {k} values ({x.size} given)"
     if x.size != k:
         return f"one token only ({x.size // k} rows given)"
     if k % group_size:

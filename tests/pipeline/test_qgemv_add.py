@@ -182,6 +182,12 @@ def test_arguments_a_kernel_cannot_serve_fall_back_with_their_reason(store_dir, 
     for why, args in refused:
         said = tuned.explain("qgemv_add", *args)
         assert said.startswith("built-in") and why in said, (why, said)
+    # a token in attention's layout with a residual it cannot be a row of: the reason names r
+    said = tuned.explain("qgemv_add", x.reshape(1, 8, 1, 64), w, s, b, mx.concatenate([r, r]))
+    assert "residual's shape, which must then be (1, ..., 64) (got (2, 64))" in said, said
+    # and the built-in composition leaves arguments it cannot read to MLX, whose error says why
+    with pytest.raises(ValueError):
+        tuned.qgemv_add(x, w.reshape(-1), s, b, r)
     # and the good call runs the kernel
     n = sum(tuned.fallbacks().values())
     assert rel_error(tuned.qgemv_add(x, w, s, b, r), composed(x, w, s, b, r)) < 2e-5
