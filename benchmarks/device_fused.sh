@@ -10,6 +10,7 @@
 #   bash benchmarks/device_fused.sh moe      # hlh_mlx validate Qwen1.5-MoE-A2.7B 4-bit (24 layers)
 #   bash benchmarks/device_fused.sh pre      # norm_qkv_rope: where its GPU time goes, re-timed (method 6)
 #   bash benchmarks/device_fused.sh stalls   # ncu's account of norm_qkv_rope's kernel beside a qgemv's, validate
+#   bash benchmarks/device_fused.sh calls    # the decode-sized tuned calls, sides alternated (~3 min)
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -144,6 +145,11 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     pack
     with_lm
     run_validate 380 validate_llama-3-8b-4bit_32layers_pre.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
+    ;;
+  calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
+    timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
+      --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_alternated.txt" | tail -32; pack
     ;;
   validate)  # the 32-layer validate, then one step's nodes and host time (decode_graph.py)
     with_lm
