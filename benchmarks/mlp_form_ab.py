@@ -14,7 +14,6 @@ import json
 import time
 
 import mlx.core as mx
-import numpy as np
 
 from hlh_mlx import blocks, models, patching, paths, validate
 
@@ -35,7 +34,7 @@ outputs = paths.given_output  # the files this run writes
 def main():
     a = parse_args()
     model, about = models.load(a.model, bits=4, layers=a.layers)
-    prompt = np.random.default_rng(0).integers(0, about["config"]["vocab_size"], 512).tolist()
+    prompt = validate.random_prompt(model, about, 512)
     base = validate.measure(model, prompt, a.tokens, 3, "uncompiled")
     print(f"unpatched: decode {base['decode_tps']:.1f} tok/s")
     patching.patch(model)

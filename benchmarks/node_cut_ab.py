@@ -17,7 +17,6 @@ import time
 from contextlib import nullcontext
 
 import mlx.core as mx
-import numpy as np
 
 from hlh_mlx import blocks, models, patching, paths, validate
 from hlh_mlx.ops import rope as rope_op
@@ -67,7 +66,7 @@ outputs = paths.given_output  # the files this run writes
 def main():
     a = parse_args()
     model, about = models.load(a.model, bits=4, layers=a.layers)
-    prompt = np.random.default_rng(0).integers(0, about["config"]["vocab_size"], 512).tolist()
+    prompt = validate.random_prompt(model, about, 512)
     report = patching.patch(model)
     layers = [b for b in validate.decoder_blocks(model) if isinstance(b, blocks.DecoderBlock)]
     now = (blocks.DecoderBlock._qkv, blocks.offset_array)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from . import backends, models, ops, patching, runtime
 from . import sweep as sweep_mod
@@ -29,10 +28,8 @@ class Tuning:
 
 def record_calls(model, prompt_tokens: int, decode_tokens: int = 3, seed: int = 0) -> list[tuple]:
     """(op, shape, dtype) of every tuned call one generation makes, in first-call order."""
-    from .validate import _vocab, generate
-    vocab = _vocab(model, {"config": {"vocab_size": getattr(getattr(model, "args", None), "vocab_size", None)},
-                           "source": type(model).__name__})
-    prompt = np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist()
+    from .validate import generate, random_prompt
+    prompt = random_prompt(model, {"config": {}, "source": type(model).__name__}, prompt_tokens, seed)
     runtime.refresh()
     with runtime.lenient():
         generate(model, prompt, decode_tokens)

@@ -142,8 +142,7 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     if max_tokens < 2 or prompt_tokens < 1 or repeats < 1:
         raise ValueError("need at least 2 tokens, a 1-token prompt and 1 repeat")
     model, about = models.load(source, seed=seed, **model_kwargs)
-    vocab = _vocab(model, about)
-    prompt = np.random.default_rng(seed).integers(0, vocab, prompt_tokens).tolist()
+    prompt = random_prompt(model, about, prompt_tokens, seed)
     be = runtime.backend()
     dev = backends.device(be)
     result = {"model": {k: v for k, v in about.items() if k != "config"}, "config": about["config"],
@@ -222,6 +221,12 @@ def _f(v):
 
 def _x(v):
     return "-" if v is None else f"{v:.2f}x"
+
+
+def random_prompt(model, about: dict, tokens: int, seed: int = 0) -> list[int]:
+    """`tokens` token ids drawn uniformly (seeded) from the model's vocabulary: the prompt for
+    a model with random weights, where no text would mean more."""
+    return np.random.default_rng(seed).integers(0, _vocab(model, about), tokens).tolist()
 
 
 def _vocab(model, about) -> int:
