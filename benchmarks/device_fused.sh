@@ -50,6 +50,10 @@ with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-ml
   python -c "import mlx_lm.generate" || echo "mlx-lm does not import: carry .device-mlx/lm (or lm1, then lm2)"
 }
 picks() { local o=(); for v in "$@"; do o+=(--variant "$v"); done; echo "${o[@]}"; }
+qkv_trig() {  # qkv_trig SECONDS: norm_qkv_rope's two leading plans, each with both sin/cos (TRIG)
+  sweep norm_qkv_rope "$1" --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
+    $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
+}
 run_validate() {  # run_validate SECONDS FILE MODEL ARGS...: hlh_mlx validate, its summary, the JSON in $res/FILE
   local secs=$1 file=$2; shift 2
   timeout "$secs" python -m hlh_mlx validate "$@" --json "$res/$file" 2>&1 \
@@ -104,8 +108,7 @@ case "${1:-}" in
     sweep qgemv_swiglu 60 --template splitk --budget 1 --shape 14336x4096x64 $(picks CS=1,KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=0)
     # its records are method 5, whose host cost left out the encoding of the nine nodes its
     # built-in composition makes (one for the kernel): the comparison that may flip
-    sweep norm_qkv_rope 60 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
-      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
+    qkv_trig 60
     with_lm
     run_validate 300 validate_llama-3-8b-4bit_32layers_method6.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
@@ -131,8 +134,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
         || tail -5 "$res/rope_tail_ncu.err"
       pack
     fi
-    sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
-      $(picks KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=2,TEAMS=2,U=2,XS=0,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
+    qkv_trig 90
     with_lm  # installed now (while carried) for a later call's validate
     ;;
   stalls)  # why norm_qkv_rope's kernel takes ~40 us (ncu: 14 MB, a 4096x4096 qgemv of 9 MB ~7 us):
