@@ -11,6 +11,7 @@
 #   bash benchmarks/device_fused.sh pre      # norm_qkv_rope: where its GPU time goes, re-timed (method 6)
 #   bash benchmarks/device_fused.sh stalls   # ncu's account of norm_qkv_rope's kernel beside a qgemv's, validate
 #   bash benchmarks/device_fused.sh calls    # the decode-sized tuned calls, sides alternated (~3 min)
+#   bash benchmarks/device_fused.sh scalars  # small inputs in managed vs device memory, norm_qkv_rope, validate
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -148,6 +149,16 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 380 validate_llama-3-8b-4bit_32layers_pre.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
+  scalars)  # eps and offset read from managed memory across the bus, or from device memory
+    # (scalar_inputs_probe.py); norm_qkv_rope re-timed with its inputs where the runtime puts
+    # them (hlh_mlx.ops.spec.constant), then the 32-layer validate; ~8 minutes
+    timeout 120 python benchmarks/scalar_inputs_probe.py --out "$res/scalar_inputs_probe.json" 2>&1 | grep "^{"
+    pack
+    sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
+      $(picks KS=2,RPT=1,TEAMS=2,U=2,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64 KS=2,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=32)
+    with_lm
+    run_validate 300 validate_llama-3-8b-4bit_32layers_scalars.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
+    ;;
   calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
     timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
       --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
@@ -164,5 +175,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars" >&2; exit 2 ;;
 esac

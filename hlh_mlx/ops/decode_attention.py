@@ -7,12 +7,12 @@ import math
 
 import mlx.core as mx
 
-from .spec import Call, as_shape, OpSpec, dtype_name, random_array
+from .spec import Call, as_shape, OpSpec, constant, dtype_name, random_array
 
 
 def _inputs(s, dtype, rng):
     return [random_array(rng, (s["HQ"], s["D"]), dtype), random_array(rng, (s["HKV"], s["L"], s["D"]), dtype),
-            random_array(rng, (s["HKV"], s["L"], s["D"]), dtype), mx.array([1.0 / math.sqrt(s["D"])], dtype=mx.float32)]
+            random_array(rng, (s["HKV"], s["L"], s["D"]), dtype), constant([1.0 / math.sqrt(s["D"])], mx.float32)]
 
 
 def _reference(q, k, v, scale):
@@ -43,7 +43,7 @@ def bind(q, k, v, *, scale, mask=None, **kwargs):
     _, hkv, l, _ = k.shape
     if v.shape != k.shape or k.shape[3] != d or hq % hkv or not (q.dtype == k.dtype == v.dtype):
         return "k and v (1, HKV, L, D) of q's dtype with HKV dividing HQ"
-    return Call([as_shape(q, (hq, d)), k[0], v[0], mx.array([scale], dtype=mx.float32)],
+    return Call([as_shape(q, (hq, d)), k[0], v[0], constant([scale], mx.float32)],
                 {"HQ": hq, "HKV": hkv, "L": l, "D": d}, dtype_name(q.dtype), [q.shape])
 
 

@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .rms_norm import eps_array
 from .rope import _offset_array
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, constant, dtype_name, random_array
 
 GROUPS = (64, 128)
 BASE = 10000.0
@@ -35,7 +35,7 @@ BASE = 10000.0
 def rope_freqs(d: int, base: float = BASE) -> mx.array:
     """mx.fast.rope's `freqs=` for a base: base ** (2i / D), float32 (the caller folds a
     scale into them: freqs / scale)."""
-    return mx.array([base ** (2 * i / d) for i in range(d // 2)], dtype=mx.float32)
+    return constant([base ** (2 * i / d) for i in range(d // 2)], mx.float32)
 
 
 def _inputs(shape, dtype, rng):
@@ -50,7 +50,7 @@ def _inputs(shape, dtype, rng):
         out += list(mx.quantize(w, group_size=g, bits=4))
     # a small base so every pair turns by a visible angle even at small offsets
     out += [rope_freqs(d, float(rng.choice([10000.0, 100.0]))),
-            mx.array([int(rng.integers(1, 4096))], dtype=mx.int32)]
+            _offset_array(int(rng.integers(1, 4096)))]
     return out
 
 

@@ -4,13 +4,13 @@ kernel serves every model's epsilon (Llama's 1e-5, Qwen's 1e-6)."""
 
 import mlx.core as mx
 
-from .spec import Call, as_shape, dtype_name, random_array, rowwise
+from .spec import Call, as_shape, constant, dtype_name, random_array, rowwise
 
 EPS = 1e-5
 
 
 def eps_array(eps) -> mx.array:
-    return mx.array([eps], dtype=mx.float32)
+    return constant([eps], mx.float32)
 
 
 def _reference(x, w, eps):

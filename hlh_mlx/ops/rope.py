@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, constant, dtype_name, random_array
 
 BASE, SCALE, OFFSET = 10000.0, 1.0, 3
 
@@ -23,13 +23,12 @@ def inv_freq(d: int, base: float) -> mx.array:
     """MLX's frequencies (exp2(-(i / half) * log2(base))), computed in float32."""
     half = d // 2
     i = np.arange(half, dtype=np.float32) / np.float32(half)
-    return mx.array(np.exp2(-i * np.float32(math.log2(base))).astype(np.float32))
+    return constant(np.exp2(-i * np.float32(math.log2(base))).astype(np.float32).tolist(), mx.float32)
 
 
 def _inputs(shape, dtype, rng):
     return [random_array(rng, (shape["R"], shape["T"], shape["D"]), dtype),
-            inv_freq(shape["D"], BASE), mx.array([SCALE, shape["TRAD"]], dtype=mx.float32),
-            mx.array([OFFSET], dtype=mx.int32)]
+            inv_freq(shape["D"], BASE), constant([SCALE, shape["TRAD"]], mx.float32), _offset_array(OFFSET)]
 
 
 def _args(freqs, pos, offset):
@@ -94,7 +93,7 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
     key = (d, float(base))
     if key not in _freqs:
         _freqs[key] = inv_freq(d, base)
-    pos = mx.array([scale, 1.0 if traditional else 0.0], dtype=mx.float32)
+    pos = constant([scale, 1.0 if traditional else 0.0], mx.float32)
     t = x.shape[-2]
     return Call([as_shape(x, (x.size // (t * d), t, d)), _freqs[key], pos, off],
                 {"R": x.size // (t * d), "T": t, "D": d, "TRAD": int(traditional)}, dtype_name(x.dtype), [x.shape])

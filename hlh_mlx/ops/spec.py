@@ -167,6 +167,28 @@ def as_shape(x, shape: tuple):
     return x if x.shape == tuple(shape) else x.reshape(shape)
 
 
+_constants: dict = {}
+
+
+def constant(values, dtype) -> mx.array:
+    """`values` (a list) as a kernel input in memory a GPU op wrote, made once per values
+    and dtype. MLX's CUDA back end keeps an array of 8 bytes or fewer made on the host
+    (`mx.array([eps])`) in a pool of managed memory that the GPU reads in place, across
+    the bus: a kernel that reads such a scalar in every warp waits on that read in every
+    warp. Copied by a GPU op into a longer array, the same values live in device memory.
+    Cached: every layer of a decode step asks for the same eps, and a fresh array per call
+    would cost the host an allocation too."""
+    key = (tuple(float(v) for v in values), dtype)
+    a = _constants.get(key)
+    if a is None:
+        host = mx.array(list(values), dtype=dtype)
+        # a view of the front of a longer array: its buffer is the copy's, over 8 bytes
+        a = mx.concatenate([host, mx.zeros((8,), dtype)])[: host.size]
+        mx.eval(a)  # made here once, never a node of a caller's graph (or of a compiled trace)
+        _constants[key] = a
+    return a
+
+
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:
     """Standard normal values (never zeros), cast to dtype."""
     return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)

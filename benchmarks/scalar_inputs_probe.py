@@ -1,0 +1,109 @@
+"""Does where a kernel's small inputs live set its time? MLX's CUDA allocator puts every
+array of at most 8 bytes (an eps, a rope offset) in a small pool of managed memory that the
+CPU writes and the GPU reads in place (cudaMemAdviseSetAccessedBy: no migration), so each
+GPU read of such a scalar crosses PCIe. A kernel that reads one in every warp, after its
+weights, would wait on the bus once per warp. This times the same kernels in a chain of
+dependent calls with their scalars as made (`mx.array([v])`) and as views into arrays a GPU
+op wrote (device memory), and checks both give the same answer.
+
+    python benchmarks/scalar_inputs_probe.py [--calls 200] [--out F [--force]]
+
+Cases: a one-line kernel `y = x * s[0]` (4096 values); norm_qkv_rope at
+the Llama-3-8B decode shape, two plans (eps, offset); rms_norm at one row of 4096 (eps). Writes a table
+to stdout; the JSON to F only when --out F is given.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fused_probe import _template, per_call  # noqa: E402
+
+from hlh_mlx import backends, ops, paths, variants  # noqa: E402
+from hlh_mlx.cli import _params  # noqa: E402
+
+SCALE_SOURCE = """
+    uint i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < x_shape[0]) y[i] = x[i] * s[0];
+"""
+
+
+def on_device(a: mx.array) -> mx.array:
+    """The same values in memory a GPU op allocated: a view into a longer array (over 8
+    bytes, so not the small managed pool)."""
+    big = mx.concatenate([a.reshape(-1), mx.zeros((8,), a.dtype)])
+    mx.eval(big)
+    return big[: a.size].reshape(a.shape)
+
+
+def scale_case(calls):
+    k = mx.fast.cuda_kernel(name="hlh_probe_scale", input_names=["x", "s"], output_names=["y"], source=SCALE_SOURCE)
+    x = mx.random.normal((4096,)).astype(mx.float16)
+
+    def launch(x, s):
+        return k(inputs=[x, s], grid=(4096, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape],
+                 output_dtypes=[x.dtype])
+    rows = []
+    for where in ("made", "device"):
+        s = mx.array([1.0], dtype=mx.float16)
+        s = on_device(s) if where == "device" else s
+        mx.eval(x, s)
+        rows.append({"case": "scale 4096", "scalars": where, **per_call(launch, [x, s], calls)})
+    return rows
+
+
+def template_case(op_name, family, shape, params, scalar_names, calls):
+    op = ops.get(op_name)
+    t = _template(op_name, family)
+    params = _params(t, params.split(","))
+    v = variants.make(t, params)
+    launch = backends.Kernel(v, "cuda").launcher(shape, "float16", op.output_shapes(shape), op.output_dtypes(mx.float16))
+    rows = []
+    for where in ("made", "device"):
+        inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
+        want = op.reference(*inputs)
+        for i, n in enumerate(t.inputs):
+            if n in scalar_names:  # a fresh host array as `mx.array([v])` makes it, or a device view
+                inputs[i] = on_device(inputs[i]) if where == "device" else mx.array(inputs[i].tolist(), inputs[i].dtype)
+        mx.eval(inputs)
+        got = launch(*inputs)
+        err = max(float(mx.max(mx.abs(g.astype(mx.float32).reshape(-1) - w.astype(mx.float32).reshape(-1))))
+                  for g, w in zip(got, want))
+        rows.append({"case": f"{op_name} {params}", "scalars": where, "max_abs_error": round(err, 5),
+                     **per_call(launch, inputs, calls)})
+    inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
+    mx.eval(inputs)
+    rows.append({"case": f"{op_name} built-in", "scalars": "made", **per_call(op.baseline_for(shape), inputs, calls)})
+    return rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=200)
+    paths.output_options(ap)
+    return paths.parse_refusing_overwrite(ap, argv, paths.given_output)
+
+
+def main():
+    a = parse_args()
+    rows = scale_case(a.calls)
+    qkv = {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}
+    for params in ("KS=2,RPT=1,TEAMS=2,U=2,XS=0,TRIG=32", "KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64"):
+        rows += template_case("norm_qkv_rope", "splitk", qkv, params, {"eps", "offset"}, a.calls)
+    rows += template_case("rms_norm", "rows", {"R": 1, "C": 4096}, "BLOCK=512,LB=16,REGS=1", {"eps"}, a.calls)
+    for r in rows:
+        print(json.dumps(r))
+    result = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "calls": a.calls, "rows": rows}
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
