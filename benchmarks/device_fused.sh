@@ -12,6 +12,8 @@
 #   bash benchmarks/device_fused.sh stalls   # ncu's account of norm_qkv_rope's kernel beside a qgemv's, validate
 #   bash benchmarks/device_fused.sh calls    # the decode-sized tuned calls, sides alternated (~3 min)
 #   bash benchmarks/device_fused.sh scalars  # small inputs in managed vs device memory, norm_qkv_rope, validate
+#   bash benchmarks/device_fused.sh rescalar # the ops that read a scalar re-timed with it device-resident, validate
+#   bash benchmarks/device_fused.sh hostpaths # a patched step's host paths A/B, then the 33 calls
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -159,6 +161,26 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_llama-3-8b-4bit_32layers_scalars.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
+  rescalar)  # the ops that read a scalar (eps, offset) re-timed with it device-resident as the
+    # runtime now passes it (their stored times paid a read across the bus), then validate; ~9 min
+    sweep norm_qkv_rope 100 --template splitk --budget 24 --force --shape 4096x1024x4096x64x128 \
+      $(picks KS=2,RPT=1,TEAMS=2,U=2,XS=0,TRIG=32 KS=2,RPT=1,TEAMS=4,U=2,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64)
+    sweep norm_qgemv_swiglu 100 --template splitk --budget 16 --force --shape 14336x4096x64 \
+      $(picks KS=2,PW=4,RPT=2,TEAMS=2,U=2,XS=0 KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=0 KS=1,PW=4,RPT=2,TEAMS=4,U=4,XS=4096)
+    sweep rms_norm 60 --template rows --budget 12 --force --shape 1x4096
+    sweep add_rms_norm 60 --template rows --budget 12 --force --shape 1x4096
+    with_lm
+    run_validate 300 validate_llama-3-8b-4bit_32layers_rescalar.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
+    ;;
+  hostpaths)  # a patched step's host paths A/B (host_paths_ab.py, 32 layers), then the 33 calls; ~8 min
+    with_lm
+    timeout 240 python benchmarks/host_paths_ab.py --layers 32 --steps 40 --rounds 3 --out "$res/host_paths_ab_32.json" \
+      2>&1 | grep -v "Warning\|_choices" | tail -9
+    pack
+    timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
+      --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_alternated.txt" | tail -40; pack
+    ;;
   calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
     timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
       --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
@@ -175,5 +197,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths" >&2; exit 2 ;;
 esac

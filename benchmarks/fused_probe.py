@@ -23,6 +23,7 @@ import numpy as np
 
 from hlh_mlx import backends, ops, paths, templates, variants
 from hlh_mlx.cli import _params  # KEY=V pairs checked against the template's space
+from hlh_mlx.ops.rope import _offset_array
 
 CASES = [  # (op, shape, template family, expected winner's params)
     ("norm_qkv_rope", {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}, "splitk",
@@ -86,7 +87,7 @@ def case(op_name, shape, family, params, calls, offset=None) -> dict:
     v = variants.make(t, params)
     inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
     if offset is not None:
-        inputs[-1] = mx.array([offset], dtype=mx.int32)
+        inputs[-1] = _offset_array(offset)  # device-resident, as the runtime passes it
     mx.eval(inputs)
     launch = backends.Kernel(v, "cuda").launcher(shape, "float16", op.output_shapes(shape),
                                                  op.output_dtypes(mx.float16))

@@ -33,6 +33,7 @@ from fused_probe import _template, per_call  # noqa: E402
 
 from hlh_mlx import backends, ops, paths, variants  # noqa: E402
 from hlh_mlx.cli import _params  # noqa: E402
+from hlh_mlx.ops.rope import _offset_array  # noqa: E402
 
 SHAPE = {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}
 FP64 = """            double sd, cd;
@@ -76,7 +77,7 @@ def max_error(launch, op, offsets=(0, 3000, 100000)) -> dict:
     out = {}
     for off in offsets:
         inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(1))
-        inputs[-1] = mx.array([off], dtype=mx.int32)
+        inputs[-1] = _offset_array(off)
         got, want = launch(*inputs), op.reference(*inputs)
         err = max(float(mx.max(mx.abs(g.astype(mx.float32).reshape(-1) - w.astype(mx.float32).reshape(-1))))
                   for g, w in zip(got, want))
@@ -109,14 +110,14 @@ def main():
                                                              op.output_dtypes(mx.float16))
                 if a.profiler:
                     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
-                    inputs[-1] = mx.array([3000], dtype=mx.int32)
+                    inputs[-1] = _offset_array(3000)
                     for _ in range(a.calls):
                         mx.eval(launch(*inputs))
                     continue
                 row["max_abs_error"] = max_error(launch, op)
                 for off in (0, 3000):
                     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
-                    inputs[-1] = mx.array([off], dtype=mx.int32)
+                    inputs[-1] = _offset_array(off)
                     mx.eval(inputs)
                     row[f"offset_{off}"] = per_call(launch, inputs, a.calls)
             except Exception as e:  # report and go on: one broken edit must not hide the others
@@ -134,7 +135,7 @@ def main():
             mx.eval(launch(*inputs))
         return
     inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(0))
-    inputs[-1] = mx.array([0], dtype=mx.int32)
+    inputs[-1] = _offset_array(0)
     mx.eval(inputs)
     rows.append({"edit": "builtin", "offset_0": per_call(op.baseline_for(SHAPE), inputs, a.calls)})
     print(json.dumps(rows[-1]))

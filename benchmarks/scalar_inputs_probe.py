@@ -29,7 +29,7 @@ from hlh_mlx import backends, ops, paths, variants  # noqa: E402
 from hlh_mlx.cli import _params  # noqa: E402
 
 SCALE_SOURCE = """
-    uint i = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < x_shape[0]) y[i] = x[i] * s[0];
 """
 
@@ -87,7 +87,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=200)
     paths.output_options(ap)
-    return paths.parse_refusing_overwrite(ap, argv, paths.given_output)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+outputs = paths.given_output  # the files this run writes
 
 
 def main():

@@ -167,6 +167,9 @@ def as_shape(x, shape: tuple):
     return x if x.shape == tuple(shape) else x.reshape(shape)
 
 
+# MLX's CUDA allocator keeps arrays of at most this many bytes in a pool of managed memory
+# (host pages the GPU reads in place), whoever writes them
+HOST_POOL_BYTES = 8
 _constants: dict = {}
 
 
@@ -183,7 +186,7 @@ def constant(values, dtype) -> mx.array:
     if a is None:
         host = mx.array(list(values), dtype=dtype)
         # a view of the front of a longer array: its buffer is the copy's, over 8 bytes
-        a = mx.concatenate([host, mx.zeros((8,), dtype)])[: host.size]
+        a = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)])[: host.size]
         mx.eval(a)  # made here once, never a node of a caller's graph (or of a compiled trace)
         _constants[key] = a
     return a

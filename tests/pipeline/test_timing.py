@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 
 from hlh_mlx import timing
+from hlh_mlx.ops import spec
 
 
 def test_input_sets_fill_the_rotation_budget_with_separate_buffers(monkeypatch):
@@ -26,3 +27,25 @@ def test_small_inputs_that_cannot_fill_it_are_labelled_cache_resident(monkeypatc
     monkeypatch.setattr(timing, "ROTATE_BYTES", 1 << 30)
     sets, resident = timing.input_sets(lambda: [mx.zeros((16,))], 64)
     assert len(sets) == timing.MAX_SETS and resident
+
+
+def test_scalars_are_shared_across_input_sets_not_copied(monkeypatch):
+    # a copy of a few bytes would land in MLX's managed pool (read across the bus on CUDA),
+    # where a program passes one device-resident constant
+    monkeypatch.setattr(timing, "ROTATE_BYTES", 64 * 1024)
+    eps = spec.constant([1e-5], mx.float32)
+    sets, _ = timing.input_sets(lambda: [mx.arange(1024, dtype=mx.float32), eps], 8 * 1024)
+    assert len(sets) == 8
+    assert all(s[1] is eps for s in sets)
+    assert len({id(s[0]) for s in sets}) == 8
+
+
+def test_constants_are_made_once_with_their_values():
+    a = spec.constant([0.25, 1.0], mx.float32)
+    assert a is spec.constant([0.25, 1.0], mx.float32)  # one array per values and dtype
+    assert a.shape == (2,) and a.dtype == mx.float32 and a.tolist() == [0.25, 1.0]
+    b = spec.constant([3], mx.int32)
+    assert b.dtype == mx.int32 and b.tolist() == [3] and b is not spec.constant([3], mx.float32)
+    # what the ops pass as eps, scale and offset is such a constant, the same every call
+    from hlh_mlx.ops.rms_norm import eps_array
+    assert eps_array(1e-6) is eps_array(1e-6) and eps_array(1e-6).item() == np.float32(1e-6)
