@@ -15,6 +15,7 @@
 #   bash benchmarks/device_fused.sh rescalar # the ops that read a scalar re-timed with it device-resident, validate
 #   bash benchmarks/device_fused.sh hostpaths # a patched step's host paths A/B, then the 33 calls
 #   bash benchmarks/device_fused.sh loop     # the fixed-token step loop against mlx-lm's loop, validate
+#   bash benchmarks/device_fused.sh again    # tuned_calls' rope cases, validate once more
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -190,6 +191,12 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     pack
     run_validate 330 validate_llama-3-8b-4bit_32layers_final.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
+  again)  # the rope cases of tuned_calls.py, then the 32-layer validate once more; ~4 min
+    timeout 120 python benchmarks/tuned_calls.py --only rope --out "$res/tuned_calls_rope.json" > "$res/tuned_calls_rope.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_rope.txt" | tail -14; pack
+    with_lm
+    run_validate 200 validate_llama-3-8b-4bit_32layers_final2.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
+    ;;
   calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
     timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
       --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
@@ -206,5 +213,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths|loop" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again" >&2; exit 2 ;;
 esac
