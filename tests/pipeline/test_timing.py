@@ -49,3 +49,18 @@ def test_constants_are_made_once_with_their_values():
     # what the ops pass as eps, scale and offset is such a constant, the same every call
     from hlh_mlx.ops.rms_norm import eps_array
     assert eps_array(1e-6) is eps_array(1e-6) and eps_array(1e-6).item() == np.float32(1e-6)
+
+
+def test_a_constant_first_made_inside_a_compiled_trace_serves_later_calls():
+    # made (and evaluated) while a trace runs, then captured by another trace and used
+    # uncompiled: always the same values, never an error
+    value = 0.3141592653589793
+
+    def scaled(x):
+        return x * spec.constant([value], mx.float32)
+    f = mx.compile(scaled)
+    g = mx.compile(lambda x: x + spec.constant([value], mx.float32))
+    x = mx.ones((3,))
+    assert np.allclose(np.array(f(x)), np.float32(value))
+    assert np.allclose(np.array(g(x)), 1 + np.float32(value))
+    assert np.allclose(np.array(scaled(x)), np.float32(value))
