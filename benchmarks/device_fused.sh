@@ -156,7 +156,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
   scalars)  # eps and offset read from managed memory across the bus, or from device memory
     # (scalar_inputs_probe.py); norm_qkv_rope re-timed with its inputs where the runtime puts
     # them (hlh_mlx.ops.spec.constant), then the 32-layer validate; ~8 minutes
-    timeout 120 python benchmarks/scalar_inputs_probe.py --out "$res/scalar_inputs_probe.json" 2>&1 | grep "^{"
+    timeout 120 python benchmarks/scalar_inputs_probe.py --out "$res/scalar_inputs_probe.json" 2>&1 | grep -v "Warning"
     pack
     sweep norm_qkv_rope 90 --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
       $(picks KS=2,RPT=1,TEAMS=2,U=2,XS=0,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64 KS=2,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=32)

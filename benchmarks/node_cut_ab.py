@@ -38,7 +38,7 @@ def _qkv_before(self, x, offset):
 def _offset_before(offset):
     """The offset array as it was: a slice of the position table per call (per block)."""
     rope_op._offset_array(offset)  # keeps the table large enough
-    return rope_op._positions[0][offset:offset + 1]
+    return rope_op.offset_input(offset)
 
 
 def _set(side, layers, now):

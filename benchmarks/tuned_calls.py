@@ -49,8 +49,8 @@ SMALL = [("rms_norm", "4x256"), ("softmax", "4x256"), ("rope", "4x2x64x0"), ("qg
          ("gemv", "1x64x512")]
 
 
-# inputs the user-level call reads, where fewer than the kernel's (`mx.compile` must not be
-# handed the runtime's own constants as inputs: the trace would read them as both)
+# inputs the user-level call reads, where fewer than the kernel's: the compiled host figure
+# traces what a user's compiled function takes, not the kernel's own constants
 USER_INPUTS = {"rms_norm": 2, "rope": 1, "decode_attention": 3}
 
 

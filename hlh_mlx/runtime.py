@@ -329,7 +329,12 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
             arrays = [args[i] for i in pos] + [kwargs[n] for n in names]
             for j, n in enumerate(names):
                 if n in dynamic and type(arrays[n_pos + j]) is not _ARRAY:
-                    arrays[n_pos + j] = op.dynamic[n](arrays[n_pos + j])
+                    data = op.dynamic[n](arrays[n_pos + j])
+                    if data is None:  # a value bind would refuse (rope's offset -3): the built-in
+                        # answers, checked and counted as any fallback (strict mode raises)
+                        why = f"{n}={arrays[n_pos + j]!r} is not a value the kernel takes"
+                        return _fallback_plan(op.name, why, builtin)(*args, **kwargs)
+                    arrays[n_pos + j] = data
             return core(*arrays)
     return plan
 

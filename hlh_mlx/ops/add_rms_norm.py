@@ -8,7 +8,7 @@ for bit in h and within one rounding in y."""
 
 import mlx.core as mx
 
-from .rms_norm import EPS, eps_array
+from .rms_norm import EPS, eps_array, eps_input
 from .spec import Call, as_shape, dtype_name, random_array, rowwise
 
 
@@ -61,7 +61,7 @@ OP = rowwise(
                                        random_array(rng, (s["R"], s["C"]), dtype),
                                        random_array(rng, (s["C"],), dtype),
                                        # large enough to matter: a kernel that ignores it fails
-                                       eps_array(float(rng.choice([0.25, 1e-5])))],
+                                       eps_input(float(rng.choice([0.25, 1e-5])))],
     reference=_reference,
     builtin=_builtin,
     builtin_for=_builtin_for,

@@ -7,12 +7,12 @@ import math
 
 import mlx.core as mx
 
-from .spec import Call, as_shape, OpSpec, constant, dtype_name, random_array
+from .spec import Call, as_shape, OpSpec, constant, dtype_name, input_constant, random_array
 
 
 def _inputs(s, dtype, rng):
     return [random_array(rng, (s["HQ"], s["D"]), dtype), random_array(rng, (s["HKV"], s["L"], s["D"]), dtype),
-            random_array(rng, (s["HKV"], s["L"], s["D"]), dtype), constant([1.0 / math.sqrt(s["D"])], mx.float32)]
+            random_array(rng, (s["HKV"], s["L"], s["D"]), dtype), input_constant([1.0 / math.sqrt(s["D"])], mx.float32)]
 
 
 def _reference(q, k, v, scale):
@@ -37,6 +37,8 @@ def _builtin(q, k, v, scale):
 def bind(q, k, v, *, scale, mask=None, **kwargs):
     if mask is not None or kwargs.get("sinks") is not None:
         return "tuned decode attention takes no mask or sinks"
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        return "scale as a finite number (the kernel takes it as a constant; the built-in also takes an array)"
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != 1 or q.shape[2] != 1:
         return "one query token of batch 1: q (1, HQ, 1, D), k and v (1, HKV, L, D)"
     _, hq, _, d = q.shape

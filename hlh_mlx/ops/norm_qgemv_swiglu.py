@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from . import qgemv_swiglu as _qs
 from .qgemv_swiglu import qgemv_swiglu
-from .rms_norm import EPS, eps_array
+from .rms_norm import EPS, eps_array, eps_input
 from .spec import ROUNDED_ONCE, Call, OpSpec, random_array
 
 # x ~ N(0, 9): a kernel that skipped the normalisation (or its rsqrt) would be 3x off
@@ -32,7 +32,7 @@ def _inputs(shape, dtype, rng):
     # around 1 as a trained norm weight, but every element its own: a kernel that drops or
     # misplaces norm_w fails
     w = mx.array((1.0 + 0.5 * rng.standard_normal(k)).astype("float32")).astype(dtype)
-    return [x, w, eps_array(float(rng.choice(EPS_CHOICES))), *qs[1:]]
+    return [x, w, eps_input(float(rng.choice(EPS_CHOICES))), *qs[1:]]
 
 
 def _normed(x, w, eps):

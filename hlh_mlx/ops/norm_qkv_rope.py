@@ -24,9 +24,9 @@ import math
 
 import mlx.core as mx
 
-from .rms_norm import eps_array
-from .rope import _offset_array
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, constant, dtype_name, random_array
+from .rms_norm import eps_array, eps_input
+from .rope import _offset_array, dynamic_offset, offset_input
+from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, input_constant, random_array
 
 GROUPS = (64, 128)
 BASE = 10000.0
@@ -35,7 +35,7 @@ BASE = 10000.0
 def rope_freqs(d: int, base: float = BASE) -> mx.array:
     """mx.fast.rope's `freqs=` for a base: base ** (2i / D), float32 (the caller folds a
     scale into them: freqs / scale)."""
-    return constant([base ** (2 * i / d) for i in range(d // 2)], mx.float32)
+    return input_constant([base ** (2 * i / d) for i in range(d // 2)], mx.float32)
 
 
 def _inputs(shape, dtype, rng):
@@ -44,13 +44,13 @@ def _inputs(shape, dtype, rng):
     # norm weights around 1 (as trained models' are), never zero
     out = [x, (1.0 + 0.2 * random_array(rng, (k,), mx.float32)).astype(dtype),
            # large enough to matter next to mean(x^2) ~ 1: a kernel that ignores it fails
-           eps_array(float(rng.choice([0.25, 1e-5])))]
+           eps_input(float(rng.choice([0.25, 1e-5])))]
     for n in (nq, nk, nk):
         w = random_array(rng, (n, k), dtype, 1.0 / math.sqrt(k))
         out += list(mx.quantize(w, group_size=g, bits=4))
     # a small base so every pair turns by a visible angle even at small offsets
     out += [rope_freqs(d, float(rng.choice([10000.0, 100.0]))),
-            _offset_array(int(rng.integers(1, 4096)))]
+            offset_input(int(rng.integers(1, 4096)))]
     return out
 
 
@@ -239,7 +239,7 @@ OP = OpSpec(
                  {"NQ": 48, "NK": 16, "K": 2560, "G": 64, "D": 16}],
     bind=bind,
     function=norm_qkv_rope,
-    dynamic={"offset": _offset_array},
+    dynamic={"offset": dynamic_offset},
     export_dims={"NQ": "wq.shape[0]", "NK": "wk.shape[0]", "K": "x.shape[1]", "G": "x.shape[1] // sq.shape[1]",
                  "D": "2 * freqs.shape[0]"},
     export_inputs=["(1, K)", "(K,)", "(1,)",

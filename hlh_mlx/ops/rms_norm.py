@@ -4,13 +4,19 @@ kernel serves every model's epsilon (Llama's 1e-5, Qwen's 1e-6)."""
 
 import mlx.core as mx
 
-from .spec import Call, as_shape, constant, dtype_name, random_array, rowwise
+from .spec import Call, as_shape, constant, dtype_name, input_constant, random_array, rowwise
 
 EPS = 1e-5
 
 
 def eps_array(eps) -> mx.array:
+    """The eps a kernel reads: the runtime's device-resident constant."""
     return constant([eps], mx.float32)
+
+
+def eps_input(eps) -> mx.array:
+    """eps for an op's random inputs (a view of its own: spec.input_constant)."""
+    return input_constant([eps], mx.float32)
 
 
 def _reference(x, w, eps):
@@ -37,7 +43,7 @@ OP = rowwise(
     # eps large enough to matter (mean(x^2) is about 1): a kernel that ignores it fails
     make_inputs=lambda s, dtype, rng: [random_array(rng, (s["R"], s["C"]), dtype),
                                        random_array(rng, (s["C"],), dtype),
-                                       eps_array(float(rng.choice([0.25, 1e-5])))],
+                                       eps_input(float(rng.choice([0.25, 1e-5])))],
     reference=_reference,
     builtin=lambda x, w, eps: [mx.fast.rms_norm(x, w, eps.item())],
     builtin_for=lambda s: (lambda x, w, eps: [mx.fast.rms_norm(x, w, EPS)]),

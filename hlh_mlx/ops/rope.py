@@ -14,21 +14,23 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, constant, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, constant, dtype_name, input_constant, random_array
 
 BASE, SCALE, OFFSET = 10000.0, 1.0, 3
 
 
-def inv_freq(d: int, base: float) -> mx.array:
-    """MLX's frequencies (exp2(-(i / half) * log2(base))), computed in float32."""
+def inv_freq(d: int, base: float, make=constant) -> mx.array:
+    """MLX's frequencies (exp2(-(i / half) * log2(base))), computed in float32; `make`:
+    spec.constant (what the kernel reads) or spec.input_constant (an op's random inputs)."""
     half = d // 2
     i = np.arange(half, dtype=np.float32) / np.float32(half)
-    return constant(np.exp2(-i * np.float32(math.log2(base))).astype(np.float32).tolist(), mx.float32)
+    return make(np.exp2(-i * np.float32(math.log2(base))).astype(np.float32).tolist(), mx.float32)
 
 
 def _inputs(shape, dtype, rng):
     return [random_array(rng, (shape["R"], shape["T"], shape["D"]), dtype),
-            inv_freq(shape["D"], BASE), constant([SCALE, shape["TRAD"]], mx.float32), _offset_array(OFFSET)]
+            inv_freq(shape["D"], BASE, input_constant), input_constant([SCALE, shape["TRAD"]], mx.float32),
+            offset_input(OFFSET)]  # views of their own (spec.input_constant)
 
 
 def _args(freqs, pos, offset):
@@ -55,18 +57,43 @@ _positions: list = []
 _last: list = []  # [offset, its array]: every layer of a decode step asks for the same one
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def dynamic_offset(offset) -> mx.array | None:
+    """The runtime's conversion of a call's int offset into kernel data (OpSpec.dynamic),
+    or None where the kernel does not take it (negative, past the exact float32 range,
+    not an int): the built-in answers those."""
+    if type(offset) is not int or not 0 <= offset < 2 ** 24:
+        return None
+    return _offset_array(offset)
+
+
 def _offset_array(offset) -> mx.array:
     """[offset] as a view into a device-resident table of positions: a decode loop's
     offset changes every step, and a fresh host array per call costs a host-to-device copy
-    in the GPU's timeline."""
+    in the GPU's timeline. `offset`: an int in [0, 2^24) (callers check)."""
     if _last and _last[0] == offset:  # the same step's other layers: one slice, not one each
         return _last[1]
+    _last[:] = [offset, _table(offset)[offset:offset + 1]]
+    return _last[1]
+
+
+def offset_input(offset: int) -> mx.array:
+    """[offset] for an op's random inputs: a slice of the same table, never the array the
+    runtime hands its kernels (a caller may compile a function taking it beside a tuned
+    call: MLX refuses a trace that reads one array both ways)."""
+    return _table(offset)[offset:offset + 1]
+
+
+def _table(offset: int) -> mx.array:
+    """The device-resident positions 0 .. n-1, n > offset (made by a GPU op, evaluated)."""
     if not _positions or offset >= _positions[0].size:
         n = max(1 << 16, 1 << int(offset).bit_length())
-        _positions[:] = [mx.arange(n, dtype=mx.int32)]
+        _positions[:] = [mx.arange(n, dtype=mx.int32, stream=mx.gpu if mx.is_available(mx.gpu) else mx.cpu)]
         mx.eval(_positions[0])
-    _last[:] = [offset, _positions[0][offset:offset + 1]]
-    return _last[1]
+    return _positions[0]
 
 
 _freqs: dict = {}
@@ -80,6 +107,8 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         return "tuned rope rotates the whole last dimension of an input with at least 3 dims"
     if freqs is not None or base is None:
         return "tuned rope takes base=, not freqs="
+    if not _is_number(scale) or not _is_number(base):
+        return "scale and base as numbers (the kernel takes them as constants; the built-in also takes arrays)"
     if isinstance(offset, mx.array):
         if offset.size != 1:
             return "one offset for the whole batch"
@@ -92,6 +121,8 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         return "offset out of the exact float32 range"
     key = (d, float(base))
     if key not in _freqs:
+        if len(_freqs) >= 64:
+            _freqs.clear()  # a caller varying the base every call must not grow it without end
         _freqs[key] = inv_freq(d, base)
     pos = constant([scale, 1.0 if traditional else 0.0], mx.float32)
     t = x.shape[-2]
@@ -120,7 +151,7 @@ OP = OpSpec(
     bind=bind,
     function=mx.fast.rope,
     differentiable=True,
-    dynamic={"offset": _offset_array},
+    dynamic={"offset": dynamic_offset},
     flags=("TRAD",),
     # TRAD travels in pos at run time: the exported kernel needs only the sizes
     export_dims={"R": "x.shape[0]", "T": "x.shape[1]", "D": "x.shape[2]"},

@@ -170,26 +170,47 @@ def as_shape(x, shape: tuple):
 # MLX's CUDA allocator keeps arrays of at most this many bytes in a pool of managed memory
 # (host pages the GPU reads in place), whoever writes them
 HOST_POOL_BYTES = 8
+MAX_CONSTANTS = 1024  # distinct constants kept (a caller varying a scale every call must not grow it without end)
 _constants: dict = {}
 
 
 def constant(values, dtype) -> mx.array:
     """`values` (a list) as a kernel input in memory a GPU op wrote, made once per values
     and dtype. MLX's CUDA back end keeps an array of 8 bytes or fewer made on the host
-    (`mx.array([eps])`) in a pool of managed memory that the GPU reads in place, across
+    (`mx.array([eps])`) in a pool of managed memory (its small-size pool) that the GPU reads across
     the bus: a kernel that reads such a scalar in every warp waits on that read in every
     warp. Copied by a GPU op into a longer array, the same values live in device memory.
     Cached: every layer of a decode step asks for the same eps, and a fresh array per call
-    would cost the host an allocation too."""
-    key = (tuple(float(v) for v in values), dtype)
-    a = _constants.get(key)
-    if a is None:
+    would cost the host an allocation too. The same array every call: an op's random
+    inputs take `input_constant` (a view of their own), so nobody hands the runtime's
+    constant to mx.compile as an input beside a tuned call that captures it."""
+    return _constant(values, dtype)[1]
+
+
+def input_constant(values, dtype) -> mx.array:
+    """`constant(values, dtype)` for an op's random inputs: the same device memory, a view of
+    its own (a caller may compile a function taking it beside a tuned call that captures the
+    runtime's constant: MLX refuses a trace that reads one array as both)."""
+    base, a = _constant(values, dtype)
+    return base[: a.size]  # a new slice of the longer array (a whole slice of `a` is `a` itself)
+
+
+def _constant(values, dtype) -> tuple:
+    """(the longer array, the view of its front) for `values`, made and cached on first use."""
+    # ints as ints (float() would merge 2**53 and 2**53 + 1), floats by their bits (-0.0 is
+    # not 0.0, and every NaN is one key)
+    key = (tuple(v if isinstance(v, int) else float(v).hex() for v in values), dtype)
+    entry = _constants.get(key)
+    if entry is None:
+        if len(_constants) >= MAX_CONSTANTS:
+            _constants.clear()  # traces and plans that captured one keep their own reference
+        # made by a GPU op where there is a GPU, whatever stream the caller is in
+        stream = mx.gpu if mx.is_available(mx.gpu) else mx.cpu
         host = mx.array(list(values), dtype=dtype)
-        # a view of the front of a longer array: its buffer is the copy's, over 8 bytes
-        a = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)])[: host.size]
-        mx.eval(a)  # made here once, never a node of a caller's graph (or of a compiled trace)
-        _constants[key] = a
-    return a
+        base = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)], stream=stream)
+        entry = _constants[key] = (base, base[: host.size])
+        mx.eval(*entry)  # made here once, never a node of a caller's graph (or of a compiled trace)
+    return entry
 
 
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:

@@ -170,6 +170,62 @@ def test_one_rope_plan_serves_every_offset(store_dir, rng, resolves):
     assert resolves == ["rope"] and tuned.fallbacks() == {}
 
 
+def test_an_offset_the_kernel_does_not_take_gets_the_builtin_from_a_tuned_plan(store_dir, rng, resolves,
+                                                                                monkeypatch):
+    # the plan is made for ints; an int the kernel cannot take (negative: the table would be
+    # read from its end) must answer as the built-in does, counted as a fallback
+    v = variant("rope", "pairs")
+    write(store_dir, "rope", {"R": 4, "T": 1, "D": 64, "TRAD": 0}, "float32", v, ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    for offset in (5, -3, -1, 2 ** 25):
+        kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
+        _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
+    assert resolves == ["rope"] and sum(tuned.fallbacks().values()) == 3
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()
+    with pytest.raises(tuned.FallbackError, match="offset=-3"):
+        tuned.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=-3)
+
+
+def test_scales_given_as_arrays_get_the_builtin(rng):
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    kw = dict(traditional=False, base=10000.0, offset=3)
+    _same(tuned.rope(x, 64, scale=mx.array(0.5), **kw), mx.fast.rope(x, 64, scale=mx.array(0.5), **kw))
+    from hlh_mlx.ops import decode_attention, rope
+    assert "scale" in rope.bind(x, 64, scale=mx.array(0.5), freqs=None, **kw)
+    q, k = mx.zeros((1, 4, 1, 64)), mx.zeros((1, 2, 8, 64))
+    assert "scale" in decode_attention.bind(q, k, k, scale=mx.array(0.1))
+
+
+class _RopeGraphKernel:
+    """rope's kernel as an MLX graph (as _GraphKernel for rms_norm): reads every input."""
+
+    def __init__(self, variant, backend):
+        pass
+
+    def launcher(self, shape, dtype, out_shapes, out_dtypes):
+        return lambda x, inv, pos, off: [mx.fast.rope(x, shape["D"], traditional=False, base=None, scale=pos[0],
+                                                      offset=off[0], freqs=1.0 / inv).reshape(out_shapes[0])]
+
+
+def test_random_inputs_may_be_passed_to_a_compiled_function_beside_a_tuned_call(store_dir, rng, monkeypatch):
+    # an op's random offset is a view of its own, not the runtime's cached one: a trace that
+    # got the cached array as an input and from the tuned call too would be refused by MLX
+    # ("uncaptured inputs")
+    monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
+    monkeypatch.setattr(backends, "Kernel", _RopeGraphKernel)
+    from hlh_mlx import ops
+    shape = {"R": 4, "T": 1, "D": 64, "TRAD": 0}
+    write(store_dir, "rope", shape, "float32", variant("rope", "pairs"), ms=0.5, base_ms=1.0)
+    x, _, _, off = ops.get("rope").make_inputs(shape, mx.float32, rng)
+    o = int(off.item())
+    kw = dict(traditional=False, base=10000.0, scale=1.0, offset=o)
+    x = x.reshape(1, 4, 1, 64)
+    got = mx.compile(lambda x, off: tuned.rope(x, 64, **kw) + 0 * off)(x, off)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(mx.fast.rope(x, 64, **kw)), rtol=1e-5, atol=1e-6)
+    assert tuned.fallbacks() == {}
+
+
 def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rng, resolves):
     x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
     for _ in range(5):

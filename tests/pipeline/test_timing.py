@@ -46,6 +46,13 @@ def test_constants_are_made_once_with_their_values():
     assert a.shape == (2,) and a.dtype == mx.float32 and a.tolist() == [0.25, 1.0]
     b = spec.constant([3], mx.int32)
     assert b.dtype == mx.int32 and b.tolist() == [3] and b is not spec.constant([3], mx.float32)
+    # values that float() or == would merge stay apart
+    assert spec.constant([2 ** 53 + 1], mx.int64).tolist() == [2 ** 53 + 1]
+    assert spec.constant([2 ** 53], mx.int64).tolist() == [2 ** 53]
+    assert str(spec.constant([-0.0], mx.float32).tolist()) == "[-0.0]"
+    # an op's random inputs: the same values, an array of their own
+    c = spec.input_constant([0.25, 1.0], mx.float32)
+    assert c is not a and c.tolist() == [0.25, 1.0]
     # what the ops pass as eps, scale and offset is such a constant, the same every call
     from hlh_mlx.ops.rms_norm import eps_array
     assert eps_array(1e-6) is eps_array(1e-6) and eps_array(1e-6).item() == np.float32(1e-6)
