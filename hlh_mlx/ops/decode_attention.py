@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 
+from .rope import is_number
 from .spec import Call, as_shape, OpSpec, constant, dtype_name, input_constant, random_array
 
 
@@ -37,7 +38,7 @@ def _builtin(q, k, v, scale):
 def bind(q, k, v, *, scale, mask=None, **kwargs):
     if mask is not None or kwargs.get("sinks") is not None:
         return "tuned decode attention takes no mask or sinks"
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    if not is_number(scale):
         return "scale as a finite number (the kernel takes it as a constant; the built-in also takes an array)"
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != 1 or q.shape[2] != 1:
         return "one query token of batch 1: q (1, HQ, 1, D), k and v (1, HKV, L, D)"

@@ -10,6 +10,7 @@ variant serves every base, offset and both layouts (offsets are exact in float32
 it as data to a plan made once (OpSpec.dynamic), never as part of the plan."""
 
 import math
+import numbers
 
 import mlx.core as mx
 import numpy as np
@@ -57,8 +58,9 @@ _positions: list = []
 _last: list = []  # [offset, its array]: every layer of a decode step asks for the same one
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_number(v) -> bool:
+    """A finite real number (numpy's too), not an array or a bool: what a kernel takes as a constant."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def dynamic_offset(offset) -> mx.array | None:
@@ -107,7 +109,7 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         return "tuned rope rotates the whole last dimension of an input with at least 3 dims"
     if freqs is not None or base is None:
         return "tuned rope takes base=, not freqs="
-    if not _is_number(scale) or not _is_number(base):
+    if not is_number(scale) or not is_number(base):
         return "scale and base as numbers (the kernel takes them as constants; the built-in also takes arrays)"
     if isinstance(offset, mx.array):
         if offset.size != 1:
