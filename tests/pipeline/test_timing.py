@@ -71,3 +71,14 @@ def test_a_constant_first_made_inside_a_compiled_trace_serves_later_calls():
     assert np.allclose(np.array(f(x)), np.float32(value))
     assert np.allclose(np.array(g(x)), 1 + np.float32(value))
     assert np.allclose(np.array(scaled(x)), np.float32(value))
+
+
+def test_no_op_makes_a_kernel_scalar_with_mx_array():
+    # `mx.array([v])` of a few bytes lands in MLX's managed pool on CUDA (read across the
+    # bus by every warp that reads it): ops make such inputs with spec.constant
+    import re
+    from pathlib import Path
+    ops_dir = Path(spec.__file__).parent
+    found = [f"{p.name}:{i}" for p in sorted(ops_dir.glob("*.py")) if p.name != "spec.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"mx\.array\(\s*\[", line)]
+    assert found == [], f"use spec.constant / spec.input_constant: {found}"
