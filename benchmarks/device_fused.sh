@@ -16,6 +16,7 @@
 #   bash benchmarks/device_fused.sh hostpaths # a patched step's host paths A/B, then the 33 calls
 #   bash benchmarks/device_fused.sh loop     # the fixed-token step loop against mlx-lm's loop, validate
 #   bash benchmarks/device_fused.sh again    # tuned_calls' rope cases, validate once more
+#   bash benchmarks/device_fused.sh rescalar2 # rope and decode_attention re-timed, all 33 tuned calls
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -197,6 +198,17 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 200 validate_llama-3-8b-4bit_32layers_final2.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
+  rescalar2)  # rope and decode_attention re-timed with their scalars device-resident (their
+    # stored times paid reads across the bus), then all 33 tuned calls, sides alternated; ~10 min
+    for shape in 32x1x128x0 8x1x128x0 32x4096x128x0; do
+      sweep rope 60 --budget 8 --force --shape "$shape"
+    done
+    for shape in 32x8x4096x128 32x8x1024x64; do
+      sweep decode_attention 80 --budget 8 --force --shape "$shape"
+    done
+    timeout 330 python benchmarks/tuned_calls.py --out "$res/tuned_calls_all.json" > "$res/tuned_calls_all.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_all.txt" | tail -50; pack
+    ;;
   calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
     timeout 240 python benchmarks/tuned_calls.py --only rms_norm --only rope --only qgemv --only swiglu \
       --out "$res/tuned_calls_alternated.json" > "$res/tuned_calls_alternated.txt" 2>&1
@@ -213,5 +225,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2" >&2; exit 2 ;;
 esac
