@@ -97,12 +97,12 @@ def main():
         out = model(t, cache=c)
         mx.eval(out)
         return out
+    configs = tuple(a.config or CONFIGS)
     want = one_step()
     same = {}
-    for name in CONFIGS:
+    for name in configs:
         with config(name):
             same[name] = bool(mx.array_equal(one_step(), want))
-    configs = tuple(a.config or CONFIGS)
     runs = {n: [] for n in configs}
     loop = {f"{side}_prompt{p}": [] for side in ("patched", "unpatched") for p in (64, 512)} if a.loop else {}
     for r in range(a.rounds):
