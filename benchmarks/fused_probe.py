@@ -60,6 +60,12 @@ def _chain(step, inputs, calls):
     return outs
 
 
+def max_abs_error(got: list, want: list) -> float:
+    """The largest absolute difference over all outputs, in float32."""
+    return max(float(mx.max(mx.abs(g.astype(mx.float32).reshape(-1) - w.astype(mx.float32).reshape(-1))))
+               for g, w in zip(got, want))
+
+
 def per_call(step, inputs, calls) -> dict:
     mx.eval(_chain(step, inputs, 4))
     best = None

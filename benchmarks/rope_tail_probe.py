@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fused_probe import _template, per_call  # noqa: E402
+from fused_probe import _template, max_abs_error, per_call  # noqa: E402
 
 from hlh_mlx import backends, ops, paths, variants  # noqa: E402
 from hlh_mlx.cli import _params  # noqa: E402
@@ -78,10 +78,7 @@ def max_error(launch, op, offsets=(0, 3000, 100000)) -> dict:
     for off in offsets:
         inputs = op.make_inputs(SHAPE, mx.float16, np.random.default_rng(1))
         inputs[-1] = _offset_array(off)
-        got, want = launch(*inputs), op.reference(*inputs)
-        err = max(float(mx.max(mx.abs(g.astype(mx.float32).reshape(-1) - w.astype(mx.float32).reshape(-1))))
-                  for g, w in zip(got, want))
-        out[str(off)] = round(err, 5)
+        out[str(off)] = round(max_abs_error(launch(*inputs), op.reference(*inputs)), 5)
     return out
 
 

@@ -7,8 +7,7 @@ import math
 
 import mlx.core as mx
 
-from .rope import is_number
-from .spec import Call, as_shape, OpSpec, constant, dtype_name, input_constant, random_array
+from .spec import Call, as_shape, OpSpec, constant, dtype_name, input_constant, is_number, random_array
 
 
 def _inputs(s, dtype, rng):

@@ -10,12 +10,12 @@ variant serves every base, offset and both layouts (offsets are exact in float32
 it as data to a plan made once (OpSpec.dynamic), never as part of the plan."""
 
 import math
-import numbers
 
 import mlx.core as mx
 import numpy as np
 
-from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, constant, dtype_name, input_constant, random_array
+from .spec import (ROUNDED_ONCE, Call, as_shape, OpSpec, constant, dtype_name, input_constant, is_number,
+                   maker_stream, random_array)
 
 BASE, SCALE, OFFSET = 10000.0, 1.0, 3
 
@@ -58,11 +58,6 @@ _positions: list = []
 _last: list = []  # [offset, its array]: every layer of a decode step asks for the same one
 
 
-def is_number(v) -> bool:
-    """A finite real number (numpy's too), not an array or a bool: what a kernel takes as a constant."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def dynamic_offset(offset) -> mx.array | None:
     """The runtime's conversion of a call's int offset into kernel data (OpSpec.dynamic),
     or None where the kernel does not take it (negative, past the exact float32 range,
@@ -93,7 +88,7 @@ def _table(offset: int) -> mx.array:
     """The device-resident positions 0 .. n-1, n > offset (made by a GPU op, evaluated)."""
     if not _positions or offset >= _positions[0].size:
         n = max(1 << 16, 1 << int(offset).bit_length())
-        _positions[:] = [mx.arange(n, dtype=mx.int32, stream=mx.gpu if mx.is_available(mx.gpu) else mx.cpu)]
+        _positions[:] = [mx.arange(n, dtype=mx.int32, stream=maker_stream())]
         mx.eval(_positions[0])
     return _positions[0]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -174,6 +176,17 @@ MAX_CONSTANTS = 1024  # distinct constants kept (a caller varying a scale every 
 _constants: dict = {}
 
 
+def is_number(v) -> bool:
+    """A finite real number (numpy's too), not an array or a bool: what a kernel takes as a constant."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def maker_stream():
+    """Where the runtime makes a constant: the GPU where there is one (device memory),
+    whatever stream the caller is in."""
+    return mx.gpu if mx.is_available(mx.gpu) else mx.cpu
+
+
 def constant(values, dtype) -> mx.array:
     """`values` (a list) as a kernel input in memory a GPU op wrote, made once per values
     and dtype. MLX's CUDA back end keeps an array of 8 bytes or fewer made on the host
@@ -204,10 +217,8 @@ def _constant(values, dtype) -> tuple:
     if entry is None:
         if len(_constants) >= MAX_CONSTANTS:
             _constants.clear()  # traces and plans that captured one keep their own reference
-        # made by a GPU op where there is a GPU, whatever stream the caller is in
-        stream = mx.gpu if mx.is_available(mx.gpu) else mx.cpu
         host = mx.array(list(values), dtype=dtype)
-        base = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)], stream=stream)
+        base = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)], stream=maker_stream())
         entry = _constants[key] = (base, base[: host.size])
         mx.eval(*entry)  # made here once, never a node of a caller's graph (or of a compiled trace)
     return entry
