@@ -252,7 +252,10 @@ def test_vectors_swizzles_and_math(rng):
     (y,) = k(inputs=[mx.array(x)], grid=(8, 1, 1), threadgroup=(8, 1, 1), output_shapes=[(32,)],
              output_dtypes=[mx.float32])
     v = x.reshape(8, 4)
-    w = v[:, ::-1] * 2 + np.stack([v[:, 0], v[:, 1], np.ones(8), np.zeros(8)], 1)
+    # float32 throughout, as the kernel computes: w rounded to half from a float64 w
+    # can land one half-ulp away when w sits near a rounding boundary.
+    w = v[:, ::-1] * 2 + np.stack([v[:, 0], v[:, 1], np.ones(8, np.float32), np.zeros(8, np.float32)], 1)
+    assert w.dtype == np.float32
     w[:, 0:2] += v[:, 2:4]
     f = w[:, :3].astype(np.float16).astype(np.float32) + np.sign(v[:, :3]) * np.exp(-np.abs(v[:, :3]))
     ref = np.concatenate([f, (np.sum(v * w, 1) + 1 + 16)[:, None]], 1)
