@@ -17,6 +17,7 @@
 #   bash benchmarks/device_fused.sh loop     # the fixed-token step loop against mlx-lm's loop, validate
 #   bash benchmarks/device_fused.sh again    # tuned_calls' rope cases, validate once more
 #   bash benchmarks/device_fused.sh rescalar2 # rope and decode_attention re-timed, all 33 tuned calls
+#   bash benchmarks/device_fused.sh experts  # the MoE expert ops swept at Qwen1.5-MoE's shapes, its validate
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -225,5 +226,15 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2" >&2; exit 2 ;;
+  experts)  # the MoE expert ops (hlh_mlx.moe) checked and timed on the GPU at Qwen1.5-MoE's decode
+    # shapes (4 of 60 experts, G=64), then the 24-layer validate and one step's nodes; ~9 min
+    sweep moe_qgemv_swiglu 150 --budget 12 --shape 4x60x1408x2048x64
+    sweep moe_qgemv_combine 150 --budget 12 --shape 4x60x2048x1408x64
+    with_lm
+    run_validate 300 validate_qwen1.5-moe-4bit_experts.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
+    timeout 100 python benchmarks/decode_graph.py --model qwen1.5-moe-a2.7b --layers 24 --steps 20 \
+      --out "$res/decode_graph_moe24.json" 2>&1 | grep -v "Warning\|_choices" | tail -8
+    pack
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2" >&2; exit 2 ;;
 esac

@@ -42,7 +42,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ops, runtime, tuned
+from . import moe, ops, runtime, tuned
 from .ops.rope import _offset_array as offset_array
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
@@ -137,6 +137,7 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
+        object.__setattr__(self, "_moe_fused", False)  # decode: the routed experts as two fused ops (hlh_mlx.moe)
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:
@@ -181,7 +182,8 @@ class DecoderBlock(nn.Module):
         else:
             h = x + r
             y = norm(h)
-        return h + self["mlp"](y)
+        mlp = self["mlp"]
+        return h + (moe.decode(mlp, y) if t == 1 and self._moe_fused else mlp(y))
 
     def why_not_fully_fused(self) -> str | None:
         """None when the decode step runs as the four fused ops (module docstring), else why not."""
@@ -291,6 +293,14 @@ class DecoderBlock(nn.Module):
         mlp_fused = runtime.serves("norm_qgemv_swiglu", *args, **kw) and not (split_known and sum(parts) < fused)
         return pre, post, mlp_fused
 
+    def _moe_that_pays(self, x) -> bool:
+        """Whether the decode step runs a MoE MLP's routed experts as hlh_mlx.moe's two fused
+        ops: one token of one sequence, an MLP `moe.decode` reproduces, and stored variants
+        serving both ops (with fused="always" wherever the MLP is one: tests on a CPU)."""
+        if not self._fused or x.shape[0] != 1 or moe.why_not(self["mlp"]) is not None:
+            return False
+        return self._fused == "always" or moe.serves(self["mlp"], x)
+
     def _steps(self, x):
         # what the halves were chosen for: the children, the batch (the fused ops take one
         # token of one sequence) and the dtype (the store's figures are per dtype)
@@ -302,6 +312,7 @@ class DecoderBlock(nn.Module):
                                                      if k != "o_proj" and isinstance(m, nn.Module)]
             post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
             pre, post = self._qkv, self._out
+            object.__setattr__(self, "_moe_fused", False)
             if self.why_not_fully_fused() is None:
                 freqs = rope_freqs(a.rope, self._head_dim())
                 mx.eval(freqs)  # a constant of the trace: unevaluated, its graph would run every step
@@ -312,6 +323,8 @@ class DecoderBlock(nn.Module):
                 object.__setattr__(self, "_mlp_fused", mlp_fused)
                 pre = self._qkv_fused if fused_pre else pre
                 post = self._out_fused if fused_post else post
+            else:
+                object.__setattr__(self, "_moe_fused", self._moe_that_pays(x))
             c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))
             object.__setattr__(self, "_compiled", c)
         return c[1], c[2]

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as base_nn
 import numpy as np
 
-from . import blocks, nn, ops, tuned
+from . import blocks, moe, nn, ops, tuned
 
 
 @dataclass
@@ -93,6 +93,8 @@ def _differs(old, new, dims: int) -> str | None:
 
 _LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
 FUSABLE = "decode step fusable (each half runs its fused ops where a tuned kernel serves them)"
+MOE_FUSABLE = ("decode step's routed experts fusable (moe_qgemv_swiglu and moe_qgemv_combine where tuned "
+               "kernels serve both; the residual add and norm as add_rms_norm)")
 
 
 def _replacement(module):
@@ -131,8 +133,9 @@ def _replacement(module):
     projections = [kids.get(k) for k in ("gate_proj", "up_proj", "down_proj")]
     if all(isinstance(p, base_nn.Module) for p in projections) and not all(isinstance(p, _LINEAR) for p in projections):
         kinds = ", ".join(sorted({type(p).__name__ for p in projections}))
-        return None, (f"a gated MLP whose projections are {kinds} (expert weights selected per token): "
-                      "no tuned kernel for expert MLPs yet")
+        return None, (f"a gated MLP whose projections are {kinds} (expert weights selected per token): kept; "
+                      "a patched decoder block runs one token's experts as fused ops where its MoE block "
+                      "is one hlh_mlx.moe knows")
     if (all(isinstance(kids.get(k), _LINEAR) for k in ("gate_proj", "up_proj", "down_proj"))
             and not isinstance(module, nn.SwiGLU)):
         new = nn.SwiGLU.from_layers(module.gate_proj, module.up_proj, module.down_proj)
@@ -157,7 +160,12 @@ def patch(model: base_nn.Module) -> PatchReport:
             walk(new, path)  # a SwiGLU's projections are layers of their own
             if isinstance(new, blocks.DecoderBlock):
                 why = new.why_not_fully_fused()
-                report.notes.append((path, FUSABLE if why is None else f"decode step partly fused ({why})"))
+                if why is None:
+                    report.notes.append((path, FUSABLE))
+                elif moe.why_not(new["mlp"]) is None:
+                    report.notes.append((path, MOE_FUSABLE))
+                else:
+                    report.notes.append((path, f"decode step partly fused ({why})"))
             return
         if reason:
             report.kept.append((path, type(module).__name__, reason))

@@ -1,0 +1,230 @@
+"""An MoE block's routed experts at decode as two fused ops (moe_qgemv_swiglu,
+moe_qgemv_combine): the tuned calls equal what mlx-lm's SwitchGLU and weighted sum compute,
+refuse what they cannot serve with a reason, their templates are proven and broken copies
+caught, and a patched Qwen2-MoE / Qwen3-MoE model decodes through them with the same logits.
+
+As in test_tuned, the emulator measures no speed: a store record with made-up timings makes
+a variant the winner, and the kernel that then runs is the real template on the emulator."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from hlh_mlx import blocks, cuda_source, models, moe, ops, patching, runtime, templates, tuned, variants
+
+from .conftest import ROOT
+from .test_blocks import _decode
+from .test_blocks_fused import _always_fused, _step_primitives
+from .test_tuned import write
+
+pytestmark = pytest.mark.usefixtures("tuned_fresh")
+
+UP = "moe_qgemv_swiglu"
+DOWN = "moe_qgemv_combine"
+
+
+def simd(op, **params):
+    t = next(t for t in templates.discover(op) if t.family == "simd" and t.backend == "metal")
+    return variants.make(t, params)
+
+
+def experts(rng, dims=128, hidden=64, n_experts=5, dtype=mx.float32, group_size=64):
+    """mlx-lm's own SwitchGLU, quantized as mlx-lm converts a checkpoint."""
+    sw = SwitchGLU(dims, hidden, n_experts)
+    import mlx.nn as nn
+    nn.quantize(sw, group_size=group_size, bits=4)
+    sw.set_dtype(dtype)
+    return sw
+
+
+def packed(p):
+    return p["weight"], p["scales"], p["biases"]
+
+
+def truth(sw, x, inds, scores):
+    """SwitchGLU and the weighted sum in float32 throughout, from the same quantized weights."""
+    def gemv(p, v, e):
+        w = mx.dequantize(p["weight"][e], p["scales"][e].astype(mx.float32), p["biases"][e].astype(mx.float32),
+                          group_size=64, bits=4)
+        return w @ v
+    x32 = x.astype(mx.float32).reshape(-1)
+    out = 0
+    for e, s in zip(inds.reshape(-1).tolist(), scores.astype(mx.float32).reshape(-1).tolist()):
+        g, u = gemv(sw.gate_proj, x32, e), gemv(sw.up_proj, x32, e)
+        out = out + s * gemv(sw.down_proj, g * mx.sigmoid(g) * u, e)
+    return out.reshape(x.shape)
+
+
+def serve_both(store_dir, shape_up, shape_down, dtype="float32"):
+    write(store_dir, UP, shape_up, dtype, simd(UP, NSG=2, RPS=2, PW=2), ms=0.5, base_ms=1.0)
+    write(store_dir, DOWN, shape_down, dtype, simd(DOWN, NSG=2, RPS=1, PW=2), ms=0.5, base_ms=1.0)
+    tuned.refresh()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 3e-5), ("float16", 3e-3), ("bfloat16", 2e-2)])
+def test_tuned_expert_calls_run_the_winners_and_equal_mlx_lms_experts(store_dir, rng, dtype, tol):
+    dt = getattr(mx, dtype)
+    serve_both(store_dir, {"S": 2, "E": 5, "N": 64, "K": 128, "G": 64}, {"S": 2, "E": 5, "N": 128, "K": 64, "G": 64},
+               dtype)
+    sw = experts(rng, dtype=dt)
+    x = mx.array(rng.standard_normal((1, 1, 128)).astype(np.float32)).astype(dt)
+    inds = mx.array([[[4, 1]]], dtype=mx.uint32)  # as a router's top-k gives them: (1, 1, k)
+    scores = mx.array([[[0.7, 0.2]]]).astype(dt)
+    y = tuned.moe_qgemv_swiglu(x, inds, *packed(sw.gate_proj), *packed(sw.up_proj), group_size=64)
+    out = tuned.moe_qgemv_combine(y, inds, scores, *packed(sw.down_proj), group_size=64)
+    assert tuned.fallbacks() == {}, tuned.fallbacks()
+    assert y.shape == (1, 1, 2, 64) and out.shape == (1, 1, 128) and out.dtype == dt
+    want = (sw(x, inds) * scores[..., None]).sum(axis=-2)  # mlx-lm's SwitchGLU and weighted sum
+    if dtype == "float32":
+        err = float(mx.linalg.norm(out - want) / mx.linalg.norm(want))
+        assert err < tol, err
+    else:  # as close to the float32 truth as mlx-lm's own half computation is
+        exact = truth(sw, x, inds, scores)
+        err, mlx_err = (float(mx.linalg.norm(a.astype(mx.float32) - exact) / mx.linalg.norm(exact))
+                        for a in (out, want))
+        assert err < 1.5 * mlx_err + 1e-3, (err, mlx_err)
+    # the same experts in the other order: the same sum (the kernel follows the indices)
+    out2 = tuned.moe_qgemv_combine(y[..., ::-1, :], inds[..., ::-1], scores[..., ::-1], *packed(sw.down_proj),
+                                   group_size=64)
+    np.testing.assert_allclose(np.asarray(out2.astype(mx.float32)), np.asarray(out.astype(mx.float32)),
+                               rtol=tol, atol=tol)
+
+
+def test_int32_indices_and_an_index_past_the_experts(store_dir, rng):
+    """int32 expert numbers serve as uint32 ones; an index past the last expert reads the last
+    (never memory outside the weights: the emulator's sanitizer would stop the kernel)."""
+    serve_both(store_dir, {"S": 2, "E": 5, "N": 64, "K": 128, "G": 64}, {"S": 2, "E": 5, "N": 128, "K": 64, "G": 64})
+    sw = experts(rng)
+    x = mx.array(rng.standard_normal((1, 128)).astype(np.float32))
+    args = (*packed(sw.gate_proj), *packed(sw.up_proj))
+    a = tuned.moe_qgemv_swiglu(x, mx.array([3, 4], dtype=mx.int32), *args)
+    b = tuned.moe_qgemv_swiglu(x, mx.array([3, 4], dtype=mx.uint32), *args)
+    c = tuned.moe_qgemv_swiglu(x, mx.array([3, 9], dtype=mx.uint32), *args)
+    assert tuned.fallbacks() == {}
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(b))
+
+
+def test_what_the_kernels_cannot_serve_runs_mlx_lms_computation_with_a_reason(store_dir, rng):
+    serve_both(store_dir, {"S": 2, "E": 5, "N": 64, "K": 128, "G": 64}, {"S": 2, "E": 5, "N": 128, "K": 64, "G": 64})
+    sw = experts(rng)
+    x3 = mx.array(rng.standard_normal((2, 3, 128)).astype(np.float32))  # six tokens
+    inds = mx.array(rng.integers(0, 5, (2, 3, 2)).astype(np.uint32))
+    scores = mx.array(rng.random((2, 3, 2)).astype(np.float32))
+    up = (*packed(sw.gate_proj), *packed(sw.up_proj))
+    assert "one token only" in tuned.explain(UP, x3, inds, *up)
+    y = tuned.moe_qgemv_swiglu(x3, inds, *up)
+    assert "one token's experts only" in tuned.explain(DOWN, y, inds, scores, *packed(sw.down_proj))
+    out = tuned.moe_qgemv_combine(y, inds, scores, *packed(sw.down_proj))
+    want = (sw(x3, inds) * scores[..., None]).sum(axis=-2)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    x = x3[:1, :1]
+    assert "bits=4" in tuned.explain(UP, x, inds[:1, :1], *up, bits=8)
+    assert "uint32 or int32" in tuned.explain(UP, x, inds[:1, :1].astype(mx.float32), *up)
+    assert "must share one dtype" in tuned.explain(DOWN, y[:1, :1], inds[:1, :1], scores[:1, :1].astype(mx.float16),
+                                                   *packed(sw.down_proj))
+
+
+def test_emulator_check_of_a_sample_passes(store_dir):
+    from click.testing import CliRunner
+
+    from hlh_mlx.cli import main
+    for op in (UP, DOWN):
+        r = CliRunner().invoke(main, ["check", op, "simd", "--sample", "2", "--seed", "5"])
+        assert r.exit_code == 0, r.output
+        assert "6 passed, 0 failed" in r.output
+
+
+# each a plausible slip in an expert kernel; the check must fail every one
+BROKEN = {
+    UP: {
+        "every slot reads expert 0": ("size_t e = min(indices[s], E - 1);", "size_t e = 0;"),
+        "slots write over each other": ("y[size_t(s) * N + row0 + r]", "y[row0 + r]"),
+        "scales of expert 0": ("size_t so = (e * N + row) * NG + grp;", "size_t so = row * NG + grp;"),
+    },
+    DOWN: {
+        "scores left out": ("* sc)", ")"),
+        "only the first expert": ("for (uint s = 0; s < SN; s++)", "for (uint s = 0; s < 1; s++)"),
+        "each expert against the first's activations": ("y + size_t(s) * K", "y"),
+    },
+}
+
+
+@pytest.mark.parametrize("op,why", [(op, why) for op in BROKEN for why in BROKEN[op]])
+def test_a_broken_copy_of_the_template_is_caught(op, why, check_fails_on):
+    src = (ROOT / "templates" / op / "simd.metal.j2").read_text()
+    check_fails_on(op, src, *BROKEN[op][why], {"NSG": 2, "RPS": 2, "PW": 2}, "float32")
+
+
+needs_nvcc = pytest.mark.skipif(cuda_source.nvcc() is None, reason="nvcc (CUDA toolkit) is not installed")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("op,params", [
+    (UP, dict(KS=2, RPT=2, TEAMS=2, PW=4, U=2, CS=0)),    # split K: the shared-memory epilogue
+    (DOWN, dict(KS=2, RPT=2, TEAMS=4, PW=4, U=1, CS=1)),
+], ids=["up-ks2", "down-ks2"])
+def test_the_cuda_templates_compile_at_a_ragged_k(op, params):
+    t = next(t for t in templates.discover(op) if t.backend == "cuda")
+    spec = ops.get(op)
+    cuda_source.check_variant(variants.make(t, params), spec, "bfloat16", spec.edge_shapes[-1])
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-moe"])
+def test_moe_blocks_decode_through_the_fused_experts(name):
+    """Qwen2-MoE (with its shared expert) and Qwen3-MoE (top-k weights renormalised): the
+    routed experts run as the two fused ops at decode, the logits are mlx-lm's."""
+    model, _ = models.load(name, bits=4, dtype="float32")
+    before = _decode(model)
+    report = patching.patch(model)
+    layers = model.model.layers
+    assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
+    assert [n for _, n in report.notes] == [patching.MOE_FUSABLE] * len(layers), report
+    _always_fused(layers)
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    assert all(b._moe_fused for b in layers)
+    mlp = model.model.layers[0].mlp
+    called = {op: shape for op, shape, _ in runtime.decided_calls()}
+    assert called[UP] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
+    assert called[DOWN] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
+
+
+def test_served_expert_kernels_replace_the_gathers_in_the_decode_step(store_dir):
+    """With stored variants serving both ops at the model's shapes (real templates on the
+    emulator, the block's halves run uncompiled), the store's choice is taken: no gather_qmm is left in a decode step, no call
+    falls back, and the logits are mlx-lm's."""
+    model, _ = models.load("tiny-qwen3-moe", bits=4, dtype="float32")
+    before = _decode(model)
+    unpatched = _step_primitives(model)
+    mlp = model.model.layers[0].mlp
+    serve_both(store_dir, {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64},
+               {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64})
+    patching.patch(model)
+    tuned.refresh()  # forget the fallbacks of patch's own check (it traced the compiled halves)
+    for b in model.model.layers:  # the emulator's kernels run outside mx.compile only: the plain halves
+        steps = b._steps
+        object.__setattr__(b, "_steps", lambda x, _steps=steps: tuple(h.plain for h in _steps(x)))
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    assert all(b._moe_fused for b in model.model.layers)
+    assert not [op for op, _ in tuned.fallbacks() if op.startswith("moe_")], tuned.fallbacks()
+    patched = _step_primitives(model)
+    assert unpatched.count("GatherQMM") == 3 * len(model.model.layers) and "GatherQMM" not in patched
+
+
+def test_unserved_expert_ops_leave_mlx_lms_experts_in_place(store_dir):
+    model, _ = models.load("tiny-qwen2-moe", bits=4, dtype="float32")
+    patching.patch(model)
+    x = mx.zeros((1, 1, 128))
+    b = model.model.layers[0]
+    assert not b._moe_that_pays(x)  # nothing tuned on this CPU
+    assert "GatherQMM" in _step_primitives(model)
+
+
+def test_mlps_the_fused_path_does_not_reproduce_say_why(rng):
+    model, _ = models.load("tiny-qwen2-moe", bits=8, dtype="float32")
+    assert "not 4-bit affine" in moe.why_not(model.model.layers[0].mlp)
+    model, _ = models.load("tiny-qwen2-moe", bits=16, dtype="float32")
+    assert "not quantized" in moe.why_not(model.model.layers[0].mlp)
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    assert "routing is known" in moe.why_not(model.model.layers[0].mlp)
