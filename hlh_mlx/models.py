@@ -34,6 +34,11 @@ CONFIGS = {
                               shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
                               num_attention_heads=16, num_key_value_heads=16, vocab_size=151936,
                               rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                          mlp_only_layers=[], norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                          tie_word_embeddings=False, max_position_embeddings=40960),
     # the same classes at sizes a CPU runs in a second (tests, CI)
     "tiny-llama": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=211, rms_norm_eps=1e-5,
@@ -46,6 +51,11 @@ CONFIGS = {
                            moe_intermediate_size=128, shared_expert_intermediate_size=256, num_experts=4,
                            num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=211,
                            rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
+    "tiny-qwen3-moe": dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                           moe_intermediate_size=128, num_experts=6, num_experts_per_tok=3, decoder_sparse_step=1,
+                           mlp_only_layers=[], norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, vocab_size=211, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                           tie_word_embeddings=False, max_position_embeddings=4096),
 }
 
 BITS = (4, 8, 16)
@@ -88,12 +98,24 @@ def build(name: str, *, bits: int = 4, group_size: int = 64, dtype: str = "float
     model = model_cls(args_cls.from_dict(config))
     model.set_dtype(DTYPES[dtype])
     if bits != 16:
-        nn.quantize(model, group_size=group_size, bits=bits)
-        config["quantization"] = {"group_size": group_size, "bits": bits}
+        config = _quantize(model, config, group_size, bits)
     mx.eval(model.parameters())
     model.eval()
     return model, {"source": name, "config": config, "bits": bits, "group_size": group_size if bits != 16 else None,
                    "dtype": dtype, "random_weights": True}
+
+
+def _quantize(model, config: dict, group_size: int, bits: int) -> dict:
+    """Quantize as `mlx_lm.convert` does (its quantize_model: the model's own quant_predicate
+    included, e.g. Qwen3-MoE's 8-bit router gates); the config as it records it."""
+    import contextlib
+    import io
+
+    from mlx_lm.utils import quantize_model
+    with contextlib.redirect_stdout(io.StringIO()):  # its "[INFO] Quantized model with ..." line
+        _, config = quantize_model(model, config, group_size, bits)
+    config.pop("quantization_config", None)  # the Hugging Face alias of "quantization"
+    return config
 
 
 def load(source: str, *, seed: int = 0, **kwargs) -> tuple[nn.Module, dict]:
