@@ -228,3 +228,30 @@ def test_mlps_the_fused_path_does_not_reproduce_say_why(rng):
     assert "not quantized" in moe.why_not(model.model.layers[0].mlp)
     model, _ = models.load("tiny-llama", bits=4, dtype="float32")
     assert "routing is known" in moe.why_not(model.model.layers[0].mlp)
+
+
+def test_the_determinism_probe_finds_where_two_runs_part():
+    """benchmarks/moe_determinism.py (for the GPU, where the unpatched MoE model's tokens
+    were seen to differ run to run): two runs of a tiny model on the CPU agree, and a
+    difference in experts, in a block's output bits or in the logits is named where it is."""
+    import copy
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_moe_determinism", ROOT / "benchmarks" / "moe_determinism.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model, about = models.load("tiny-qwen2-moe", bits=4)
+    prompt = [3, 1, 4, 1, 5]
+    a, b = probe.run_once(model, prompt, 3), probe.run_once(model, prompt, 3)
+    assert len(a["layers"]) == 2 and len(a["layers"][0]) == 3  # the prefill and two decode steps
+    assert probe.first_difference(a, b) is None
+    assert not isinstance(model.model.layers[0].mlp, probe._Recorder)  # the model is left as it was
+    c = copy.deepcopy(b)
+    c["layers"][1][2] = (c["layers"][1][2][0][::-1] + 1, c["layers"][1][2][1])
+    assert probe.first_difference(a, c) | {"experts_a": None, "experts_b": None} == \
+        {"position": 2, "layer": 1, "kind": "experts chosen", "experts_a": None, "experts_b": None}
+    d = copy.deepcopy(b)
+    d["layers"][0][2] = (d["layers"][0][2][0], d["layers"][0][2][1] + 1e-3)
+    assert probe.first_difference(a, d)["kind"] == "block output bits (same experts)"
+    e = copy.deepcopy(b)
+    e["logits"][1] = e["logits"][1] * 2
+    assert probe.first_difference(a, e)["kind"] == "logits only"
