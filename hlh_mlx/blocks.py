@@ -151,7 +151,11 @@ class DecoderBlock(nn.Module):
         for k in _BLOCK_PARTS:
             m = self[k]
             key.append(id(m))
-            key += [id(c) for c in m.values() if isinstance(c, nn.Module)]
+            for c in m.values():
+                if isinstance(c, nn.Module):
+                    key.append(id(c))
+                    if k == "mlp":  # an MoE's experts and shared expert are a level deeper
+                        key += [id(g) for g in c.values() if isinstance(g, nn.Module)]
         return tuple(key)
 
     def _qkv(self, x, offset):
@@ -183,7 +187,8 @@ class DecoderBlock(nn.Module):
             h = x + r
             y = norm(h)
         mlp = self["mlp"]
-        return h + (moe.decode(mlp, y) if t == 1 and self._moe_fused else mlp(y))
+        # the expert ops have no gradient: training runs the MLP as it is
+        return h + (moe.decode(mlp, y) if t == 1 and self._moe_fused and not self.training else mlp(y))
 
     def why_not_fully_fused(self) -> str | None:
         """None when the decode step runs as the four fused ops (module docstring), else why not."""

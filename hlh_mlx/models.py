@@ -6,8 +6,9 @@ through mlx-lm's own model classes with random weights (no download needed).
 
 Named configs copy the published sizes of each family; `layers=` keeps fewer decoder
 blocks (same per-block shapes) and the `tiny-*` ones run anywhere in seconds (tests).
-Random weights are quantized the way mlx-lm converts a checkpoint (`nn.quantize` on every
-Linear and Embedding whose width the group size divides)."""
+Random weights are quantized the way mlx-lm converts a checkpoint (its `quantize_model`:
+every Linear and Embedding whose width the group size divides, with the model's own
+`quant_predicate`, e.g. 8-bit router gates for Qwen3-MoE)."""
 
 from __future__ import annotations
 
