@@ -226,11 +226,12 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     with_lm
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
-  experts)  # the MoE expert ops (hlh_mlx.moe) checked and timed on the GPU at Qwen1.5-MoE's decode
+  experts)  # the MoE routing and expert ops (hlh_mlx.moe) checked and timed on the GPU at Qwen1.5-MoE's decode
     # shapes (4 of 60 experts, G=64); whether the unpatched model repeats its own tokens (and
     # where two runs part); the 24-layer validate and one step's nodes; ~10 min
     sweep moe_qgemv_swiglu 150 --budget 12 --shape 4x60x1408x2048x64
     sweep moe_qgemv_combine 150 --budget 12 --shape 4x60x2048x1408x64
+    sweep moe_route 60 --budget 4 --shape 60x4x0x0
     with_lm
     timeout 120 python benchmarks/moe_determinism.py --layers 24 --out "$res/moe_determinism.json" 2>&1 \
       | grep -v "Warning\|_choices" | tail -14

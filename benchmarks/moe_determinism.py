@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from hlh_mlx import models, moe, paths, validate
+from hlh_mlx.ops.moe_route import moe_route
 
 
 class _Recorder:
@@ -35,7 +36,8 @@ class _Recorder:
 
     def __call__(self, x):
         out = self.mlp(x)
-        inds, scores = moe.ROUTERS[type(self.mlp).__name__](self.mlp, x)
+        order, norm = moe.ROUTERS[type(self.mlp).__name__](self.mlp)
+        inds, _ = moe_route(self.mlp.gate(x), self.mlp.top_k, order, norm)  # mlx-lm's routing ops
         self.log.append((np.asarray(mx.sort(inds[:, -1], axis=-1)), np.asarray(out[:, -1].astype(mx.float32))))
         return out
 

@@ -103,8 +103,8 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
         again = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[1])
         mx.eval(outs, again, refs, scales)
         for i, (a, b) in enumerate(zip(outs, again)):
-            pa, pb = (np.asarray(mx.array(p).astype(a.dtype)) for p in POISONS)
-            unwritten = (np.asarray(a) == pa) & (np.asarray(b) == pb)
+            pa, pb = (_host(mx.array(p).astype(a.dtype)) for p in POISONS)
+            unwritten = (_host(a) == pa) & (_host(b) == pb)
             if unwritten.any():
                 first = tuple(int(k) for k in np.argwhere(unwritten)[0])
                 return CheckResult(False, dict(shape), dtype, None, None, tol,
@@ -112,6 +112,11 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
                                    f"first at {first}")
     ok, rel, mabs, err = compare(outs, refs, tol, scales)
     return CheckResult(ok, dict(shape), dtype, rel, mabs, tol, err)
+
+
+def _host(a) -> np.ndarray:
+    """`a` as numpy (bfloat16, which numpy has no type for, as its float32 values)."""
+    return np.asarray(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
 
 
 # Two poisons every output dtype can hold, far from typical data and from each other.

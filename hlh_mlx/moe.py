@@ -4,13 +4,15 @@ mlx-lm's Qwen2-MoE and Qwen3-MoE blocks run one token's experts as a router (a g
 projection, softmax, top-k), SwitchGLU (two gather_qmm, SwiGLU, a third gather_qmm) and a
 weighted sum over the chosen experts: ~30 graph nodes a block, each paid for by the host
 while the GPU work is a few microseconds. `decode(mlp, x)` computes what `mlp(x)` does for
-one token with the router as the family writes it (the same built-in ops, so the same
-experts in the same order) and the experts as
+one token as
 
+    inds, scores = moe_route(gate(x), k)             # softmax, top-k, gather (and renormalise):
+                                                     #   5-7 nodes -> 1
     y = moe_qgemv_swiglu(x, inds, gate, up)          # two gathers, SwiGLU: 4 launches -> 1
     out = moe_qgemv_combine(y, inds, scores, down)   # gather, multiply, sum: 3 -> 1
 
-each a tuned kernel where a stored variant serves it (else the same built-in composition).
+each a tuned kernel where a stored variant serves it (else the same built-in composition:
+mlx-lm's routing code, op for op, so the same experts in the same order).
 A shared expert (Qwen2-MoE) runs as the block has it (`patch` makes it an hlh_mlx.nn.SwiGLU,
 whose gate, up and SwiGLU are one qgemv_swiglu call at decode).
 """
@@ -25,26 +27,23 @@ from . import runtime, tuned
 _GROUPS = (64, 128)
 
 
-def _route_qwen2(mlp, x):
-    gates = mx.softmax(mlp.gate(x), axis=-1, precise=True)
-    k = mlp.top_k
-    inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
-    return inds, mx.take_along_axis(gates, inds, axis=-1)
+# mlx-lm's block classes whose routing hlh_mlx.ops.moe_route reproduces (mlx-lm 0.32), as
+# the op's `order` and whether the block renormalises the chosen weights
+ROUTERS = {"Qwen2MoeSparseMoeBlock": lambda mlp: ("qwen2", False),
+           "Qwen3MoeSparseMoeBlock": lambda mlp: ("qwen3", bool(mlp.norm_topk_prob))}
 
 
-def _route_qwen3(mlp, x):
-    gates = mx.softmax(mlp.gate(x), axis=-1, precise=True)
-    k = mlp.top_k
-    inds = mx.stop_gradient(mx.argpartition(gates, kth=-k, axis=-1)[..., -k:])
-    scores = mx.take_along_axis(gates, inds, axis=-1)
-    if mlp.norm_topk_prob:
-        scores /= mx.sum(scores, axis=-1, keepdims=True)
-    return inds, scores
+def _route_call(mlp, logits):
+    order, norm = ROUTERS[type(mlp).__name__](mlp)
+    return (logits, mlp.top_k), {"order": order, "norm": norm}
 
 
-# mlx-lm's block classes whose routing is copied here, op for op (mlx-lm 0.32): the same
-# experts in the same order as the block picks them
-ROUTERS = {"Qwen2MoeSparseMoeBlock": _route_qwen2, "Qwen3MoeSparseMoeBlock": _route_qwen3}
+def route(mlp, x):
+    """(indices, scores) of the experts `mlp` picks for x, as the block computes them: its gate
+    projection, then softmax and top-k as one tuned call (moe_route) where a variant serves
+    it, else mlx-lm's own ops."""
+    args, kw = _route_call(mlp, mlp.gate(x))
+    return tuned.moe_route.no_grad(*args, **kw)
 
 
 def why_not(mlp) -> str | None:
@@ -85,19 +84,21 @@ def _down_call(mlp, y, inds, scores):
 
 
 def serves(mlp, x) -> bool:
-    """Whether stored variants serve both fused ops for one token `x` (1, 1, dims) of this
-    MLP (bind reads shapes and dtypes only: zeros stand in for the router's outputs). Both
-    are asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it."""
+    """Whether stored variants serve any of the three fused ops for one token `x` (1, 1, dims)
+    of this MLP (each that does not runs its built-in composition, mlx-lm's own ops; bind
+    reads shapes and dtypes only: zeros stand in for the activations). All are asked (no
+    short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it."""
+    logits = mx.zeros((*x.shape[:-1], mlp.num_experts), x.dtype)
     inds = mx.zeros((*x.shape[:-1], mlp.top_k), mx.uint32)
     y = mx.zeros((*inds.shape, mlp.switch_mlp.gate_proj.output_dims), x.dtype)
-    calls = [("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
+    calls = [("moe_route", _route_call(mlp, logits)), ("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
              ("moe_qgemv_combine", _down_call(mlp, y, inds, mx.zeros(inds.shape, x.dtype)))]
-    return all([runtime.serves(op, *args, **kw) for op, (args, kw) in calls])
+    return any([runtime.serves(op, *args, **kw) for op, (args, kw) in calls])
 
 
 def decode(mlp, x):
     """`mlp(x)` for one token x (1, 1, dims) through the fused expert ops (module docstring)."""
-    inds, scores = ROUTERS[type(mlp).__name__](mlp, x)
+    inds, scores = route(mlp, x)
     args, kw = _up_call(mlp, x, inds)
     y = tuned.moe_qgemv_swiglu.no_grad(*args, **kw)
     args, kw = _down_call(mlp, y, inds, scores)

@@ -50,7 +50,7 @@ def rel_error(got, want) -> float:
 def check_fails_on(store_dir, extra_templates):
     """`check_fails_on(op, source, old, new, params, dtype)`: `hlh_mlx check` of a copy of a
     Metal template with one slip in it (`old` -> `new`) must fail for the numbers it gets
-    wrong (a relative error, or elements left unwritten)."""
+    wrong (a relative error, integer outputs not the reference's, or elements left unwritten)."""
     from click.testing import CliRunner
 
     from hlh_mlx.cli import main
@@ -61,7 +61,7 @@ def check_fails_on(store_dir, extra_templates):
         args = ["check", op, "broken", "--dtype", dtype] + [a for k, v in params.items() for a in ("-p", f"{k}={v}")]
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 1, r.output
-        assert "relative error" in r.output or "NaN/inf (unwritten?)" in r.output, r.output
+        assert any(m in r.output for m in ("relative error", "NaN/inf (unwritten?)", "integer outputs differ")), r.output
     return run
 
 

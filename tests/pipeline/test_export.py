@@ -73,6 +73,8 @@ def test_export_of_an_unknown_variant_is_a_clear_error(tmp_path):
     ("rope", "pairs", {"R": 3, "T": 7, "D": 10, "TRAD": 1}),
     ("decode_attention", "simd", {"HQ": 8, "HKV": 2, "L": 33, "D": 64}),
     ("gemv", "simd", {"M": 3, "N": 37, "K": 1001}),
+    ("moe_qgemv_swiglu", "simd", {"S": 2, "E": 3, "N": 37, "K": 320, "G": 64}),
+    ("moe_qgemv_combine", "simd", {"S": 2, "E": 3, "N": 37, "K": 320, "G": 64}),
 ])
 def test_exported_ops_with_mixed_input_dtypes_are_correct(tmp_path, op, family, shape):
     v = first_variant(op, family)
@@ -108,3 +110,31 @@ def test_cuda_export_requests_the_variants_dynamic_shared_memory(monkeypatch):
     exec(compile(export.render_module("matmul", v.id), "kernel.py", "exec"), {})
     assert seen["shared_memory"] == v.shared_memory() == 3 * (128 * 40 + 32 * 136) * 2
     assert seen["source"] == v.rendered.source
+
+
+def test_an_exported_routing_kernel_reads_its_choices_from_route(tmp_path):
+    """moe_route's S, ORDER and NORM are template arguments: the exported module reads them
+    from its `route` input and gives the op's two outputs."""
+    v = first_variant("moe_route", "select")
+    out = tmp_path / "kernel.py"
+    r = CliRunner().invoke(main, ["export", "moe_route", "--variant", v.id, "-o", str(out), "--format", "kernelbot"])
+    assert r.exit_code == 0, r.output
+    script = f"""
+import mlx.core as mx, numpy as np, sys
+from hlh_mlx import emulator, ops
+emulator.install()
+sys.path.insert(0, {str(tmp_path)!r})
+import kernel
+spec = ops.get("moe_route")
+for shape in ({{"E": 60, "S": 4, "ORDER": 0, "NORM": 0}}, {{"E": 37, "S": 5, "ORDER": 1, "NORM": 1}}):
+    inputs = spec.make_inputs(shape, mx.float16, np.random.default_rng(3))
+    inds, scores = kernel.custom_kernel(tuple(inputs))
+    ref_inds, ref_scores = spec.reference(*inputs)
+    assert np.array_equal(np.asarray(inds), np.asarray(ref_inds)), (inds, ref_inds)
+    assert np.allclose(np.asarray(scores), np.asarray(ref_scores), rtol=2e-3)
+try:
+    kernel.moe_route(inputs[0].astype(mx.int32), inputs[1])
+except ValueError as e:
+    print("guarded:", e)
+"""
+    assert "must have dtypes" in run_guarded(script)

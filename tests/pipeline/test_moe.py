@@ -22,10 +22,11 @@ pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 UP = "moe_qgemv_swiglu"
 DOWN = "moe_qgemv_combine"
+ROUTE = "moe_route"
 
 
-def simd(op, **params):
-    t = next(t for t in templates.discover(op) if t.family == "simd" and t.backend == "metal")
+def simd(op, family="simd", **params):
+    t = next(t for t in templates.discover(op) if t.family == family and t.backend == "metal")
     return variants.make(t, params)
 
 
@@ -202,15 +203,19 @@ def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", None)])
 def test_served_expert_kernels_replace_the_gathers_in_the_decode_step(store_dir, dtype, tol):
-    """With stored variants serving both ops at the model's shapes (real templates on the
-    emulator, the block's halves run uncompiled), the store's choice is taken: no gather_qmm is left in a decode step, no call
-    falls back, and the logits are mlx-lm's."""
+    """With stored variants serving the three ops at the model's shapes (real templates on
+    the emulator, the block's halves run uncompiled), the store's choice is taken: no
+    softmax, argpartition or gather_qmm is left in a decode step, no call falls back, and
+    the logits are mlx-lm's."""
     model, _ = models.load("tiny-qwen3-moe", bits=4, dtype=dtype)
     before = _decode(model)
     unpatched = _step_primitives(model)
     mlp = model.model.layers[0].mlp
     serve_both(store_dir, {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64},
                {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}, dtype)
+    write(store_dir, ROUTE, {"E": mlp.num_experts, "S": mlp.top_k, "ORDER": 1, "NORM": 1}, dtype,
+          simd(ROUTE, "select", TG=64), ms=0.5, base_ms=1.0)
+    tuned.refresh()
     patching.patch(model)
     tuned.refresh()  # forget the fallbacks of patch's own check (it traced the compiled halves)
     for b in model.model.layers:  # the emulator's kernels run outside mx.compile only: the plain halves
@@ -226,7 +231,10 @@ def test_served_expert_kernels_replace_the_gathers_in_the_decode_step(store_dir,
     assert all(b._moe_fused for b in model.model.layers)
     assert not [op for op, _ in tuned.fallbacks() if op.startswith("moe_")], tuned.fallbacks()
     patched = _step_primitives(model)
-    assert unpatched.count("GatherQMM") == 3 * len(model.model.layers) and "GatherQMM" not in patched
+    layers = len(model.model.layers)
+    assert unpatched.count("GatherQMM") == 3 * layers and "GatherQMM" not in patched
+    assert unpatched.count("ArgPartition") == layers and "ArgPartition" not in patched
+    assert unpatched.count("Softmax") >= layers and "Softmax" not in patched
 
 
 def test_unserved_expert_ops_leave_mlx_lms_experts_in_place(store_dir):
@@ -308,3 +316,70 @@ def test_replacing_an_expert_projection_retraces_the_step():
     key = b._children_key()
     shared.down_proj = copy.deepcopy(shared.down_proj)
     assert b._children_key() != key
+
+
+def _serve_route(store_dir, e, k, order, norm, dtype="float32"):
+    write(store_dir, ROUTE, {"E": e, "S": k, "ORDER": order, "NORM": norm}, dtype, simd(ROUTE, "select", TG=32),
+          ms=0.5, base_ms=1.0)
+    tuned.refresh()
+
+
+@pytest.mark.parametrize("order,norm", [("qwen2", False), ("qwen3", True), ("qwen3", False)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_tuned_routing_chooses_mlx_lms_experts_with_its_weights(store_dir, rng, order, norm, dtype):
+    dt = getattr(mx, dtype)
+    _serve_route(store_dir, 60, 4, {"qwen2": 0, "qwen3": 1}[order], int(norm), dtype)
+    logits = mx.array(rng.standard_normal((1, 1, 60)).astype(np.float32) * 2).astype(dt)
+    inds, scores = tuned.moe_route(logits, 4, order=order, norm=norm)
+    assert tuned.fallbacks() == {}, tuned.fallbacks()
+    assert inds.shape == (1, 1, 4) and inds.dtype == mx.uint32 and scores.dtype == dt
+    want_inds, want_scores = ops.get(ROUTE).function(logits, 4, order, norm)  # mlx-lm's routing ops
+    got = dict(zip(np.asarray(inds).ravel().tolist(), np.asarray(scores.astype(mx.float32)).ravel().tolist()))
+    want = dict(zip(np.asarray(want_inds).ravel().tolist(), np.asarray(want_scores.astype(mx.float32)).ravel().tolist()))
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[e] for e in want], list(want.values()), rtol=ops.get(ROUTE).tolerance[dtype])
+    # the order of a stable sort (MLX's CUDA argpartition): descending for Qwen2, ascending for Qwen3
+    w = [got[e] for e in np.asarray(inds).ravel().tolist()]
+    assert w == sorted(w, reverse=order == "qwen2")
+
+
+@pytest.mark.parametrize("order,chosen", [("qwen2", 2), ("qwen3", 5)])
+def test_a_tie_at_the_boundary_is_broken_as_a_stable_sort_breaks_it(store_dir, order, chosen):
+    """Experts 2 and 5 share the second-largest weight and one of them is chosen: Qwen2's
+    descending sort keeps the lower expert first, Qwen3's ascending sort puts the higher one
+    among its last k."""
+    _serve_route(store_dir, 8, 2, {"qwen2": 0, "qwen3": 1}[order], 0)
+    logits = mx.array([[0.0, 0.1, 1.5, 0.2, 3.0, 1.5, -1.0, 0.3]])
+    inds, _ = tuned.moe_route(logits, 2, order=order)
+    assert tuned.fallbacks() == {}
+    assert sorted(np.asarray(inds).tolist()[0]) == sorted([4, chosen])
+
+
+def test_routing_the_kernels_cannot_serve_runs_mlx_lms_ops_with_a_reason(store_dir, rng):
+    _serve_route(store_dir, 60, 4, 0, 0)
+    logits = mx.array(rng.standard_normal((1, 60)).astype(np.float32))
+    assert "order 'mixtral'" in tuned.explain(ROUTE, logits, 4, order="mixtral")
+    assert "Qwen3's order" in tuned.explain(ROUTE, logits, 4, order="qwen2", norm=True)
+    assert "k must be an int" in tuned.explain(ROUTE, logits, 61)
+    assert "k must be an int" in tuned.explain(ROUTE, logits, 2.0)
+    assert "one token only" in tuned.explain(ROUTE, mx.concatenate([logits, logits]), 4)
+    big = mx.array(rng.standard_normal((1, 1030)).astype(np.float32))
+    assert "up to 1024" in tuned.explain(ROUTE, big, 4)
+    two = mx.concatenate([logits, logits])
+    inds, scores = tuned.moe_route(two, 4)  # the built-in: mlx-lm's ops, any number of tokens
+    want_inds, _ = ops.get(ROUTE).function(two, 4)
+    assert inds.shape == (2, 4) and (np.sort(np.asarray(inds)) == np.sort(np.asarray(want_inds))).all()
+
+
+BROKEN_ROUTE = {
+    "ties broken the other way": ("(w == v && j < e)", "(w == v && j > e)"),
+    "renormalisation left out": ("if (NRM) {", "if (false) {"),
+    "Qwen2's order ascending": ("(ORD == 0 ? w > v : w < v)", "(w < v)"),
+    "Qwen3's chosen counted from the front": ("int(pos) - int(NE - SN)", "int(pos)"),
+}
+
+
+@pytest.mark.parametrize("why", BROKEN_ROUTE)
+def test_a_broken_copy_of_the_routing_template_is_caught(why, check_fails_on):
+    src = (ROOT / "templates" / ROUTE / "select.metal.j2").read_text()
+    check_fails_on(ROUTE, src, *BROKEN_ROUTE[why], {"TG": 64}, "float16")
