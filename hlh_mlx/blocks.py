@@ -44,6 +44,7 @@ import mlx.nn as nn
 
 from . import moe, ops, runtime, tuned
 from .ops.rope import _offset_array as offset_array
+from .ops.spec import QUANT_GROUPS
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
 _BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
@@ -211,8 +212,9 @@ class DecoderBlock(nn.Module):
         formats = {(p.bits, p.group_size, getattr(p, "mode", "affine")) for p in projs}
         if len(formats) != 1:
             return f"projections quantized in different formats (bits, group, mode: {sorted(formats)})"
-        if next(iter(formats)) not in {(4, 64, "affine"), (4, 128, "affine")}:
-            return f"weights are not 4-bit affine with group size 64 or 128 ({next(iter(formats))})"
+        if next(iter(formats)) not in {(4, g, "affine") for g in QUANT_GROUPS}:
+            return f"weights are not 4-bit affine with group size {' or '.join(map(str, QUANT_GROUPS))} " \
+                   f"({next(iter(formats))})"
         for k in ("input_layernorm", "post_attention_layernorm"):
             if not isinstance(self[k], nn.RMSNorm):
                 return f"{k} is a {type(self[k]).__name__}, not an RMSNorm"

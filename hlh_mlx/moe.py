@@ -23,9 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import runtime, tuned
-
-_GROUPS = (64, 128)
-
+from .ops.spec import QUANT_GROUPS
 
 # mlx-lm's block classes whose routing hlh_mlx.ops.moe_route reproduces (mlx-lm 0.32), as
 # the op's `order` and whether the block renormalises the chosen weights
@@ -60,8 +58,9 @@ def why_not(mlp) -> str | None:
     if any("bias" in p or p.get("biases") is None or getattr(p, "global_scale", None) is not None for p in projs):
         return "expert projections with a bias, or not in affine mode"
     formats = {(p.bits, p.group_size, p.mode) for p in projs}
-    if len(formats) != 1 or next(iter(formats)) not in {(4, g, "affine") for g in _GROUPS}:
-        return f"experts are not 4-bit affine with group size 64 or 128 ({sorted(formats)})"
+    if len(formats) != 1 or next(iter(formats)) not in {(4, g, "affine") for g in QUANT_GROUPS}:
+        return f"experts are not 4-bit affine with group size {' or '.join(map(str, QUANT_GROUPS))} " \
+               f"({sorted(formats)})"
     if type(getattr(sw, "activation", None)).__name__ != "SwiGLU":
         return "the experts' activation is not SwiGLU"
     return None

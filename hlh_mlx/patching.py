@@ -24,6 +24,7 @@ import mlx.nn as base_nn
 import numpy as np
 
 from . import blocks, moe, nn, ops, tuned
+from .ops.spec import QUANT_GROUPS
 
 
 @dataclass
@@ -118,8 +119,9 @@ def _replacement(module):
         new.update(module.parameters())
         return new, None
     if type(module) is base_nn.QuantizedLinear:
-        if getattr(module, "mode", "affine") != "affine" or module.bits != 4 or module.group_size not in (64, 128):
-            return None, "only 4-bit affine weights with group size 64 or 128 have a tuned kernel"
+        if getattr(module, "mode", "affine") != "affine" or module.bits != 4 or module.group_size not in QUANT_GROUPS:
+            return None, (f"only 4-bit affine weights with group size {' or '.join(map(str, QUANT_GROUPS))} "
+                          "have a tuned kernel")
         return nn.QuantizedLinear.from_layer(module), None
     if type(module) is base_nn.RMSNorm:
         new = nn.RMSNorm(module.weight.shape[0], eps=module.eps)

@@ -16,8 +16,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .moe_qgemv_swiglu import GROUPS, INDEX_DTYPES, dequant32, expert_indices, expert_weights
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .moe_qgemv_swiglu import INDEX_DTYPES, dequant32, expert_indices, expert_weights
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4bit_reason
 
 
 def _inputs(s, dtype, rng):
@@ -61,14 +61,9 @@ def _builtin(y, idx, scores, wd, sd, bd):
 
 
 def bind(y, indices, scores, wd, sd, bd, group_size=64, bits=4):
-    if bits != 4 or group_size not in GROUPS:
-        return f"tuned kernels take bits=4 and group_size in {GROUPS} (got bits={bits}, group_size={group_size})"
-    if sd is None or bd is None:
-        return "scales and biases are needed (affine mode)"
-    if y.dtype not in DTYPES.values():
-        return f"y's dtype {y.dtype} has no tuned kernels"
-    if sd.dtype != y.dtype or bd.dtype != y.dtype or scores.dtype != y.dtype or wd.dtype != mx.uint32:
-        return "y, scores, scales and biases must share one dtype; wd must be uint32"
+    why = affine_4bit_reason(y, [(wd, sd, bd)], group_size, bits, "y", {"scores": scores})
+    if why:
+        return why
     if indices.dtype not in INDEX_DTYPES or indices.size == 0 or indices.ndim == 0:
         return f"indices must be uint32 or int32 expert numbers, at least one (got {indices.dtype}, {indices.size})"
     s, k = indices.size, y.shape[-1]

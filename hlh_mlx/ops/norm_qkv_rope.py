@@ -26,9 +26,8 @@ import mlx.core as mx
 
 from .rms_norm import eps_array, eps_input
 from .rope import _offset_array, dynamic_offset, offset_input
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, input_constant, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, input_constant, random_array, affine_4bit_reason
 
-GROUPS = (64, 128)
 BASE = 10000.0
 
 
@@ -139,18 +138,12 @@ def _builtin_for(shape):
 
 def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim, group_size=64, bits=4,
          heads_first=False):
-    if bits != 4 or group_size not in GROUPS:
-        return f"tuned kernels take bits=4 and group_size in {GROUPS} (got bits={bits}, group_size={group_size})"
-    if x.dtype not in DTYPES.values():
-        return f"x's dtype {x.dtype} has no tuned kernels"
+    why = affine_4bit_reason(x, [(wq, sq, bq), (wk, sk, bk), (wv, sv, bv)], group_size, bits,
+                             same_dtype={"norm_w": norm_w})
+    if why:
+        return why
     if not isinstance(eps, (int, float)) or not eps >= 0:
         return "eps must be a number >= 0"
-    if any(a is None for a in (sq, bq, sk, bk, sv, bv)):
-        return "scales and biases of all three weights are needed (affine mode)"
-    if not isinstance(norm_w, mx.array) or any(a.dtype != x.dtype for a in (norm_w, sq, bq, sk, bk, sv, bv)):
-        return "x, norm_w and the six scales and biases must share one dtype"
-    if any(w.dtype != mx.uint32 for w in (wq, wk, wv)):
-        return "wq, wk and wv must be uint32 (packed 4-bit)"
     k = x.shape[-1]
     if x.size != k:
         return f"one token only ({x.size // k} rows given)"

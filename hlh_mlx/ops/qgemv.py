@@ -7,9 +7,8 @@ import math
 
 import mlx.core as mx
 
-from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, as_shape, OpSpec, dtype_name, random_array, QUANT_GROUPS
 
-GROUPS = (64, 128)
 
 
 def _inputs(shape, dtype, rng):
@@ -37,8 +36,8 @@ def _builtin(x, wq, scales, biases):
 
 
 def bind(x, w, scales, biases, transpose=True, group_size=64, bits=4, **kwargs):
-    if not transpose or bits != 4 or group_size not in GROUPS or kwargs.get("mode", "affine") != "affine":
-        return f"tuned kernels take transpose=True, bits=4, affine mode, group_size in {GROUPS}"
+    if not transpose or bits != 4 or group_size not in QUANT_GROUPS or kwargs.get("mode", "affine") != "affine":
+        return f"tuned kernels take transpose=True, bits=4, affine mode, group_size in {QUANT_GROUPS}"
     if biases is None or x.dtype != scales.dtype or x.dtype != biases.dtype or w.dtype != mx.uint32:
         return "x, scales and biases must share one dtype; w must be uint32"
     k = x.shape[-1]

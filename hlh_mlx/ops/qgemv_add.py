@@ -15,9 +15,8 @@ import math
 
 import mlx.core as mx
 
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4bit_reason
 
-GROUPS = (64, 128)
 
 
 def _inputs(shape, dtype, rng):
@@ -79,14 +78,9 @@ def _builtin(x, wq, scales, biases, r):
 
 
 def bind(x, w, scales, biases, r, group_size=64, bits=4):
-    if bits != 4 or group_size not in GROUPS:
-        return f"tuned kernels take bits=4 and group_size in {GROUPS} (got bits={bits}, group_size={group_size})"
-    if scales is None or biases is None:
-        return "scales and biases are needed (affine mode)"
-    if x.dtype not in DTYPES.values():
-        return f"x's dtype {x.dtype} has no tuned kernels"
-    if scales.dtype != x.dtype or biases.dtype != x.dtype or w.dtype != mx.uint32:
-        return "x, scales and biases must share one dtype; w must be uint32"
+    why = affine_4bit_reason(x, [(w, scales, biases)], group_size, bits)
+    if why:
+        return why
     if w.ndim != 2:
         return f"w must be (N, K/8) uint32 (got {w.ndim} dims)"
     n, k = w.shape[0], w.shape[1] * 8

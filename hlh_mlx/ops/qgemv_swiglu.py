@@ -14,9 +14,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
+from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4bit_reason
 
-GROUPS = (64, 128)
 
 
 def _inputs(shape, dtype, rng):
@@ -73,14 +72,9 @@ def _builtin(x, wg, sg, bg, wu, su, bu):
 
 
 def bind(x, wg, sg, bg, wu, su, bu, group_size=64, bits=4):
-    if bits != 4 or group_size not in GROUPS:
-        return f"tuned kernels take bits=4 and group_size in {GROUPS} (got bits={bits}, group_size={group_size})"
-    if any(a is None for a in (sg, bg, su, bu)):
-        return "scales and biases of both weights are needed (affine mode)"
-    if x.dtype not in DTYPES.values():
-        return f"x's dtype {x.dtype} has no tuned kernels"
-    if any(a.dtype != x.dtype for a in (sg, bg, su, bu)) or wg.dtype != mx.uint32 or wu.dtype != mx.uint32:
-        return "x and the four scales and biases must share one dtype; wg and wu must be uint32"
+    why = affine_4bit_reason(x, [(wg, sg, bg), (wu, su, bu)], group_size, bits)
+    if why:
+        return why
     k = x.shape[-1]
     if x.size != k:
         return f"one token only ({x.size // k} rows given)"

@@ -169,6 +169,29 @@ def as_shape(x, shape: tuple):
     return x if x.shape == tuple(shape) else x.reshape(shape)
 
 
+# The 4-bit affine group sizes the quantized templates take (mx.quantize's layout)
+QUANT_GROUPS = (64, 128)
+
+
+def affine_4bit_reason(x, weights, group_size, bits, name: str = "x", same_dtype: dict | None = None) -> str | None:
+    """Why tuned kernels cannot take activations `x` with 4-bit affine `weights` ((packed,
+    scales, biases) triples) at this group size, or None: the checks every quantized op's
+    bind starts with. `same_dtype`: other arrays, by name, that must be in x's dtype."""
+    if bits != 4 or group_size not in QUANT_GROUPS:
+        return f"tuned kernels take bits=4 and group_size in {QUANT_GROUPS} (got bits={bits}, group_size={group_size})"
+    if any(s is None or b is None for _, s, b in weights):
+        return "scales and biases of every weight are needed (affine mode)"
+    if x.dtype not in DTYPES.values():
+        return f"{name}'s dtype {x.dtype} has no tuned kernels"
+    others = same_dtype or {}
+    if any(not isinstance(a, mx.array) or a.dtype != x.dtype
+           for a in (*[a for _, s, b in weights for a in (s, b)], *others.values())):
+        return f"{', '.join([name, *others])}, the scales and biases must share one dtype"
+    if any(w.dtype != mx.uint32 for w, _, _ in weights):
+        return "the packed weights must be uint32 (4-bit)"
+    return None
+
+
 # MLX's CUDA allocator keeps arrays of at most this many bytes in a pool of managed memory
 # (host pages the GPU reads in place), whoever writes them
 HOST_POOL_BYTES = 8

@@ -164,7 +164,7 @@ def test_arguments_a_kernel_cannot_serve_fall_back_with_their_reason(store_dir, 
     assert "share one dtype" in tuned.explain(NAME, x, w, 1e-5, wg, sg.astype(mx.float16), bg, wu, su, bu)
     assert "wg and wu must both be" in tuned.explain(NAME, x, w, 1e-5, wg, sg, bg, wu[:32], su[:32], bu[:32])
     assert "must be (64, 8)" in tuned.explain(NAME, x, w, 1e-5, wg, sg, bg, wu, su[:, :4], bu[:, :4])
-    assert "scales and biases of both weights" in tuned.explain(NAME, x, w, 1e-5, wg, sg, bg, wu, su, None)
+    assert "scales and biases of every weight" in tuned.explain(NAME, x, w, 1e-5, wg, sg, bg, wu, su, None)
     assert "has no tuned kernels" in tuned.explain(NAME, x.astype(mx.int32), w, 1e-5, *q)
 
 

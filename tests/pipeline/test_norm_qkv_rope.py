@@ -223,7 +223,7 @@ def test_arguments_the_kernels_do_not_serve_are_refused_with_the_reason(store_di
     assert "norm_w must be (512,)" in why(x, norm_w[:256], *a[2:])
     assert "wq must be (64, 64) uint32" in why(*a[:3], wq[:, :32], *a[4:])
     assert "wk's scales and biases must be (32, 8)" in why(*a[:7], sk[:, :4], bk[:, :4], *a[9:])
-    assert "scales and biases of all three weights" in why(*a[:11], None, freqs)
+    assert "scales and biases of every weight" in why(*a[:11], None, freqs)
     assert "eps must be a number" in why(x, norm_w, -1.0, *a[3:])
     assert "offset of dtype" in why(*a, offset=mx.array([3.0]))
     assert "one offset" in why(*a, offset=mx.array([3, 4], dtype=mx.int32))

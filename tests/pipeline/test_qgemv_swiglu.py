@@ -125,7 +125,7 @@ def test_arguments_a_kernel_cannot_serve_fall_back_with_their_reason(store_dir, 
     assert "share one dtype" in tuned.explain("qgemv_swiglu", x, wg, *half, wu, su, bu)
     assert "wg and wu must both be" in tuned.explain("qgemv_swiglu", x, wg, sg, bg, wu[:32], su[:32], bu[:32])
     assert "must be (64, 8)" in tuned.explain("qgemv_swiglu", x, wg, sg, bg, wu, su[:, :4], bu[:, :4])
-    assert "scales and biases of both weights" in tuned.explain("qgemv_swiglu", x, wg, sg, bg, wu, su, None)
+    assert "scales and biases of every weight" in tuned.explain("qgemv_swiglu", x, wg, sg, bg, wu, su, None)
     assert "has no tuned kernels" in tuned.explain("qgemv_swiglu", x.astype(mx.int32), wg, sg, bg, wu, su, bu)
 
 
