@@ -301,9 +301,10 @@ class DecoderBlock(nn.Module):
         return pre, post, mlp_fused
 
     def _moe_that_pays(self, x) -> bool:
-        """Whether the decode step runs a MoE MLP's routed experts as hlh_mlx.moe's two fused
-        ops: one token of one sequence, an MLP `moe.decode` reproduces, and stored variants
-        serving both ops (with fused="always" wherever the MLP is one: tests on a CPU)."""
+        """Whether the decode step runs a MoE MLP's routing and experts through hlh_mlx.moe's
+        fused ops: one token of one sequence, an MLP `moe.decode` reproduces, and a stored
+        variant serving at least one of the three ops (the others then run their built-in
+        compositions, mlx-lm's ops; with fused="always" wherever the MLP is one: tests on a CPU)."""
         if not self._fused or x.shape[0] != 1 or moe.why_not(self["mlp"]) is not None:
             return False
         return self._fused == "always" or moe.serves(self["mlp"], x)

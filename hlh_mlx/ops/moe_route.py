@@ -24,15 +24,48 @@ ORDERS = {"qwen2": 0, "qwen3": 1}
 
 
 def _inputs(s, dtype, rng):
-    # router logits as a trained router spreads them (std 2), with the S-th and (S+1)-th
-    # largest equal: the tie rule at the boundary decides which expert is chosen (a kernel
-    # with the wrong rule fails); `route` carries S, ORDER and NORM for the reference (the
-    # kernels take them as template arguments)
-    logits = (rng.standard_normal(s["E"]) * 2.0).astype(np.float32)
-    if s["E"] > s["S"]:
+    """Router logits as a trained router spreads them (std 2), with a tie at the boundary
+    between the S-th and (S+1)-th largest weights, placed so the tie rule picks the expert a
+    wrong rule would not: an exact tie of the logits for even E, and for odd E (half dtypes)
+    two logits one step apart whose weights differ in float32 but round to the same value,
+    so a kernel that ranks before rounding fails too. `route` carries S, ORDER and NORM for
+    the reference (the kernels take them as template arguments)."""
+    e, k = s["E"], s["S"]
+    logits = (rng.standard_normal(e) * 2.0).astype(np.float32)
+    if e > k:
         ranked = np.argsort(-logits, kind="stable")
-        logits[ranked[s["S"]]] = logits[ranked[s["S"] - 1]]
-    return [mx.array(logits[None]).astype(dtype), input_constant([s["S"], s["ORDER"], s["NORM"]], mx.int32)]
+        lo, hi = sorted(ranked[k - 1: k + 1])
+        # ORDER 0 keeps the lower expert at a tie, ORDER 1 the higher: `b` is the one kept
+        a, b = (hi, lo) if s["ORDER"] == 0 else (lo, hi)
+        logits[b] = logits[a]
+        if e % 2 and dtype != mx.float32:
+            logits -= logits[a] - 0.03  # near 0 a logit's step is far below a weight's
+            logits[b] = _rounding_tie(logits, a, b, dtype)
+    return [mx.array(logits[None]).astype(dtype), input_constant([k, s["ORDER"], s["NORM"]], mx.int32)]
+
+
+def _rounding_tie(logits, a, b, dtype):
+    """A value for logits[b] just below logits[a] in `dtype` whose softmax weight differs from
+    a's in float32 and equals it rounded to `dtype` (else logits[a]: an exact tie)."""
+    x = logits.copy()
+    for steps in range(1, 9):
+        below = mx.array(np.float32(logits[a])).astype(dtype).astype(mx.float32)
+        for _ in range(steps):  # the dtype's next value down, `steps` times
+            below = _next_down(below, dtype)
+        x[b] = below.item()
+        g = mx.softmax(mx.array(x).astype(dtype).astype(mx.float32))
+        ga, gb = g[a].item(), g[b].item()
+        if ga != gb and mx.array(ga).astype(dtype).item() == mx.array(gb).astype(dtype).item():
+            return x[b]
+    return logits[a]
+
+
+def _next_down(v, dtype):
+    """The largest `dtype` value below v (a float32 array holding a `dtype` value)."""
+    bits = {mx.float16: (mx.uint16, 16), mx.bfloat16: (mx.uint16, 16)}[dtype]
+    h = v.astype(dtype).view(bits[0])
+    h = h + 1 if v.item() < 0 else h - 1  # magnitude up for negatives, down for positives
+    return h.view(dtype).astype(mx.float32)
 
 
 def _reference(logits, route):
@@ -53,6 +86,8 @@ def moe_route(logits, k, order="qwen2", norm=False):
     """(indices, scores) of the top `k` experts for router `logits`, as mlx-lm's Qwen2-MoE
     (order="qwen2") or Qwen3-MoE (order="qwen3", norm=norm_topk_prob) blocks compute them."""
     gates = mx.softmax(logits, axis=-1, precise=True)
+    if order not in ORDERS:
+        raise ValueError(f"[moe_route] order must be one of {', '.join(ORDERS)}, not {order!r}")
     if order == "qwen2":
         inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     else:
@@ -85,8 +120,8 @@ def bind(logits, k, order="qwen2", norm=False):
         return f"one token only ({logits.size // max(e, 1)} rows given)"
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= e:
         return f"k must be an int from 1 to the {e} experts (got {k!r})"
-    if e > 1024:
-        return f"{e} experts: the kernels take up to 1024"
+    if e > 1024 or k > 64:
+        return f"{e} experts, {k} chosen: the kernels take up to 1024 and 64"
     shape = {"E": e, "S": k, "ORDER": ORDERS[order], "NORM": int(bool(norm))}
     lead = logits.shape[:-1]
     return Call([logits, constant([k, shape["ORDER"], shape["NORM"]], mx.int32)], shape, dtype_name(logits.dtype),
@@ -110,9 +145,9 @@ OP = OpSpec(
     shapes=[{"E": 60, "S": 4, "ORDER": 0, "NORM": 0}, {"E": 128, "S": 8, "ORDER": 1, "NORM": 1}],
     emulator_shapes=[{"E": 60, "S": 4, "ORDER": 0, "NORM": 0}, {"E": 37, "S": 5, "ORDER": 1, "NORM": 1},
                      {"E": 16, "S": 3, "ORDER": 1, "NORM": 0}],
-    # one expert; more experts than threads in a block; every expert chosen
+    # one expert; more experts than threads in a block; every expert chosen; a small spread
     edge_shapes=[{"E": 1, "S": 1, "ORDER": 0, "NORM": 0}, {"E": 300, "S": 8, "ORDER": 1, "NORM": 1},
-                 {"E": 8, "S": 8, "ORDER": 0, "NORM": 0}],
+                 {"E": 8, "S": 8, "ORDER": 0, "NORM": 0}, {"E": 129, "S": 8, "ORDER": 0, "NORM": 0}],
     bind=bind,
     function=moe_route,
     # S, ORDER and NORM are the kernel's template arguments: an exported kernel reads them

@@ -352,7 +352,8 @@ def test_a_tie_at_the_boundary_is_broken_as_a_stable_sort_breaks_it(store_dir, o
     logits = mx.array([[0.0, 0.1, 1.5, 0.2, 3.0, 1.5, -1.0, 0.3]])
     inds, _ = tuned.moe_route(logits, 2, order=order)
     assert tuned.fallbacks() == {}
-    assert sorted(np.asarray(inds).tolist()[0]) == sorted([4, chosen])
+    # in the stable sort's order: descending for Qwen2, the ascending sort's last two for Qwen3
+    assert np.asarray(inds).tolist()[0] == ([4, chosen] if order == "qwen2" else [chosen, 4])
 
 
 def test_routing_the_kernels_cannot_serve_runs_mlx_lms_ops_with_a_reason(store_dir, rng):
@@ -365,10 +366,15 @@ def test_routing_the_kernels_cannot_serve_runs_mlx_lms_ops_with_a_reason(store_d
     assert "one token only" in tuned.explain(ROUTE, mx.concatenate([logits, logits]), 4)
     big = mx.array(rng.standard_normal((1, 1030)).astype(np.float32))
     assert "up to 1024" in tuned.explain(ROUTE, big, 4)
-    two = mx.concatenate([logits, logits])
-    inds, scores = tuned.moe_route(two, 4)  # the built-in: mlx-lm's ops, any number of tokens
-    want_inds, _ = ops.get(ROUTE).function(two, 4)
-    assert inds.shape == (2, 4) and (np.sort(np.asarray(inds)) == np.sort(np.asarray(want_inds))).all()
+    two = mx.concatenate([logits, logits[:, ::-1]])
+    inds, scores = tuned.moe_route(two, 4)  # the built-in, for any number of tokens
+    gates = mx.softmax(two, axis=-1, precise=True)  # Qwen2-MoE's routing, as mlx-lm writes it
+    want = mx.argpartition(-gates, kth=3, axis=-1)[..., :4]
+    assert inds.shape == (2, 4) and (np.sort(np.asarray(inds)) == np.sort(np.asarray(want))).all()
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(mx.take_along_axis(gates, inds, axis=-1)))
+    with pytest.raises(ValueError, match="order must be one of"):
+        tuned.moe_route(two, 4, order="mixtral")  # the built-in refuses what it does not compute
+    assert "up to 1024 and 64" in tuned.explain(ROUTE, mx.array(rng.standard_normal((1, 100)).astype(np.float32)), 65)
 
 
 BROKEN_ROUTE = {
@@ -376,6 +382,7 @@ BROKEN_ROUTE = {
     "renormalisation left out": ("if (NRM) {", "if (false) {"),
     "Qwen2's order ascending": ("(ORD == 0 ? w > v : w < v)", "(w < v)"),
     "Qwen3's chosen counted from the front": ("int(pos) - int(NE - SN)", "int(pos)"),
+    "ranked on the weights before rounding": ("(ORD == 0 ? -1.0f : INFINITY) : g[e];", "(ORD == 0 ? -1.0f : INFINITY) : p;"),
 }
 
 
@@ -383,3 +390,34 @@ BROKEN_ROUTE = {
 def test_a_broken_copy_of_the_routing_template_is_caught(why, check_fails_on):
     src = (ROOT / "templates" / ROUTE / "select.metal.j2").read_text()
     check_fails_on(ROUTE, src, *BROKEN_ROUTE[why], {"TG": 64}, "float16")
+
+
+@pytest.mark.parametrize("order", ["qwen2", "qwen3"])
+def test_nan_logits_rank_where_mlxs_sort_puts_them(store_dir, order):
+    """A NaN logit makes every weight NaN; MLX's CUDA sort puts NaN last and keeps the
+    experts' order, so Qwen2 takes the first k experts and Qwen3 the last k: every output
+    written, nothing read that was not (the sanitizer runs with the tuned call too)."""
+    _serve_route(store_dir, 16, 4, {"qwen2": 0, "qwen3": 1}[order], 0)
+    logits = mx.array(np.where(np.arange(16) == 5, np.nan, np.linspace(-1, 1, 16)).astype(np.float32)[None])
+    inds, scores = tuned.moe_route(logits, 4, order=order)
+    assert tuned.fallbacks() == {}
+    assert np.asarray(inds).tolist()[0] == ([0, 1, 2, 3] if order == "qwen2" else [12, 13, 14, 15])
+    assert np.isnan(np.asarray(scores)).all()
+
+
+def test_a_route_only_store_runs_the_route_kernel_and_mlx_lms_experts(store_dir):
+    """Stored variants for moe_route alone: the block takes the fused path (the routing as one
+    kernel), the expert ops run their built-in compositions, and the logits are mlx-lm's."""
+    model, _ = models.load("tiny-qwen3-moe", bits=4, dtype="float32")
+    before = _decode(model)
+    mlp = model.model.layers[0].mlp
+    _serve_route(store_dir, mlp.num_experts, mlp.top_k, 1, 1)
+    patching.patch(model)
+    tuned.refresh()
+    for b in model.model.layers:
+        steps = b._steps
+        object.__setattr__(b, "_steps", lambda x, _steps=steps: tuple(h.plain for h in _steps(x)))
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    assert all(b._moe_fused for b in model.model.layers)
+    fell_back = {op for op, _ in tuned.fallbacks()}
+    assert ROUTE not in fell_back and {UP, DOWN} <= fell_back
