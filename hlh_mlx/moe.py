@@ -1,4 +1,4 @@
-"""The routed experts of mlx-lm's MoE blocks at decode, as two fused ops.
+"""The routing and routed experts of mlx-lm's MoE blocks at decode, as three fused ops.
 
 mlx-lm's Qwen2-MoE and Qwen3-MoE blocks run one token's experts as a router (a gate
 projection, softmax, top-k), SwitchGLU (two gather_qmm, SwiGLU, a third gather_qmm) and a
