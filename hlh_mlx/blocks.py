@@ -138,7 +138,7 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
-        object.__setattr__(self, "_moe_fused", False)  # decode: the routed experts as two fused ops (hlh_mlx.moe)
+        object.__setattr__(self, "_moe_fused", False)  # decode: routing and experts as fused ops (hlh_mlx.moe)
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
 
     def reset(self) -> None:

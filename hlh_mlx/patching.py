@@ -94,8 +94,8 @@ def _differs(old, new, dims: int) -> str | None:
 
 _LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
 FUSABLE = "decode step fusable (each half runs its fused ops where a tuned kernel serves them)"
-MOE_FUSABLE = ("decode step's routed experts fusable (moe_qgemv_swiglu and moe_qgemv_combine where tuned "
-               "kernels serve both; the residual add and norm as add_rms_norm)")
+MOE_FUSABLE = ("decode step's routing and routed experts fusable (moe_route, moe_qgemv_swiglu and "
+               "moe_qgemv_combine, each where a tuned kernel serves it; the residual add and norm as add_rms_norm)")
 
 
 def _replacement(module):

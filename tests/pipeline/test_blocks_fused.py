@@ -79,7 +79,7 @@ def test_the_fused_step_follows_the_offset_through_one_trace():
 
 @pytest.mark.parametrize("name,reason", [
     ("tiny-qwen3", "queries and keys have norms of their own"),
-    ("tiny-qwen2-moe", "routed experts fusable (moe_qgemv_swiglu and moe_qgemv_combine"),
+    ("tiny-qwen2-moe", "routing and routed experts fusable (moe_route, moe_qgemv_swiglu and moe_qgemv_combine"),
 ])
 def test_other_blocks_say_why_they_are_partly_fused(name, reason):
     model, _ = models.load(name, bits=4, dtype="float32")

@@ -1,7 +1,8 @@
-"""An MoE block's routed experts at decode as two fused ops (moe_qgemv_swiglu,
-moe_qgemv_combine): the tuned calls equal what mlx-lm's SwitchGLU and weighted sum compute,
-refuse what they cannot serve with a reason, their templates are proven and broken copies
-caught, and a patched Qwen2-MoE / Qwen3-MoE model decodes through them with the same logits.
+"""An MoE block's routing and routed experts at decode as three fused ops (moe_route,
+moe_qgemv_swiglu, moe_qgemv_combine): the tuned calls equal what mlx-lm's routing, SwitchGLU
+and weighted sum compute (the routing's ties broken as MLX's CUDA sort breaks them), refuse
+what they cannot serve with a reason, their templates are proven and broken copies caught,
+and a patched Qwen2-MoE / Qwen3-MoE model decodes through them with the same logits.
 
 As in test_tuned, the emulator measures no speed: a store record with made-up timings makes
 a variant the winner, and the kernel that then runs is the real template on the emulator."""
