@@ -152,11 +152,11 @@ class DecoderBlock(nn.Module):
         for k in _BLOCK_PARTS:
             m = self[k]
             key.append(id(m))
-            for c in m.values():
-                if isinstance(c, nn.Module):
-                    key.append(id(c))
-                    if k == "mlp":  # an MoE's experts and shared expert are a level deeper
-                        key += [id(g) for g in c.values() if isinstance(g, nn.Module)]
+            key += [id(c) for c in m.values() if isinstance(c, nn.Module)]
+        mlp = self["mlp"]
+        if type(mlp).__name__ in moe.ROUTERS:  # an MoE's experts and shared expert are a level deeper
+            key += [id(g) for c in mlp.values() if isinstance(c, nn.Module)
+                    for g in c.values() if isinstance(g, nn.Module)]
         return tuple(key)
 
     def _qkv(self, x, offset):
