@@ -16,7 +16,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .moe_qgemv_swiglu import INDEX_DTYPES, dequant32, expert_indices, expert_weights
+from .moe_qgemv_swiglu import EDGE_SHAPES, EMULATOR_SHAPES, INDEX_DTYPES, dequant32, expert_indices, expert_weights
 from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4bit_reason
 
 
@@ -111,11 +111,8 @@ OP = OpSpec(
     # Qwen1.5-MoE-A2.7B (4 of 60 experts, G=64 and 128), Qwen3-30B-A3B (8 of 128)
     shapes=[{"S": 4, "E": 60, "N": 2048, "K": 1408, "G": 64}, {"S": 4, "E": 60, "N": 2048, "K": 1408, "G": 128},
             {"S": 8, "E": 128, "N": 2048, "K": 768, "G": 64}],
-    emulator_shapes=[{"S": 2, "E": 5, "N": 48, "K": 512, "G": 64}, {"S": 3, "E": 4, "N": 32, "K": 256, "G": 128}],
-    # one expert of one; odd N; K whose last step is ragged for the CUDA variants, one warp a
-    # row (1408) and two (2112: the split-K shared-memory sum)
-    edge_shapes=[{"S": 1, "E": 1, "N": 1, "K": 128, "G": 128}, {"S": 2, "E": 3, "N": 37, "K": 320, "G": 64},
-                 {"S": 4, "E": 4, "N": 5, "K": 1408, "G": 64}, {"S": 2, "E": 3, "N": 9, "K": 2112, "G": 64}],
+    emulator_shapes=EMULATOR_SHAPES,
+    edge_shapes=EDGE_SHAPES,
     bind=bind,
     function=moe_qgemv_combine,
     export_dims={"S": "indices.shape[0]", "E": "wd.shape[0]", "N": "wd.shape[1]", "K": "y.shape[1]",
