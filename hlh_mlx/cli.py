@@ -697,7 +697,9 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
 
     Prints prefill and decode tokens per second of both sides, uncompiled and compiled,
     with the device and date, and writes them as JSON. Exits 1 when the tokens differ,
-    naming the first position where they do."""
+    naming the first position where they do, unless the unpatched model's own repeats
+    part from each other there or earlier (a GPU whose ops are not deterministic): then
+    the patched model followed it as far as it follows itself, and the summary says so."""
     import json
     from pathlib import Path
 
@@ -715,6 +717,6 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
     click.echo(f"written: {out}")
     if not result["ok"]:
         bad = [f"{m} at position {e['first_divergence']}" for m, e in result["modes"].items()
-               if not e["tokens_identical"]]
+               if not (e["tokens_identical"] or e.get("within_reference_variation"))]
         click.echo(f"error: patched tokens differ from unpatched ({'; '.join(bad)})", err=True)
         sys.exit(1)

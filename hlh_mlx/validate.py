@@ -92,11 +92,27 @@ def first_divergence(a: list, b: list) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def self_divergence(runs: list) -> int | None:
+    """The first position where one side's own repeats part (the earliest over pairs of
+    repeats); None when every repeat made the same tokens."""
+    parts = [d for i, a in enumerate(runs) for b in runs[i + 1:] if (d := first_divergence(a, b)) is not None]
+    return min(parts) if parts else None
+
+
+def divergence_from(reference: list, tokens: list) -> int | None:
+    """Where `tokens` leaves every run of `reference`: the longest agreement with any of them
+    (None when it equals one)."""
+    parts = [first_divergence(r, tokens) for r in reference]
+    return None if None in parts else max(parts)
+
+
 def _summary(runs: list, prompt_tokens: int) -> dict:
     rates = [r.rates(prompt_tokens) for r in runs]
     decode = [r["decode_tps"] for r in rates if r["decode_tps"] is not None]
     return {"tokens": runs[0].tokens,
+            "tokens_each": [r.tokens for r in runs],
             "repeats_agree": all(r.tokens == runs[0].tokens for r in runs),
+            "self_divergence": self_divergence([r.tokens for r in runs]),
             "prefill_tps": statistics.median(r["prefill_tps"] for r in rates),
             "decode_tps": statistics.median(decode) if decode else None,
             "prefill_tps_each": [round(r["prefill_tps"], 2) for r in rates],
@@ -169,15 +185,22 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     result["decisions"] = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}
     for m in modes:
         a, b = unpatched[m], patched[m]
-        div = first_divergence(a["tokens"], b["tokens"])
+        # every patched run against the unpatched runs: on a GPU whose ops are not
+        # deterministic (MLX's MoE blocks on CUDA) the unpatched runs part from each other,
+        # and each patched run is held to following one of them as far as they follow each other
+        parts = [divergence_from(a["tokens_each"], t) for t in b["tokens_each"]]
+        div = min((p for p in parts if p is not None), default=None)
+        ref = a["self_divergence"]
         entry = {"unpatched": a, "patched": b, "tokens_identical": div is None, "first_divergence": div,
+                 "reference_divergence": ref,
+                 "within_reference_variation": div is not None and ref is not None and div >= ref,
                  "prefill_speedup": b["prefill_tps"] / a["prefill_tps"],
                  "decode_speedup": (b["decode_tps"] / a["decode_tps"]) if a["decode_tps"] and b["decode_tps"] else None}
         if result.get("decode_limit_tps") and b["decode_tps"]:
             entry["patched_decode_of_limit"] = b["decode_tps"] / result["decode_limit_tps"]
             entry["unpatched_decode_of_limit"] = a["decode_tps"] / result["decode_limit_tps"]
         result["modes"][m] = entry
-    result["ok"] = all(e["tokens_identical"] for e in result["modes"].values())
+    result["ok"] = all(e["tokens_identical"] or e["within_reference_variation"] for e in result["modes"].values())
     return result
 
 
@@ -194,6 +217,9 @@ def summary(result: dict) -> str:
         lines.append(f"  {mode:10s}  prefill {_f(a['prefill_tps'])} -> {_f(b['prefill_tps'])} tok/s "
                      f"({_x(e['prefill_speedup'])}), {dec}, tokens "
                      + ("identical" if e["tokens_identical"] else f"DIVERGE at position {e['first_divergence']}"))
+        if e.get("within_reference_variation"):
+            lines.append(f"              within the unpatched model's own variation: its repeats part from each "
+                         f"other at position {e['reference_divergence']} (this device's ops are not deterministic)")
         ranges = [e[side].get("decode_tps_each") or [] for side in ("unpatched", "patched")]
         if all(len(r) > 1 for r in ranges):
             (a_lo, a_hi), (b_lo, b_hi) = [(min(r), max(r)) for r in ranges]

@@ -215,3 +215,51 @@ def test_compiled_blocks_wrap_the_layers_each_side_has():
             assert validate_mod.decoder_blocks(model)[0]["mlp"] is patched_mlp
     # one wrapper per block and side, made once however often the sides alternate
     assert original_mlp is not patched_mlp and len(wrappers) == 2 * len(validate_mod.decoder_blocks(model))
+
+
+def test_a_divergence_within_the_unpatched_models_own_variation_passes_and_says_so():
+    """On a GPU whose ops are not deterministic the unpatched runs part from each other: the
+    patched run is held to following them as far as they follow each other, no further."""
+    u = [[1, 2, 3, 4, 5], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]  # the unpatched repeats part at 3
+    assert validate_mod.self_divergence(u) == 3 and validate_mod.self_divergence([u[0], u[0]]) is None
+    assert validate_mod.divergence_from(u, [1, 2, 3, 9, 9]) is None  # equals one unpatched run
+    assert validate_mod.divergence_from(u, [1, 2, 3, 4, 7]) == 4      # leaves the closest run at 4
+    assert validate_mod.divergence_from(u, [1, 7, 3, 4, 5]) == 1
+
+
+def test_validate_passes_a_divergence_the_unpatched_side_shows_itself_and_fails_an_earlier_one(monkeypatch):
+    """`validate`'s verdict from made-up runs: patched tokens that leave the unpatched runs
+    no earlier than those leave each other pass (and the summary says why); earlier ones fail."""
+    from hlh_mlx.validate import Run
+    unpatched = iter([[1, 2, 3, 4, 5], [1, 2, 3, 4, 8], [1, 2, 3, 4, 5]] * 4)
+
+    def fake_generate(patched_tokens):
+        def generate(model, prompt, max_tokens):
+            patched = any(isinstance(m, blocks.DecoderBlock) for m in validate_mod.decoder_blocks(model))
+            if max_tokens <= 4:
+                return Run([1, 2, 3, 4][:max_tokens], 0.1, 0.1)
+            return Run(list(patched_tokens if patched else next(unpatched)), 0.1, 0.1)
+        return generate
+    for patched_tokens, ok in (([1, 2, 3, 4, 9], True), ([1, 2, 3, 6, 5], False)):  # every patched run alike
+        monkeypatch.setattr(validate_mod, "generate", fake_generate(patched_tokens))
+        result = validate_mod.validate("tiny-llama", bits=4, max_tokens=5, prompt_tokens=3, repeats=3,
+                                       modes=("uncompiled",))
+        e = result["modes"]["uncompiled"]
+        assert result["ok"] is ok and e["reference_divergence"] == 4 and not e["tokens_identical"]
+        assert e["first_divergence"] == (4 if ok else 3) and e["within_reference_variation"] is ok
+        assert ("within the unpatched model's own variation" in validate_mod.summary(result)) is ok
+
+
+def test_every_patched_run_is_held_to_the_unpatched_runs_not_only_the_first(monkeypatch):
+    from hlh_mlx.validate import Run
+    runs = {"U": iter([[1, 2, 3, 4, 5]] * 3), "P": iter([[1, 2, 3, 4, 5], [1, 2, 7, 4, 5], [1, 2, 3, 4, 5]])}
+
+    def generate(model, prompt, max_tokens):
+        patched = any(isinstance(m, blocks.DecoderBlock) for m in validate_mod.decoder_blocks(model))
+        if max_tokens <= 4:
+            return Run([1, 2, 3, 4][:max_tokens], 0.1, 0.1)
+        return Run(list(next(runs["P" if patched else "U"])), 0.1, 0.1)
+    monkeypatch.setattr(validate_mod, "generate", generate)
+    result = validate_mod.validate("tiny-llama", bits=4, max_tokens=5, prompt_tokens=3, repeats=3, modes=("uncompiled",))
+    e = result["modes"]["uncompiled"]
+    assert not result["ok"] and e["first_divergence"] == 2 and e["reference_divergence"] is None
