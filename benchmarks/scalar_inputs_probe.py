@@ -5,10 +5,12 @@ weights, would wait on the bus once per warp. This times the same kernels in a c
 dependent calls with their scalars as made (`mx.array([v])`) and as views into arrays a GPU
 op wrote (device memory), and checks both give the same answer.
 
-    python benchmarks/scalar_inputs_probe.py [--calls 200] [--out F [--force]]
+    python benchmarks/scalar_inputs_probe.py [--calls 200] [--moe] [--out F [--force]]
 
 Cases: a one-line kernel `y = x * s[0]` (4096 values); norm_qkv_rope at
-the Llama-3-8B decode shape, two plans (eps, offset); rms_norm at one row of 4096 (eps). Writes a table
+the Llama-3-8B decode shape, two plans (eps, offset); rms_norm at one row of 4096 (eps); with
+--moe only moe_qgemv_combine at Qwen1.5-MoE's decode shape (its four scores: fp16 as mlx-lm's
+routing makes them, 8 bytes, against float32 in device memory). Writes a table
 to stdout; the JSON to F only when --out F is given.
 """
 
@@ -50,7 +52,9 @@ def scale_case(calls):
     return rows
 
 
-def template_case(op_name, family, shape, params, scalar_names, calls):
+def template_case(op_name, family, shape, params, scalar_names, calls, made_dtype=None):
+    """`made_dtype`: the scalars' dtype as made (moe_qgemv_combine's scores: fp16, 8 bytes for
+    four, as mlx-lm's routing gives them; the kernel's inputs otherwise)."""
     op = ops.get(op_name)
     t = _template(op_name, family)
     params = _params(t, params.split(","))
@@ -58,10 +62,13 @@ def template_case(op_name, family, shape, params, scalar_names, calls):
     launch = backends.Kernel(v, "cuda").launcher(shape, "float16", op.output_shapes(shape), op.output_dtypes(mx.float16))
     rows = []
     for where in ("made", "device"):
-        inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))  # scalars device-resident
+        inputs = op.make_inputs(shape, mx.float16, np.random.default_rng(0))
         want = op.reference(*inputs)
         if where == "made":  # each scalar a fresh host array, as `mx.array([v])` makes it
-            inputs = [mx.array(a.tolist(), a.dtype) if n in scalar_names else a for n, a in zip(t.inputs, inputs)]
+            inputs = [mx.array(a.tolist(), made_dtype or a.dtype) if n in scalar_names else a
+                      for n, a in zip(t.inputs, inputs)]
+        else:  # each a view into a longer array a GPU op wrote (device memory)
+            inputs = [device_view(a) if n in scalar_names else a for n, a in zip(t.inputs, inputs)]
         mx.eval(inputs)
         rows.append({"case": f"{op_name} {params}", "scalars": where,
                      "max_abs_error": round(max_abs_error(launch(*inputs), want), 5),
@@ -73,9 +80,18 @@ def template_case(op_name, family, shape, params, scalar_names, calls):
     return rows
 
 
+def device_view(a: mx.array) -> mx.array:
+    """`a`'s values as the front of a 64-element array made by a GPU op (over the managed pool's 8 bytes)."""
+    flat = a.reshape(-1)
+    longer = mx.concatenate([flat, mx.zeros((64,), a.dtype)]) + mx.zeros((1,), a.dtype)
+    return longer[: flat.size].reshape(a.shape)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--moe", action="store_true",
+                    help="only moe_qgemv_combine at Qwen1.5-MoE's shape: its S scores as 8 bytes (fp16) against device memory")
     paths.output_options(ap)
     a = paths.parse_refusing_overwrite(ap, argv, outputs)
     if a.calls < 1:
@@ -88,11 +104,22 @@ outputs = paths.given_output  # the files this run writes
 
 def main():
     a = parse_args()
+    if a.moe:
+        moe = {"S": 4, "E": 60, "N": 2048, "K": 1408, "G": 64}
+        rows = []
+        for params in ("CS=1,KS=1,PW=4,RPT=2,TEAMS=8,U=1", "CS=0,KS=1,PW=4,RPT=1,TEAMS=4,U=1"):
+            rows += template_case("moe_qgemv_combine", "splitk", moe, params, {"scores"}, a.calls,
+                                  made_dtype=mx.float16)
+        return _report(a, rows)
     rows = scale_case(a.calls)
     qkv = {"NQ": 4096, "NK": 1024, "K": 4096, "G": 64, "D": 128}
     for params in ("KS=2,RPT=1,TEAMS=2,U=2,XS=0,TRIG=32", "KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=64"):
         rows += template_case("norm_qkv_rope", "splitk", qkv, params, {"eps", "offset"}, a.calls)
     rows += template_case("rms_norm", "rows", {"R": 1, "C": 4096}, "BLOCK=512,LB=16,REGS=1", {"eps"}, a.calls)
+    _report(a, rows)
+
+
+def _report(a, rows):
     for r in rows:
         print(json.dumps(r))
     result = {"mlx": mx.__version__, "device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"),

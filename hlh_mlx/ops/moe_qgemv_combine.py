@@ -1,13 +1,14 @@
 """moe_qgemv_combine: the routed experts' down projections of an MoE block at decode and
 the router-weighted sum of their outputs, in one op: out = sum_s scores[s] *
 (y[s] @ dequantize(wd[e]).T) with e = indices[s], for the S experts chosen for one token;
-y (S, K) (what moe_qgemv_swiglu gives), indices (S,) uint32 or int32, scores (S,) in y's
-dtype, wd (E, N, K/8) uint32 with scales and biases (E, N, K/G) in y's dtype (mlx-lm's
+y (S, K) (what moe_qgemv_swiglu gives), indices (S,) uint32 or int32, scores (S,) float32
+(what moe_route gives) or in y's dtype, wd (E, N, K/8) uint32 with scales and biases (E, N, K/G) in y's dtype (mlx-lm's
 QuantizedSwitchLinear); out (1, N). Built-in: what mlx-lm runs today, mx.gather_qmm, then
 (d * scores).sum over the experts: three launches and the (S, N) products written and read.
 
 Rounding: mlx-lm gets each expert's d rounded to the dtype (the gather's output), then
-d * score rounded to the dtype (the multiply), summed in float32 and rounded once. The
+d * score rounded to the dtype (the multiply, of the score in the dtype: float32 scores
+rounded to it first), summed in float32 and rounded once. The
 reference and every kernel round the same way. An index outside [0, E) reads expert E - 1
 (the kernels clamp)."""
 
@@ -23,7 +24,8 @@ from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4
 def _inputs(s, dtype, rng):
     n_sel = s["S"]
     # router weights as a softmax's top-k gives them: positive, below 1
-    scores = mx.softmax(random_array(rng, (n_sel + 2,), mx.float32), precise=True)[:n_sel].astype(dtype)
+    # in float32 as moe_route gives them, not rounded to the dtype: a kernel must round them
+    scores = mx.softmax(random_array(rng, (n_sel + 2,), mx.float32), precise=True)[:n_sel]
     return [random_array(rng, (n_sel, s["K"]), dtype), expert_indices(rng, n_sel, s["E"]), scores,
             *expert_weights(rng, s["E"], s["N"], s["K"], s["G"], dtype)]
 
@@ -34,7 +36,7 @@ def _downs(y, idx, wd, sd, bd):
 
 def _reference(y, idx, scores, wd, sd, bd):
     d = _downs(y, idx, wd, sd, bd).astype(y.dtype)
-    p = (d.astype(mx.float32) * scores.astype(mx.float32)[:, None]).astype(y.dtype)
+    p = (d.astype(mx.float32) * scores.astype(y.dtype).astype(mx.float32)[:, None]).astype(y.dtype)
     return [mx.sum(p.astype(mx.float32), axis=0, keepdims=True).astype(y.dtype)]
 
 
@@ -43,16 +45,17 @@ def _magnitude(y, idx, scores, wd, sd, bd):
     as squares: the size the summation order's rounding scales with."""
     w2 = mx.square(dequant32(wd, sd, bd, idx))
     m2 = (w2 @ mx.square(y.astype(mx.float32))[..., None])[..., 0]  # (S, N)
-    return [mx.sqrt(mx.sum(m2 * mx.square(scores.astype(mx.float32))[:, None], axis=0, keepdims=True))]
+    return [mx.sqrt(mx.sum(m2 * mx.square(scores.astype(y.dtype).astype(mx.float32))[:, None], axis=0, keepdims=True))]
 
 
 def moe_qgemv_combine(y, indices, scores, wd, sd, bd, group_size=64, bits=4):
     """sum_s scores[s] * (y[s] @ Wd[indices[s]].T), as mlx-lm's MoE blocks compute it
     (SwitchGLU's down projection, mx.gather_qmm, then (d * scores).sum over the experts):
-    y (..., S, K), indices and scores (..., S); out (..., N)."""
+    y (..., S, K), indices and scores (..., S); out (..., N). Scores in float32 (moe_route's)
+    multiply in y's dtype, as mlx-lm's own (the dtype's) do."""
     d = mx.gather_qmm(mx.expand_dims(y, -2), wd, sd, bd, rhs_indices=indices, transpose=True,
                       group_size=group_size, bits=bits).squeeze(-2)
-    return (d * scores[..., None]).sum(axis=-2)
+    return (d * scores[..., None].astype(d.dtype)).sum(axis=-2)
 
 
 def _builtin(y, idx, scores, wd, sd, bd):
@@ -61,9 +64,11 @@ def _builtin(y, idx, scores, wd, sd, bd):
 
 
 def bind(y, indices, scores, wd, sd, bd, group_size=64, bits=4):
-    why = affine_4bit_reason(y, [(wd, sd, bd)], group_size, bits, "y", {"scores": scores})
+    why = affine_4bit_reason(y, [(wd, sd, bd)], group_size, bits, "y")
     if why:
         return why
+    if not isinstance(scores, mx.array) or scores.dtype not in (y.dtype, mx.float32):
+        return f"scores must be float32 (moe_route's) or y's dtype {y.dtype} (got {getattr(scores, 'dtype', type(scores))})"
     if indices.dtype not in INDEX_DTYPES or indices.size == 0 or indices.ndim == 0:
         return f"indices must be uint32 or int32 expert numbers, at least one (got {indices.dtype}, {indices.size})"
     s, k = indices.size, y.shape[-1]
@@ -93,7 +98,7 @@ def bind(y, indices, scores, wd, sd, bd, group_size=64, bits=4):
 
 def _bytes(s, size):
     n, k, g = s["N"], s["K"], s["G"]
-    return s["S"] * (n * k // 2 + 2 * n * k // g * size + k * size + size + 4) + n * size
+    return s["S"] * (n * k // 2 + 2 * n * k // g * size + k * size + 4 + 4) + n * size
 
 
 OP = OpSpec(

@@ -1,7 +1,9 @@
 """moe_route: an MoE block's top-k gating for one token, from its router's logits (1, E):
 g = softmax(logits) (in float32, rounded to the dtype, as mx.softmax(precise=True) gives it),
 the S experts with the largest g, and their weights g[e] (optionally renormalised to sum to
-1). Outputs: indices (S,) uint32 and scores (S,) in the logits' dtype. Built-in: mlx-lm's
+1). Outputs: indices (S,) uint32 and scores (S,) float32 holding the logits' dtype's values
+(mlx-lm's, widened: the next kernel reads them from device memory, where S scores of 2 bytes
+can be 8 bytes, which MLX's CUDA allocator keeps in managed host memory). Built-in: mlx-lm's
 routing code, five to seven graph nodes (softmax, negate, argpartition, slice,
 take_along_axis, and sum and divide when renormalised).
 
@@ -79,12 +81,15 @@ def _reference(logits, route):
     if norm:
         total = scores.astype(mx.float32).sum().astype(g.dtype)
         scores = (scores.astype(mx.float32) / total.astype(mx.float32)).astype(g.dtype)
-    return [mx.array(idx.astype(np.uint32)), scores]
+    return [mx.array(idx.astype(np.uint32)), scores.astype(mx.float32)]
 
 
 def moe_route(logits, k, order="qwen2", norm=False):
     """(indices, scores) of the top `k` experts for router `logits`, as mlx-lm's Qwen2-MoE
-    (order="qwen2") or Qwen3-MoE (order="qwen3", norm=norm_topk_prob) blocks compute them."""
+    (order="qwen2") or Qwen3-MoE (order="qwen3", norm=norm_topk_prob) blocks compute them;
+    the scores in float32, holding mlx-lm's values (in the logits' dtype) exactly: 4 bytes a
+    score keep S >= 3 of them out of the managed pool MLX's CUDA allocator keeps arrays of 8
+    bytes or fewer in (read across the bus by whichever kernel reads them next)."""
     gates = mx.softmax(logits, axis=-1, precise=True)
     if order not in ORDERS:
         raise ValueError(f"[moe_route] order must be one of {', '.join(ORDERS)}, not {order!r}")
@@ -95,7 +100,7 @@ def moe_route(logits, k, order="qwen2", norm=False):
     scores = mx.take_along_axis(gates, inds, axis=-1)
     if norm:
         scores /= mx.sum(scores, axis=-1, keepdims=True)
-    return inds, scores
+    return inds, scores.astype(mx.float32)
 
 
 def _builtin(logits, route):
@@ -137,9 +142,9 @@ OP = OpSpec(
     builtin=_builtin,
     builtin_for=_builtin_for,
     output_shapes=lambda s: [(s["S"],), (s["S"],)],
-    output_dtypes=lambda dtype: [mx.uint32, dtype],
+    output_dtypes=lambda dtype: [mx.uint32, mx.float32],
     tolerance=ROUNDED_ONCE,
-    bytes=lambda s, size: s["E"] * size + s["S"] * (4 + size),
+    bytes=lambda s, size: s["E"] * size + s["S"] * 8,
     flops=lambda s: 6 * s["E"] + s["E"] * s["E"],
     # Qwen1.5-MoE-A2.7B (4 of 60), Qwen3-30B-A3B (8 of 128, renormalised)
     shapes=[{"E": 60, "S": 4, "ORDER": 0, "NORM": 0}, {"E": 128, "S": 8, "ORDER": 1, "NORM": 1}],

@@ -127,8 +127,9 @@ def test_what_the_kernels_cannot_serve_runs_mlx_lms_computation_with_a_reason(st
     x = x3[:1, :1]
     assert "bits=4" in tuned.explain(UP, x, inds[:1, :1], *up, bits=8)
     assert "uint32 or int32" in tuned.explain(UP, x, inds[:1, :1].astype(mx.float32), *up)
-    assert "must share one dtype" in tuned.explain(DOWN, y[:1, :1], inds[:1, :1], scores[:1, :1].astype(mx.float16),
-                                                   *packed(sw.down_proj))
+    assert "scores must be float32 (moe_route's) or y's dtype" in tuned.explain(
+        DOWN, y[:1, :1].astype(mx.float16), inds[:1, :1], scores[:1, :1].astype(mx.bfloat16),
+        *[a.astype(mx.float16) if a.dtype != mx.uint32 else a for a in packed(sw.down_proj)])
 
 
 def test_emulator_check_of_a_sample_passes(store_dir):
@@ -333,7 +334,8 @@ def test_tuned_routing_chooses_mlx_lms_experts_with_its_weights(store_dir, rng, 
     logits = mx.array(rng.standard_normal((1, 1, 60)).astype(np.float32) * 2).astype(dt)
     inds, scores = tuned.moe_route(logits, 4, order=order, norm=norm)
     assert tuned.fallbacks() == {}, tuned.fallbacks()
-    assert inds.shape == (1, 1, 4) and inds.dtype == mx.uint32 and scores.dtype == dt
+    assert inds.shape == (1, 1, 4) and inds.dtype == mx.uint32 and scores.dtype == mx.float32
+    assert mx.array_equal(scores.astype(dt).astype(mx.float32), scores).item()  # the dtype's values, widened
     want_inds, want_scores = ops.get(ROUTE).function(logits, 4, order, norm)  # mlx-lm's routing ops
     got = dict(zip(np.asarray(inds).ravel().tolist(), np.asarray(scores.astype(mx.float32)).ravel().tolist()))
     want = dict(zip(np.asarray(want_inds).ravel().tolist(), np.asarray(want_scores.astype(mx.float32)).ravel().tolist()))
