@@ -17,7 +17,11 @@ def _planned(layer, op, x, *rest, **kwargs):
     the same but for x's values: a layer's weights and settings do not change between decode
     steps, so it skips the signature a free call builds (one shape and dtype per array).
     For a fallback the plan is the built-in itself (`Dispatch.plan_for`); whatever could
-    change that (new results, strict mode turned on) bumps `runtime.generation`."""
+    change that (new results, strict mode turned on) bumps `runtime.generation`. An op no
+    stored variant serves at any shape runs the built-in before any of that."""
+    direct = op.dispatch._direct
+    if direct is not None:
+        return direct(x, *rest, **kwargs)
     last = layer.__dict__.get("_hlh_plan")
     if (last is not None and last[4] == runtime.generation[0] and last[6] is op and last[0] == x.shape
             and last[1] == x.dtype and len(last[2]) == len(rest) and all(map(is_, last[2], rest))

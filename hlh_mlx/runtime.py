@@ -8,6 +8,9 @@ shapes and dtypes, every other argument's value) binds it (validation in Python)
 - the built-in, when no stored variant beats it end to end (counted once per distinct
   call in `fallbacks()`; an error under HLH_MLX_STRICT=1): after its first call the
   plan is the built-in itself, so a fallback costs the signature and the lookup only;
+  and where no stored variant of the op beats the built-in at any shape on this device
+  (`select.never_chosen`), the op's first call makes every later one the built-in
+  directly, with no signature (strict mode off, outside `lenient` blocks);
 - the variant's kernel, launched with every argument worked out once, wrapped with the
   reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
   kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python
@@ -65,17 +68,21 @@ def dispatched(fn, dynamic: tuple = ()):
     def decide(args, kwargs):
         plan = plans[signature(args, kwargs, dynamic)] = fn
         return plan
-    return _hot_path(plans, decide, SimpleNamespace(_dynamic=tuple(dynamic)))
+    return _hot_path(plans, decide, SimpleNamespace(_dynamic=tuple(dynamic), _direct=None))
 
 
 def _hot_path(plans: dict, decide, owner):
     """call(*args, **kwargs): the signature built inline (as `signature` builds it: a function
     call fewer), one lookup in `plans`, the plan; `decide(args, kwargs)` (which remembers the
     plan) on a miss or an unhashable argument. `owner._dynamic`: the dynamic argument names,
-    read at a call with keywords (a Dispatch learns them on its first decision)."""
+    read at a call with keywords (a Dispatch learns them on its first decision);
+    `owner._direct`: when set, what every call runs, before any signature."""
     A, dk = _ARRAY, _DKEY
 
     def call(*args, **kwargs):
+        direct = owner._direct
+        if direct is not None:  # an op no stored variant serves at any shape: the built-in
+            return direct(*args, **kwargs)
         key = []
         for a in args:
             if type(a) is A:
@@ -252,6 +259,7 @@ def _rearm() -> None:
     """Strict mode may be on again: every remembered fallback checks it on its next call,
     and plans remembered outside a Dispatch (layers, compiled blocks) are looked up again."""
     for d in _dispatches:
+        d._direct = None
         if d.fallbacks:
             d.plans.update(d.fallbacks)
     generation[0] += 1
@@ -388,6 +396,7 @@ class Dispatch:
         # the op's dynamic arguments (read from its spec on the first decision when not given:
         # ops load lazily); until then no plan exists and every lookup misses anyway
         self._dynamic, self._dynamic_known = tuple(dynamic or ()), dynamic is not None
+        self._direct = None  # the built-in, once known to serve every call (select.never_chosen)
         self.function = _entry(self)
         _dispatches.append(self)
 
@@ -408,8 +417,20 @@ class Dispatch:
         if type(plan) is _Fallback:
             plan.dispatch, plan.key = self, key
             self.fallbacks[key] = plan
+            if self._serves_none():
+                self._direct = self.builtin  # counted once: this call (its plan settles below)
         self.plans[key] = plan
         return plan
+
+    def _serves_none(self) -> bool:
+        """Whether every call of this op runs the built-in here, and may do so with no
+        signature: no stored variant beats it at any shape, strict mode is off (checked now:
+        whatever turns it on again resets `_direct`), and no `lenient` block is recording
+        the calls a program makes (`hlh_mlx tune`)."""
+        if _lenient_depth[0] or _strict_now():
+            return False
+        be = backend()
+        return select.never_chosen(self.op_name, backends.device(be).slug, be)
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
@@ -478,7 +499,9 @@ def fallbacks() -> dict:
     """{(op, reason): count} of decisions to run the built-in: a distinct call (signature)
     counts once, when it first runs, however often it runs after (its plan is then the
     built-in itself, at no cost over it); a call that cannot be remembered (an unhashable
-    argument, a trace of a user's compiled function on the emulator) counts every time.
+    argument, a trace of a user's compiled function on the emulator) counts every time; an
+    op no stored variant serves at any shape counts its first call only (every later call
+    goes to the built-in with no signature, so none is decided or counted).
     Since `refresh()`, which forgets the decisions and the counts."""
     return dict(_fallbacks)
 
@@ -493,6 +516,7 @@ def refresh() -> None:
     for d in _dispatches:
         d.plans.clear()
         d.fallbacks.clear()
+        d._direct = None
     _kernels.clear()
     _backend[0] = None
     _choices.clear()

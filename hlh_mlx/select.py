@@ -158,6 +158,13 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=None)
+def never_chosen(op: str, device: str, backend: str) -> bool:
+    """No stored variant of `op` on this device and back end beat the built-in where it was
+    measured, so `choose` gives the built-in for every call, whatever its shape or dtype."""
+    return not any((c.speedup["beyond_noise"] or 0.0) > 1.0 for c in candidates(op, device, backend))
+
+
 @dataclass(frozen=True)
 class Choice:
     variant: Variant | None
@@ -237,4 +244,5 @@ def builtin_us(op_name: str, call, device: str, backend: str) -> float | None:
 def refresh() -> None:
     trusted_records.cache_clear()
     candidates.cache_clear()
+    never_chosen.cache_clear()
     current_variants.cache_clear()

@@ -226,7 +226,14 @@ def test_random_inputs_may_be_passed_to_a_compiled_function_beside_a_tuned_call(
     assert tuned.fallbacks() == {}
 
 
-def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rng, resolves):
+@pytest.fixture
+def some_shape_served(monkeypatch):
+    """As if a stored variant beat the built-in at some other shape: calls are decided per
+    signature (no op-wide direct path)."""
+    monkeypatch.setattr(runtime.Dispatch, "_serves_none", lambda self: False)
+
+
+def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rng, resolves, some_shape_served):
     x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
     for _ in range(5):
         _same(tuned.softmax(x, axis=-1), mx.softmax(x, axis=-1))
@@ -471,7 +478,8 @@ def test_any_op_is_callable_by_name_from_its_spec(rng, monkeypatch):
         tuned.call("bare", x)
 
 
-def test_a_layer_remembers_its_plan_until_weights_settings_or_results_change(store_dir, rng, resolves):
+def test_a_layer_remembers_its_plan_until_weights_settings_or_results_change(store_dir, rng, resolves,
+                                                                             some_shape_served):
     from hlh_mlx import nn as hnn
     layer = hnn.RMSNorm(512)
     layer.eval()
@@ -512,3 +520,47 @@ def test_expected_us_is_what_the_call_would_cost_from_the_store(store_dir, rng):
     assert not runtime.serves("softmax", x64, axis=-1)
     assert runtime.expected_us("softmax", x64, axis=-1) == pytest.approx(31.0)
     assert runtime.expected_us("softmax", mx.zeros((3, 7)), axis=-1) is None
+
+
+def test_an_op_no_variant_serves_anywhere_runs_the_builtin_with_no_signature(monkeypatch, rng, resolves):
+    """No stored variant of the op beats the built-in at any shape here: after the first
+    call (decided and counted) every call is the built-in, with no signature built; strict
+    mode, a `lenient` block (what `tune` records in) and refresh() each end that."""
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    be = runtime.backend()
+    assert select.never_chosen("softmax", backends.device(be).slug, be)  # nothing stored here
+    for y in (x, x[:2], x[:1, :5], x.astype(mx.float16)):
+        _same(tuned.softmax(y, axis=-1), mx.softmax(y, axis=-1))
+    assert resolves == ["softmax"] and sum(tuned.fallbacks().values()) == 1 and len(tuned.softmax.plans) == 1
+    assert tuned.softmax.dispatch._direct is mx.softmax
+    with tuned.lenient():  # recording a program's calls: each distinct one is decided
+        tuned.refresh()
+        tuned.softmax(x, axis=-1)
+        tuned.softmax(x[:2], axis=-1)
+    assert resolves == ["softmax"] * 3 and tuned.softmax.dispatch._direct is None
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    tuned.refresh()
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(x, axis=-1)
+    assert tuned.softmax.dispatch._direct is None
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    config.reset()
+    tuned.softmax(x, axis=-1)  # decided under strict mode: its remembered plan now settles
+    assert tuned.softmax.dispatch._direct is None
+    tuned.softmax(x[:2], axis=-1)  # the next decision finds strict mode off
+    assert tuned.softmax.dispatch._direct is mx.softmax
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()  # strict mode on again: the direct path ends, the next call raises
+    assert tuned.softmax.dispatch._direct is None
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(x[:2], axis=-1)
+
+
+def test_a_layer_of_an_op_no_variant_serves_calls_the_builtin_directly(rng, resolves):
+    from hlh_mlx import nn as hnn
+    layer = hnn.RMSNorm(512)
+    layer.eval()
+    for rows in (8, 4, 1):
+        x = mx.array(rng.standard_normal((rows, 512)).astype(np.float32))
+        _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert resolves == ["rms_norm"] and tuned.rms_norm.no_grad.dispatch._direct is mx.fast.rms_norm
