@@ -16,8 +16,11 @@
 #   bash benchmarks/device_fused.sh hostpaths # a patched step's host paths A/B, then the 33 calls
 #   bash benchmarks/device_fused.sh loop     # the fixed-token step loop against mlx-lm's loop, validate
 #   bash benchmarks/device_fused.sh again    # tuned_calls' rope cases, validate once more
-#   bash benchmarks/device_fused.sh rescalar2 # rope and decode_attention re-timed, all 33 tuned calls
-#   bash benchmarks/device_fused.sh experts  # the MoE expert ops swept at Qwen1.5-MoE's shapes, its validate
+#   bash benchmarks/device_fused.sh rescalar2 # rope and decode_attention re-timed, MoE determinism
+#   bash benchmarks/device_fused.sh calls33  # all 33 tuned calls, sides alternated
+#   bash benchmarks/device_fused.sh experts  # the MoE expert ops swept at Qwen1.5-MoE's shapes, determinism
+#   bash benchmarks/device_fused.sh experts2 # Qwen1.5-MoE validated with them, its step's nodes
+#   bash benchmarks/device_fused.sh final    # MoE ops re-swept, validate, scores' memory, user path, 33 calls
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -200,14 +203,21 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     run_validate 200 validate_llama-3-8b-4bit_32layers_final2.json llama-3-8b --bits 4 --layers 32 --tokens 64 --repeats 3
     ;;
   rescalar2)  # rope and decode_attention re-timed with their scalars device-resident (their
-    # stored times paid reads across the bus), then all 33 tuned calls, sides alternated; ~10 min
+    # stored times paid reads across the bus), then the MoE determinism probe; ~7 min.
+    # `calls33` then times all 33 tuned calls, sides alternated
     for shape in 32x1x128x0 8x1x128x0 32x4096x128x0; do
-      sweep rope 60 --budget 8 --force --shape "$shape"
+      sweep rope 50 --budget 8 --force --shape "$shape"
     done
     for shape in 32x8x4096x128 32x8x1024x64; do
-      sweep decode_attention 80 --budget 8 --force --shape "$shape"
+      sweep decode_attention 60 --budget 8 --force --shape "$shape"
     done
-    timeout 330 python benchmarks/tuned_calls.py --out "$res/tuned_calls_all.json" > "$res/tuned_calls_all.txt" 2>&1
+    with_lm
+    timeout 170 python benchmarks/moe_determinism.py --layers 24 --prompt-tokens 512 --tokens 32 --out "$res/moe_determinism.json" 2>&1 \
+      | grep -v "Warning\|_choices" | tail -14
+    pack
+    ;;
+  calls33)  # all 33 tuned calls of tuned_calls.py, sides alternated; ~6 min
+    timeout 400 python benchmarks/tuned_calls.py --out "$res/tuned_calls_all.json" > "$res/tuned_calls_all.txt" 2>&1
     grep -v "Warning\|_choices" "$res/tuned_calls_all.txt" | tail -50; pack
     ;;
   calls)  # the decode-sized cases of tuned_calls.py, each side measured twice in alternating order
@@ -227,18 +237,38 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     run_validate 300 validate_qwen1.5-moe-4bit.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     ;;
   experts)  # the MoE routing and expert ops (hlh_mlx.moe) checked and timed on the GPU at Qwen1.5-MoE's decode
-    # shapes (4 of 60 experts, G=64); whether the unpatched model repeats its own tokens (and
-    # where two runs part); the 24-layer validate and one step's nodes; ~10 min
-    sweep moe_qgemv_swiglu 150 --budget 12 --shape 4x60x1408x2048x64
-    sweep moe_qgemv_combine 150 --budget 12 --shape 4x60x2048x1408x64
-    sweep moe_route 60 --budget 4 --shape 60x4x0x0
+    # shapes (4 of 60 experts, G=64), then whether the unpatched model repeats its own tokens (and
+    # where two runs part); ~7 min. `experts2` then runs the 24-layer validate and one step's nodes
+    sweep moe_qgemv_swiglu 130 --budget 12 --shape 4x60x1408x2048x64
+    sweep moe_qgemv_combine 130 --budget 12 --shape 4x60x2048x1408x64
+    sweep moe_route 50 --budget 4 --shape 60x4x0x0
     with_lm
-    timeout 120 python benchmarks/moe_determinism.py --layers 24 --out "$res/moe_determinism.json" 2>&1 \
+    timeout 110 python benchmarks/moe_determinism.py --layers 24 --prompt-tokens 512 --tokens 32 --out "$res/moe_determinism.json" 2>&1 \
       | grep -v "Warning\|_choices" | tail -14
-    run_validate 300 validate_qwen1.5-moe-4bit_experts.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
+    pack
+    ;;
+  experts2)  # Qwen1.5-MoE 4-bit validated with the expert ops in the store, one step's nodes; ~6 min
+    with_lm
+    run_validate 330 validate_qwen1.5-moe-4bit_experts.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     timeout 100 python benchmarks/decode_graph.py --model qwen1.5-moe-a2.7b --layers 24 --steps 20 \
       --out "$res/decode_graph_moe24.json" 2>&1 | grep -v "Warning\|_choices" | tail -8
     pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2" >&2; exit 2 ;;
+  final)  # after moe_route's scores became float32 and an op no variant serves went direct:
+    # the two changed MoE ops re-swept, the MoE validate, where the combine kernel's scores live,
+    # the user's path against the sweep's, then all 33 tuned calls; ~8 min
+    sweep moe_qgemv_combine 100 --budget 8 --shape 4x60x2048x1408x64
+    sweep moe_route 60 --budget 3 --shape 60x4x0x0
+    with_lm
+    run_validate 160 validate_qwen1.5-moe-4bit_final.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
+    timeout 40 python benchmarks/scalar_inputs_probe.py --moe --out "$res/scalar_inputs_moe.json" 2>&1 \
+      | grep -v "Warning\|_choices" | tail -8
+    pack
+    timeout 120 python benchmarks/user_path_probe.py --out "$res/user_path_probe.json" 2>&1 \
+      | grep -v "Warning\|_choices" | tail -36
+    pack
+    timeout 150 python benchmarks/tuned_calls.py --out "$res/tuned_calls_final.json" > "$res/tuned_calls_final.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_final.txt" | tail -50; pack
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final" >&2; exit 2 ;;
 esac

@@ -45,7 +45,9 @@ def bind(q, k, v, *, scale, mask=None, **kwargs):
     _, hkv, l, _ = k.shape
     if v.shape != k.shape or k.shape[3] != d or hq % hkv or not (q.dtype == k.dtype == v.dtype):
         return "k and v (1, HKV, L, D) of q's dtype with HKV dividing HQ"
-    return Call([as_shape(q, (hq, d)), k[0], v[0], constant([scale], mx.float32)],
+    # views by reshape, not k[0]: measured on the H200 a chain of calls through k[0] and v[0]
+    # ran 3x slower than the kernel alone (benchmarks/user_path_probe.py)
+    return Call([as_shape(q, (hq, d)), as_shape(k, (hkv, l, d)), as_shape(v, (hkv, l, d)), constant([scale], mx.float32)],
                 {"HQ": hq, "HKV": hkv, "L": l, "D": d}, dtype_name(q.dtype), [q.shape])
 
 
