@@ -91,7 +91,7 @@ def serves(mlp, x) -> bool:
     inds = mx.zeros((*x.shape[:-1], mlp.top_k), mx.uint32)
     y = mx.zeros((*inds.shape, mlp.switch_mlp.gate_proj.output_dims), x.dtype)
     calls = [("moe_route", _route_call(mlp, logits)), ("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
-             ("moe_qgemv_combine", _down_call(mlp, y, inds, mx.zeros(inds.shape, x.dtype)))]
+             ("moe_qgemv_combine", _down_call(mlp, y, inds, mx.zeros(inds.shape, mx.float32)))]  # moe_route's scores
     return any([runtime.serves(op, *args, **kw) for op, (args, kw) in calls])
 
 
