@@ -174,7 +174,8 @@ def main():
         with ctx:
             result[f"patched_{stream_name}"] = step_breakdown(model, a.steps)
             print(f"patched {stream_name}", json.dumps(result[f"patched_{stream_name}"]))
-    # distinct calls that ran the built-in (runtime.fallbacks() counts each once, not each call)
+    # distinct calls that ran the built-in (runtime.fallbacks() counts each once, not each
+    # call; an op no variant serves at any shape only its first call: no recording block here)
     result["fallbacks"] = {f"{op}: {why}": c for (op, why), c in runtime.fallbacks().items()}
     for k, v in result["fallbacks"].items():
         print(f"fallback, {v} distinct call(s): {k[:120]}")

@@ -36,6 +36,7 @@ _ARRAY = mx.array
 _fallbacks: Counter = Counter()
 _dispatches: list = []    # every Dispatch, so refresh() can forget their plans
 _lenient_depth = [0]      # inside `lenient` blocks
+_recording_depth = [0]    # inside `recording` blocks
 generation = [0]          # bumped by refresh() and _rearm(): plans remembered outside a Dispatch are stale
 _strict = [None]          # strict() as last worked out; None: work it out again
 _kernels: dict = {}       # (variant id, back end) -> backends.Kernel
@@ -120,12 +121,43 @@ class lenient:
     def __enter__(self):
         _lenient_depth[0] += 1
         _strict[0] = None
+        _end_direct()  # every distinct call in here is decided: `hlh_mlx tune` records them so
 
     def __exit__(self, *exc):
         _lenient_depth[0] -= 1
         _strict[0] = None
         if not _lenient_depth[0] and _strict_now():
             _rearm()  # fallbacks settled in here may not run as the built-in out there
+        else:
+            _resume_direct()
+
+
+class recording:
+    """Within this block every distinct call is decided and counted as it comes, also for an
+    op no stored variant serves anywhere (no direct path to the built-in): for reports of
+    what a program calls (`hlh_mlx validate`'s warm-up), at a signature's cost per call."""
+
+    def __enter__(self):
+        _recording_depth[0] += 1
+        _end_direct()
+
+    def __exit__(self, *exc):
+        _recording_depth[0] -= 1
+        _resume_direct()
+
+
+def _end_direct() -> None:
+    for d in _dispatches:
+        d._direct = None
+
+
+def _resume_direct() -> None:
+    """After a `recording` or `lenient` block: ops decided in it that no stored variant serves
+    anywhere take the direct path again (their later calls find their plans remembered, so
+    no new decision would set it)."""
+    for d in _dispatches:
+        if d.plans and d._direct is None and d._serves_none():
+            d._direct = d.builtin
 
 
 def _strict_now() -> bool:
@@ -258,8 +290,8 @@ def _fallback_plan(op_name: str, reason: str, builtin) -> _Fallback:
 def _rearm() -> None:
     """Strict mode may be on again: every remembered fallback checks it on its next call,
     and plans remembered outside a Dispatch (layers, compiled blocks) are looked up again."""
+    _end_direct()
     for d in _dispatches:
-        d._direct = None
         if d.fallbacks:
             d.plans.update(d.fallbacks)
     generation[0] += 1
@@ -426,8 +458,8 @@ class Dispatch:
         """Whether every call of this op runs the built-in here, and may do so with no
         signature: no stored variant beats it at any shape, strict mode is off (checked now:
         whatever turns it on again resets `_direct`), and no `lenient` block is recording
-        the calls a program makes (`hlh_mlx tune`)."""
-        if _lenient_depth[0] or _strict_now():
+        the calls a program makes (`hlh_mlx tune`), nor a `recording` block."""
+        if _lenient_depth[0] or _recording_depth[0] or _strict_now():
             return False
         be = backend()
         return select.never_chosen(self.op_name, backends.device(be).slug, be)
@@ -501,7 +533,8 @@ def fallbacks() -> dict:
     built-in itself, at no cost over it); a call that cannot be remembered (an unhashable
     argument, a trace of a user's compiled function on the emulator) counts every time; an
     op no stored variant serves at any shape counts its first call only (every later call
-    goes to the built-in with no signature, so none is decided or counted).
+    goes to the built-in with no signature, so none is decided or counted), except inside
+    `recording` and `lenient` blocks, where every distinct call is.
     Since `refresh()`, which forgets the decisions and the counts."""
     return dict(_fallbacks)
 
@@ -513,10 +546,10 @@ def refresh() -> None:
     select.refresh()
     _fallbacks.clear()
     generation[0] += 1
+    _end_direct()
     for d in _dispatches:
         d.plans.clear()
         d.fallbacks.clear()
-        d._direct = None
     _kernels.clear()
     _backend[0] = None
     _choices.clear()

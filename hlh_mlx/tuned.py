@@ -14,7 +14,10 @@ built-in runs, and that is recorded: `explain(op, *args)` says what would run an
 fallback into an error.
 
 A call is decided once per signature (shapes, dtypes, other arguments) and then costs a
-lookup and the kernel launch (`hlh_mlx.runtime`). Functions that call these work under
+lookup and the kernel launch (`hlh_mlx.runtime`). An op no stored variant serves at any
+shape on this device runs the built-in directly after its first call (counted once, not
+per distinct call); inside `recording()` (and `lenient()`) every distinct call is decided
+and counted. Functions that call these work under
 `mx.compile` and `mx.grad` (norms, SwiGLU and RoPE take the built-in's gradient).
 
 Every op spec with a `function` and a `bind` is callable: `tuned.<op>(...)` or
@@ -24,7 +27,7 @@ Every op spec with a `function` and a `bind` is callable: `tuned.<op>(...)` or
 from __future__ import annotations
 
 from . import ops, runtime
-from .runtime import Dispatch, FallbackError, explain, fallbacks, lenient  # noqa: F401  (public API)
+from .runtime import Dispatch, FallbackError, explain, fallbacks, lenient, recording  # noqa: F401  (public API)
 from .select import MAX_EXTRAPOLATION, variant_of  # noqa: F401  (public API)
 
 

@@ -537,7 +537,7 @@ def test_an_op_no_variant_serves_anywhere_runs_the_builtin_with_no_signature(mon
         tuned.refresh()
         tuned.softmax(x, axis=-1)
         tuned.softmax(x[:2], axis=-1)
-    assert resolves == ["softmax"] * 3 and tuned.softmax.dispatch._direct is None
+    assert resolves == ["softmax"] * 3 and tuned.softmax.dispatch._direct is mx.softmax  # resumed after
     monkeypatch.setenv("HLH_MLX_STRICT", "1")
     tuned.refresh()
     with pytest.raises(tuned.FallbackError):
@@ -564,3 +564,19 @@ def test_a_layer_of_an_op_no_variant_serves_calls_the_builtin_directly(rng, reso
         x = mx.array(rng.standard_normal((rows, 512)).astype(np.float32))
         _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
     assert resolves == ["rms_norm"] and tuned.rms_norm.no_grad.dispatch._direct is mx.fast.rms_norm
+
+
+@pytest.mark.parametrize("block", ["lenient", "recording"])
+def test_a_lenient_or_recording_block_decides_every_call_then_the_direct_path_resumes(rng, resolves, block):
+    """Entering either block ends an op's direct path (`tune` records in lenient, validate's
+    warm-up in recording: every distinct call must be decided there); leaving it, ops no
+    variant serves go direct again, though their calls now find remembered plans."""
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    tuned.softmax(x, axis=-1)
+    assert tuned.softmax.dispatch._direct is mx.softmax
+    with getattr(tuned, block)():
+        assert tuned.softmax.dispatch._direct is None
+        tuned.softmax(x[:2], axis=-1)
+        tuned.softmax(x.astype(mx.float16), axis=-1)
+    assert resolves == ["softmax"] * 3 and len(runtime.decided_calls()) == 3
+    assert tuned.softmax.dispatch._direct is mx.softmax
