@@ -41,6 +41,7 @@ generation = [0]          # bumped by refresh() and _rearm(): plans remembered o
 _strict = [None]          # strict() as last worked out; None: work it out again
 _kernels: dict = {}       # (variant id, back end) -> backends.Kernel
 _backend: list = [None]   # this process's back end, found once
+_slug: list = [None]      # its device's slug (the store's directory), found once
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
 MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
 
@@ -53,6 +54,13 @@ def backend() -> str:
     if _backend[0] is None:
         _backend[0] = backends.auto()
     return _backend[0]
+
+
+def device_slug() -> str:
+    """This process's device as the store names it (asking MLX for the device is not free)."""
+    if _slug[0] is None:
+        _slug[0] = backends.device(backend()).slug
+    return _slug[0]
 
 
 def compiled_for(backend_name: str, fn):
@@ -234,7 +242,7 @@ def choose(op_name: str, call) -> select.Choice:
     key = (op_name, tuple(call.shape.items()), call.dtype)
     if key not in _choices:
         be = backend()
-        _choices[key] = select.choose(op_name, call, backends.device(be).slug, be)
+        _choices[key] = select.choose(op_name, call, device_slug(), be)
     return _choices[key]
 
 
@@ -462,7 +470,7 @@ class Dispatch:
         if _lenient_depth[0] or _recording_depth[0] or _strict_now():
             return False
         be = backend()
-        return select.never_chosen(self.op_name, backends.device(be).slug, be)
+        return select.never_chosen(self.op_name, device_slug(), be)
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
@@ -513,7 +521,7 @@ def expected_us(op_name: str, *args, **kwargs) -> float | None:
     if c.variant is not None:
         return 1e3 * select.end_to_end_ms(c.record["timing"])
     be = backend()
-    return select.builtin_us(op_name, call, backends.device(be).slug, be)
+    return select.builtin_us(op_name, call, device_slug(), be)
 
 
 def decisions() -> dict:
@@ -551,7 +559,7 @@ def refresh() -> None:
         d.plans.clear()
         d.fallbacks.clear()
     _kernels.clear()
-    _backend[0] = None
+    _backend[0] = _slug[0] = None
     _choices.clear()
 
 
