@@ -4,7 +4,8 @@ A record counts only if it was timed by the newest timing method among its (shap
 back end), is not a second timing, is correct, and its template still renders the same
 source. It is compared with the built-in timed in the same run (the built-in record
 written last before it), by what a program pays per call: latency in a dependent chain
-plus host time to build the call. `rank`, `hlh_mlx.tuned`, `bench.py`, `export` and `hub`
+plus host time to build the call, and must win beyond the spread of both timings and by
+more than the run's own second timings moved (`Candidate.clearly_wins`). `rank`, `hlh_mlx.tuned`, `bench.py`, `export` and `hub`
 all ask here.
 """
 
@@ -70,6 +71,27 @@ def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
     return keep, base
 
 
+def run_noise(records) -> dict[int, float]:
+    """How far each run's own second timings moved: {id of the run's built-in record: the
+    largest relative difference, end to end, between a record and its repeat in that run}.
+    A sweep times the built-in, then the variants, then once more the built-in and its top
+    pick (`repeat`); a run whose re-timing moved by 50% cannot show a 5% win."""
+    out: dict = {}
+    run, firsts = None, {}
+    for r in records:
+        key = r.get("variant_id") or "builtin"
+        if not r.get("repeat"):
+            if key == "builtin":
+                run, firsts = id(r), {}
+            firsts[key] = r
+            continue
+        first = firsts.get(key)
+        a, b = end_to_end_ms(r.get("timing")), end_to_end_ms((first or {}).get("timing"))
+        if run is not None and a and b:
+            out[run] = max(out.get(run, 0.0), abs(a - b) / min(a, b))
+    return out
+
+
 def ratio(variant_timing: dict | None, builtin_timing: dict | None) -> dict:
     """Built-in over variant: GPU chain latency alone; end to end (latency + host); and end
     to end beyond the noise (the built-in's 10th percentile over the variant's 90th)."""
@@ -115,10 +137,19 @@ class Candidate:
     variant: Variant
     record: dict
     builtin: dict | None  # the built-in's timing from the same run
+    noise: float = 0.0    # how far its run's own re-timings moved (run_noise)
 
     @property
     def speedup(self) -> dict:
         return ratio(self.record.get("timing"), self.builtin)
+
+    @property
+    def clearly_wins(self) -> bool:
+        """The selection rule: it beat the built-in end to end beyond the spread of both
+        timings (the built-in's 10th percentile against its 90th, host times added), and by
+        more than its run's own re-timings moved."""
+        robust = self.speedup["beyond_noise"]
+        return robust is not None and robust > 1.0 + self.noise
 
 
 @lru_cache(maxsize=None)
@@ -141,6 +172,7 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
     for g in groups.values():
         g0 = g[0]
         keep, base = latest_with_baselines(g, g0.get("shape"), g0.get("dtype"), backend)
+        noise = run_noise(newest_method(g))
         for key, r in keep.items():
             if key == "builtin" or not r.get("correct") or not r.get("timing"):
                 continue
@@ -150,7 +182,8 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
             if v is None:
                 stale.append(f"{r.get('variant_id')} at {r.get('shape_str')}")
                 continue
-            out.append(Candidate(v, r, (base.get(key) or {}).get("timing")))
+            b = base.get(key)
+            out.append(Candidate(v, r, (b or {}).get("timing"), noise.get(id(b), 0.0) if b else 0.0))
     if stale:  # one line per op and device, however many records
         warnings.warn(f"[hlh_mlx.tuned] ignoring {len(stale)} stored {op} variant(s) on {device} whose template "
                       f"changed since it was tuned (re-run the sweep): {', '.join(stale[:4])}"
@@ -162,7 +195,7 @@ def candidates(op: str, device: str, backend: str) -> tuple[Candidate, ...]:
 def never_chosen(op: str, device: str, backend: str) -> bool:
     """No stored variant of `op` on this device and back end beat the built-in where it was
     measured, so `choose` gives the built-in for every call, whatever its shape or dtype."""
-    return not any((c.speedup["beyond_noise"] or 0.0) > 1.0 for c in candidates(op, device, backend))
+    return not any(c.clearly_wins for c in candidates(op, device, backend))
 
 
 @dataclass(frozen=True)
@@ -207,8 +240,7 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
         if not 1 / MAX_EXTRAPOLATION <= ratio_bytes <= MAX_EXTRAPOLATION or dims_apart > MAX_DIM_RATIO + 1e-9:
             too_far.append(r["shape_str"])  # a winner at 64 MB says nothing about a 16 KB launch
             continue
-        robust = c.speedup["beyond_noise"]
-        if robust is None or robust <= 1.0:
+        if not c.clearly_wins:
             continue  # never use a variant that did not clearly beat the built-in where it was measured
         key = (_distance(r["shape"], call.shape), end_to_end_ms(r["timing"]))
         if best is None or key < best[0]:
@@ -223,7 +255,7 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
                      f"away in bytes moved or {MAX_DIM_RATIO}x in a dimension; sweep --shape "
                      f"{op.shape_str(call.shape)} to tune this size)")
         return Choice(None, None, f"no stored {op.name} variant beats the built-in end to end (beyond the "
-                                  f"spread of both timings) for {call.dtype} "
+                                  f"spread of both timings and by more than its run's re-timing moved) for {call.dtype} "
                                   f"on {device} [{backend}]{note}")
     (dist, _), c = best
     how = "exact shape" if dist == 0 else f"nearest tuned shape {c.record['shape_str']}"

@@ -136,3 +136,27 @@ def test_an_unsupported_dtype_falls_back_visibly(store_dir, rng):
     with pytest.raises(type(builtin_error.value)):  # the built-in's own error, not a wrong answer
         tuned.rms_norm(x, w, 1e-5)
     assert any("has no tuned kernels" in why for _, why in tuned.fallbacks())
+
+
+@pytest.mark.parametrize("repeat_ms,chosen", [(0.55, True), (1.1, False)])
+def test_a_win_smaller_than_its_runs_own_retiming_moved_is_not_used(store_dir, rng, repeat_ms, chosen):
+    """A sweep times the built-in and its top pick a second time: a run whose re-timing of
+    the winner moved 120% (0.5 then 1.1 ms) cannot show a 2x win over the built-in's 1.0 ms,
+    one that moved 10% can."""
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    common = {"op": "softmax", "device": "emulator", "backend": "emulator", "shape": {"R": 8, "C": 512},
+              "dtype": "float32", "shape_str": "8x512", "mlx": mx.__version__, "status": "ok",
+              "timing_method": timing.METHOD, "repeat": True, "correct": True}
+    path = store_dir / "emulator" / "softmax.jsonl"
+    store.append(path, {**common, "variant_id": None, "template": "builtin", "timing": {"median_ms": 1.0}})
+    store.append(path, {**common, "variant_id": v.id, "template": v.template.relpath, "params": v.param_dict,
+                        "source_hash": v.source_hash, "timing": {"median_ms": repeat_ms}})
+    tuned.refresh()
+    x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+    why = tuned.explain("softmax", x, axis=-1)
+    assert why.startswith(f"variant {v.id}") is chosen, why
+    if not chosen:
+        assert "by more than its run's re-timing moved" in why
+    np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)),
+                               rtol=1e-5, atol=1e-7)
