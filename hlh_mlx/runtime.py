@@ -10,7 +10,7 @@ shapes and dtypes, every other argument's value) binds it (validation in Python)
   plan is the built-in itself, so a fallback costs the signature and the lookup only;
   and where no stored variant of the op beats the built-in at any shape on this device
   (`select.never_chosen`), the op's first call makes every later one the built-in
-  directly, with no signature (strict mode off, outside `lenient` blocks);
+  directly, with no signature (strict mode off, outside `lenient` and `recording` blocks);
 - the variant's kernel, launched with every argument worked out once, wrapped with the
   reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
   kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python

@@ -5,8 +5,8 @@ back end), is not a second timing, is correct, and its template still renders th
 source. It is compared with the built-in timed in the same run (the built-in record
 written last before it), by what a program pays per call: latency in a dependent chain
 plus host time to build the call, and must win beyond the spread of both timings and by
-more than the run's own second timings moved (`Candidate.clearly_wins`). `rank`, `hlh_mlx.tuned`, `bench.py`, `export` and `hub`
-all ask here.
+more than the run's own second timings moved (`Candidate.clearly_wins`). `rank`,
+`hlh_mlx.tuned`, `bench.py`, `export` and `hub` all ask here.
 """
 
 from __future__ import annotations
