@@ -10,7 +10,7 @@ import io
 import json
 
 from . import devices, ops
-from .select import latest_with_baselines, newest_method, ratio  # noqa: F401  (newest_method: bench.py)
+from .select import clears_the_bar, latest_with_baselines, newest_method, ratio, run_noise
 from .timing import end_to_end_ms
 
 
@@ -56,6 +56,8 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
     op = ops.get(op_name)
     keep, run_base = latest_with_baselines(records, shape, dtype, backend)
     base = keep.get("builtin")
+    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    noise = run_noise(newest_method(mine))
     rows = []
     for key, r in keep.items():
         t = r.get("timing") or {}
@@ -69,6 +71,11 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
             "median_ms": ms, "spread": t.get("spread"), "host_us": t.get("host_us"),
             "throughput_ms": t.get("throughput_ms"),
             "gpu_speedup": x["gpu"], "speedup": x["end_to_end"],
+            # whether the selection rule would use it here (`select`): None for the built-in,
+            # and where nothing was timed
+            "clears": (None if key == "builtin" or not ms or not r.get("correct") else
+                       "yes" if clears_the_bar(t, (b or {}).get("timing"), noise.get(id(run_base.get(key)), 0.0))
+                       else "no"),
             "roofline_pct": devices.roofline_pct(r.get("device", ""), op, shape, dtype, ms) if ms else None,
             "rel_err": max((c.get("rel_err") or 0) for c in r.get("checks") or [{}]) if r.get("checks") else None,
             "checked": len(r.get("checks") or []) if key != "builtin" else None,
@@ -78,6 +85,7 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
     if base is None:  # the emulator times nothing: the built-in is still the reference
         rows.append({"variant": "mlx built-in", "params": "", "status": "reference", "median_ms": None,
                      "spread": None, "host_us": None, "throughput_ms": None, "gpu_speedup": None, "speedup": None,
+                     "clears": None,
                      "roofline_pct": None, "rel_err": None, "checked": None, "error": None, "_ok": True})
     rows.sort(key=lambda x: (not x["_ok"], x["median_ms"] is None,
                              (x["median_ms"] or 0) + (x["host_us"] or 0) / 1e3, x["variant"]))
@@ -110,10 +118,12 @@ def _fmt(v, kind):
 # "chain ms": latency of one call in a dependent chain (each call waits for the one before,
 # as in a model); "host us": building one call on the host; "e2e vs built-in": built-in
 # over variant of chain latency + host time, what the program sees (the ranking); "gpu vs
-# built-in": chain latency alone; "batch ms": independent calls (throughput), when measured.
+# built-in": chain latency alone; "usable": whether the selection rule may take it here (a
+# win beyond both timings' spread and its run's own re-timing; the best usable one runs);
+# "batch ms": independent calls (throughput), when measured.
 COLUMNS = [("variant", "variant", None), ("params", "params", None), ("status", "status", None),
            ("median_ms", "chain ms", "ms"), ("spread", "spread", "spread"), ("host_us", "host us", "us"),
-           ("speedup", "e2e vs built-in", "x"), ("gpu_speedup", "gpu vs built-in", "x"),
+           ("speedup", "e2e vs built-in", "x"), ("gpu_speedup", "gpu vs built-in", "x"), ("clears", "usable", None),
            ("throughput_ms", "batch ms", "ms"), ("roofline_pct", "roofline", "pct"), ("rel_err", "rel err", "err")]
 
 

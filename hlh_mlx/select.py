@@ -104,6 +104,15 @@ def ratio(variant_timing: dict | None, builtin_timing: dict | None) -> dict:
     return {"gpu": gpu, "end_to_end": be / ve if ve and be else None, "beyond_noise": robust}
 
 
+def clears_the_bar(variant_timing: dict | None, builtin_timing: dict | None, noise: float = 0.0) -> bool:
+    """The selection rule's test of one variant's timing against its run's built-in: it won
+    end to end beyond the spread of both timings (the built-in's 10th percentile against
+    its 90th, host times added), and by more than `noise`, how far its run's own re-timings
+    moved (run_noise)."""
+    robust = ratio(variant_timing, builtin_timing)["beyond_noise"]
+    return robust is not None and robust > 1.0 + noise
+
+
 @lru_cache(maxsize=None)
 def current_variants(op: str) -> dict[tuple, Variant]:
     """(template relpath, params, source hash) -> the variant, from the templates shipped
@@ -145,11 +154,7 @@ class Candidate:
 
     @property
     def clearly_wins(self) -> bool:
-        """The selection rule: it beat the built-in end to end beyond the spread of both
-        timings (the built-in's 10th percentile against its 90th, host times added), and by
-        more than its run's own re-timings moved."""
-        robust = self.speedup["beyond_noise"]
-        return robust is not None and robust > 1.0 + self.noise
+        return clears_the_bar(self.record.get("timing"), self.builtin, self.noise)
 
 
 @lru_cache(maxsize=None)

@@ -160,3 +160,26 @@ def test_a_win_smaller_than_its_runs_own_retiming_moved_is_not_used(store_dir, r
         assert "by more than its run's re-timing moved" in why
     np.testing.assert_allclose(np.asarray(tuned.softmax(x, axis=-1)), np.asarray(mx.softmax(x, axis=-1)),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_show_says_which_variants_the_selection_rule_may_use(store_dir):
+    """`show`'s "usable" column is the selection rule's verdict per variant: a 2x win in a run
+    whose re-timing moved 120% is not usable, and the tuned call runs the built-in."""
+    from click.testing import CliRunner
+
+    from hlh_mlx.cli import main
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", v, ms=0.5, base_ms=1.0)
+    r = CliRunner().invoke(main, ["show", "softmax", "--device", "emulator", "--backend", "emulator", "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    row = next(x for x in r.output.splitlines() if v.id in x)
+    assert ",yes," in row
+    path = store_dir / "emulator" / "softmax.jsonl"
+    store.append(path, {"op": "softmax", "device": "emulator", "backend": "emulator", "shape": {"R": 8, "C": 512},
+                        "dtype": "float32", "shape_str": "8x512", "mlx": mx.__version__, "status": "ok",
+                        "timing_method": timing.METHOD, "repeat": True, "correct": True, "variant_id": v.id,
+                        "template": v.template.relpath, "params": v.param_dict, "source_hash": v.source_hash,
+                        "timing": {"median_ms": 1.1}})
+    r = CliRunner().invoke(main, ["show", "softmax", "--device", "emulator", "--backend", "emulator", "--format", "csv"])
+    row = next(x for x in r.output.splitlines() if v.id in x and ",ok," in x)
+    assert ",no," in row
