@@ -10,7 +10,7 @@ import io
 import json
 
 from . import devices, ops
-from .select import clears_the_bar, latest_with_baselines, newest_method, ratio, run_noise
+from .select import clears_the_bar, latest_with_baselines, newest_method, ratio, records_at, run_noise
 from .timing import end_to_end_ms
 
 
@@ -36,7 +36,7 @@ def repeat_agreement(records, shape, dtype, backend) -> list[dict]:
     """Variants timed twice in one run (the sweep re-times the winner and the built-in
     after the others): first and second median and how far apart they are."""
     firsts = _latest(records, shape, dtype, backend)
-    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    mine = records_at(records, shape, dtype, backend)
     seconds = {}  # the newest second timing per variant: the one taken after the newest first
     for r in newest_method(mine):
         if r.get("repeat") and r.get("timing"):
@@ -56,7 +56,7 @@ def table_rows(records, op_name, shape, dtype, backend, top=None) -> list[dict]:
     op = ops.get(op_name)
     keep, run_base = latest_with_baselines(records, shape, dtype, backend)
     base = keep.get("builtin")
-    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    mine = records_at(records, shape, dtype, backend)
     noise = run_noise(newest_method(mine))
     rows = []
     for key, r in keep.items():

@@ -50,6 +50,11 @@ def newest_method(records) -> list[dict]:
     return [r for r in records if not r.get("timing") or r.get("timing_method", 1) == m]
 
 
+def records_at(records, shape, dtype, backend) -> list[dict]:
+    """The records of one shape, dtype and back end, in the order they were written."""
+    return [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+
+
 def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
     """The newest record per variant ("builtin" for the built-in), and for each variant the
     built-in record of the same run: the one written last before it on the same device
@@ -58,7 +63,7 @@ def latest_with_baselines(records, shape, dtype, backend) -> tuple[dict, dict]:
     machines, devices or days."""
     keep, base = {}, {}
     last_builtin: dict = {}  # timed_on -> the built-in record written last
-    mine = [r for r in records if r.get("shape") == shape and r.get("dtype") == dtype and r.get("backend") == backend]
+    mine = records_at(records, shape, dtype, backend)
     for r in newest_method(mine):
         if r.get("repeat"):
             continue  # second timings check the first; they are not results of their own

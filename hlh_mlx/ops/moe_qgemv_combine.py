@@ -17,7 +17,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from .moe_qgemv_swiglu import EDGE_SHAPES, EMULATOR_SHAPES, INDEX_DTYPES, dequant32, expert_indices, expert_weights
+from .moe_qgemv_swiglu import (EDGE_SHAPES, EMULATOR_SHAPES, INDEX_DTYPES, dequant32, expert_indices, expert_numbers,
+                               expert_weights, stacked_experts_reason)
 from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array, affine_4bit_reason
 
 
@@ -80,19 +81,11 @@ def bind(y, indices, scores, wd, sd, bd, group_size=64, bits=4):
         return f"y {y.shape}, indices {indices.shape} and scores {scores.shape} do not broadcast"
     if math.prod(rows[:-1]) != 1 or rows[-1] != s or y.size != s * k or scores.size != s:
         return f"one token's experts only: y {y.shape}, indices {indices.shape}, scores {scores.shape}"
-    if k % group_size:
-        return f"y's last dimension {k} is not a multiple of the group size {group_size}"
-    if wd.ndim != 3:
-        return "wd must be stacked experts (E, N, K // 8)"
-    e, n = wd.shape[:2]
-    if wd.shape != (e, n, k // 8):
-        return f"wd must be ({e}, {n}, {k // 8}) uint32 for y's last dimension {k}"
-    if sd.shape != (e, n, k // group_size) or bd.shape != sd.shape:
-        return f"scales and biases must be ({e}, {n}, {k // group_size}): y's last dimension over the group size"
-    idx = indices.reshape(-1)
-    if idx.dtype != mx.uint32:
-        idx = idx.view(mx.uint32)  # the same bits: a negative index reads as one past E, clamped
-    return Call([y, idx, scores.reshape(-1), wd, sd, bd], {"S": s, "E": e, "N": n, "K": k, "G": group_size},
+    experts = stacked_experts_reason("y", k, group_size, {"wd": wd}, (sd, bd))
+    if isinstance(experts, str):
+        return experts
+    e, n = experts
+    return Call([y, expert_numbers(indices), scores.reshape(-1), wd, sd, bd], {"S": s, "E": e, "N": n, "K": k, "G": group_size},
                 dtype_name(y.dtype), [(*rows[:-1], n)])
 
 

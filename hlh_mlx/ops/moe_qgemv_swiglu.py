@@ -27,6 +27,31 @@ EDGE_SHAPES = [{"S": 1, "E": 1, "N": 1, "K": 128, "G": 128}, {"S": 2, "E": 3, "N
                {"S": 4, "E": 4, "N": 5, "K": 1408, "G": 64}, {"S": 2, "E": 3, "N": 9, "K": 2112, "G": 64}]
 
 
+def stacked_experts_reason(x_name: str, k: int, group_size: int, packed: dict, scales_biases) -> str | tuple:
+    """(E, N) of stacked 4-bit experts (`packed`, by name: (E, N, K // 8) each) with their
+    scales and biases ((E, N, K // G)) for activations `x_name` of last dimension k, or why
+    the kernels cannot take them: what both expert ops' binds check."""
+    if k % group_size:
+        return f"{x_name}'s last dimension {k} is not a multiple of the group size {group_size}"
+    first_name, first = next(iter(packed.items()))
+    if first.ndim != 3:
+        return f"{first_name} must be stacked experts (E, N, K // 8)"
+    e, n = first.shape[:2]
+    if any(w.shape != (e, n, k // 8) for w in packed.values()):
+        both = "both " if len(packed) > 1 else ""
+        return f"{' and '.join(packed)} must {both}be ({e}, {n}, {k // 8}) uint32 for {x_name}'s last dimension {k}"
+    if any(a.shape != (e, n, k // group_size) for a in scales_biases):
+        return f"scales and biases must be ({e}, {n}, {k // group_size}): {x_name}'s last dimension over the group size"
+    return e, n
+
+
+def expert_numbers(indices) -> mx.array:
+    """The chosen experts as the kernels read them: flat uint32 (the same bits: a negative
+    index reads as one past E, which the kernels clamp)."""
+    idx = indices.reshape(-1)
+    return idx if idx.dtype == mx.uint32 else idx.view(mx.uint32)
+
+
 def expert_indices(rng, s, e):
     """S distinct experts of E, as a router's top-k gives them (uint32, like mx.argpartition)."""
     return mx.array(rng.permutation(e)[:s].astype(np.uint32))
@@ -102,21 +127,14 @@ def bind(x, indices, wg, sg, bg, wu, su, bu, group_size=64, bits=4):
     k = x.shape[-1]
     if x.size != k:
         return f"one token only ({x.size // max(k, 1)} rows given)"
-    if k % group_size:
-        return f"x's last dimension {k} is not a multiple of the group size {group_size}"
-    if wg.ndim != 3:
-        return "wg must be stacked experts (E, N, K // 8)"
-    e, n = wg.shape[:2]
-    if wg.shape != (e, n, k // 8) or wu.shape != wg.shape:
-        return f"wg and wu must both be ({e}, {n}, {k // 8}) uint32 for x's last dimension {k}"
-    if any(a.shape != (e, n, k // group_size) for a in (sg, bg, su, bu)):
-        return f"scales and biases must be ({e}, {n}, {k // group_size}): x's last dimension over the group size"
+    experts = stacked_experts_reason("x", k, group_size, {"wg": wg, "wu": wu}, (sg, bg, su, bu))
+    if isinstance(experts, str):
+        return experts
+    e, n = experts
     lead = np.broadcast_shapes((*x.shape[:-1], 1), indices.shape)  # the built-in's rows: one per expert
     if math.prod(lead) != indices.size:
         return f"one token's experts only: x {x.shape} and indices {indices.shape} make {math.prod(lead)} rows"
-    idx = indices.reshape(-1)
-    if idx.dtype != mx.uint32:
-        idx = idx.view(mx.uint32)  # the same bits: a negative index reads as one past E, clamped
+    idx = expert_numbers(indices)
     return Call([x, idx, wg, sg, bg, wu, su, bu], {"S": idx.size, "E": e, "N": n, "K": k, "G": group_size},
                 dtype_name(x.dtype), [(*lead, n)])
 
