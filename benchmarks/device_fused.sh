@@ -21,6 +21,8 @@
 #   bash benchmarks/device_fused.sh experts  # the MoE expert ops swept at Qwen1.5-MoE's shapes, determinism
 #   bash benchmarks/device_fused.sh experts2 # Qwen1.5-MoE validated with them, its step's nodes
 #   bash benchmarks/device_fused.sh final    # MoE ops re-swept, validate, scores' memory, user path, 33 calls
+#   bash benchmarks/device_fused.sh bias     # norm_qkv_rope with q/k/v biases swept, Qwen1.5-MoE validated
+#   bash benchmarks/device_fused.sh bias2    # Llama-3-8B and Qwen2-7B validated after it
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -270,5 +272,25 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timeout 150 python benchmarks/tuned_calls.py --out "$res/tuned_calls_final.json" > "$res/tuned_calls_final.txt" 2>&1
     grep -v "Warning\|_choices" "$res/tuned_calls_final.txt" | tail -50; pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final" >&2; exit 2 ;;
+  bias)  # norm_qkv_rope takes the q/k/v projections' biases (its B dimension; a new source, so its
+    # records are re-made): swept at Llama-3-8B's shape (B=0) and Qwen1.5-MoE's (B=1), then
+    # Qwen1.5-MoE validated with its attention input as that one call; ~7 min
+    sweep norm_qkv_rope 120 --template splitk --budget 6 --shape 4096x1024x4096x64x128x0 \
+      $(picks KS=1,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=32 KS=1,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=64 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32)
+    sweep norm_qkv_rope 120 --template splitk --budget 6 --shape 2048x2048x2048x64x128x1 \
+      $(picks KS=1,RPT=1,TEAMS=4,U=2,XS=2048,TRIG=32 KS=2,RPT=1,TEAMS=4,U=2,XS=2048,TRIG=32 KS=1,RPT=1,TEAMS=4,U=2,XS=0,TRIG=32)
+    with_lm
+    run_validate 200 validate_qwen1.5-moe-4bit_bias.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
+    timeout 80 python benchmarks/decode_graph.py --model qwen1.5-moe-a2.7b --layers 24 --steps 20 \
+      --out "$res/decode_graph_moe24_bias.json" 2>&1 | grep -v "Warning\|_choices" | tail -8
+    pack
+    ;;
+  bias2)  # after `bias`: Llama-3-8B (its pre half re-swept) and Qwen2-7B (q/k/v biases) validated; ~9 min
+    with_lm
+    run_validate 250 validate_llama-3-8b-4bit_bias.json llama-3-8b --bits 4 --tokens 64 --repeats 3
+    sweep norm_qkv_rope 90 --template splitk --budget 4 --shape 3584x512x3584x64x128x1 \
+      $(picks KS=1,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32)
+    run_validate 220 validate_qwen2-7b-4bit_bias.json qwen2-7b --bits 4 --tokens 64 --repeats 3
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2" >&2; exit 2 ;;
 esac

@@ -14,10 +14,10 @@ where `pre` and `post` are `mx.compile`d with every weight they read passed as a
 (never baked in as a constant: weights loaded after patching are used). Prefill and training
 run the same code uncompiled.
 
-With `fused=True`, a block whose seven projections are 4-bit affine weights of one group
-size, with plain RMSNorms and a RoPE the kernels serve, runs its decode step as four
-fused ops, each a tuned kernel where one beats the built-ins it replaces (else those
-built-ins, the same computation):
+With `fused=True`, each half of the decode step whose layers the fused kernels take (4-bit
+affine projections of one group size, plain RMSNorms, a RoPE the kernel serves; biases on
+q/k/v only, as Qwen2's) runs as fused ops, each a tuned kernel where one beats the built-ins
+it replaces (else the half runs unfused):
 
     pre:  q, k, v = norm_qkv_rope(x, ...)          # norm, q/k/v projections, RoPE: 6 launches -> 1
     post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 3 -> 1 (o as attention
@@ -26,8 +26,9 @@ built-ins, the same computation):
                                                    #   rms_norm, qgemv_swiglu, if cheaper)
           out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
 
-Otherwise (q/k norms, biases, other quantizations or RoPE scalings) the residual add and
-the second norm are one op (`add_rms_norm`) and the rest runs as the children do.
+A half the fused ops do not take (q/k norms, other quantizations or RoPE scalings; an MoE
+MLP, whose routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with
+the residual add and the second norm as one op (`add_rms_norm`).
 
 The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
 MoE blocks of the same layout) and `hlh_mlx.patch` installs it in quantized models only,
@@ -193,37 +194,50 @@ class DecoderBlock(nn.Module):
 
     def why_not_fully_fused(self) -> str | None:
         """None when the decode step runs as the four fused ops (module docstring), else why not."""
-        if not self._fused:
-            return "fused=False"
-        missing = [o for o in _FUSED_OPS if o not in ops.names()]
-        if missing:
-            return f"no op {', '.join(missing)}"
-        a, mlp = self["self_attn"], self["mlp"]
+        return self.why_not_fused_pre() or self.why_not_fused_post()
+
+    def why_not_fused_pre(self) -> str | None:
+        """None when the pre half can run as norm_qkv_rope (4-bit affine q/k/v projections,
+        with or without biases, an RMSNorm, a RoPE the kernel takes), else why not."""
+        why = self._why_not_fused("norm_qkv_rope")
+        if why:
+            return why
+        a = self["self_attn"]
         if "q_norm" in a:
             return "queries and keys have norms of their own (q_norm, k_norm)"
-        if not all(k in mlp for k in ("gate_proj", "up_proj", "down_proj")):
-            return "the MLP is not gate/up/down projections (experts?)"
-        projs = [a[k] for k in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-                [mlp[k] for k in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(p, nn.QuantizedLinear) for p in projs):
-            return "not every projection is quantized"
-        if any("bias" in p for p in projs):
-            return "projections with a bias"
-        formats = {(p.bits, p.group_size, getattr(p, "mode", "affine")) for p in projs}
-        if len(formats) != 1:
-            return f"projections quantized in different formats (bits, group, mode: {sorted(formats)})"
-        if next(iter(formats)) not in {(4, g, "affine") for g in QUANT_GROUPS}:
-            return f"weights are not 4-bit affine with group size {' or '.join(map(str, QUANT_GROUPS))} " \
-                   f"({next(iter(formats))})"
-        for k in ("input_layernorm", "post_attention_layernorm"):
-            if not isinstance(self[k], nn.RMSNorm):
-                return f"{k} is a {type(self[k]).__name__}, not an RMSNorm"
+        why = _why_not_4bit([a[k] for k in ("q_proj", "k_proj", "v_proj")], biases=True)
+        if why:
+            return why
+        if not isinstance(self["input_layernorm"], nn.RMSNorm):
+            return f"input_layernorm is a {type(self['input_layernorm']).__name__}, not an RMSNorm"
         if self._head_dim() is None:
             return "q_proj's outputs are not n_heads whole heads"
         if rope_freqs(a.rope, self._head_dim()) is None:
             return (f"RoPE {type(a.rope).__name__} (dims {getattr(a.rope, 'dims', '?')}, "
                     f"traditional {getattr(a.rope, 'traditional', '?')}) is not one the fused kernel takes")
         return None
+
+    def why_not_fused_post(self) -> str | None:
+        """None when the post half can run as qgemv_add, norm_qgemv_swiglu, qgemv_add (4-bit
+        affine o/gate/up/down projections without biases, one format, an RMSNorm), else why not."""
+        why = self._why_not_fused("qgemv_add", "norm_qgemv_swiglu")
+        if why:
+            return why
+        mlp = self["mlp"]
+        if not all(k in mlp for k in ("gate_proj", "up_proj", "down_proj")):
+            return "the MLP is not gate/up/down projections (experts?)"
+        why = _why_not_4bit([self["self_attn"].o_proj] + [mlp[k] for k in ("gate_proj", "up_proj", "down_proj")])
+        if why:
+            return why
+        if not isinstance(self["post_attention_layernorm"], nn.RMSNorm):
+            return f"post_attention_layernorm is a {type(self['post_attention_layernorm']).__name__}, not an RMSNorm"
+        return None
+
+    def _why_not_fused(self, *op_names) -> str | None:
+        if not self._fused:
+            return "fused=False"
+        missing = [o for o in op_names if o not in ops.names()]
+        return f"no op {', '.join(missing)}" if missing else None
 
     def _head_dim(self) -> int | None:
         a = self["self_attn"]
@@ -234,9 +248,11 @@ class DecoderBlock(nn.Module):
     # `_fused_steps_that_pay` weighs must be the same calls.
     def _qkv_call(self, x, offset):
         a, norm = self["self_attn"], self["input_layernorm"]
+        # Qwen2's projections carry biases, Llama's none (then none are passed: the op's B=0)
+        biases = {f"{n}_bias": a[f"{n}_proj"]["bias"] for n in "qkv" if "bias" in a[f"{n}_proj"]}
         return ((x, norm["weight"], norm.eps, *_packed(a.q_proj), *_packed(a.k_proj), *_packed(a.v_proj),
                  self._freqs, offset, self._head_dim()), {"group_size": a.q_proj.group_size, "bits": 4,
-                                                          "heads_first": True})
+                                                          "heads_first": True, **biases})
 
     @staticmethod
     def _add_call(proj, y, residual):
@@ -272,18 +288,24 @@ class DecoderBlock(nn.Module):
     def _fused_steps_that_pay(self, x) -> tuple[bool, bool, bool]:
         """(pre, post, mlp): whether each half of the decode step runs its fused ops, and
         whether the post half's MLP is norm_qgemv_swiglu (else rms_norm, then qgemv_swiglu).
+        A half whose layers the fused ops do not take (why_not_fused_pre/post) runs unfused.
         A fused op no stored variant serves would run its built-in composition, the launches
         of the unfused half without that half's separately tuned kernels: then the unfused
         half runs. The MLP takes whichever form the store says costs a program less (chain
         latency + host time of each call); the fused form when that is unknown.
         With fused="always" all run fused (tests: the compositions on a CPU)."""
+        can_pre, can_post = self.why_not_fused_pre() is None, self.why_not_fused_post() is None
         if x.shape[0] != 1:
             return False, False, False  # several sequences at once: the fused kernels take one token
         if self._fused == "always":
-            return True, True, True
+            return can_pre, can_post, can_post
+        pre = False
+        if can_pre:
+            args, kw = self._qkv_call(x, offset_array(0))
+            pre = runtime.serves("norm_qkv_rope", *args, **kw)
+        if not can_post:
+            return pre, False, False
         o, dn = self["self_attn"].o_proj, self["mlp"].down_proj
-        args, kw = self._qkv_call(x, offset_array(0))
-        pre = runtime.serves("norm_qkv_rope", *args, **kw)
         # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
         # and dtypes only)
         lead = x.shape[:-1]
@@ -320,19 +342,18 @@ class DecoderBlock(nn.Module):
                                                      if k != "o_proj" and isinstance(m, nn.Module)]
             post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
             pre, post = self._qkv, self._out
-            object.__setattr__(self, "_moe_fused", False)
-            if self.why_not_fully_fused() is None:
+            if self.why_not_fused_pre() is None:
                 freqs = rope_freqs(a.rope, self._head_dim())
                 mx.eval(freqs)  # a constant of the trace: unevaluated, its graph would run every step
                 object.__setattr__(self, "_freqs", freqs)
-                fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
-                if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
-                    mlp_fused = self.mlp_form == "fused"
-                object.__setattr__(self, "_mlp_fused", mlp_fused)
-                pre = self._qkv_fused if fused_pre else pre
-                post = self._out_fused if fused_post else post
-            else:
-                object.__setattr__(self, "_moe_fused", self._moe_that_pays(x))
+            fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
+            if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
+                mlp_fused = self.mlp_form == "fused"
+            object.__setattr__(self, "_mlp_fused", mlp_fused)
+            pre = self._qkv_fused if fused_pre else pre
+            post = self._out_fused if fused_post else post
+            # an MLP the fused post half does not take may be experts the MoE ops take
+            object.__setattr__(self, "_moe_fused", self.why_not_fused_post() is not None and self._moe_that_pays(x))
             c = (key, _Compiled(pre_reads, pre), _Compiled(post_reads, post))
             object.__setattr__(self, "_compiled", c)
         return c[1], c[2]
@@ -352,7 +373,21 @@ class DecoderBlock(nn.Module):
         return out(x, o)
 
 
-_FUSED_OPS = ("norm_qkv_rope", "qgemv_add", "norm_qgemv_swiglu")
+
+def _why_not_4bit(projs: list, biases: bool = False) -> str | None:
+    """None when every projection is 4-bit affine in one of the fused kernels' group sizes,
+    all in one format (and without a bias, unless `biases`), else why not."""
+    if not all(isinstance(p, nn.QuantizedLinear) for p in projs):
+        return "not every projection is quantized"
+    if not biases and any("bias" in p for p in projs):
+        return "projections with a bias"
+    formats = {(p.bits, p.group_size, getattr(p, "mode", "affine")) for p in projs}
+    if len(formats) != 1:
+        return f"projections quantized in different formats (bits, group, mode: {sorted(formats)})"
+    if next(iter(formats)) not in {(4, g, "affine") for g in QUANT_GROUPS}:
+        return f"weights are not 4-bit affine with group size {' or '.join(map(str, QUANT_GROUPS))} " \
+               f"({next(iter(formats))})"
+    return None
 
 
 def _packed(proj) -> tuple:

@@ -149,6 +149,17 @@ def _replacement(module):
     return None, None
 
 
+def _fusion_note(block) -> str:
+    """What of a patched block's decode step can run as fused ops, and why the rest cannot."""
+    why = block.why_not_fully_fused()
+    if why is None:
+        return FUSABLE
+    pre = block.why_not_fused_pre()
+    if moe.why_not(block["mlp"]) is None:
+        return MOE_FUSABLE + ("; the attention input (norm_qkv_rope) too" if pre is None else f"; not the attention input ({pre})")
+    return f"decode step partly fused ({why})"
+
+
 def patch(model: base_nn.Module) -> PatchReport:
     """Swap matching layers in place; return what was replaced and what was kept."""
     report = PatchReport()
@@ -161,13 +172,7 @@ def patch(model: base_nn.Module) -> PatchReport:
             report.replaced.append((path, type(module).__name__, f"hlh_mlx.nn.{type(new).__name__}"))
             walk(new, path)  # a SwiGLU's projections are layers of their own
             if isinstance(new, blocks.DecoderBlock):
-                why = new.why_not_fully_fused()
-                if why is None:
-                    report.notes.append((path, FUSABLE))
-                elif moe.why_not(new["mlp"]) is None:
-                    report.notes.append((path, MOE_FUSABLE))
-                else:
-                    report.notes.append((path, f"decode step partly fused ({why})"))
+                report.notes.append((path, _fusion_note(new)))
             return
         if reason:
             report.kept.append((path, type(module).__name__, reason))

@@ -244,6 +244,8 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
         r, v = c.record, c.variant
         if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
             continue
+        if any(r["shape"].get(f) != call.shape[f] for f in op.flags):
+            continue  # a switch of the op (rope's TRAD, norm_qkv_rope's biases) is another op: its own timings
         ratio_bytes = op.bytes(call.shape, size) / max(op.bytes(r["shape"], size), 1)
         dims_apart = max(max(call.shape[k], r["shape"][k], 1) / max(min(call.shape[k], r["shape"][k]), 1)
                          for k in call.shape)

@@ -247,6 +247,23 @@ def _constant(values, dtype) -> tuple:
     return entry
 
 
+_zeros: dict = {}
+
+
+def zeros(n: int, dtype) -> mx.array:
+    """n zeros as a kernel input (an absent bias), made once per (n, dtype) in device memory
+    and cached: a model's every layer asks for the same ones. An op's random inputs make
+    their own (`mx.zeros`): see input_constant for why they must not share the runtime's."""
+    key = (n, dtype)
+    a = _zeros.get(key)
+    if a is None:
+        if len(_zeros) >= MAX_CONSTANTS:
+            _zeros.clear()
+        a = _zeros[key] = mx.zeros((n,), dtype, stream=maker_stream())
+        mx.eval(a)
+    return a
+
+
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:
     """Standard normal values (never zeros), cast to dtype."""
     return mx.array((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)

@@ -46,9 +46,10 @@ def test_rope_freqs_refuse_what_the_kernel_does_not_rotate():
     assert blocks.rope_freqs(yarn, 64) is None                           # scales its output too
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])  # Qwen2: q/k/v projections with biases
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2)])
-def test_llama_blocks_decode_through_the_four_fused_ops(dtype, tol):
-    model, _ = models.load("tiny-llama", bits=4, dtype=dtype)
+def test_llama_blocks_decode_through_the_four_fused_ops(name, dtype, tol):
+    model, _ = models.load(name, bits=4, dtype=dtype)
     before = _decode(model)
     report = patching.patch(model)
     layers = model.model.layers
@@ -62,6 +63,7 @@ def test_llama_blocks_decode_through_the_four_fused_ops(dtype, tol):
     # them: a refused call is never decided), at the model's shapes
     called = {op: shape for op, shape, _ in runtime.decided_calls()}
     assert called["norm_qkv_rope"]["K"] == 128 and called["norm_qkv_rope"]["D"] == 32
+    assert called["norm_qkv_rope"]["B"] == (name == "tiny-qwen2")
     assert called["qgemv_add"]["N"] == 128 and {called["qgemv_add"]["K"]} <= {128, 256}
     assert called["norm_qgemv_swiglu"]["N"] == 256
 
@@ -271,7 +273,7 @@ def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatc
     from .test_tuned import write
 
     t = next(t for t in templates.discover("norm_qkv_rope") if t.backend == "metal")
-    write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32}, "float32",
+    write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": 0}, "float32",
           variants.make(t, {"NSG": 2, "PW": 2}), ms=0.5, base_ms=1.0)
     tuned.refresh()
     model, _ = models.load("tiny-llama", bits=4, dtype="float32")

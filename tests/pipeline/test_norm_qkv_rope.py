@@ -26,8 +26,10 @@ OP = ops.get(NAME)
 DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SIMD = (ROOT / "templates" / NAME / "simd.metal.j2").read_text()
 # the emulator shapes: D=32 (GQA 2:1) and D=128 (one q head per k head)
-S32 = {"NQ": 64, "NK": 32, "K": 512, "G": 64, "D": 32}
-S128 = {"NQ": 128, "NK": 128, "K": 256, "G": 128, "D": 128}
+# the emulator shapes: D=32 (GQA 2:1), no biases (Llama); D=128 (one q head per k head) with
+# q/k/v biases (Qwen2)
+S32 = {"NQ": 64, "NK": 32, "K": 512, "G": 64, "D": 32, "B": 0}
+S128 = {"NQ": 128, "NK": 128, "K": 256, "G": 128, "D": 128, "B": 1}
 
 
 def template(backend):
@@ -50,11 +52,22 @@ def args_for(rng, nq, nk, k, d, dtype, group_size=64, bits=4, base=10000.0):
     return out + [rope_freqs(d, base)]
 
 
-def composed(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim, group_size=64, bits=4):
-    """What mlx-lm's Llama attention computes at decode, written out here, not taken from the op."""
+def biases_for(rng, nq, nk, dtype):
+    """q_bias, k_bias, v_bias as keywords (Qwen2's projections carry them)."""
+    dt = DT[dtype] if isinstance(dtype, str) else dtype
+    return {f"{n}_bias": mx.array(rng.standard_normal(m).astype(np.float32)).astype(dt)
+            for n, m in (("q", nq), ("k", nk), ("v", nk))}
+
+
+def composed(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head_dim, group_size=64, bits=4,
+             q_bias=None, k_bias=None, v_bias=None):
+    """What mlx-lm's Llama (no biases) or Qwen2 (biases) attention computes at decode, written
+    out here, not taken from the op."""
     h = mx.fast.rms_norm(x, norm_w, eps)
     q, k, v = (mx.quantized_matmul(h, w, s, b, transpose=True, group_size=group_size, bits=bits)
                for w, s, b in ((wq, sq, bq), (wk, sk, bk), (wv, sv, bv)))
+    if q_bias is not None:
+        q, k, v = q + q_bias, k + k_bias, v + v_bias
     q = mx.fast.rope(q.reshape(1, -1, 1, head_dim), head_dim, traditional=False, base=None, scale=1.0,
                      offset=offset, freqs=freqs).reshape(1, -1)
     k = mx.fast.rope(k.reshape(1, -1, 1, head_dim), head_dim, traditional=False, base=None, scale=1.0,
@@ -62,10 +75,12 @@ def composed(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, 
     return q, k, v
 
 
-def kernel_inputs(a, offset):
+def kernel_inputs(a, offset, biases=None):
     """The op's inputs (what the reference and a kernel take) from the function's arguments."""
     x, norm_w, eps, *w, freqs = a
-    return [x, norm_w, mx.array([eps], dtype=mx.float32), *w, freqs, mx.array([offset], dtype=mx.int32)]
+    b = biases or {f"{n}_bias": mx.zeros((m.shape[0],), x.dtype) for n, m in zip("qkv", w[::3])}
+    return [x, norm_w, mx.array([eps], dtype=mx.float32), *w, freqs, mx.array([offset], dtype=mx.int32),
+            b["q_bias"], b["k_bias"], b["v_bias"]]
 
 
 
@@ -75,14 +90,18 @@ pytestmark = pytest.mark.usefixtures("tuned_fresh")
 
 # ---- the op: reference, built-in, semantics ----
 
-def test_the_function_is_the_builtin_composition(rng):
+@pytest.mark.parametrize("with_biases", [False, True], ids=["llama", "qwen2"])
+def test_the_function_is_the_builtin_composition(rng, with_biases):
     a = args_for(rng, 128, 64, 256, 64, "float16")
+    b = biases_for(rng, 128, 64, "float16") if with_biases else {}
     for offset in (7, mx.array([7], dtype=mx.int32)):  # an int, or an array as mx.fast.rope takes
-        got = norm_qkv_rope(*a, offset, 64)
-        want = composed(*a, offset, 64)
+        got = norm_qkv_rope(*a, offset, 64, **b)
+        want = composed(*a, offset, 64, **b)
         assert isinstance(got, tuple) and len(got) == 3
         for g, w in zip(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item()
+    if with_biases:  # they are added: without them the answer differs
+        assert not mx.array_equal(norm_qkv_rope(*a, 7, 64)[2], got[2]).item()
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -90,9 +109,10 @@ def test_the_function_is_the_builtin_composition(rng):
 def test_the_reference_agrees_with_the_builtin_composition(rng, d, dtype):
     nq, nk, k = 4 * d, 2 * d, 512
     a = args_for(rng, nq, nk, k, d, dtype)
-    inputs = kernel_inputs(a, 1234)
+    b = biases_for(rng, nq, nk, dtype) if d == 128 else None  # with and without biases
+    inputs = kernel_inputs(a, 1234, b)
     ref = OP.reference(*inputs)
-    got = composed(*a, 1234, d)
+    got = composed(*a, 1234, d, **(b or {}))
     assert [r.shape for r in ref] == [(1, nq), (1, nk), (1, nk)] and all(r.dtype == DT[dtype] for r in ref)
     # float32: the same float32 math in another order. Half: MLX's CPU quantized_matmul sums in
     # the half type (qgemv's own built-in is 2.8e-3 / 2.6e-2 off its float32 reference here), so
@@ -101,7 +121,7 @@ def test_the_reference_agrees_with_the_builtin_composition(rng, d, dtype):
     for i, (g, r) in enumerate(zip(got, ref)):
         assert rel_error(g, r) < bound, (i, rel_error(g, r))
     # the offset matters: at offset 0 q and k are not rotated, at 1234 they are
-    assert rel_error(OP.reference(*kernel_inputs(a, 0))[0], ref[0]) > 0.3
+    assert rel_error(OP.reference(*kernel_inputs(a, 0, b))[0], ref[0]) > 0.3
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -136,14 +156,15 @@ def test_a_tuned_variant_serves_every_offset_from_one_plan(store_dir, rng, dtype
     write(store_dir, NAME, shape, dtype, v, ms=0.5, base_ms=1.0)
     g, d = shape["G"], shape["D"]
     a = args_for(rng, shape["NQ"], shape["NK"], shape["K"], d, dtype, group_size=g)
-    assert f"variant {v.id}" in tuned.explain(NAME, *a, offset=5, head_dim=d, group_size=g)
+    b = biases_for(rng, shape["NQ"], shape["NK"], dtype) if shape["B"] else {}
+    assert f"variant {v.id}" in tuned.explain(NAME, *a, offset=5, head_dim=d, group_size=g, **b)
     results = {}
     for offset in (5, 301):  # the offset travels as data: both calls run the same plan
-        got = tuned.norm_qkv_rope(*a, offset=offset, head_dim=d, group_size=g)
+        got = tuned.norm_qkv_rope(*a, offset=offset, head_dim=d, group_size=g, **b)
         assert isinstance(got, tuple) and len(got) == 3
         assert [t.shape for t in got] == [(1, shape["NQ"]), (1, shape["NK"]), (1, shape["NK"])]
         assert all(t.dtype == DT[dtype] for t in got)
-        inputs = kernel_inputs(a, offset)
+        inputs = kernel_inputs(a, offset, b or None)
         ok, err, _, why = check.compare(list(got), OP.reference(*inputs), OP.tolerance[dtype], OP.magnitude(*inputs))
         assert ok, (offset, why)
         results[offset] = got
@@ -153,7 +174,7 @@ def test_a_tuned_variant_serves_every_offset_from_one_plan(store_dir, rng, dtype
     assert rel_error(results[5][0], results[301][0]) > 0.1
     assert mx.array_equal(results[5][2], results[301][2]).item()
     # an offset array (as mx.fast.rope takes one) runs the kernel too, the value read on the device
-    arr = tuned.norm_qkv_rope(*a, mx.array([301], dtype=mx.int32), d, group_size=g)
+    arr = tuned.norm_qkv_rope(*a, mx.array([301], dtype=mx.int32), d, group_size=g, **b)
     for x, y in zip(arr, results[301]):
         assert mx.array_equal(x, y).item()
     assert tuned.fallbacks() == {}
@@ -229,6 +250,11 @@ def test_arguments_the_kernels_do_not_serve_are_refused_with_the_reason(store_di
     assert "one offset" in why(*a, offset=mx.array([3, 4], dtype=mx.int32))
     assert "exact float32 range" in why(*a, offset=2 ** 24)
     assert "has no tuned kernels" in why(x.astype(mx.int32), *a[1:])
+    b = biases_for(rng, 64, 32, "float32")
+    assert "k_bias must be (32,) in x's dtype" in why(*a, **{**b, "k_bias": b["k_bias"][:16]})
+    assert "v_bias must be (32,) in x's dtype" in why(*a, **{**b, "v_bias": b["v_bias"].astype(mx.float16)})
+    # biases make another call (B=1): no variant is stored for it here, the built-in serves it
+    assert "no stored norm_qkv_rope variant" in why(*a, **b)
     assert len(tuned.fallbacks()) == 2 and all(c == 1 for c in tuned.fallbacks().values())
 
 
@@ -252,6 +278,8 @@ BROKEN = {
     "norm weight left out": ("* inv * float(norm_w[e])", "* inv"),
     "k rows read from wq": ("(which == 1 ? wk[oa + p]", "(which == 1 ? wq[oa + p]"),
     "last v row never written": ("if (unit >= NP + NK) return;", "if (unit + 1 >= NP + NK) return;"),
+    "k rotated with q's bias": ("float(which == 0 ? q_bias[rb] : k_bias[rb])", "float(q_bias[rb])"),
+    "v's bias left out": ("v[ra] = QB ? T(float(T(aa)) + float(v_bias[ra])) : T(aa);", "v[ra] = T(aa);"),
 }
 
 
@@ -278,7 +306,7 @@ def test_the_cuda_space_is_small_and_its_expected_winner_serves_llama3_8b():
     assert 20 <= len(space) <= 130, len(space)  # 60 plans, each with either sin/cos (TRIG)
     win = variants.make(t, expected_winner())
     for g in (64, 128):
-        assert win.supports({"NQ": 4096, "NK": 1024, "K": 4096, "G": g, "D": 128}, "float16")
+        assert win.supports({"NQ": 4096, "NK": 1024, "K": 4096, "G": g, "D": 128, "B": 0}, "float16")
     assert sum(v.supports(OP.shapes[0], "float16") for v in space) >= 20
 
 
