@@ -23,6 +23,7 @@
 #   bash benchmarks/device_fused.sh final    # MoE ops re-swept, validate, scores' memory, user path, 33 calls
 #   bash benchmarks/device_fused.sh bias     # norm_qkv_rope with q/k/v biases swept, Qwen1.5-MoE validated
 #   bash benchmarks/device_fused.sh bias2    # Llama-3-8B and Qwen2-7B validated after it
+#   bash benchmarks/device_fused.sh forced   # the three families validated with the teacher-forced logit check
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -292,5 +293,12 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
       $(picks KS=1,RPT=1,TEAMS=4,U=2,XS=4096,TRIG=32 KS=1,RPT=2,TEAMS=4,U=4,XS=0,TRIG=32)
     run_validate 220 validate_qwen2-7b-4bit_bias.json qwen2-7b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2" >&2; exit 2 ;;
+  forced)  # validate now also feeds both sides the unpatched tokens and compares logits (a parting of
+    # greedy tokens told apart as a near tie or a wrong kernel): the three families again; ~8 min
+    with_lm
+    run_validate 200 validate_qwen2-7b-4bit_forced.json qwen2-7b --bits 4 --tokens 64 --repeats 3
+    run_validate 200 validate_qwen1.5-moe-4bit_forced.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
+    run_validate 180 validate_llama-3-8b-4bit_forced.json llama-3-8b --bits 4 --tokens 64 --repeats 3
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced" >&2; exit 2 ;;
 esac

@@ -696,10 +696,13 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
     """Generate with MODEL unpatched, then patched (hlh_mlx.patch): same prompt, greedy.
 
     Prints prefill and decode tokens per second of both sides, uncompiled and compiled,
-    with the device and date, and writes them as JSON. Exits 1 when the tokens differ,
-    naming the first position where they do, unless the unpatched model's own repeats
-    part from each other there or earlier (a GPU whose ops are not deterministic): then
-    the patched model followed it as far as it follows itself, and the summary says so."""
+    with the device and date, and writes them as JSON. Both sides are also fed the
+    unpatched model's tokens and their logits compared at every position (teacher-forced).
+    Exits 1 when those logits differ by more than rounding does, or when the greedy tokens
+    differ (naming the first position where they do, and whether the logits there were a
+    near tie) unless the unpatched model's own repeats part from each other there or
+    earlier (a GPU whose ops are not deterministic): then the patched model followed it as
+    far as it follows itself, and the summary says so."""
     import json
     from pathlib import Path
 
@@ -716,7 +719,12 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
     out.write_text(json.dumps(result, indent=1))
     click.echo(f"written: {out}")
     if not result["ok"]:
-        bad = [f"{m} at position {e['first_divergence']}" for m, e in result["modes"].items()
+        bad = [f"{m}: tokens part at position {e['first_divergence']}"
+               + (" (fed the same tokens, the logits agree within rounding: a near tie)" if e["near_ties_only"] else "")
+               for m, e in result["modes"].items()
                if not (e["tokens_identical"] or e.get("within_reference_variation"))]
-        click.echo(f"error: patched tokens differ from unpatched ({'; '.join(bad)})", err=True)
+        bad += [f"{m}: teacher-forced logits differ by {100 * e['teacher_forced']['max_relative_delta']:.3g}% "
+                f"of their largest (tolerance {100 * e['teacher_forced']['tolerance']:.3g}%)"
+                for m, e in result["modes"].items() if not e["teacher_forced"]["ok"]]
+        click.echo(f"error: the patched model differs from the unpatched one ({'; '.join(bad)})", err=True)
         sys.exit(1)

@@ -5,6 +5,7 @@ own calls recorded and swept, resumable) and checkpoint loading."""
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
@@ -50,7 +51,25 @@ def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["validate", "tiny-llama", *FAST, "--mode", "uncompiled", "--json",
                                   str(tmp_path / "v.json")])
     assert r.exit_code == 1
-    assert "DIVERGE at position 0" in r.output and "differ from unpatched (uncompiled at position 0)" in r.output
+    assert "DIVERGE at position 0" in r.output and "uncompiled: tokens part at position 0;" in r.output
+    # fed the same tokens, the logits say it is no near tie: the negated norm flips their sign
+    assert "uncompiled: teacher-forced logits differ by 200% of their largest (tolerance 5%)" in r.output
+    assert "OUTSIDE the tolerance" in r.output and "near tie" not in r.output
+
+
+def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((5, 50)).astype(np.float32) * 10
+    ref[3, :2] = [30.0, 30.001]  # position 3: a near tie between tokens 0 and 1
+    rounded = ref + rng.uniform(-0.01, 0.01, ref.shape).astype(np.float32)
+    rounded[3, :2] = [30.004, 29.999]  # the rounding flips the tie
+    near = validate_mod.compare_logits(ref, rounded, 1e-3)
+    assert near["ok"] and [f["position"] for f in near["argmax_flips"]] == [3]
+    assert near["argmax_flips"][0]["gap"] == pytest.approx(0.001, abs=1e-4)
+    assert near["max_relative_delta"] < 1e-3
+    wrong = validate_mod.compare_logits(ref, ref[:, ::-1].copy(), 1e-3)  # another computation
+    assert not wrong["ok"] and wrong["max_relative_delta"] > 0.1
+    assert validate_mod.compare_logits(ref, ref, 0.0)["ok"]  # identical: within any tolerance
 
 
 def test_patch_keeps_parameter_names_and_reports_expert_mlps():
