@@ -309,7 +309,8 @@ class DecoderBlock(nn.Module):
         # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
         # and dtypes only)
         lead = x.shape[:-1]
-        o1 = mx.zeros((1, self["self_attn"].n_heads, 1, self._head_dim()), x.dtype)  # attention's output
+        heads = self["self_attn"].n_heads  # attention's output: o_proj's inputs as (1, heads, 1, head_dim)
+        o1 = mx.zeros((1, heads, 1, o["weight"].shape[1] * 32 // o.bits // heads), x.dtype)
         h1 = mx.zeros(lead + (dn["weight"].shape[0],), x.dtype)
         y1 = mx.zeros(lead + (dn["weight"].shape[1] * 8,), x.dtype)
         # every call asked (no short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it

@@ -24,7 +24,8 @@ def arr(rng, *shape, scale=1.0):
 @pytest.fixture(autouse=True)
 def tuned_on_emulator(store_dir, monkeypatch):
     monkeypatch.setenv("HLH_MLX_STRICT", "1")  # a fallback anywhere below is a failure
-    write(store_dir, "rope", {"R": 4, "T": 16, "D": 64, "TRAD": 0}, "float32", variant("rope", "pairs"), 0.5, 1.0)
+    for trad in (0, 1):  # a layout is a switch of the op: each has its own records
+        write(store_dir, "rope", {"R": 4, "T": 16, "D": 64, "TRAD": trad}, "float32", variant("rope", "pairs"), 0.5, 1.0)
     write(store_dir, "gemv", {"M": 1, "N": 64, "K": 512}, "float32", variant("gemv", "simd"), 0.5, 1.0)
     write(store_dir, "qgemv", {"N": 64, "K": 512, "G": 64}, "float32", variant("qgemv", "simd"), 0.5, 1.0)
     write(store_dir, "decode_attention", {"HQ": 8, "HKV": 2, "L": 100, "D": 64}, "float32",
@@ -49,6 +50,18 @@ def test_rope_layer_matches_mlx_with_offsets(rng, traditional):
     for offset in (0, 5):
         close(mine(x, offset=offset), ref(x, offset=offset), 5e-5)
     assert "variant" in tuned.explain("rope", x, 64, traditional=traditional, base=10000.0, scale=1.0, offset=5)
+
+
+def test_a_rope_layout_is_never_served_by_the_other_layouts_record(store_dir, rng):
+    """The selection crosses sizes (within 2x) but never an op's switch: a variant timed
+    at the non-traditional layout says nothing of the traditional one's speed, nor of
+    its built-in's."""
+    write(store_dir, "rope", {"R": 4, "T": 16, "D": 64, "TRAD": 0}, "float16", variant("rope", "pairs"), 0.5, 1.0)
+    tuned.refresh()
+    x = arr(rng, 1, 4, 9, 64).astype(mx.float16)
+    assert "variant" in tuned.explain("rope", x, 64, traditional=False, base=10000.0, scale=1.0, offset=5)
+    assert tuned.explain("rope", x, 64, traditional=True, base=10000.0, scale=1.0, offset=5).startswith(
+        "built-in: no stored rope variant")
 
 
 def test_linear_layer_uses_gemv_for_a_token_and_loads_mlx_weights(rng):
