@@ -24,6 +24,7 @@
 #   bash benchmarks/device_fused.sh bias     # norm_qkv_rope with q/k/v biases swept, Qwen1.5-MoE validated
 #   bash benchmarks/device_fused.sh bias2    # Llama-3-8B and Qwen2-7B validated after it
 #   bash benchmarks/device_fused.sh forced   # the three families validated with the teacher-forced logit check
+#   bash benchmarks/device_fused.sh freshtune # tune Llama-3-8B from an empty store, timed, then validate it
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -300,5 +301,17 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     run_validate 200 validate_qwen1.5-moe-4bit_forced.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     run_validate 180 validate_llama-3-8b-4bit_forced.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced" >&2; exit 2 ;;
+  freshtune)  # a fresh device: an empty store, `hlh_mlx tune llama-3-8b` timed from the command to a
+    # tuned model, then validated with what that tune stored (and nothing else); ~9 min
+    with_lm
+    fresh=/tmp/hlh-fresh; rm -rf "$fresh"; mkdir -p "$fresh"
+    export HLH_MLX_VARIANTS="$fresh"
+    start=$(date +%s)
+    timeout 450 python -m hlh_mlx tune llama-3-8b --bits 4 --budget 8 --timeout 60 > "$res/tune_llama_fresh.txt" 2>&1
+    echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_llama_fresh.txt"
+    grep -v "Warning\|_choices" "$res/tune_llama_fresh.txt" | tail -30
+    mkdir -p "$res/fresh-store"; cp -r "$fresh"/. "$res/fresh-store/"; pack
+    run_validate 150 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 2
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune" >&2; exit 2 ;;
 esac
