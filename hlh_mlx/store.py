@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from . import paths
+from . import config, paths
 
 SCHEMA = 1
 
@@ -267,7 +267,7 @@ def load(device_slug: str, op: str) -> list[dict]:
     `source`: `local` (this store), `shipped` (results that came with an installed
     hlh_mlx), or `hub:OWNER/NAME@REV` (a pulled pack)."""
     records = []
-    shipped = paths.shipped_results()
+    shipped = paths.shipped_results() if config.get("HLH_MLX_SHIPPED") else None
     local = paths.results_dir()
     if shipped is not None and shipped.resolve() != local.resolve():
         for r in read(path_for(device_slug, op, shipped)):

@@ -142,3 +142,19 @@ def test_pull_during_a_sweep_loses_none_of_its_records(tmp_path, fake_hub, pushe
     assert sweep.wait() == 0, sweep.stderr.read()
     mine = [r for r in store.read(b / "emulator" / "softmax.jsonl") if r["source"] == "local"]
     assert len(mine) == 40 and len({r["variant_id"] for r in mine}) == 40
+
+
+def test_the_shipped_results_can_be_left_out_as_on_a_fresh_device(store_dir, monkeypatch):
+    """The checkout's variants/ are the results shipped with hlh_mlx: read beside the store's
+    own (labelled), unless HLH_MLX_SHIPPED=0 (what a device with none would see)."""
+    from hlh_mlx import config
+    shipped = store.load("nvidia-h200", "qgemv")
+    assert shipped and {r["source"] for r in shipped} == {"shipped"}
+    monkeypatch.setenv("HLH_MLX_SHIPPED", "0")
+    config.reset()
+    try:
+        assert store.load("nvidia-h200", "qgemv") == []
+    finally:
+        monkeypatch.delenv("HLH_MLX_SHIPPED")
+        config.reset()
+    assert store.load("nvidia-h200", "qgemv") == shipped
