@@ -129,7 +129,9 @@ class OpSpec:
     dynamic: dict = field(default_factory=dict)
     bound: str = "memory"  # which roofline applies: "memory" or "compute"
     magnitude: Callable | None = None
-    flags: tuple[str, ...] = ()  # dims that are 0/1 switches of the op (rope's TRAD), not sizes
+    # dims that are 0/1 switches of the op (rope's TRAD, norm_qkv_rope's B), not sizes: selection
+    # never serves one setting from the other's records (the built-in differs too)
+    flags: tuple[str, ...] = ()
 
     def baseline(self, *inputs):
         return (self.builtin or self.reference)(*inputs)
