@@ -462,11 +462,12 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
                        err=True)
             mine = [r for r in mine if r not in stale]
         keys = sorted({(r["backend"], r["shape_str"], r["dtype"]) for r in mine})
+        unreadable = {}
         for be_, sstr, dtype in keys:
             try:
                 shape = spec.parse_shape(sstr)
             except ValueError as e:
-                click.echo(f"warning: skipping results of shape {sstr!r} from {src}: {e}", err=True)
+                unreadable.setdefault(str(e).split("] ", 1)[-1].split(": ", 1)[-1], []).append(sstr)
                 continue
             if (wanted and shape not in wanted) or (dtypes and dtype not in dtypes):
                 continue
@@ -475,6 +476,9 @@ def show(op, device, backend, shape_texts, dtypes, source, fmt):
                 row["source"] = src
             click.echo(rank.render(rows, fmt, f"{spec.name} {sstr} {dtype} on {slug} [{be_}] source {src}",
                                    rank.columns_for(rows)))
+        for why, shapes in unreadable.items():  # e.g. records from before the op gained a dimension
+            click.echo(f"note: results from {src} at {len(shapes)} shape(s) not shown ({', '.join(sorted(set(shapes))[:3])}"
+                       f"{' ...' if len(set(shapes)) > 3 else ''}): {why}", err=True)
 
 
 @main.command()

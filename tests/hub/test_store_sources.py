@@ -158,3 +158,16 @@ def test_the_shipped_results_can_be_left_out_as_on_a_fresh_device(store_dir, mon
         monkeypatch.delenv("HLH_MLX_SHIPPED")
         config.reset()
     assert store.load("nvidia-h200", "qgemv") == shipped
+
+
+def test_show_says_which_results_it_cannot_read_at_an_older_op_layout(store_dir):
+    """Records from before an op gained a dimension (norm_qkv_rope's B) are left out with one
+    note that names their shapes and the op's dims, and the rest is shown."""
+    v = variant("softmax", "rows")
+    write(store_dir, "softmax", SHAPE, "float32", v, 0.7, 1.0)
+    write(store_dir, "softmax", {"R": 8, "C": 512, "X": 3}, "float32", v, 0.7, 1.0)  # an older layout: 8x512x3
+    r = CliRunner().invoke(main, ["show", "softmax", "--device", "emulator", "--backend", "emulator"])
+    assert r.exit_code == 0 and "Traceback" not in r.output + r.stderr
+    assert "note: results from local at 1 shape(s) not shown (8x512x3): shape '8x512x3' needs 2 sizes (RxC)" \
+        in r.stderr, r.stderr
+    assert v.id in r.stdout and "8x512 float32" in r.stdout
