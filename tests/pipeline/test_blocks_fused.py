@@ -264,19 +264,26 @@ def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
     np.testing.assert_allclose(np.asarray(out), np.asarray(b._out(x, o)), rtol=1e-4, atol=1e-4)
 
 
-def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatch):
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatch, name):
     """With a variant serving norm_qkv_rope (its Metal template on the emulator), the pre half
     is that one call: the token goes in as (1, 1, dims) and q, k, v come out (1, heads, 1,
-    head_dim) from the kernel, no view nodes around it, with the unfused half's values."""
+    head_dim) from the kernel, no view nodes around it, with the unfused half's values
+    (Qwen2's: the kernel adds the q/k/v projections' biases)."""
     from hlh_mlx import runtime, templates, variants
 
     from .test_tuned import write
 
     t = next(t for t in templates.discover("norm_qkv_rope") if t.backend == "metal")
-    write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": 0}, "float32",
+    biased = int(name == "tiny-qwen2")
+    write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": biased}, "float32",
           variants.make(t, {"NSG": 2, "PW": 2}), ms=0.5, base_ms=1.0)
     tuned.refresh()
-    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    model, _ = models.load(name, bits=4, dtype="float32")
+    if biased:  # large enough that a kernel dropping one is far outside the tolerance below
+        for p in ("q_proj", "k_proj", "v_proj"):
+            proj = model.model.layers[0].self_attn[p]
+            proj.bias = mx.random.normal(proj.bias.shape, key=mx.random.key(7))
     patching.patch(model)
     b = model.model.layers[0]
     x = mx.random.normal((1, 1, 128), key=mx.random.key(3))
@@ -289,7 +296,7 @@ def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatc
     tuned.refresh()
     from hlh_mlx.ops.rope import _offset_array
     got = b._qkv_fused(x, _offset_array(9))
-    assert len(bound) == 1 and bound[0].inputs[0] is x
+    assert len(bound) == 1 and bound[0].inputs[0] is x and bound[0].shape["B"] == biased
     assert [o.shape for o in got] == [(1, 4, 1, 32), (1, 2, 1, 32), (1, 2, 1, 32)] and tuned.fallbacks() == {}
     for g, w in zip(got, b._qkv(x, 9)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
