@@ -703,8 +703,8 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
     with the device and date, and writes them as JSON. Both sides are also fed the
     unpatched model's tokens and their logits compared at every position (teacher-forced).
     Exits 1 when those logits differ by more than rounding does, or when the greedy tokens
-    differ (naming the first position where they do, and whether the logits there were a
-    near tie) unless the unpatched model's own repeats part from each other there or
+    differ (naming the first position where they do, and whether fed the same tokens the
+    sides part there: a near tie, or not at all) unless the unpatched model's own repeats part from each other there or
     earlier (a GPU whose ops are not deterministic): then the patched model followed it as
     far as it follows itself, and the summary says so."""
     import json
@@ -724,7 +724,7 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
     click.echo(f"written: {out}")
     if not result["ok"]:
         bad = [f"{m}: tokens part at position {e['first_divergence']}"
-               + (" (fed the same tokens, the logits agree within rounding: a near tie)" if e["near_ties_only"] else "")
+               + (f" ({validate_mod.PARTING_NOTE[e['parting']]})" if e.get("parting") else "")
                for m, e in result["modes"].items()
                if not (e["tokens_identical"] or e.get("within_reference_variation"))]
         bad += [f"{m}: teacher-forced logits differ by {100 * e['teacher_forced']['max_relative_delta']:.3g}% "

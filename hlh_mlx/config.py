@@ -33,7 +33,8 @@ KNOBS = {k.name: k for k in (
          "sweeps also time independent calls (throughput, labelled; never used to rank)"),
     Knob("HLH_MLX_VARIANTS", None, str, "results folder (default: the checkout's variants/, else the user data dir)"),
     Knob("HLH_MLX_SHIPPED", True, _flag,
-         "read the results shipped with hlh_mlx beside the store's own (0: the store's alone, as on a fresh device)"),
+         "read the results shipped with hlh_mlx beside the store's own (0: the store's alone, as on a fresh "
+         "device; in a checkout, whose variants/ is both, set HLH_MLX_VARIANTS elsewhere too)"),
     Knob("HLH_MLX_TEMPLATES", None, str, "extra template folders, os.pathsep-separated"),
     Knob("HLH_MLX_SANITIZE", None, _flag, "emulator: check races, out-of-bounds, uninitialized reads (sweep/check: on)"),
     Knob("HLH_MLX_CACHE", None, str, "compiled emulator kernels (default ~/.cache/hlh_mlx)"),

@@ -154,10 +154,14 @@ def _fusion_note(block) -> str:
     why = block.why_not_fully_fused()
     if why is None:
         return FUSABLE
-    pre = block.why_not_fused_pre()
+    pre, post = block.why_not_fused_pre(), block.why_not_fused_post()
     if moe.why_not(block["mlp"]) is None:
         return MOE_FUSABLE + ("; the attention input (norm_qkv_rope) too" if pre is None else f"; not the attention input ({pre})")
-    return f"decode step partly fused ({why})"
+    if pre is None:
+        return f"decode step partly fused (the attention input fuses; not the MLP half: {post})"
+    if post is None:
+        return f"decode step partly fused (the MLP half fuses; not the attention input: {pre})"
+    return f"decode step partly fused ({pre if pre == post else f'attention input: {pre}; MLP half: {post}'})"
 
 
 def patch(model: base_nn.Module) -> PatchReport:

@@ -238,14 +238,17 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
     if isinstance(call, str):
         return Choice(None, None, call)
     op = ops.get(op_name)
-    best, too_far = None, []
+    best, too_far, other_switch = None, [], []
     size = DTYPES[call.dtype].size
     for c in candidates(op.name, device, backend):
         r, v = c.record, c.variant
         if r["dtype"] != call.dtype or not v.supports(call.shape, call.dtype):
             continue
         if any(r["shape"].get(f) != call.shape[f] for f in op.flags):
-            continue  # a switch of the op (rope's TRAD, norm_qkv_rope's biases) is another op: its own timings
+            # a switch of the op (rope's TRAD, norm_qkv_rope's B, moe_route's ORDER and NORM)
+            # is another computation with another built-in: its own timings only
+            other_switch.append(r["shape_str"])
+            continue
         ratio_bytes = op.bytes(call.shape, size) / max(op.bytes(r["shape"], size), 1)
         dims_apart = max(max(call.shape[k], r["shape"][k], 1) / max(min(call.shape[k], r["shape"][k]), 1)
                          for k in call.shape)
@@ -262,6 +265,11 @@ def choose(op_name: str, call, device: str, backend: str, untrusted_note=None) -
                             if not hub.is_trusted(r.get("source", "local"))})
         note = (f" ({len(untrusted)} untrusted pack(s) ignored: {', '.join(untrusted)}; see `hlh_mlx trust`)"
                 if untrusted else "")
+        if other_switch:
+            flags = ", ".join(f"{f}={call.shape[f]}" for f in op.flags)
+            note += (f" (tuned only with other settings of {', '.join(op.flags)}, at "
+                     f"{', '.join(sorted(set(other_switch))[:3])}{' ...' if len(set(other_switch)) > 3 else ''}: "
+                     f"sweep --shape {op.shape_str(call.shape)} to tune this call's {flags})")
         if too_far:
             note += (f" (tuned only at {', '.join(sorted(set(too_far)))}: more than {MAX_EXTRAPOLATION}x "
                      f"away in bytes moved or {MAX_DIM_RATIO}x in a dimension; sweep --shape "

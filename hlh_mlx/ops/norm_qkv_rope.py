@@ -217,8 +217,9 @@ def _rows(s):
 
 def _bytes(s, size):
     n, k, g = _rows(s), s["K"], s["G"]
-    # packed weights, scales and biases; x and norm_w; the projections' biases and q, k, v; freqs
-    return n * k // 2 + 2 * n * k // g * size + 2 * k * size + 2 * n * size + s["D"] // 2 * 4
+    # packed weights, scales and biases; x and norm_w; q, k, v (and, at B=1, the projections'
+    # biases: at B=0 they are never read); freqs
+    return n * k // 2 + 2 * n * k // g * size + 2 * k * size + (1 + s["B"]) * n * size + s["D"] // 2 * 4
 
 
 OP = OpSpec(

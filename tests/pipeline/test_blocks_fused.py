@@ -80,7 +80,7 @@ def test_the_fused_step_follows_the_offset_through_one_trace():
 
 
 @pytest.mark.parametrize("name,reason", [
-    ("tiny-qwen3", "queries and keys have norms of their own"),
+    ("tiny-qwen3", "the MLP half fuses; not the attention input: queries and keys have norms of their own"),
     ("tiny-qwen2-moe", "routing and routed experts fusable (moe_route, moe_qgemv_swiglu and moe_qgemv_combine"),
 ])
 def test_other_blocks_say_why_they_are_partly_fused(name, reason):
@@ -101,7 +101,8 @@ def test_mixed_quantization_is_partly_fused_with_the_reason():
     block.mlp.down_proj = nn.QuantizedLinear.from_linear(_linear(w), group_size=128, bits=4)
     before = _decode(model)
     report = patching.patch(model)
-    assert "projections quantized in different formats" in report.notes[0][1], report
+    assert "the attention input fuses; not the MLP half: projections quantized in different formats" \
+        in report.notes[0][1], report
     assert report.notes[1][1] == patching.FUSABLE, report
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
 

@@ -60,8 +60,10 @@ def test_a_rope_layout_is_never_served_by_the_other_layouts_record(store_dir, rn
     tuned.refresh()
     x = arr(rng, 1, 4, 9, 64).astype(mx.float16)
     assert "variant" in tuned.explain("rope", x, 64, traditional=False, base=10000.0, scale=1.0, offset=5)
-    assert tuned.explain("rope", x, 64, traditional=True, base=10000.0, scale=1.0, offset=5).startswith(
-        "built-in: no stored rope variant")
+    why = tuned.explain("rope", x, 64, traditional=True, base=10000.0, scale=1.0, offset=5)
+    assert why.startswith("built-in: no stored rope variant")
+    assert "tuned only with other settings of TRAD, at 4x16x64x0: sweep --shape 4x9x64x1 to tune this call's TRAD=1" \
+        in why, why
 
 
 def test_linear_layer_uses_gemv_for_a_token_and_loads_mlx_weights(rng):

@@ -51,10 +51,12 @@ def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["validate", "tiny-llama", *FAST, "--mode", "uncompiled", "--json",
                                   str(tmp_path / "v.json")])
     assert r.exit_code == 1
-    assert "DIVERGE at position 0" in r.output and "uncompiled: tokens part at position 0;" in r.output
+    assert "DIVERGE at position 0" in r.output and "uncompiled: tokens part at position 0 (" in r.output
     # fed the same tokens, the logits say it is no near tie: the negated norm flips their sign
     assert "uncompiled: teacher-forced logits differ by 200% of their largest (tolerance 5%)" in r.output
-    assert "OUTSIDE the tolerance" in r.output and "near tie" not in r.output
+    assert "logits differ by up to 200% of their largest (tolerance 5%: OUTSIDE it)" in r.output
+    assert "at the parting (0): fed the same tokens, the logits differ beyond rounding" in r.output
+    assert "near tie" not in r.output
 
 
 def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
@@ -70,6 +72,13 @@ def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
     wrong = validate_mod.compare_logits(ref, ref[:, ::-1].copy(), 1e-3)  # another computation
     assert not wrong["ok"] and wrong["max_relative_delta"] > 0.1
     assert validate_mod.compare_logits(ref, ref, 0.0)["ok"]  # identical: within any tolerance
+
+    # why greedy tokens parted at a position, from the comparison fed the same tokens
+    parting = validate_mod._parting
+    assert parting(None, near, {}, {}) is None
+    assert parting(3, near, {}, {}) == "near tie"            # the argmaxes flip right there
+    assert parting(2, near, {}, {}) == "not reproduced"      # fed the same tokens they agree there
+    assert parting(3, wrong, {}, {}) == "logits differ"      # beyond rounding: never called a tie
 
 
 def test_patch_keeps_parameter_names_and_reports_expert_mlps():

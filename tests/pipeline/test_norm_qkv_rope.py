@@ -255,6 +255,7 @@ def test_arguments_the_kernels_do_not_serve_are_refused_with_the_reason(store_di
     assert "v_bias must be (32,) in x's dtype" in why(*a, **{**b, "v_bias": b["v_bias"].astype(mx.float16)})
     # biases make another call (B=1): no variant is stored for it here, the built-in serves it
     assert "no stored norm_qkv_rope variant" in why(*a, **b)
+    assert "tuned only with other settings of B, at 64x32x512x64x32x0" in why(*a, **b)
     assert len(tuned.fallbacks()) == 2 and all(c == 1 for c in tuned.fallbacks().values())
 
 
