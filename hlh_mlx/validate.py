@@ -228,6 +228,7 @@ def _measure_both(model, report, prompt, max_tokens, repeats, mode, tolerance: f
         with side(name):
             forced[name] = forced_logits(model, prompt, out["unpatched"]["tokens"])
     out["teacher_forced"] = compare_logits(forced["unpatched"], forced["patched"], tolerance)
+    out["_forced_unpatched"] = forced["unpatched"]  # for rounding_reference; not written out
     return out
 
 
@@ -262,6 +263,11 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     from .ops.spec import dtype_name
     tolerance = LOGIT_TOLERANCE[dtype_name(patching._dtype_of(model))]
     both = {m: _measure_both(model, report, prompt, max_tokens, repeats, m, tolerance) for m in modes}
+    forced_unpatched = {m: both[m].pop("_forced_unpatched") for m in modes}
+    if len(modes) == 2 and all(both[m]["unpatched"]["tokens"] == both[modes[0]]["unpatched"]["tokens"] for m in modes):
+        # the scale of rounding in another order, from MLX alone: the unpatched model as it
+        # comes against its blocks compiled (compile fuses elementwise ops), fed the same tokens
+        result["rounding_reference"] = compare_logits(forced_unpatched[modes[0]], forced_unpatched[modes[1]], tolerance)
     unpatched = {m: both[m]["unpatched"] for m in modes}
     patched = {m: both[m]["patched"] for m in modes}
     result["fallbacks"] = {f"{op}: {why}": n - runtime_fallbacks_before.get((op, why), 0)
@@ -340,6 +346,10 @@ def summary(result: dict) -> str:
             lines.append(f"              decode at {100 * e['unpatched_decode_of_limit']:.0f}% -> "
                          f"{100 * e['patched_decode_of_limit']:.0f}% of the weight-read limit "
                          f"({result['decode_limit_tps']:.0f} tok/s)")
+    ref = result.get("rounding_reference")
+    if ref:
+        lines.append(f"  for scale: the unpatched model uncompiled against compiled, fed the same tokens, differs by up to "
+                     f"{100 * ref['max_relative_delta']:.3g}% (rounding in another order, MLX alone)")
     p = result["patch"]
     builtin = sum(1 for what in result["decisions"].values() if what.startswith("built-in"))
     lines.append(f"  patch: replaced {len(p['replaced'])}, kept {len(p['kept'])}; of {len(result['decisions'])} "

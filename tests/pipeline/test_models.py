@@ -37,6 +37,12 @@ def test_validate_each_family(name, tmp_path):
         assert mode["patched"]["decode_tps"] > 0 and mode["prefill_speedup"] > 0
     assert data["device"] and data["mlx"] == mx.__version__ and data["date"]
     assert data["patch"]["replaced"], "nothing was patched"
+    # fed the same tokens: the patched logits and, for scale, MLX's own compiled against uncompiled
+    for mode in data["modes"].values():
+        assert mode["teacher_forced"]["ok"] and mode["teacher_forced"]["max_relative_delta"] < 5e-2
+    ref = data["rounding_reference"]
+    assert ref["ok"] and 0 <= ref["max_relative_delta"] < 5e-2
+    assert "for scale: the unpatched model uncompiled against compiled" in r.output
 
 
 def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
