@@ -374,7 +374,6 @@ class DecoderBlock(nn.Module):
         return out(x, o)
 
 
-
 def _why_not_4bit(projs: list, biases: bool = False) -> str | None:
     """None when every projection is 4-bit affine in one of the fused kernels' group sizes,
     all in one format (and without a bias, unless `biases`), else why not."""
