@@ -301,3 +301,17 @@ def test_every_patched_run_is_held_to_the_unpatched_runs_not_only_the_first(monk
     result = validate_mod.validate("tiny-llama", bits=4, max_tokens=5, prompt_tokens=3, repeats=3, modes=("uncompiled",))
     e = result["modes"]["uncompiled"]
     assert not result["ok"] and e["first_divergence"] == 2 and e["reference_divergence"] is None
+
+
+def test_teacher_forcing_prefills_in_chunks_as_mlx_lm_does(monkeypatch):
+    """A prompt longer than one prefill step goes in chunk by chunk (as generate_step feeds
+    it) and every token of it reaches the cache: the logits equal those of one prefill."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    prompt, tokens = [5, 9, 2, 7, 7, 1, 3], [4, 8, 6]
+    whole = validate_mod.forced_logits(model, prompt, tokens)
+    monkeypatch.setattr(validate_mod, "PREFILL_STEP", 2)  # chunks of 2, 2, 2 for prompt[:-1]
+    chunked = validate_mod.forced_logits(model, prompt, tokens)
+    assert whole.shape == chunked.shape == (3, 211)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    dropped = validate_mod.forced_logits(model, prompt[1:], tokens)  # a prompt token short: not the same
+    assert np.max(np.abs(dropped - whole)) > 1e-3
