@@ -151,10 +151,9 @@ def _replacement(module):
 
 def _fusion_note(block) -> str:
     """What of a patched block's decode step can run as fused ops, and why the rest cannot."""
-    why = block.why_not_fully_fused()
-    if why is None:
-        return FUSABLE
     pre, post = block.why_not_fused_pre(), block.why_not_fused_post()
+    if pre is None and post is None:
+        return FUSABLE
     if moe.why_not(block["mlp"]) is None:
         return MOE_FUSABLE + ("; the attention input (norm_qkv_rope) too" if pre is None else f"; not the attention input ({pre})")
     if pre is None:

@@ -238,32 +238,30 @@ def _constant(values, dtype) -> tuple:
     # ints as ints (float() would merge 2**53 and 2**53 + 1), floats by their bits (-0.0 is
     # not 0.0, and every NaN is one key)
     key = (tuple(v if isinstance(v, int) else float(v).hex() for v in values), dtype)
-    entry = _constants.get(key)
-    if entry is None:
-        if len(_constants) >= MAX_CONSTANTS:
-            _constants.clear()  # traces and plans that captured one keep their own reference
+
+    def make():
         host = mx.array(list(values), dtype=dtype)
         base = mx.concatenate([host, mx.zeros((HOST_POOL_BYTES,), dtype)], stream=maker_stream())
-        entry = _constants[key] = (base, base[: host.size])
-        mx.eval(*entry)  # made here once, never a node of a caller's graph (or of a compiled trace)
-    return entry
-
-
-_zeros: dict = {}
+        return base, base[: host.size]
+    return _cached(key, make)
 
 
 def zeros(n: int, dtype) -> mx.array:
     """n zeros as a kernel input (an absent bias), made once per (n, dtype) in device memory
     and cached: a model's every layer asks for the same ones. An op's random inputs make
     their own (`mx.zeros`): see input_constant for why they must not share the runtime's."""
-    key = (n, dtype)
-    a = _zeros.get(key)
-    if a is None:
-        if len(_zeros) >= MAX_CONSTANTS:
-            _zeros.clear()
-        a = _zeros[key] = mx.zeros((n,), dtype, stream=maker_stream())
-        mx.eval(a)
-    return a
+    return _cached(("zeros", n, dtype), lambda: (mx.zeros((n,), dtype, stream=maker_stream()),))[0]
+
+
+def _cached(key, make) -> tuple:
+    """make()'s arrays, made, evaluated and kept on first use of `key`."""
+    entry = _constants.get(key)
+    if entry is None:
+        if len(_constants) >= MAX_CONSTANTS:
+            _constants.clear()  # traces and plans that captured one keep their own reference
+        entry = _constants[key] = make()
+        mx.eval(*entry)  # made here once, never a node of a caller's graph (or of a compiled trace)
+    return entry
 
 
 def random_array(rng: np.random.Generator, shape, dtype, scale=1.0) -> mx.array:

@@ -81,10 +81,10 @@ def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
 
     # why greedy tokens parted at a position, from the comparison fed the same tokens
     parting = validate_mod._parting
-    assert parting(None, near, {}, {}) is None
-    assert parting(3, near, {}, {}) == "near tie"            # the argmaxes flip right there
-    assert parting(2, near, {}, {}) == "not reproduced"      # fed the same tokens they agree there
-    assert parting(3, wrong, {}, {}) == "logits differ"      # beyond rounding: never called a tie
+    assert parting(None, near) is None
+    assert parting(3, near) == "near tie"            # the argmaxes flip right there
+    assert parting(2, near) == "not reproduced"      # fed the same tokens they agree there
+    assert parting(3, wrong) == "logits differ"      # beyond rounding: never called a tie
 
 
 def test_patch_keeps_parameter_names_and_reports_expert_mlps():
