@@ -24,7 +24,8 @@
 #   bash benchmarks/device_fused.sh bias     # norm_qkv_rope with q/k/v biases swept, Qwen1.5-MoE validated
 #   bash benchmarks/device_fused.sh bias2    # Llama-3-8B and Qwen2-7B validated after it
 #   bash benchmarks/device_fused.sh forced   # the three families validated with the teacher-forced logit check
-#   bash benchmarks/device_fused.sh freshtune # tune Llama-3-8B from an empty store, timed, then validate it
+#   bash benchmarks/device_fused.sh freshtune # tune Llama-3-8B from an empty store, timed (freshtune+:
+#     resume it in the next call; freshvalidate: validate what it stored)
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -52,11 +53,13 @@ with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-ml
   # transformers wheel), each call then under 64 MiB with the tree as the tool counts it (disk
   # blocks, not bytes); hf_xet and sentencepiece left out (no downloads, no tokenizer models
   # on the device); made here by
-  #   mkdir -p .device-mlx/lm1 .device-mlx/lm2; ln .device-mlx/lm/transformers-*.whl .device-mlx/lm2/
+  #   mkdir -p .device-mlx/lm1 .device-mlx/lm2 .device-mlx/lm3; ln .device-mlx/lm/transformers-*.whl .device-mlx/lm2/
+  #   ln .device-mlx/lm/{tokenizers,pydantic_core,pygments}-*.whl .device-mlx/lm3/ (carried alone: a call
+  #   holds the tree, MLX's half and lm1 only without them)
   #   for f in .device-mlx/lm/*.whl; do case "${f##*/}" in transformers-*|hf_xet-*|sentencepiece-*) ;;
   #     *) ln "$f" .device-mlx/lm1/;; esac; done
   export PYTHONPATH="/tmp/lm-site:$PYTHONPATH"
-  for d in .device-mlx/lm .device-mlx/lm1 .device-mlx/lm2; do
+  for d in .device-mlx/lm .device-mlx/lm1 .device-mlx/lm2 .device-mlx/lm3; do
     [ -d "$d" ] && [ ! -f "/tmp/lm-site/.from-${d##*/}" ] || continue
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/lm-site "$d"/*.whl >/dev/null \
       && touch "/tmp/lm-site/.from-${d##*/}"
@@ -301,17 +304,26 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     run_validate 200 validate_qwen1.5-moe-4bit_forced.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     run_validate 180 validate_llama-3-8b-4bit_forced.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  freshtune)  # a fresh device: an empty store, `hlh_mlx tune llama-3-8b` timed from the command to a
-    # tuned model, then validated with what that tune stored (and nothing else); ~9 min
+  freshtune|freshtune+)  # a fresh device: an empty store (freshtune; freshtune+ resumes it in the next
+    # call: the call limit is 10 min), `hlh_mlx tune llama-3-8b` timed from the command on; each
+    # call's seconds go to tune_llama_fresh.txt, whose sum is the time to a tuned model
     with_lm
-    fresh=/tmp/hlh-fresh; rm -rf "$fresh"; mkdir -p "$fresh"
+    fresh=/tmp/hlh-fresh
+    [ "$1" = freshtune ] && { rm -rf "$fresh"; : > "$res/tune_llama_fresh.txt"; }
+    mkdir -p "$fresh"
     export HLH_MLX_VARIANTS="$fresh" HLH_MLX_SHIPPED=0  # the checkout's variants/ count as shipped: left out
     start=$(date +%s)
-    timeout 450 python -m hlh_mlx tune llama-3-8b --bits 4 --budget 8 --timeout 60 > "$res/tune_llama_fresh.txt" 2>&1
+    echo "== $1 $(date -u +%FT%TZ)" >> "$res/tune_llama_fresh.txt"
+    timeout "${TUNE_SECONDS:-530}" python -m hlh_mlx tune llama-3-8b --bits 4 --budget 8 --timeout 60 \
+      >> "$res/tune_llama_fresh.txt" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_llama_fresh.txt"
     grep -v "Warning\|_choices" "$res/tune_llama_fresh.txt" | tail -30
-    mkdir -p "$res/fresh-store"; cp -r "$fresh"/. "$res/fresh-store/"; pack
-    run_validate 150 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 2
+    rm -rf "$res/fresh-store"; mkdir -p "$res/fresh-store"; cp -r "$fresh"/. "$res/fresh-store/"; pack
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune" >&2; exit 2 ;;
+  freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
+    with_lm
+    export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
+    run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
+    ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate" >&2; exit 2 ;;
 esac

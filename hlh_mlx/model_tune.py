@@ -65,18 +65,27 @@ def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: s
         with progress(len(shapes) * per_shape, label) if progress else nullcontext() as bar:
             records = sweep_mod.run(p, progress=(lambda *a: bar.update(1)) if bar else None)
         for s in shapes:
-            mine = [r for r in records if r.get("shape") == s and r.get("template") != "builtin"]
-            ok = sum(1 for r in mine if r.get("correct"))
-            out.swept.append((op, spec.shape_str(s), dtype, ok, len(mine) - ok))
+            out.swept.append((op, spec.shape_str(s), dtype, *tally(records, s)))
     record_calls(model, prompt_tokens)  # decided again, with what the sweeps stored
     out.decisions = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}
     return out
 
 
+def tally(records: list[dict], shape: dict) -> tuple[int, int]:
+    """(correct, failed) variants among a sweep's records at `shape`: each variant's latest
+    result (a crash run again has two), not the built-in, not the second timings of the
+    winner and the built-in that end a sweep (`repeat`: neither correct nor failed)."""
+    latest = {r.get("variant_id"): r for r in records
+              if r.get("shape") == shape and r.get("template") != "builtin" and not r.get("repeat")}
+    ok = sum(1 for r in latest.values() if r.get("correct"))
+    return ok, len(latest) - ok
+
+
 def summary(t: Tuning) -> str:
     lines = [f"{len(t.calls)} distinct tuned call(s) in one generation"]
     for op, shape, dtype, ok, bad in t.swept:
-        lines.append(f"  swept {op} {shape} {dtype}: {ok} variant(s) correct, {bad} failed")
+        lines.append(f"  swept {op} {shape} {dtype}: {ok} variant(s) correct, {bad} failed" if ok + bad else
+                     f"  not swept {op} {shape} {dtype}: no variant of its templates runs at this shape")
     for op, shape, dtype, why in t.skipped:
         lines.append(f"  not swept {op} {shape} {dtype}: {why}")
     lines.append("what the patched model runs now:")

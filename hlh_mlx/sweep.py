@@ -44,6 +44,22 @@ class Plan:
     retime: bool = False       # time the built-in and the stored winner again even if nothing is new
     retry_failed: bool = False  # run again every stored failure (not only environmental ones)
     force: bool = False         # run everything again, stored results or not
+    sample: int | None = None   # variants every shape starts with (None: the candidates as given)
+
+    def first_sample(self, shape, dtype) -> list[Variant]:
+        """The variants a shape starts with: the candidates that run at it, topped up (same
+        seed, spread over the templates) with others of the space that do, where fewer than
+        `sample` of them do: a requirement that rules out every candidate at one shape of
+        several (K too short for the split, say) must not leave that shape with none."""
+        fit = [v for v in self.candidates if v.supports(shape, dtype)]
+        if self.sample is None or len(fit) >= self.sample:
+            return fit
+        taken = {v.id for v in fit}
+        groups = {}
+        for v in self.space:
+            if v.id not in taken and v.supports(shape, dtype):
+                groups.setdefault(v.template.relpath, []).append(v)
+        return fit + _round_robin(list(groups.values()), self.sample - len(fit), self.seed)
 
 
 def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None, seed=0, timeout=600.0,
@@ -97,7 +113,7 @@ def plan(op_name: str, *, shapes=None, dtypes=None, backend="auto", budget=None,
     first = budget if budget is None or not dev.can_time else max(1, budget // 2)
     picked = _round_robin([[v for v in space if v.template is t] for t in temps], first, seed)
     return Plan(op, be, dev, shapes, dtypes, picked, space, budget, seed, timeout, notes, retime,
-                retry_failed, force)
+                retry_failed, force, sample=first)
 
 
 def _round_robin(groups: list[list[Variant]], n: int | None, seed: int) -> list[Variant]:
@@ -207,7 +223,7 @@ class _Run:
             self._submit(lane, None)
         if self.progress and self.timed:
             self.progress(None, shape, dtype)
-        pending: deque = deque((v, "new") for v in p.candidates)
+        pending: deque = deque((v, "new") for v in p.first_sample(shape, dtype))
         self.forced: set[str] = set()
         if self.timed and p.retime:  # the stored winners are timed again next to the built-in
             for best in reversed(_stored_winners(p, self.path, shape, dtype)[:2]):
@@ -416,5 +432,5 @@ def _refinements(p: Plan, path, shape, dtype, seen) -> list[Variant]:
     for r in rows[:3]:
         best = by_id.get(r.get("variant_id"))
         if best:
-            out += [n for n in variants.neighbours(best, p.space) if n.id not in seen]
+            out += [n for n in variants.neighbours(best, p.space) if n.id not in seen and n.supports(shape, dtype)]
     return out[: max(0, p.budget - len(seen))]

@@ -65,5 +65,5 @@ def check_fails_on(store_dir, extra_templates):
     return run
 
 
-def copy_template(name):
-    return (ROOT / "templates" / "matmul" / name).read_text()
+def copy_template(name, op="matmul"):
+    return (ROOT / "templates" / op / name).read_text()

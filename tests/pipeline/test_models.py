@@ -315,3 +315,18 @@ def test_teacher_forcing_prefills_in_chunks_as_mlx_lm_does(monkeypatch):
     np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
     dropped = validate_mod.forced_logits(model, prompt[1:], tokens)  # a prompt token short: not the same
     assert np.max(np.abs(dropped - whole)) > 1e-3
+
+
+def test_tune_counts_variants_not_the_second_timings_that_end_a_sweep():
+    s, other = {"N": 8, "K": 64, "G": 64}, {"N": 16, "K": 64, "G": 64}
+    recs = [{"variant_id": "a", "shape": s, "template": "t", "correct": True},
+            {"variant_id": "b", "shape": s, "template": "t", "correct": False, "status": "crashed"},
+            {"variant_id": "b", "shape": s, "template": "t", "correct": False, "status": "crashed"},
+            {"variant_id": "c", "shape": s, "template": "t", "correct": False, "status": "crashed"},
+            {"variant_id": "c", "shape": s, "template": "t", "correct": True},   # its rerun passed
+            {"variant_id": None, "shape": s, "template": "builtin", "correct": True},
+            {"variant_id": None, "shape": s, "template": "builtin", "correct": False, "repeat": True},
+            {"variant_id": "a", "shape": s, "template": "t", "correct": False, "repeat": True},
+            {"variant_id": "d", "shape": other, "template": "t", "correct": True}]
+    assert model_tune.tally(recs, s) == (2, 1)
+    assert model_tune.tally(recs, other) == (1, 0)

@@ -233,3 +233,41 @@ def test_every_run_that_times_variants_times_the_builtin_again(store_dir):
     w.asked.clear()
     sweep.run(dataclasses.replace(first, retime=True), worker=w)  # --retime: built-in and winner, twice each
     assert w.asked == [("builtin", False), (16, False), ("builtin", True), (16, True)]
+
+
+class LoggingWorker:
+    """Answers every variant as correct; remembers the parameters asked, per shape."""
+
+    def __init__(self):
+        self.asked = []
+
+    def request(self, job, timeout):
+        self.asked.append((json.dumps(job["time_shape"], sort_keys=True), job.get("params")))
+        return {"status": "ok", "error": None, "checks": []}
+
+    def stop(self):
+        pass
+
+
+def test_every_shape_starts_with_variants_that_run_at_it(store_dir, extra_templates):
+    """A seeded first sample that none of one shape's valid variants are in (a requirement
+    on the shape rules them out there) is topped up for that shape, never left empty:
+    `hlh_mlx tune` once swept no variant at all at Llama's o projection this way."""
+    from hlh_mlx import sweep
+    text = copy_template("rows.metal.j2", op="rms_norm").replace(
+        "[launch]", '[requires]\nlong_rows = "C >= 1024 or NR == 1"\n\n[launch]')
+    extra_templates("rms_norm", "req.metal.j2", text)
+    short, long = {"R": 8, "C": 512}, {"R": 8, "C": 2048}
+    kw = dict(backend="emulator", template="req", shapes=[long, short], dtypes=["float32"], budget=4)
+    seed = next(s for s in range(200) if not any(v.param_dict["NR"] == 1
+                                                 for v in sweep.plan("rms_norm", seed=s, **kw).candidates))
+    p = sweep.plan("rms_norm", seed=seed, **kw)
+    assert [v.supports(short, "float32") for v in p.candidates] == [False] * 4
+    w = LoggingWorker()
+    sweep.run(p, worker=w)
+    at = {}
+    for shape, params in w.asked:
+        at.setdefault(json.loads(shape)["C"], []).append(params)
+    assert len(at[2048]) == 4 and len(at[512]) == 4           # the budget at each shape
+    assert all(params["NR"] == 1 for params in at[512])        # all of them valid there
+    assert at[2048] == [v.param_dict for v in p.candidates]    # the shape they fit ran them as sampled
