@@ -304,6 +304,14 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     run_validate 200 validate_qwen1.5-moe-4bit_forced.json qwen1.5-moe-a2.7b --bits 4 --tokens 64 --repeats 3
     run_validate 180 validate_llama-3-8b-4bit_forced.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
+  traced)  # the host cost of a call through an op's compiled function (runtime's traced path),
+    # then the 33 tuned calls with it; ~8 min, no mlx-lm needed
+    timeout 150 python benchmarks/host_overhead.py --out "$res/host_overhead_traced.json" \
+      > "$res/host_overhead_traced.txt" 2>&1
+    grep -v "^ *\"\|^[{}]" "$res/host_overhead_traced.txt" | head -60; pack
+    timeout 390 python benchmarks/tuned_calls.py --out "$res/tuned_calls_traced.json" > "$res/tuned_calls_traced.txt" 2>&1
+    grep -v "Warning\|_choices" "$res/tuned_calls_traced.txt" | tail -45; pack
+    ;;
   freshtune|freshtune+)  # a fresh device: an empty store (freshtune; freshtune+ resumes it in the next
     # call: the call limit is 10 min), `hlh_mlx tune llama-3-8b` timed from the command on; each
     # call's seconds go to tune_llama_fresh.txt, whose sum is the time to a tuned model
@@ -325,5 +333,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced" >&2; exit 2 ;;
 esac

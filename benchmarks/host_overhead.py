@@ -6,19 +6,21 @@ an hlh_mlx.nn layer (which remembers its plan) against mlx.nn's layer.
 
 (Run it from the checkout with PYTHONPATH=. so it times this checkout's hlh_mlx, not an
 installed one. --small: small shapes, for a run on a CPU. On the CPU back end every tuned call is a
-fallback: the numbers say what the fallback path costs, and "compiled stub" what the
-tuned path costs around a plan: the signature, the lookup, and a plan whose core is
-`mx.compile` of the built-in, which is what a tuned plan's replay costs structurally.)
+fallback decided in Python: the numbers say what that path costs, and "traced stub" what
+a GPU's tuned path costs structurally: the op's compiled function, with the built-in
+where the variant's kernel would be.)
 
 Writes: the times to stdout (a list, then JSON), and the JSON to F only when --out F (or
 --json F) is given; an existing F is refused before anything is timed, unless --force.
 
 A decode loop is host-bound when its GPU work per token is shorter than the Python and
 MLX work that builds it; there a tuned kernel that saves GPU time can still slow the loop
-down. The tuned path is: the call's signature (shapes, dtypes, other arguments), one
-dictionary lookup, then the plan: the built-in for a fallback, or the variant's launch,
-compiled on Metal/CUDA so a replay skips the binding and MLX's own per-call work of a
-custom-kernel call (shown alone as "raw custom-kernel call").
+down. The tuned path on Metal/CUDA is the op's compiled function: its keywords numbered, a dynamic
+value (rope's offset) made data, one `mx.compile` replay of the plan (the built-in for a
+fallback, or the variant's launch: MLX's per-call work of a custom-kernel call, shown alone
+as "raw custom-kernel call", is skipped). Elsewhere (the emulator), and for arguments MLX
+cannot trace: the call's signature (shapes, dtypes, other arguments), one dictionary
+lookup, then the plan.
 
 Timing: microseconds per call, --calls calls per measurement (graphs built, not evaluated),
 the calls of one case alternated and repeated (--repeats), the best repeat kept. --clock
@@ -68,8 +70,8 @@ def timed(fns: dict, repeats: int = 5) -> dict:
 
 
 def compiled_stub(builtin, args, kwargs):
-    """A plan shaped like a tuned plan's replay: the arrays in, `mx.compile` of a function
-    (here the built-in with the other arguments fixed) out."""
+    """The built-in with the other arguments fixed, compiled, called with the arrays alone:
+    what replaying a one-node trace costs."""
     pos = [i for i, a in enumerate(args) if type(a) is mx.array]
     fixed = list(args)
 
@@ -79,37 +81,45 @@ def compiled_stub(builtin, args, kwargs):
             a[i] = x
         return builtin(*a, **kwargs)
     core = mx.compile(fn)
-    if pos == list(range(len(pos))):
-        n = len(pos)
-        return lambda *a, **k: core(*a[:n])
-    return lambda *a, **k: core(*[a[i] for i in pos])
+    return lambda: core(*[args[i] for i in pos])
+
+
+def traced_stub(op_name, builtin):
+    """A tuned call's path on a back end that replays kernels (`runtime.Dispatch._trace`),
+    with the built-in where the variant's kernel would be: the keywords numbered, dynamic
+    values made data, one compiled function replayed. On a CPU, where the tuned path
+    decides in Python, this is what that path costs a GPU's call structurally."""
+    d = runtime.Dispatch(op_name, builtin, doc="a stub for host_overhead.py")
+    d._converters = dict(ops.get(op_name).dynamic)
+    d._traced = mx.compile(lambda kid, *flat: (lambda a, k: builtin(*a, **k))(*d.unflatten(kid, flat)))
+    return d.function
 
 
 def case(name, op_name, builtin, tuned_fn, args, kwargs, repeats):
     op = ops.get(op_name)
     dynamic = tuple(op.dynamic)
     tuned_fn(*args, **kwargs)  # decided: the plan is remembered
-    key = runtime.signature(args, kwargs, dynamic)
-    plan = tuned_fn.plans[key]
+    plan = tuned_fn.plan_for(args, kwargs)  # what a call decided in Python runs
     call = runtime._bind(op, args, kwargs)
     choice = runtime.choose(op_name, call)
-    stub = runtime.Dispatch(op_name, builtin, doc="a stub for host_overhead.py")
-    stub = getattr(stub, "function", stub)  # what tuned.<op> is (a function since the host-cost work)
-    stub.plan_for(args, kwargs)  # decided once, as any first call is; then the stub replaces its plan
-    stub_plan = stub.plans[key] = compiled_stub(builtin, args, kwargs)
+    stub = traced_stub(op_name, builtin)
+    stub(*args, **kwargs)
+    replay = compiled_stub(builtin, args, kwargs)
     # each difference from a pair timed alone: what else runs between the calls moves
     # the CPU built-ins' times (rope's by 2 us), not alike for both
     res = timed({"builtin": lambda: builtin(*args, **kwargs), "tuned": lambda: tuned_fn(*args, **kwargs)}, repeats)
     res.update(timed({"signature": lambda: runtime.signature(args, kwargs, dynamic),
                       "plan alone": lambda: plan(*args, **kwargs)}, repeats))
-    res.update(timed({"tuned, compiled stub plan": lambda: stub(*args, **kwargs),
-                      "compiled stub plan alone": lambda: stub_plan(*args, **kwargs)}, repeats))
-    res["path"] = "fallback" if choice.variant is None else "variant"
+    res.update(timed({"tuned path, traced stub": lambda: stub(*args, **kwargs),
+                      "one-node replay alone": replay}, repeats))
+    res["path"] = ("fallback" if choice.variant is None else "variant") + \
+        (", traced" if tuned_fn.dispatch._traced is not None else ", decided in Python")
     res["explain"] = str(choice)
     res["tuned over built-in"] = res["tuned"] - res["builtin"]
     if choice.variant is None:
         res["fallback over built-in"] = res["tuned"] - res["builtin"]
-    res["compiled stub: tuned path over the plan"] = res["tuned, compiled stub plan"] - res["compiled stub plan alone"]
+    res["traced stub over the built-in"] = res["tuned path, traced stub"] - res["builtin"]
+    res["traced stub over a one-node replay"] = res["tuned path, traced stub"] - res["one-node replay alone"]
     if choice.variant is not None:
         launch = runtime._kernel(choice.variant).launcher(call.shape, call.dtype, op.output_shapes(call.shape),
                                                           op.output_dtypes(mx.float16))

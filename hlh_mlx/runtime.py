@@ -18,6 +18,16 @@ shapes and dtypes, every other argument's value) binds it (validation in Python)
   carry the built-in's VJP (`mx.custom_function`) inside the compiled plan, so
   `mx.grad` works at no cost to calls that take no gradient.
 
+On those back ends the signature is not built in Python either: after an op's first call,
+its calls go to one `mx.compile`d function of the op (`Dispatch._trace`), whose own cache
+(in C++: shapes, dtypes, the other arguments' values) is the lookup. A trace makes the
+decision as above, once per distinct call, and the replay runs the plan: a variant's
+kernel or the built-in, with nothing of this module's Python in between. Keyword arguments
+reach it as positional values behind a number naming their keywords (MLX hashes a
+keyword's name through Python on every call; a number costs nothing), and dynamic ones
+(rope's offset) as data first, so a new offset is not a new trace. Arguments MLX cannot
+trace (a numpy array, a stream) take the Python path below.
+
 Arguments an op names as dynamic (rope's offset) change every call: they are not part of
 the signature and reach the kernel as data.
 """
@@ -69,29 +79,90 @@ def compiled_for(backend_name: str, fn):
 
 
 def dispatched(fn, dynamic: tuple = ()):
-    """`fn` behind a tuned call's hot path (the signature and its lookup, as `tuned.<op>`
-    runs them), so the sweep measures the host cost a program pays per call, not the
-    kernel call's alone."""
+    """`fn` behind a tuned call's hot path (as `tuned.<op>` runs it: the op's compiled
+    function where the back end can replay custom kernels, else the signature and its
+    lookup), so the sweep measures the host cost a program pays per call, not the kernel
+    call's alone."""
     plans: dict = {}
 
     def decide(args, kwargs):
         plan = plans[signature(args, kwargs, dynamic)] = fn
         return plan
-    return _hot_path(plans, decide, SimpleNamespace(_dynamic=tuple(dynamic), _direct=None))
+    owner = _Keywords(dynamic)
+    if backend() in backends.COMPILABLE:
+        owner._traced = mx.compile(lambda kid, *flat: fn(*owner.unflatten(kid, flat)[0]))
+    return _hot_path(plans, decide, owner)
+
+
+# MLX's refusal of an argument it cannot trace (its message's start): the call is then
+# decided in Python instead
+_NOT_TRACEABLE = "[compile] Function arguments must be trees"
+
+
+class _Keywords:
+    """What the hot path reads of its owner (a Dispatch, or `dispatched`'s bare one): the
+    op's compiled function (`_traced`, on back ends that replay kernels; None: the Python
+    path), the built-in when it serves every call (`_direct`), the dynamic arguments
+    (`_dynamic`, `_converters`: name -> OpSpec.dynamic conversion), and the keyword sets
+    its calls use, each numbered once (a traced call passes the number and the values
+    positionally)."""
+
+    def __init__(self, dynamic: tuple = (), converters: dict | None = None):
+        self._traced = None
+        self._direct = None
+        self._dynamic, self._converters = tuple(dynamic), dict(converters or {})
+        self._kw: dict = {(): (0, ())}   # keyword names -> (number, dynamic positions)
+        self._kw_names: list = [()]      # number -> keyword names
+
+    def keywords(self, names: tuple) -> tuple:
+        """(number, dynamic) for these keyword names: `dynamic` the (position, conversion)
+        of each dynamic argument among them."""
+        if names not in self._kw:
+            self._kw_names.append(names)
+            self._kw[names] = (len(self._kw_names) - 1, tuple((i, self._converters[n]) for i, n in enumerate(names)
+                                                              if n in self._converters))
+        return self._kw[names]
+
+    def unflatten(self, kid: int, flat: tuple) -> tuple[tuple, dict]:
+        names = self._kw_names[kid]
+        if not names:
+            return flat, {}
+        n = len(flat) - len(names)
+        return flat[:n], dict(zip(names, flat[n:]))
 
 
 def _hot_path(plans: dict, decide, owner):
-    """call(*args, **kwargs): the signature built inline (as `signature` builds it: a function
-    call fewer), one lookup in `plans`, the plan; `decide(args, kwargs)` (which remembers the
-    plan) on a miss or an unhashable argument. `owner._dynamic`: the dynamic argument names,
-    read at a call with keywords (a Dispatch learns them on its first decision);
-    `owner._direct`: when set, what every call runs, before any signature."""
+    """call(*args, **kwargs): `owner._traced` (the op's compiled function) where set, with
+    the keywords numbered (`owner.keywords`) and dynamic values made data; else, or for an
+    argument MLX cannot trace, the signature built inline (as `signature` builds it: a
+    function call fewer), one lookup in `plans`, the plan; `decide(args, kwargs)` (which
+    remembers the plan) on a miss or an unhashable argument. `owner._dynamic`: the dynamic
+    argument names, read at a call with keywords (a Dispatch learns them on its first
+    decision); `owner._direct`: when set, what every call runs, before anything else."""
     A, dk = _ARRAY, _DKEY
 
     def call(*args, **kwargs):
         direct = owner._direct
         if direct is not None:  # an op no stored variant serves at any shape: the built-in
             return direct(*args, **kwargs)
+        traced = owner._traced
+        if traced is not None:
+            try:
+                if not kwargs:
+                    return traced(0, *args)
+                kid, dynamic = owner._kw.get(tuple(kwargs)) or owner.keywords(tuple(kwargs))
+                if not dynamic:
+                    return traced(kid, *args, *kwargs.values())
+                values = list(kwargs.values())
+                for i, convert in dynamic:
+                    if type(values[i]) is not A:
+                        data = convert(values[i])
+                        if data is not None:  # else the value as given (the built-in answers it)
+                            values[i] = data
+                return traced(kid, *args, *values)
+            except ValueError as e:
+                if not str(e).startswith(_NOT_TRACEABLE):
+                    raise
         key = []
         for a in args:
             if type(a) is A:
@@ -302,6 +373,8 @@ def _rearm() -> None:
     for d in _dispatches:
         if d.fallbacks:
             d.plans.update(d.fallbacks)
+        if d._traced is not None:
+            d._retrace()  # its traces ran fallbacks unchecked: decided again
     generation[0] += 1
 
 
@@ -413,7 +486,7 @@ def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False
     return _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable), choice
 
 
-class Dispatch:
+class Dispatch(_Keywords):
     """One op's decisions: `Dispatch("rms_norm", mx.fast.rms_norm).function(x, w, eps)`.
 
     What users call (`tuned.<op>`) is `.function`, a plain function carrying this object's
@@ -424,6 +497,7 @@ class Dispatch:
 
     def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = "",
                  dynamic: tuple | None = None):
+        super().__init__(dynamic or ())
         self.op_name, self.builtin, self.differentiable = op_name, builtin, differentiable
         self.__doc__ = doc or f"hlh_mlx.tuned {op_name}, with the arguments of {builtin}."
         # the same op without the built-in's VJP attached: one graph node fewer per call,
@@ -435,8 +509,8 @@ class Dispatch:
         self.fallbacks: dict = {}  # signature -> its _Fallback, to put back when strict mode may be on
         # the op's dynamic arguments (read from its spec on the first decision when not given:
         # ops load lazily); until then no plan exists and every lookup misses anyway
-        self._dynamic, self._dynamic_known = tuple(dynamic or ()), dynamic is not None
-        self._direct = None  # the built-in, once known to serve every call (select.never_chosen)
+        self._dynamic_known = dynamic is not None
+        self._traces = 0  # traces of `_traced` so far (bounded as the plans are)
         self.function = _entry(self)
         _dispatches.append(self)
 
@@ -461,6 +535,33 @@ class Dispatch:
                 self._direct = self.builtin  # counted once: this call (its plan settles below)
         self.plans[key] = plan
         return plan
+
+    def _decide(self, args, kwargs):
+        """The hot path's miss: on a back end that replays kernels, the op's first call sets
+        up its compiled function and goes through it (it decides there, when traced); else,
+        or for arguments MLX cannot trace, the plan decided here in Python."""
+        if self._traced is None and backend() in backends.COMPILABLE:
+            # the dynamic arguments reach it as data (ops load lazily: known from here on)
+            self._converters = dict(ops.get(self.op_name).dynamic)
+            self._kw, self._kw_names = {(): (0, ())}, [()]
+            self._retrace()
+            return self.function
+        return self._plan(args, kwargs)
+
+    def _retrace(self) -> None:
+        """A new compiled function for the op's later calls: every call is traced (decided)
+        again on its first run."""
+        self._traced, self._traces = mx.compile(self._trace), 0
+
+    def _trace(self, kid: int, *flat):
+        """What `_traced` runs when MLX traces a call it has not seen: the plan (decided,
+        or remembered from the Python path) applied to the tracers; the replay is the plan's
+        graph alone."""
+        args, kwargs = self.unflatten(kid, flat)
+        self._traces += 1
+        if self._traces > MAX_PLANS:  # MLX keeps every trace of a compiled function: stay bounded
+            self._retrace()
+        return self.plan_for(args, kwargs)(*args, **kwargs)
 
     def _serves_none(self) -> bool:
         """Whether every call of this op runs the built-in here, and may do so with no
@@ -489,7 +590,7 @@ class Dispatch:
 
 def _entry(d: Dispatch):
     """The function behind `tuned.<op>`: the hot path over the Dispatch's plans."""
-    call = _hot_path(d.plans, d._plan, d)
+    call = _hot_path(d.plans, d._decide, d)
     call.__name__, call.__qualname__, call.__module__ = d.op_name, f"hlh_mlx.tuned {d.op_name}", "hlh_mlx.tuned"
     call.__doc__ = d.__doc__
     call.dispatch, call.op_name, call.builtin, call.differentiable = d, d.op_name, d.builtin, d.differentiable
@@ -558,6 +659,7 @@ def refresh() -> None:
     for d in _dispatches:
         d.plans.clear()
         d.fallbacks.clear()
+        d._traced = None
     _kernels.clear()
     _backend[0] = _slug[0] = None
     _choices.clear()

@@ -580,3 +580,95 @@ def test_a_lenient_or_recording_block_decides_every_call_then_the_direct_path_re
         tuned.softmax(x.astype(mx.float16), axis=-1)
     assert resolves == ["softmax"] * 3 and len(runtime.decided_calls()) == 3
     assert tuned.softmax.dispatch._direct is mx.softmax
+
+
+# -- the traced path: an op's calls through its own compiled function -----------------
+
+@pytest.fixture
+def traced(monkeypatch):
+    """As on a GPU back end: the emulator's calls go through each op's compiled function
+    after its first (kernels stand in as MLX graphs where a test stores a variant)."""
+    monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
+
+
+def test_traced_calls_replay_with_no_decision_in_python(store_dir, rng, monkeypatch, traced, resolves):
+    monkeypatch.setattr(backends, "Kernel", _GraphKernel)
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    w = mx.array(rng.standard_normal(512).astype(np.float32))
+    d = tuned.rms_norm.dispatch
+    for _ in range(5):
+        x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))  # new values each call
+        _same(tuned.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5))
+    assert d._traced is not None and d._traces == 1  # the second call traced, the rest replayed
+    _same(tuned.rms_norm(x[:4], w, eps=1e-5), mx.fast.rms_norm(x[:4], w, 1e-5))  # another shape, a keyword
+    _same(tuned.rms_norm(x[:4], w, eps=1e-5), mx.fast.rms_norm(x[:4], w, 1e-5))
+    assert d._traces == 2 and resolves == ["rms_norm"] * 2 and tuned.fallbacks() == {}
+    tuned.refresh()
+    assert d._traced is None
+
+
+def test_traced_rope_takes_every_offset_as_data(rng, traced, resolves, some_shape_served):
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    d = tuned.rope.dispatch
+    for offset in range(12):
+        kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
+        _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
+    assert d._traces == 1 and resolves == ["rope"] and sum(tuned.fallbacks().values()) == 1
+    # the same keywords in another order are another keyword set, answered alike
+    for offset in (3, 4):
+        _same(tuned.rope(x, 64, offset=offset, scale=1.0, base=10000.0, traditional=False),
+              mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset))
+    assert d._traces == 2
+    # an offset the conversion refuses stays a value: the built-in answers it
+    for offset in (-3, -3, 2 ** 25):
+        kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
+        _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
+
+
+def test_traced_fallbacks_count_once_and_strict_mode_refuses_them(monkeypatch, rng, traced, resolves,
+                                                                   some_shape_served):
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    for _ in range(4):
+        _same(tuned.softmax(x, axis=-1), mx.softmax(x, axis=-1))
+    assert sum(tuned.fallbacks().values()) == 1 and tuned.softmax.dispatch._traces == 1
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()  # the traces ran the built-in unchecked: traced again, checked
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(x, axis=-1)
+    with pytest.raises(tuned.FallbackError):
+        tuned.softmax(x[:2], axis=-1)
+    with tuned.lenient():
+        _same(tuned.softmax(x, axis=-1), mx.softmax(x, axis=-1))
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    config.reset()
+    for _ in range(2):
+        _same(tuned.softmax(x[:2], axis=-1), mx.softmax(x[:2], axis=-1))
+    assert sum(tuned.fallbacks().values()) == 2  # two distinct calls
+
+
+def test_arguments_mlx_cannot_trace_take_the_python_path(rng, traced, some_shape_served):
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    for _ in range(3):
+        with pytest.raises(TypeError, match="incompatible function arguments"):  # as mx.softmax does
+            tuned.softmax(x, axis=-1)                                             # a numpy array
+        _same(tuned.softmax(mx.array(x), axis=-1, stream=mx.cpu), mx.softmax(mx.array(x), axis=-1))  # a stream
+    assert tuned.softmax.dispatch._traced is not None and tuned.softmax.plans  # decided in Python
+
+
+def test_traced_bad_inputs_answer_or_raise_as_the_builtin(rng, traced, some_shape_served):
+    for _ in range(3):  # the first call decides in Python; the later ones are traced
+        _same(tuned.softmax(mx.zeros((0, 4)), axis=-1), mx.softmax(mx.zeros((0, 4)), axis=-1))
+        _same(tuned.softmax(mx.array(1.5)), mx.softmax(mx.array(1.5)))
+        with pytest.raises(ValueError, match="dims must be even"):
+            tuned.rope(mx.zeros((1, 2, 3)), 3, traditional=False, base=1e4, scale=1.0, offset=0)
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            tuned.softmax([1.0, 2.0], axis=-1)
+    assert tuned.softmax.dispatch._traced is not None and tuned.rope.dispatch._traced is not None
+
+
+def test_traces_stay_bounded(monkeypatch, rng, traced, some_shape_served):
+    monkeypatch.setattr(runtime, "MAX_PLANS", 2)
+    for n in range(1, 7):
+        for _ in range(2):
+            _same(tuned.softmax(mx.ones((n, 16)), axis=-1), mx.softmax(mx.ones((n, 16)), axis=-1))
+    assert tuned.softmax.dispatch._traces <= 2
