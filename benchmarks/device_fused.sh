@@ -312,6 +312,14 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timeout 390 python benchmarks/tuned_calls.py --out "$res/tuned_calls_traced.json" > "$res/tuned_calls_traced.txt" 2>&1
     grep -v "Warning\|_choices" "$res/tuned_calls_traced.txt" | tail -45; pack
     ;;
+  moetune)  # hlh_mlx tune on Qwen1.5-MoE-A2.7B 4-bit (the store as shipped), timed; resumes when run again
+    with_lm
+    start=$(date +%s)
+    timeout "${TUNE_SECONDS:-420}" python -m hlh_mlx tune qwen1.5-moe-a2.7b --bits 4 --budget 8 --timeout 60 \
+      > "$res/tune_moe.txt" 2>&1
+    echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_moe.txt"
+    grep -v "Warning\|_choices\|elapsed" "$res/tune_moe.txt" | tail -40; pack
+    ;;
   freshtune|freshtune+)  # a fresh device: an empty store (freshtune; freshtune+ resumes it in the next
     # call: the call limit is 10 min), `hlh_mlx tune llama-3-8b` timed from the command on; each
     # call's seconds go to tune_llama_fresh.txt, whose sum is the time to a tuned model
@@ -333,5 +341,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import mlx.core as mx
@@ -123,6 +124,12 @@ def measure_case(op_name, shape_text, dtype=mx.float16, rounds: int = 2):
     y0, y1 = builtin(*sets[0]), tuned_fn(*sets[0])
     row["max_rel_diff"] = float(mx.max(mx.abs(y0.astype(mx.float32) - y1.astype(mx.float32))).item()
                                 / max(float(mx.max(mx.abs(y0.astype(mx.float32))).item()), 1e-30))
+    # a guard against wrong answers, not a precision check (the variants were checked): a
+    # fallback is the built-in, a variant within rounding of it
+    bound = max(10 * op.tolerance["float16"], 1e-2)
+    if not row["max_rel_diff"] <= bound:
+        row["error"] = (f"the tuned call answers differently from the built-in: largest difference "
+                        f"{row['max_rel_diff']:.3g} of the largest value (bound {bound:g})")
     return row
 
 
@@ -176,6 +183,8 @@ def main():
         r = rows[-1]
         if "error" in r:
             print(f"{op_name:17s} {shape:16s} ERROR {r['error']}", flush=True)
+            if "e2e_x" in r:  # timed, but answering wrongly: its figures mean nothing
+                r["e2e_x_if_it_were_right"] = r.pop("e2e_x")
         else:
             print(f"{op_name:17s} {shape:16s} chain {r['builtin_chain_ms'] * 1e3:8.1f} -> {r['tuned_chain_ms'] * 1e3:8.1f} us"
                   f"  host {r['builtin_host_us']:5.1f} -> {r['tuned_host_us']:5.1f} us"
@@ -198,6 +207,8 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({**summary, "rows": rows}, f, indent=2)
+    if summary["errors"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

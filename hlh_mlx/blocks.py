@@ -44,7 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import moe, ops, runtime, tuned
-from .ops.rope import _offset_array as offset_array
+from .ops.rope import _offset_array as offset_array, offset_scalar
 from .ops.spec import QUANT_GROUPS
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
@@ -364,7 +364,10 @@ class DecoderBlock(nn.Module):
         offset = cache.offset if cache is not None else 0
         if x.shape[1] == 1 and not self.training:
             qkv, out = self._steps(x)
-            offset = offset_array(offset)  # data, so one trace serves every step
+            # data, so one trace serves every step: (1,) as the fused kernel takes it, 0-d
+            # where MLX's rope rotates several sequences (its CUDA kernel reads a (1,) offset
+            # per sequence; the fused ops take one sequence)
+            offset = offset_array(offset) if x.shape[0] == 1 else offset_scalar(offset)
         else:  # prefill and training: shapes vary, the host cost is small beside the work
             qkv, out = self._qkv, self._out
         q, k, v = qkv(x, offset)

@@ -9,6 +9,12 @@ never writes fails, and compares each output with the reference in float64:
 MLX fills every output with one init_value, and NaN means nothing to an integer output, so
 a kernel with any non-floating output runs twice, poisoned with two different values: an
 element holding each run's poison was never written.
+
+On a GPU (`repeat=True`) every kernel runs twice on the same inputs and must give the same
+bits: our templates reduce in a fixed order, so two answers that differ are a race (or a
+reduction order that changes run to run), which a single comparison with the reference can
+miss when both answers happen to lie within the tolerance. (The emulator's sanitizer finds
+races by construction; its threads run in one order, so a repeat there proves nothing.)
 """
 
 from __future__ import annotations
@@ -86,8 +92,9 @@ def compare(outs, refs, tol: float, scales=None) -> tuple[bool, float, float, st
     return ok, rel, mabs, None if ok else f"relative error {rel:.3g} > tolerance {tol:g}"
 
 
-def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator) -> CheckResult:
-    """Run `kernel` once on fresh inputs for `shape` and compare with `op.reference`."""
+def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator, repeat: bool = False) -> CheckResult:
+    """Run `kernel` on fresh inputs for `shape` and compare with `op.reference`; with
+    `repeat`, a second run on the same inputs must give the same bits."""
     dt = DTYPES[dtype]
     inputs = op.make_inputs(shape, dt, rng)
     out_dtypes = op.output_dtypes(dt)
@@ -95,9 +102,13 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
     refs = op.reference(*inputs)
     scales = op.magnitude(*inputs) if op.magnitude else None
     tol = op.tolerance[dtype]
+    again = None
     if all(mx.issubdtype(d, mx.floating) for d in out_dtypes):
         outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=poison_value(out_dtypes[0]))
         mx.eval(outs, refs, scales)
+        if repeat:
+            again = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=poison_value(out_dtypes[0]))
+            mx.eval(again)
     else:  # an integer output: NaN poisons nothing, so two runs with two poisons
         outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[0])
         again = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[1])
@@ -111,7 +122,25 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator)
                                    f"output {i}: {int(unwritten.sum())} of {unwritten.size} elements never written, "
                                    f"first at {first}")
     ok, rel, mabs, err = compare(outs, refs, tol, scales)
+    if ok and repeat:
+        err = _differs_between_runs(outs, again)
+        ok = err is None
     return CheckResult(ok, dict(shape), dtype, rel, mabs, tol, err)
+
+
+def _differs_between_runs(outs, again) -> str | None:
+    """None when two runs on the same inputs gave the same bits (NaN where both have NaN:
+    a reference's own non-finite values), else where they did not."""
+    for i, (a, b) in enumerate(zip(outs, again)):
+        x, y = _host(a), _host(b)
+        same = (x == y) | (np.isnan(x) & np.isnan(y)) if np.issubdtype(x.dtype, np.floating) else x == y
+        if not same.all():
+            first = tuple(int(k) for k in np.argwhere(~same)[0])
+            name = f"output {i}: " if len(outs) > 1 else ""
+            return (f"{name}two runs on the same inputs differ in {int((~same).sum())} of {same.size} elements, "
+                    f"first at {first} ({x[first]} and {y[first]}): a race between threads, or a reduction whose "
+                    f"order changes from run to run")
+    return None
 
 
 def _host(a) -> np.ndarray:
@@ -123,15 +152,17 @@ def _host(a) -> np.ndarray:
 POISONS = (77.0, 121.0)
 
 
-def check_shapes(kernel, op: OpSpec, variant, shapes, dtype: str, rng) -> tuple[list[CheckResult], str | None]:
-    """Check a variant at every shape it supports, stopping at the first failure.
+def check_shapes(kernel, op: OpSpec, variant, shapes, dtype: str, rng,
+                 repeat: bool = False) -> tuple[list[CheckResult], str | None]:
+    """Check a variant at every shape it supports, stopping at the first failure (`repeat`:
+    each twice, as on a GPU; see the module docstring).
 
     Returns the results so far and the failure ("shape RxC: why") or None."""
     results = []
     for s in shapes:
         if not variant.supports(s, dtype):
             continue
-        res = check(kernel, op, s, dtype, rng)
+        res = check(kernel, op, s, dtype, rng, repeat=repeat)
         results.append(res)
         if not res.ok:
             return results, f"shape {op.shape_str(s)}: {res.error}"

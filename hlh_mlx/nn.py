@@ -8,7 +8,7 @@ from operator import is_
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ops, runtime, tuned
+from . import backends, ops, runtime, tuned
 from .ops.gemv import MAX_M as GEMV_MAX_ROWS
 
 
@@ -18,10 +18,14 @@ def _planned(layer, op, x, *rest, **kwargs):
     steps, so it skips the signature a free call builds (one shape and dtype per array).
     For a fallback the plan is the built-in itself (`Dispatch.plan_for`); whatever could
     change that (new results, strict mode turned on) bumps `runtime.generation`. An op no
-    stored variant serves at any shape runs the built-in before any of that."""
-    direct = op.dispatch._direct
-    if direct is not None:
-        return direct(x, *rest, **kwargs)
+    stored variant serves at any shape runs the built-in before any of that, and on a back
+    end that replays kernels the op's own compiled function is that memory, at less cost
+    than these checks (runtime.Dispatch._trace)."""
+    d = op.dispatch
+    if d._direct is not None:
+        return d._direct(x, *rest, **kwargs)
+    if d._traced is not None or runtime.backend() in backends.COMPILABLE:
+        return op(x, *rest, **kwargs)
     last = layer.__dict__.get("_hlh_plan")
     if (last is not None and last[4] == runtime.generation[0] and last[6] is op and last[0] == x.shape
             and last[1] == x.dtype and len(last[2]) == len(rest) and all(map(is_, last[2], rest))

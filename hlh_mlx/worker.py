@@ -75,7 +75,8 @@ def handle(req: dict) -> dict:
             results, failure = [], None
         else:
             results, failure = check.check_shapes(kernel, op, variant, req["check_shapes"], dtype,
-                                                  np.random.default_rng(req["seed"]))
+                                                  np.random.default_rng(req["seed"]),
+                                                  repeat=req["backend"] != "emulator")
         reply["checks"] = [r.to_dict() for r in results]
         if failure:
             reply["status"] = "incorrect"
@@ -87,9 +88,9 @@ def handle(req: dict) -> dict:
         return reply
     if shape is not None and req.get("time"):
         from .runtime import compiled_for, dispatched
-        # timed as hlh_mlx.tuned runs it: the call's signature looked up, the launch worked
-        # out once and compiled where the back end can replay custom kernels, so the host
-        # cost stored is the one users pay
+        # timed as hlh_mlx.tuned runs it (runtime.dispatched: the op's compiled function
+        # where the back end replays custom kernels, else the signature looked up), the
+        # launch worked out once, so the host cost stored is the one users pay
         launch = kernel.launcher(shape, dtype, op.output_shapes(shape), op.output_dtypes(DTYPES[dtype]))
         reply["timing"] = _time(op, dispatched(compiled_for(req["backend"], launch)), shape, dtype)
         reply.update(_device(req))

@@ -55,26 +55,40 @@ def _builtin_for(shape):
 
 
 _positions: list = []
-_last: list = []  # [offset, its array]: every layer of a decode step asks for the same one
+_last: list = []  # [offset, its (1,) view, its 0-d view or None]: every layer of a decode step asks for the same
 
 
 def dynamic_offset(offset) -> mx.array | None:
-    """The runtime's conversion of a call's int offset into kernel data (OpSpec.dynamic),
-    or None where the kernel does not take it (negative, past the exact float32 range,
-    not an int): the built-in answers those."""
+    """The runtime's conversion of a call's int offset into data (OpSpec.dynamic), for the
+    kernel and for the built-in alike (a traced call runs either): a 0-d view, or None where
+    the kernel does not take the value (negative, past the exact float32 range, not an int):
+    the built-in answers those."""
     if type(offset) is not int or not 0 <= offset < 2 ** 24:
         return None
-    return _offset_array(offset)
+    return offset_scalar(offset)
 
 
 def _offset_array(offset) -> mx.array:
     """[offset] as a view into a device-resident table of positions: a decode loop's
     offset changes every step, and a fresh host array per call costs a host-to-device copy
-    in the GPU's timeline. `offset`: an int in [0, 2^24) (callers check)."""
+    in the GPU's timeline. `offset`: an int in [0, 2^24) (callers check). Shape (1,), as
+    our kernels take it; MLX's own rope wants `offset_scalar` where a batch has more than
+    one sequence."""
     if _last and _last[0] == offset:  # the same step's other layers: one slice, not one each
         return _last[1]
-    _last[:] = [offset, _table(offset)[offset:offset + 1]]
+    _last[:] = [offset, _table(offset)[offset:offset + 1], None]
     return _last[1]
+
+
+def offset_scalar(offset) -> mx.array:
+    """`_offset_array(offset)` as a 0-d view: what mx.fast.rope is given. MLX accepts a
+    (1,)-shaped offset as one offset for the whole batch, but its CUDA kernel reads it per
+    sequence (offset[b], mlx/backend/cuda/rope.cu: the stride of a 1-d offset), so batch
+    row b would turn by offset + b; a 0-d offset it broadcasts on every back end."""
+    one = _offset_array(offset)
+    if _last[2] is None:
+        _last[2] = one.reshape(())
+    return _last[2]
 
 
 def offset_input(offset: int) -> mx.array:

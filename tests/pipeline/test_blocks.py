@@ -93,3 +93,30 @@ def test_a_block_that_computes_something_else_is_kept_with_the_reason():
     kept = {p: why for p, _, why in report.kept}
     assert "decoder block kept: differs at prefill" in kept["model.layers.0"]
     assert model.model.layers[0] is odd and isinstance(model.model.layers[1], blocks.DecoderBlock)
+
+
+def test_several_sequences_at_decode_give_mlx_rope_one_offset_for_all(monkeypatch):
+    """MLX's CUDA rope reads a (1,)-shaped offset per sequence (offset[b]): a block decoding
+    two sequences hands it the step's offset as a 0-d array, which every back end
+    broadcasts; the logits match the unpatched model's."""
+    from mlx_lm.models.cache import KVCache
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    block = model.model.layers[0]
+    patched = blocks.DecoderBlock(block)
+    seen = []
+    real = mx.fast.rope
+
+    def spy(x, *a, offset=0, **k):
+        seen.append((x.shape[0], getattr(offset, "ndim", None)))
+        return real(x, *a, offset=offset, **k)
+    monkeypatch.setattr(mx.fast, "rope", spy)
+    dims = block.self_attn.q_proj.weight.shape[1] * 32 // block.self_attn.q_proj.bits
+    rng = np.random.default_rng(1)
+    caches = (KVCache(), KVCache())
+    for t in (3, 1, 1):
+        x = mx.array(rng.standard_normal((2, t, dims)).astype(np.float32))
+        mask = "causal" if t > 1 else None
+        a, b = block(x, mask, caches[0]), patched(x, mask, caches[1])
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+    decode = [ndim for batch, ndim in seen if batch == 2 and ndim is not None]
+    assert decode and all(n == 0 for n in decode)  # every array offset 0-d (ints at prefill)

@@ -53,3 +53,43 @@ def test_inf_where_the_reference_has_inf_passes_and_elsewhere_fails():
     wrong = [mx.array([1.0, np.inf, 2.0]), mx.array([0, 1, 2], dtype=mx.uint32)]
     ok, _, _, why = check.compare(wrong, ref, 1e-6)
     assert not ok and "NaN/inf (unwritten?) where the reference is finite" in why
+
+
+def racy(noise):
+    """A kernel whose answer moves a little from run to run (within the tolerance each
+    time), as a race between threads makes it: caught only by running it twice."""
+    runs = []
+
+    def run(inputs, shape, dtype, out_shapes, out_dtypes, init_value=None):
+        runs.append(1)
+        x = inputs[0]
+        return [mx.max(x, axis=-1) * (1 + noise * len(runs)), mx.argmax(x, axis=-1).astype(mx.uint32)]
+    return run
+
+
+def test_a_kernel_whose_answer_changes_between_runs_fails_when_run_twice(rng):
+    assert check.check(racy(1e-9), ROWMAX, SHAPE, "float32", rng).ok  # each answer within 1e-6
+    r = check.check(racy(1e-7), ROWMAX, SHAPE, "float32", rng, repeat=True)
+    assert not r.ok and "two runs on the same inputs differ" in r.error and "race" in r.error
+    assert check.check(racy(0.0), ROWMAX, SHAPE, "float32", rng, repeat=True).ok  # a deterministic one passes
+
+
+ROWSUM = OpSpec(
+    name="rowsum", dims=("R", "C"),
+    make_inputs=lambda s, dt, rng: [random_array(rng, (s["R"], s["C"]), dt)],
+    reference=lambda x: [mx.sum(x, axis=-1)],
+    output_shapes=lambda s: [(s["R"],)], output_dtypes=lambda dt: [dt],
+    tolerance={"float32": 1e-5}, bytes=lambda s, n: 0, flops=lambda s: 0,
+    shapes=[], emulator_shapes=[], edge_shapes=[], dtypes=("float32",),
+)
+
+
+def test_a_floating_only_kernel_is_run_twice_when_asked(rng):
+    runs = []
+
+    def run(inputs, shape, dtype, out_shapes, out_dtypes, init_value=None):
+        runs.append(1)
+        return [mx.sum(inputs[0], axis=-1) + 1e-6 * (len(runs) % 2)]
+    assert check.check(run, ROWSUM, SHAPE, "float32", rng).ok and len(runs) == 1
+    r = check.check(run, ROWSUM, SHAPE, "float32", rng, repeat=True)
+    assert not r.ok and "two runs on the same inputs differ in 6 of 6 elements" in r.error and len(runs) == 3

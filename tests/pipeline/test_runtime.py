@@ -672,3 +672,37 @@ def test_traces_stay_bounded(monkeypatch, rng, traced, some_shape_served):
         for _ in range(2):
             _same(tuned.softmax(mx.ones((n, 16)), axis=-1), mx.softmax(mx.ones((n, 16)), axis=-1))
     assert tuned.softmax.dispatch._traces <= 2
+
+
+def test_a_layer_goes_through_its_ops_compiled_function_where_kernels_replay(store_dir, rng, monkeypatch, traced,
+                                                                             resolves):
+    from hlh_mlx import nn as hnn
+    monkeypatch.setattr(backends, "Kernel", _GraphKernel)
+    write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), ms=0.5, base_ms=1.0)
+    layer = hnn.RMSNorm(512)
+    layer.eval()
+    for _ in range(4):
+        x = mx.array(rng.standard_normal((8, 512)).astype(np.float32))
+        _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    d = tuned.rms_norm.no_grad.dispatch
+    assert d._traces == 1 and resolves == ["rms_norm"] and "_hlh_plan" not in layer.__dict__
+    layer.weight = mx.array(rng.standard_normal(512).astype(np.float32))  # new weights: the same trace serves
+    _same(layer(x), mx.fast.rms_norm(x, layer.weight, layer.eps))
+    assert d._traces == 1 and tuned.fallbacks() == {}
+
+
+def test_a_traced_builtin_gets_rope_offsets_it_broadcasts(rng, monkeypatch, traced, some_shape_served):
+    """The traced path turns an int offset into data for both plans; the built-in gets it
+    0-d (MLX's CUDA rope reads a (1,)-shaped offset per batch row)."""
+    seen = []
+    real = tuned.rope.dispatch.builtin
+
+    def spy(x, dims, **kw):
+        seen.append(getattr(kw["offset"], "ndim", "int"))
+        return real(x, dims, **kw)
+    monkeypatch.setattr(tuned.rope.dispatch, "builtin", spy)
+    x = mx.array(rng.standard_normal((4, 2, 1, 64)).astype(np.float32))  # four sequences
+    for offset in (5, 6, 7):
+        kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
+        _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
+    assert seen == [0] and tuned.rope.dispatch._traces == 1
