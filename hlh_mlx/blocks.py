@@ -367,7 +367,8 @@ class DecoderBlock(nn.Module):
             # data, so one trace serves every step: (1,) as the fused kernel takes it, 0-d
             # where MLX's rope rotates several sequences (its CUDA kernel reads a (1,) offset
             # per sequence; the fused ops take one sequence)
-            offset = offset_array(offset) if x.shape[0] == 1 else offset_scalar(offset)
+            if not isinstance(offset, mx.array):  # a batch cache's offsets (B,) are data already
+                offset = offset_array(offset) if x.shape[0] == 1 else offset_scalar(offset)
         else:  # prefill and training: shapes vary, the host cost is small beside the work
             qkv, out = self._qkv, self._out
         q, k, v = qkv(x, offset)

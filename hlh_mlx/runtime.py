@@ -26,7 +26,11 @@ kernel or the built-in, with nothing of this module's Python in between. Keyword
 reach it as positional values behind a number naming their keywords (MLX hashes a
 keyword's name through Python on every call; a number costs nothing), and dynamic ones
 (rope's offset) as data first, so a new offset is not a new trace. Arguments MLX cannot
-trace (a numpy array, a stream) take the Python path below.
+trace (a numpy array, a stream), a call that raises, and an op that has made MAX_TRACES
+traces (shapes that change every call, or calls under mx.grad, mx.vmap or a user's
+mx.compile, where MLX traces every time) take the Python path below. (MLX's trace key
+holds True as 1: `precise=1` replays a `precise=True` trace where the built-in would refuse
+the int; the answer is the built-in's for True.)
 
 Arguments an op names as dynamic (rope's offset) change every call: they are not part of
 the signature and reach the kernel as data.
@@ -34,8 +38,8 @@ the signature and reach the kernel as data.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -54,6 +58,11 @@ _backend: list = [None]   # this process's back end, found once
 _slug: list = [None]      # its device's slug (the store's directory), found once
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
 MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
+# Traces an op's compiled function may make before the op goes back to the Python path: MLX
+# looks a call up by comparing it with each stored trace in turn (a call at the 2000th shape
+# of an op cost 10 us on the CPU box), and calls whose shapes change every time (attention
+# over a growing cache) would pay a trace each. Decode loops call an op at a few shapes.
+MAX_TRACES = 64
 
 
 class FallbackError(RuntimeError):
@@ -90,13 +99,14 @@ def dispatched(fn, dynamic: tuple = ()):
         return plan
     owner = _Keywords(dynamic)
     if backend() in backends.COMPILABLE:
-        owner._traced = mx.compile(lambda kid, *flat: fn(*owner.unflatten(kid, flat)[0]))
+        def traced(kid, *flat):
+            args, kwargs = owner.unflatten(kid, flat)
+            return fn(*args, **kwargs)
+        owner._traced = mx.compile(traced)
     return _hot_path(plans, decide, owner)
 
 
-# MLX's refusal of an argument it cannot trace (its message's start): the call is then
-# decided in Python instead
-_NOT_TRACEABLE = "[compile] Function arguments must be trees"
+_KEYWORDS_LOCK = threading.Lock()
 
 
 class _Keywords:
@@ -116,12 +126,14 @@ class _Keywords:
 
     def keywords(self, names: tuple) -> tuple:
         """(number, dynamic) for these keyword names: `dynamic` the (position, conversion)
-        of each dynamic argument among them."""
-        if names not in self._kw:
-            self._kw_names.append(names)
-            self._kw[names] = (len(self._kw_names) - 1, tuple((i, self._converters[n]) for i, n in enumerate(names)
-                                                              if n in self._converters))
-        return self._kw[names]
+        of each dynamic argument among them. Numbered under a lock: two threads' first
+        calls with different keywords must not share a number."""
+        with _KEYWORDS_LOCK:
+            if names not in self._kw:
+                dynamic = tuple((i, self._converters[n]) for i, n in enumerate(names) if n in self._converters)
+                self._kw_names.append(names)
+                self._kw[names] = (len(self._kw_names) - 1, dynamic)
+            return self._kw[names]
 
     def unflatten(self, kid: int, flat: tuple) -> tuple[tuple, dict]:
         names = self._kw_names[kid]
@@ -160,9 +172,11 @@ def _hot_path(plans: dict, decide, owner):
                         if data is not None:  # else the value as given (the built-in answers it)
                             values[i] = data
                 return traced(kid, *args, *values)
-            except ValueError as e:
-                if not str(e).startswith(_NOT_TRACEABLE):
-                    raise
+            except Exception:
+                # an argument MLX cannot trace (a numpy array, a stream; an int past int64
+                # MLX fails to hash) or an error in the call itself: the Python path decides
+                # it, and raises the built-in's own error where there is one
+                pass
         key = []
         for a in args:
             if type(a) is A:
@@ -510,7 +524,8 @@ class Dispatch(_Keywords):
         # the op's dynamic arguments (read from its spec on the first decision when not given:
         # ops load lazily); until then no plan exists and every lookup misses anyway
         self._dynamic_known = dynamic is not None
-        self._traces = 0  # traces of `_traced` so far (bounded as the plans are)
+        self._traces = 0        # runs of `_trace` since the compiled function was made
+        self._untraced = False  # MAX_TRACES reached: the Python path until refresh()
         self.function = _entry(self)
         _dispatches.append(self)
 
@@ -540,10 +555,9 @@ class Dispatch(_Keywords):
         """The hot path's miss: on a back end that replays kernels, the op's first call sets
         up its compiled function and goes through it (it decides there, when traced); else,
         or for arguments MLX cannot trace, the plan decided here in Python."""
-        if self._traced is None and backend() in backends.COMPILABLE:
+        if self._traced is None and not self._untraced and backend() in backends.COMPILABLE:
             # the dynamic arguments reach it as data (ops load lazily: known from here on)
             self._converters = dict(ops.get(self.op_name).dynamic)
-            self._kw, self._kw_names = {(): (0, ())}, [()]
             self._retrace()
             return self.function
         return self._plan(args, kwargs)
@@ -559,8 +573,11 @@ class Dispatch(_Keywords):
         graph alone."""
         args, kwargs = self.unflatten(kid, flat)
         self._traces += 1
-        if self._traces > MAX_PLANS:  # MLX keeps every trace of a compiled function: stay bounded
-            self._retrace()
+        if self._traces > MAX_TRACES:
+            # a trace per call (shapes that keep changing, or mx.grad/mx.vmap/a user's
+            # mx.compile around the call, where MLX traces every time): the Python path
+            # from the next call, and the traces this function holds freed with it
+            self._traced, self._untraced = None, True
         return self.plan_for(args, kwargs)(*args, **kwargs)
 
     def _serves_none(self) -> bool:
@@ -640,7 +657,8 @@ def fallbacks() -> dict:
     """{(op, reason): count} of decisions to run the built-in: a distinct call (signature)
     counts once, when it first runs, however often it runs after (its plan is then the
     built-in itself, at no cost over it); a call that cannot be remembered (an unhashable
-    argument, a trace of a user's compiled function on the emulator) counts every time; an
+    argument, a trace of a user's compiled function on the emulator) counts every time it
+    is decided (on Metal/CUDA, where an op's calls are traced, once per trace); an
     op no stored variant serves at any shape counts its first call only (every later call
     goes to the built-in with no signature, so none is decided or counted), except inside
     `recording` and `lenient` blocks, where every distinct call is.
@@ -659,7 +677,7 @@ def refresh() -> None:
     for d in _dispatches:
         d.plans.clear()
         d.fallbacks.clear()
-        d._traced = None
+        d._traced, d._untraced = None, False
     _kernels.clear()
     _backend[0] = _slug[0] = None
     _choices.clear()

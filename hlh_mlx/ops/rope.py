@@ -11,6 +11,8 @@ it as data to a plan made once (OpSpec.dynamic), never as part of the plan."""
 
 import math
 
+import threading
+
 import mlx.core as mx
 import numpy as np
 
@@ -55,7 +57,14 @@ def _builtin_for(shape):
 
 
 _positions: list = []
-_last: list = []  # [offset, its (1,) view, its 0-d view or None]: every layer of a decode step asks for the same
+class _Last(threading.local):
+    """This thread's last offset and its views: every layer of a decode step asks for the
+    same one. Per thread: a view is a graph node of the thread that made it, which another
+    thread's streams cannot evaluate (MLX raises "no Stream ... in current thread")."""
+    item: list = []   # [offset, its (1,) view, its 0-d view or None]
+
+
+_last_of = _Last()
 
 
 def dynamic_offset(offset) -> mx.array | None:
@@ -74,10 +83,11 @@ def _offset_array(offset) -> mx.array:
     in the GPU's timeline. `offset`: an int in [0, 2^24) (callers check). Shape (1,), as
     our kernels take it; MLX's own rope wants `offset_scalar` where a batch has more than
     one sequence."""
-    if _last and _last[0] == offset:  # the same step's other layers: one slice, not one each
-        return _last[1]
-    _last[:] = [offset, _table(offset)[offset:offset + 1], None]
-    return _last[1]
+    last = _last_of.item
+    if last and last[0] == offset:  # the same step's other layers: one slice, not one each
+        return last[1]
+    _last_of.item = [offset, _table(offset)[offset:offset + 1], None]
+    return _last_of.item[1]
 
 
 def offset_scalar(offset) -> mx.array:
@@ -86,9 +96,10 @@ def offset_scalar(offset) -> mx.array:
     sequence (offset[b], mlx/backend/cuda/rope.cu: the stride of a 1-d offset), so batch
     row b would turn by offset + b; a 0-d offset it broadcasts on every back end."""
     one = _offset_array(offset)
-    if _last[2] is None:
-        _last[2] = one.reshape(())
-    return _last[2]
+    last = _last_of.item
+    if last[2] is None:
+        last[2] = one.reshape(())
+    return last[2]
 
 
 def offset_input(offset: int) -> mx.array:

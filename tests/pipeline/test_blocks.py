@@ -120,3 +120,20 @@ def test_several_sequences_at_decode_give_mlx_rope_one_offset_for_all(monkeypatc
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
     decode = [ndim for batch, ndim in seen if batch == 2 and ndim is not None]
     assert decode and all(n == 0 for n in decode)  # every array offset 0-d (ints at prefill)
+
+
+def test_a_batch_caches_offsets_reach_the_block_as_data():
+    """mlx-lm's BatchKVCache holds one offset per sequence as an array: the block passes
+    it on as it is (no int of it is made) and answers as the unpatched block does."""
+    from mlx_lm.models.cache import BatchKVCache
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    block = model.model.layers[0]
+    patched = blocks.DecoderBlock(block)
+    dims = block.self_attn.q_proj.weight.shape[1] * 32 // block.self_attn.q_proj.bits
+    rng = np.random.default_rng(2)
+    caches = (BatchKVCache([0, 0]), BatchKVCache([0, 0]))
+    for t in (3, 1, 1):
+        x = mx.array(rng.standard_normal((2, t, dims)).astype(np.float32))
+        mask = "causal" if t > 1 else None
+        a, b = block(x, mask, caches[0]), patched(x, mask, caches[1])
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)

@@ -666,12 +666,66 @@ def test_traced_bad_inputs_answer_or_raise_as_the_builtin(rng, traced, some_shap
     assert tuned.softmax.dispatch._traced is not None and tuned.rope.dispatch._traced is not None
 
 
-def test_traces_stay_bounded(monkeypatch, rng, traced, some_shape_served):
-    monkeypatch.setattr(runtime, "MAX_PLANS", 2)
-    for n in range(1, 7):
+def test_an_op_that_keeps_tracing_goes_back_to_the_python_path(monkeypatch, rng, traced, some_shape_served):
+    """MLX compares a call with each stored trace in turn, and a call whose shapes change
+    every time (or one under mx.grad, where MLX traces every call) pays a trace each: past
+    MAX_TRACES the op decides in Python, with its traces freed, until refresh()."""
+    monkeypatch.setattr(runtime, "MAX_TRACES", 3)
+    d = tuned.softmax.dispatch
+    for n in range(1, 8):
         for _ in range(2):
             _same(tuned.softmax(mx.ones((n, 16)), axis=-1), mx.softmax(mx.ones((n, 16)), axis=-1))
-    assert tuned.softmax.dispatch._traces <= 2
+    assert d._traced is None and d._untraced and len(tuned.softmax.plans) == 7
+    tuned.refresh()
+    tuned.softmax(mx.ones((2, 16)), axis=-1)
+    assert d._traced is not None and not d._untraced
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    w = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    for _ in range(5):  # under mx.grad MLX traces every call
+        _same(mx.grad(lambda x: (tuned.softmax(x, axis=-1) * w).sum())(x),
+              mx.grad(lambda x: (mx.softmax(x, axis=-1) * w).sum())(x))
+    assert d._untraced and d._traced is None
+
+
+def test_dispatched_passes_keywords_on_the_traced_path(traced):
+    f = runtime.dispatched(lambda x, scale=1.0: x * scale)
+    for _ in range(2):
+        assert f(mx.ones((2,)), scale=3.0).tolist() == [3.0, 3.0]
+
+
+def test_a_call_that_fails_to_trace_raises_what_the_builtin_raises(rng, traced, some_shape_served):
+    x = mx.array(rng.standard_normal((1, 2, 1, 64)).astype(np.float32))
+    kw = dict(traditional=False, base=1e4, scale=1.0, offset=0)
+    tuned.rope(x, 64, **kw)
+    with pytest.raises(TypeError) as builtin:
+        mx.fast.rope(x, 2 ** 64, **kw)
+    with pytest.raises(TypeError) as ours:  # MLX's trace key cannot hold the int: the Python path
+        tuned.rope(x, 2 ** 64, **kw)
+    assert str(ours.value) == str(builtin.value)
+
+
+def test_offsets_made_in_one_thread_do_not_reach_another(rng, traced, some_shape_served):
+    """The views of a step's offset are per thread: a graph node made in one thread cannot
+    be evaluated by another thread's streams."""
+    import threading
+    x = mx.array(rng.standard_normal((1, 2, 1, 64)).astype(np.float32))
+    kw = dict(traditional=False, base=1e4, scale=1.0)
+    for _ in range(2):
+        mx.eval(tuned.rope(x, 64, offset=6, **kw))
+    mine = tuned.rope(x, 64, offset=7, **kw)  # made here, not evaluated yet
+    out, errors = [], []
+
+    def other():
+        try:
+            out.append(np.asarray(tuned.rope(x, 64, offset=7, **kw)))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert not errors, errors
+    np.testing.assert_allclose(out[0], np.asarray(mine), rtol=1e-6)
+    _same(mine, mx.fast.rope(x, 64, offset=7, **kw))
 
 
 def test_a_layer_goes_through_its_ops_compiled_function_where_kernels_replay(store_dir, rng, monkeypatch, traced,
