@@ -58,7 +58,7 @@ _backend: list = [None]   # this process's back end, found once
 _slug: list = [None]      # its device's slug (the store's directory), found once
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
 MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
-# Traces an op's compiled function may make before the op goes back to the Python path: MLX
+# Distinct calls an op's compiled function may trace before the op goes back to the Python path: MLX
 # looks a call up by comparing it with each stored trace in turn (a call at the 2000th shape
 # of an op cost 10 us on the CPU box), and calls whose shapes change every time (attention
 # over a growing cache) would pay a trace each. Decode loops call an op at a few shapes.
@@ -525,6 +525,7 @@ class Dispatch(_Keywords):
         # ops load lazily); until then no plan exists and every lookup misses anyway
         self._dynamic_known = dynamic is not None
         self._traces = 0        # runs of `_trace` since the compiled function was made
+        self._signatures = set()  # the distinct calls among them (bounded by MAX_TRACES)
         self._untraced = False  # MAX_TRACES reached: the Python path until refresh()
         self.function = _entry(self)
         _dispatches.append(self)
@@ -565,7 +566,7 @@ class Dispatch(_Keywords):
     def _retrace(self) -> None:
         """A new compiled function for the op's later calls: every call is traced (decided)
         again on its first run."""
-        self._traced, self._traces = mx.compile(self._trace), 0
+        self._traced, self._traces, self._signatures = mx.compile(self._trace), 0, set()
 
     def _trace(self, kid: int, *flat):
         """What `_traced` runs when MLX traces a call it has not seen: the plan (decided,
@@ -573,10 +574,16 @@ class Dispatch(_Keywords):
         graph alone."""
         args, kwargs = self.unflatten(kid, flat)
         self._traces += 1
-        if self._traces > MAX_TRACES:
-            # a trace per call (shapes that keep changing, or mx.grad/mx.vmap/a user's
-            # mx.compile around the call, where MLX traces every time): the Python path
-            # from the next call, and the traces this function holds freed with it
+        # distinct calls traced: MLX also runs this for every call under mx.grad or mx.vmap
+        # or inside another trace (a patched block's), which adds no trace to this function
+        try:
+            key = signature(args, kwargs, self._dynamic)
+        except TypeError:  # an unhashable value (a list): a trace of its own each time
+            key = self._traces
+        self._signatures.add(key)
+        if len(self._signatures) > MAX_TRACES:
+            # shapes that keep changing: the Python path from the next call, and the traces
+            # this function holds freed with it
             self._traced, self._untraced = None, True
         return self.plan_for(args, kwargs)(*args, **kwargs)
 

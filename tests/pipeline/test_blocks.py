@@ -137,3 +137,20 @@ def test_a_batch_caches_offsets_reach_the_block_as_data():
         mask = "causal" if t > 1 else None
         a, b = block(x, mask, caches[0]), patched(x, mask, caches[1])
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_tracing_their_steps_leave_the_ops_own_traces_alone(monkeypatch):
+    """Where kernels replay (here: the CPU with compile allowed, every call a built-in), a
+    block's compiled halves run each op's traced function once per layer while tracing:
+    not a new call each time, so the ops keep their traces (MAX_TRACES counts calls)."""
+    from hlh_mlx import backends, runtime
+    monkeypatch.setattr(backends, "COMPILABLE", frozenset({"emulator"}))
+    monkeypatch.setattr(runtime, "MAX_TRACES", 2)
+    tuned.refresh()
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    before = _decode(model)
+    patching.patch(model)
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    used = [d for d in runtime._dispatches if d._traces]
+    assert used and not any(d._untraced for d in used)
+    assert any(d._traces > len(d._signatures) for d in used)  # traced again inside the halves
