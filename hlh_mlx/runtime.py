@@ -26,9 +26,10 @@ kernel or the built-in, with nothing of this module's Python in between. Keyword
 reach it as positional values behind a number naming their keywords (MLX hashes a
 keyword's name through Python on every call; a number costs nothing), and dynamic ones
 (rope's offset) as data first, so a new offset is not a new trace. Arguments MLX cannot
-trace (a numpy array, a stream), a call that raises, and an op that has made MAX_TRACES
-traces (shapes that change every call, or calls under mx.grad, mx.vmap or a user's
-mx.compile, where MLX traces every time) take the Python path below. (MLX's trace key
+trace (a numpy array, a stream), a call that raises, and an op that has traced MAX_TRACES
+distinct calls (shapes that change every call) take the Python path below. Under mx.grad,
+mx.vmap or inside another trace (a user's mx.compile, a patched block's halves) MLX runs
+the trace for every call: decided from the remembered plans, and not counted as new. (MLX's trace key
 holds True as 1: `precise=1` replays a `precise=True` trace where the built-in would refuse
 the int; the answer is the built-in's for True.)
 
