@@ -320,6 +320,15 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_moe.txt"
     grep -v "Warning\|_choices\|elapsed" "$res/tune_moe.txt" | tail -40; pack
     ;;
+  qwen2det)  # where two identical greedy runs of Qwen2-7B 4-bit part (they did at 56-59 of 64),
+    # unpatched and patched: the first position, layer and part (MLP, attention/cache, head)
+    with_lm
+    for side in "" --patched; do
+      timeout 280 python benchmarks/moe_determinism.py --model qwen2-7b --layers 28 --prompt-tokens 512 \
+        --tokens 64 $side --out "$res/determinism_qwen2${side:+_patched}.json" 2>&1 | grep -v "Warning" | tail -12
+      pack
+    done
+    ;;
   freshtune|freshtune+)  # a fresh device: an empty store (freshtune; freshtune+ resumes it in the next
     # call: the call limit is 10 min), `hlh_mlx tune llama-3-8b` timed from the command on; each
     # call's seconds go to tune_llama_fresh.txt, whose sum is the time to a tuned model
@@ -341,5 +350,5 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det" >&2; exit 2 ;;
 esac

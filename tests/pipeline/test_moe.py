@@ -290,6 +290,26 @@ def test_the_determinism_probe_finds_where_two_runs_part():
     e = copy.deepcopy(b)
     e["logits"][1] = e["logits"][1] * 2
     assert probe.first_difference(a, e)["kind"] == "logits only"
+    f = copy.deepcopy(b)
+    f["blocks"][1][1] = f["blocks"][1][1] + 1e-3  # the MoE output the same: attention or the cache
+    assert probe.first_difference(a, f) | {"max_abs_difference": None} == \
+        {"position": 1, "layer": 1, "kind": "block output bits (its MLP's the same)", "max_abs_difference": None}
+    assert type(model.model.layers[0]).__name__ == "Qwen2MoeDecoderLayer" and not probe._BLOCK_LOGS  # as it was
+
+
+def test_the_determinism_probe_takes_dense_and_patched_models():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_moe_determinism", ROOT / "benchmarks" / "moe_determinism.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model, _ = models.load("tiny-qwen2", bits=4)
+    a, b = probe.run_once(model, [3, 1, 4], 3), probe.run_once(model, [3, 1, 4], 3)
+    assert probe.first_difference(a, b) is None and a["layers"][0][0][0] is None  # no experts in a dense MLP
+    b["layers"][0][2] = (None, b["layers"][0][2][1] + 1e-3)
+    assert probe.first_difference(a, b)["kind"] == "MLP output bits"
+    patching.patch(model)
+    a = probe.run_once(model, [3, 1, 4], 3)
+    assert len(a["blocks"][0]) == 3 and a["tokens"] == probe.run_once(model, [3, 1, 4], 3)["tokens"]
 
 
 def test_training_runs_the_experts_as_they_are(monkeypatch):
