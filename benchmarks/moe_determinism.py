@@ -139,7 +139,8 @@ def main(argv=None):
     prompt = validate.random_prompt(model, about, a.prompt_tokens)
     runs = [run_once(model, prompt, a.tokens) for _ in range(2)]
     diff = first_difference(*runs)
-    result = {"device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"), "mlx": mx.__version__, "model": a.model, "patched": a.patched, "layers": len(layers), "tokens": a.tokens,
+    result = {"device": str(mx.default_device()), "date": time.strftime("%Y-%m-%d %H:%M"), "mlx": mx.__version__,
+              "model": a.model, "patched": a.patched, "layers": len(layers), "tokens": a.tokens,
               "tokens_equal": runs[0]["tokens"] == runs[1]["tokens"], "first_difference": diff}
     print(json.dumps(result, indent=1))
     if a.out:

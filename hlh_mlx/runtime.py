@@ -29,9 +29,9 @@ keyword's name through Python on every call; a number costs nothing), and dynami
 trace (a numpy array, a stream), a call that raises, and an op that has traced MAX_TRACES
 distinct calls (shapes that change every call) take the Python path below. Under mx.grad,
 mx.vmap or inside another trace (a user's mx.compile, a patched block's halves) MLX runs
-the trace for every call: decided from the remembered plans, and not counted as new. (MLX's trace key
-holds True as 1: `precise=1` replays a `precise=True` trace where the built-in would refuse
-the int; the answer is the built-in's for True.)
+the trace for every call: decided from the remembered plans, and not counted as new.
+(MLX's trace key holds True as 1: `precise=1` replays a `precise=True` trace where the
+built-in would refuse the int; the answer is the built-in's for True.)
 
 Arguments an op names as dynamic (rope's offset) change every call: they are not part of
 the signature and reach the kernel as data.
@@ -59,10 +59,10 @@ _backend: list = [None]   # this process's back end, found once
 _slug: list = [None]      # its device's slug (the store's directory), found once
 _choices: dict = {}       # (op, shape, dtype) -> select.Choice
 MAX_PLANS = 4096          # e.g. one per sequence length of a prefill: stay bounded
-# Distinct calls an op's compiled function may trace before the op goes back to the Python path: MLX
-# looks a call up by comparing it with each stored trace in turn (a call at the 2000th shape
-# of an op cost 10 us on the CPU box), and calls whose shapes change every time (attention
-# over a growing cache) would pay a trace each. Decode loops call an op at a few shapes.
+# Distinct calls an op's compiled function may trace before the op goes back to the Python
+# path: MLX looks a call up by comparing it with each stored trace in turn (a call at the
+# 2000th shape of an op cost 10 us on the CPU box), and calls whose shapes change every time
+# (attention over a growing cache) would pay a trace each. Decode loops use a few shapes.
 MAX_TRACES = 64
 
 

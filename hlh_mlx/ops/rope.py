@@ -10,7 +10,6 @@ variant serves every base, offset and both layouts (offsets are exact in float32
 it as data to a plan made once (OpSpec.dynamic), never as part of the plan."""
 
 import math
-
 import threading
 
 import mlx.core as mx
@@ -57,6 +56,8 @@ def _builtin_for(shape):
 
 
 _positions: list = []
+
+
 class _Last(threading.local):
     """This thread's last offset and its views: every layer of a decode step asks for the
     same one. Per thread: a view is a graph node of the thread that made it, which another
