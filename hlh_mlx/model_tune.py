@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class Tuning:
     swept: list = field(default_factory=list)      # (op, shape text, dtype, passed, failed)
     skipped: list = field(default_factory=list)    # (op, shape text, dtype, why)
     decisions: dict = field(default_factory=dict)  # "op shape dtype" -> what runs and why
+    seconds: float = 0.0                           # from the patch to the decisions printed
 
 
 def record_calls(model, prompt_tokens: int, decode_tokens: int = 3, seed: int = 0) -> list[tuple]:
@@ -40,6 +42,7 @@ def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: s
          progress=None, notify=print) -> Tuning:
     """Patch `model` (in place), record its calls, sweep them, decide again. `progress(total,
     label)`: a context manager with `update(n)` for each sweep (hlh_mlx.progress.Progress)."""
+    start = time.monotonic()
     be = backends.resolve(backend)
     report = patching.patch(model)
     notify(f"patched: {len(report.replaced)} layer(s) replaced, {len(report.kept)} kept")
@@ -68,6 +71,7 @@ def tune(model, *, prompt_tokens: int = 512, budget: int | None = 12, backend: s
             out.swept.append((op, spec.shape_str(s), dtype, *tally(records, s)))
     record_calls(model, prompt_tokens)  # decided again, with what the sweeps stored
     out.decisions = {f"{op} {shape} {dtype}": what for (op, shape, dtype), what in runtime.decisions().items()}
+    out.seconds = time.monotonic() - start
     return out
 
 
@@ -82,7 +86,8 @@ def tally(records: list[dict], shape: dict) -> tuple[int, int]:
 
 
 def summary(t: Tuning) -> str:
-    lines = [f"{len(t.calls)} distinct tuned call(s) in one generation"]
+    lines = [f"{len(t.calls)} distinct tuned call(s) in one generation; recorded, swept and decided in "
+             f"{t.seconds:.0f} s"]
     for op, shape, dtype, ok, bad in t.swept:
         lines.append(f"  swept {op} {shape} {dtype}: {ok} variant(s) correct, {bad} failed" if ok + bad else
                      f"  not swept {op} {shape} {dtype}: no variant of its templates runs at this shape")

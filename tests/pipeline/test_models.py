@@ -3,6 +3,7 @@ unpatched and patched model compared, rates and JSON written), `hlh_mlx tune` (t
 own calls recorded and swept, resumable) and checkpoint loading."""
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -160,6 +161,7 @@ def test_tune_command_shows_progress_and_the_result(store_dir):
     r = CliRunner().invoke(main, ["tune", "tiny-qwen3", "--layers", "1", "--prompt-tokens", "6", "--budget", "1"])
     assert r.exit_code == 0, r.output
     assert "what the patched model runs now:" in r.output and "distinct tuned call(s)" in r.output
+    assert re.search(r"recorded, swept and decided in \d+ s", r.output)
     assert "qgemv_swiglu float16 at 256x128x64: 1/1 (100%)" in r.output  # progress when piped, per sweep
     (store_dir.parent / "ck").mkdir()
     (store_dir.parent / "ck" / "config.json").write_text("{}")
