@@ -66,6 +66,14 @@ with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-ml
   done
   python -c "import mlx_lm.generate" || echo "mlx-lm does not import: carry .device-mlx/lm (or lm1, then lm2)"
 }
+timed_tune() {  # timed_tune SECONDS FILE MODEL: `hlh_mlx tune MODEL --bits 4 --budget 8`, its output and
+  # its wall seconds appended to $res/FILE (a call cut by the limit resumes in the next)
+  local secs=$1 file=$2 model=$3 start
+  start=$(date +%s)
+  timeout "$secs" python -m hlh_mlx tune "$model" --bits 4 --budget 8 --timeout 60 >> "$res/$file" 2>&1
+  echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/$file"
+  grep -v "Warning\|_choices\|elapsed" "$res/$file" | tail -30
+}
 picks() { local o=(); for v in "$@"; do o+=(--variant "$v"); done; echo "${o[@]}"; }
 qkv_trig() {  # qkv_trig SECONDS: norm_qkv_rope's two leading plans, each with both sin/cos (TRIG)
   sweep norm_qkv_rope "$1" --template splitk --budget 1 --shape 4096x1024x4096x64x128 \
@@ -314,11 +322,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     ;;
   moetune)  # hlh_mlx tune on Qwen1.5-MoE-A2.7B 4-bit (the store as shipped), timed; resumes when run again
     with_lm
-    start=$(date +%s)
-    timeout "${TUNE_SECONDS:-420}" python -m hlh_mlx tune qwen1.5-moe-a2.7b --bits 4 --budget 8 --timeout 60 \
-      > "$res/tune_moe.txt" 2>&1
-    echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_moe.txt"
-    grep -v "Warning\|_choices\|elapsed" "$res/tune_moe.txt" | tail -40; pack
+    timed_tune "${TUNE_SECONDS:-420}" tune_moe.txt qwen1.5-moe-a2.7b; pack
     ;;
   qwen2det)  # where two identical greedy runs of Qwen2-7B 4-bit part (they did at 56-59 of 64),
     # unpatched and patched: the first position, layer and part (MLP, attention/cache, head)
@@ -337,12 +341,8 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     [ "$1" = freshtune ] && { rm -rf "$fresh"; : > "$res/tune_llama_fresh.txt"; }
     mkdir -p "$fresh"
     export HLH_MLX_VARIANTS="$fresh" HLH_MLX_SHIPPED=0  # the checkout's variants/ count as shipped: left out
-    start=$(date +%s)
     echo "== $1 $(date -u +%FT%TZ)" >> "$res/tune_llama_fresh.txt"
-    timeout "${TUNE_SECONDS:-530}" python -m hlh_mlx tune llama-3-8b --bits 4 --budget 8 --timeout 60 \
-      >> "$res/tune_llama_fresh.txt" 2>&1
-    echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/tune_llama_fresh.txt"
-    grep -v "Warning\|_choices" "$res/tune_llama_fresh.txt" | tail -30
+    timed_tune "${TUNE_SECONDS:-530}" tune_llama_fresh.txt llama-3-8b
     rm -rf "$res/fresh-store"; mkdir -p "$res/fresh-store"; cp -r "$fresh"/. "$res/fresh-store/"; pack
     ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else

@@ -531,11 +531,14 @@ class Dispatch(_Keywords):
         self.function = _entry(self)
         _dispatches.append(self)
 
-    def _plan(self, args, kwargs):
+    def _plan(self, args, kwargs, key=None):
+        """The plan for these arguments, remembered per signature (`key`: theirs, where the
+        caller has built it)."""
         if not self._dynamic_known:
             self._dynamic, self._dynamic_known = tuple(ops.get(self.op_name).dynamic), True
         try:
-            key = signature(args, kwargs, self._dynamic)
+            if key is None:
+                key = signature(args, kwargs, self._dynamic)
             return self.plans[key]
         except KeyError:  # first call with this signature
             pass
@@ -558,8 +561,10 @@ class Dispatch(_Keywords):
         up its compiled function and goes through it (it decides there, when traced); else,
         or for arguments MLX cannot trace, the plan decided here in Python."""
         if self._traced is None and not self._untraced and backend() in backends.COMPILABLE:
-            # the dynamic arguments reach it as data (ops load lazily: known from here on)
-            self._converters = dict(ops.get(self.op_name).dynamic)
+            # the dynamic arguments reach it as data, and its traces build signatures with
+            # them (ops load lazily: known from here on)
+            dynamic = ops.get(self.op_name).dynamic
+            self._converters, self._dynamic, self._dynamic_known = dict(dynamic), tuple(dynamic), True
             self._retrace()
             return self.function
         return self._plan(args, kwargs)
@@ -577,16 +582,16 @@ class Dispatch(_Keywords):
         self._traces += 1
         # distinct calls traced: MLX also runs this for every call under mx.grad or mx.vmap
         # or inside another trace (a patched block's), which adds no trace to this function
+        key = signature(args, kwargs, self._dynamic)
         try:
-            key = signature(args, kwargs, self._dynamic)
+            self._signatures.add(key)
         except TypeError:  # an unhashable value (a list): a trace of its own each time
-            key = self._traces
-        self._signatures.add(key)
+            self._signatures.add(self._traces)
         if len(self._signatures) > MAX_TRACES:
             # shapes that keep changing: the Python path from the next call, and the traces
             # this function holds freed with it
             self._traced, self._untraced = None, True
-        return self.plan_for(args, kwargs)(*args, **kwargs)
+        return self.plan_for(args, kwargs, key)(*args, **kwargs)
 
     def _serves_none(self) -> bool:
         """Whether every call of this op runs the built-in here, and may do so with no
@@ -601,12 +606,12 @@ class Dispatch(_Keywords):
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
 
-    def plan_for(self, args: tuple, kwargs: dict):
+    def plan_for(self, args: tuple, kwargs: dict, key=None):
         """The plan these arguments would run (for callers that remember it themselves, like
         a layer whose weights and settings do not change between calls): for a fallback the
         built-in itself, strict mode checked (FallbackError) and the fallback counted here.
-        Valid while `generation` is unchanged."""
-        plan = self._plan(args, kwargs)
+        Valid while `generation` is unchanged. `key`: their signature, where built already."""
+        plan = self._plan(args, kwargs, key)
         return plan.settle() if type(plan) is _Fallback else plan
 
     def __repr__(self) -> str:

@@ -762,3 +762,12 @@ def test_a_traced_builtin_gets_rope_offsets_it_broadcasts(rng, monkeypatch, trac
         kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
         _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
     assert seen == [0] and tuned.rope.dispatch._traces == 1
+
+
+def test_a_traced_call_with_a_list_argument_is_traced_once(rng, traced, some_shape_served, resolves):
+    """A list of ints is a constant MLX's trace key holds: the call is traced once and
+    replayed (its plan, unhashable, is decided at the trace), not tried and failed each time."""
+    x = mx.array(rng.standard_normal((3, 16)).astype(np.float32))
+    for _ in range(4):
+        _same(tuned.softmax(x, axis=[-1]), mx.softmax(x, axis=[-1]))
+    assert tuned.softmax.dispatch._traces == 1 and resolves == ["softmax"]
