@@ -20,14 +20,15 @@ q/k/v only, as Qwen2's) runs as fused ops, each a tuned kernel where one beats t
 it replaces (else the half runs unfused):
 
     pre:  q, k, v = norm_qkv_rope(x, ...)          # norm, q/k/v projections, RoPE: 6 launches -> 1
+          q, k = qk_norm_rope(q, k, ...)           # Qwen3: the projections unrotated above (offset
+                                                   #   0), then the heads' norms and RoPE: 4 -> 1
     post: h = qgemv_add(o, Wo, x)                  # o projection + residual: 3 -> 1 (o as attention
                                                    #   leaves it: no reshape)
           y = norm_qgemv_swiglu(h, ...)            # norm, gate, up, SwiGLU: 4 -> 1 (or -> 2:
                                                    #   rms_norm, qgemv_swiglu, if cheaper)
           out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
 
-A half the fused ops do not take (q/k norms, other quantizations or RoPE scalings; an MoE
-MLP, whose routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with
+A half the fused ops do not take (other quantizations or RoPE scalings; an MoE MLP, whose routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with
 the residual add and the second norm as one op (`add_rms_norm`).
 
 The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
@@ -137,6 +138,7 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_fused", fused)
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_freqs", None)  # RoPE's freqs for the fully fused step
+        object.__setattr__(self, "_zero", None)   # offset 0 (norm_qkv_rope unrotated, before head norms)
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
         object.__setattr__(self, "_moe_fused", False)  # decode: routing and experts as fused ops (hlh_mlx.moe)
@@ -198,13 +200,12 @@ class DecoderBlock(nn.Module):
 
     def why_not_fused_pre(self) -> str | None:
         """None when the pre half can run as norm_qkv_rope (4-bit affine q/k/v projections,
-        with or without biases, an RMSNorm, a RoPE the kernel takes), else why not."""
+        with or without biases, an RMSNorm, a RoPE the kernel takes), followed by
+        qk_norm_rope where the heads have norms of their own (Qwen3), else why not."""
         why = self._why_not_fused("norm_qkv_rope")
         if why:
             return why
         a = self["self_attn"]
-        if "q_norm" in a:
-            return "queries and keys have norms of their own (q_norm, k_norm)"
         why = _why_not_4bit([a[k] for k in ("q_proj", "k_proj", "v_proj")], biases=True)
         if why:
             return why
@@ -212,6 +213,10 @@ class DecoderBlock(nn.Module):
             return f"input_layernorm is a {type(self['input_layernorm']).__name__}, not an RMSNorm"
         if self._head_dim() is None:
             return "q_proj's outputs are not n_heads whole heads"
+        if "q_norm" in a:
+            why = self._why_not_fused("qk_norm_rope") or self._why_not_head_norms()
+            if why:
+                return why
         if rope_freqs(a.rope, self._head_dim()) is None:
             return (f"RoPE {type(a.rope).__name__} (dims {getattr(a.rope, 'dims', '?')}, "
                     f"traditional {getattr(a.rope, 'traditional', '?')}) is not one the fused kernel takes")
@@ -231,6 +236,20 @@ class DecoderBlock(nn.Module):
             return why
         if not isinstance(self["post_attention_layernorm"], nn.RMSNorm):
             return f"post_attention_layernorm is a {type(self['post_attention_layernorm']).__name__}, not an RMSNorm"
+        return None
+
+    def _why_not_head_norms(self) -> str | None:
+        """None when q_norm and k_norm are what qk_norm_rope computes: RMSNorms over a head
+        (weights of head_dim) with one eps between them."""
+        a = self["self_attn"]
+        norms = [a[k] if k in a else None for k in ("q_norm", "k_norm")]
+        if not all(isinstance(n, nn.RMSNorm) for n in norms):
+            return "the queries' and keys' norms are not both RMSNorms (q_norm, k_norm)"
+        d = self._head_dim()
+        if any(n["weight"].shape != (d,) for n in norms):
+            return f"the queries' and keys' norms are not over a head of {d} values"
+        if norms[0].eps != norms[1].eps:
+            return f"the queries' and keys' norms have different eps ({norms[0].eps}, {norms[1].eps})"
         return None
 
     def _why_not_fused(self, *op_names) -> str | None:
@@ -265,11 +284,24 @@ class DecoderBlock(nn.Module):
         return ((h, norm["weight"], norm.eps, *_packed(mlp.gate_proj), *_packed(mlp.up_proj)),
                 {"group_size": mlp.gate_proj.group_size, "bits": 4})
 
+    def _head_norm_call(self, q, k, offset):
+        """qk_norm_rope's arguments (Qwen3's q_norm and k_norm, then RoPE)."""
+        a = self["self_attn"]
+        return (q, k, a.q_norm["weight"], a.k_norm["weight"], a.q_norm.eps, self._freqs, offset,
+                self._head_dim()), {}
+
     def _qkv_fused(self, x, offset):
         """Decode only (one token): the fused norm, q/k/v projections and RoPE, q/k/v made
-        (1, heads, 1, head_dim) by the kernel itself (no view nodes)."""
-        args, kw = self._qkv_call(x, offset)
-        return tuned.norm_qkv_rope.no_grad(*args, **kw)
+        (1, heads, 1, head_dim) by the kernel itself (no view nodes). With head norms (Qwen3)
+        the projections come unrotated (offset 0 turns nothing: cos 1, sin 0, exactly) and
+        qk_norm_rope norms and rotates them."""
+        head_norms = "q_norm" in self["self_attn"]
+        args, kw = self._qkv_call(x, self._zero if head_norms else offset)
+        q, k, v = tuned.norm_qkv_rope.no_grad(*args, **kw)
+        if head_norms:
+            args, kw = self._head_norm_call(q, k, offset)
+            q, k = tuned.qk_norm_rope.no_grad(*args, **kw)
+        return q, k, v
 
     def _out_fused(self, x, o):
         """Decode only: o projection + residual, norm + gate + up + SwiGLU, down + residual.
@@ -303,6 +335,14 @@ class DecoderBlock(nn.Module):
         if can_pre:
             args, kw = self._qkv_call(x, offset_array(0))
             pre = runtime.serves("norm_qkv_rope", *args, **kw)
+            if "q_norm" in self["self_attn"]:
+                # asked (so `hlh_mlx tune` sweeps it), but not a condition: with only
+                # norm_qkv_rope tuned, its built-in (two norms, two ropes) still leaves the
+                # half fewer launches than unfused
+                d, a = self._head_dim(), self["self_attn"]
+                q1, k1 = (mx.zeros((1, n // d, 1, d), x.dtype) for n in (a.q_proj.weight.shape[0],
+                                                                      a.k_proj.weight.shape[0]))
+                runtime.serves("qk_norm_rope", *self._head_norm_call(q1, k1, offset_array(0))[0])
         if not can_post:
             return pre, False, False
         o, dn = self["self_attn"].o_proj, self["mlp"].down_proj
@@ -345,8 +385,12 @@ class DecoderBlock(nn.Module):
             pre, post = self._qkv, self._out
             if self.why_not_fused_pre() is None:
                 freqs = rope_freqs(a.rope, self._head_dim())
-                mx.eval(freqs)  # a constant of the trace: unevaluated, its graph would run every step
+                # constants of the trace: unevaluated, their graphs would run every step (the
+                # zero offset a view into device memory, as every offset the kernels read)
+                zero = offset_array(0)
+                mx.eval(freqs, zero)
                 object.__setattr__(self, "_freqs", freqs)
+                object.__setattr__(self, "_zero", zero)
             fused_pre, fused_post, mlp_fused = self._fused_steps_that_pay(x)
             if self.mlp_form is not None:  # set by hand (an A/B measurement): not the store's pick
                 mlp_fused = self.mlp_form == "fused"

@@ -46,7 +46,8 @@ def test_rope_freqs_refuse_what_the_kernel_does_not_rotate():
     assert blocks.rope_freqs(yarn, 64) is None                           # scales its output too
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])  # Qwen2: q/k/v projections with biases
+# Qwen2: q/k/v projections with biases; Qwen3: heads with norms of their own (qk_norm_rope)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2)])
 def test_llama_blocks_decode_through_the_four_fused_ops(name, dtype, tol):
     model, _ = models.load(name, bits=4, dtype=dtype)
@@ -64,6 +65,10 @@ def test_llama_blocks_decode_through_the_four_fused_ops(name, dtype, tol):
     called = {op: shape for op, shape, _ in runtime.decided_calls()}
     assert called["norm_qkv_rope"]["K"] == 128 and called["norm_qkv_rope"]["D"] == 32
     assert called["norm_qkv_rope"]["B"] == (name == "tiny-qwen2")
+    if name == "tiny-qwen3":
+        assert called["qk_norm_rope"] == {"NQ": 128, "NK": 64, "D": 32}
+    else:
+        assert "qk_norm_rope" not in called
     assert called["qgemv_add"]["N"] == 128 and {called["qgemv_add"]["K"]} <= {128, 256}
     assert called["norm_qgemv_swiglu"]["N"] == 256
 
@@ -80,7 +85,6 @@ def test_the_fused_step_follows_the_offset_through_one_trace():
 
 
 @pytest.mark.parametrize("name,reason", [
-    ("tiny-qwen3", "the MLP half fuses; not the attention input: queries and keys have norms of their own"),
     ("tiny-qwen2-moe", "routing and routed experts fusable (moe_route, moe_qgemv_swiglu and moe_qgemv_combine"),
 ])
 def test_other_blocks_say_why_they_are_partly_fused(name, reason):
@@ -265,12 +269,13 @@ def test_the_fused_post_half_keeps_the_tokens_shape(store_dir, monkeypatch):
     np.testing.assert_allclose(np.asarray(out), np.asarray(b._out(x, o)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatch, name):
     """With a variant serving norm_qkv_rope (its Metal template on the emulator), the pre half
     is that one call: the token goes in as (1, 1, dims) and q, k, v come out (1, heads, 1,
     head_dim) from the kernel, no view nodes around it, with the unfused half's values
-    (Qwen2's: the kernel adds the q/k/v projections' biases)."""
+    (Qwen2's: the kernel adds the q/k/v projections' biases). Qwen3's heads have norms of
+    their own: two calls, norm_qkv_rope unrotated and qk_norm_rope on its q and k as they come."""
     from hlh_mlx import runtime, templates, variants
 
     from .test_tuned import write
@@ -279,12 +284,20 @@ def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatc
     biased = int(name == "tiny-qwen2")
     write(store_dir, "norm_qkv_rope", {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": biased}, "float32",
           variants.make(t, {"NSG": 2, "PW": 2}), ms=0.5, base_ms=1.0)
+    head_norms = name == "tiny-qwen3"
+    if head_norms:
+        t = next(t for t in templates.discover("qk_norm_rope") if t.backend == "metal")
+        write(store_dir, "qk_norm_rope", {"NQ": 128, "NK": 64, "D": 32}, "float32",
+              variants.make(t, {"NSG": 2, "REG": 1}), ms=0.5, base_ms=1.0)
     tuned.refresh()
     model, _ = models.load(name, bits=4, dtype="float32")
+    attn = model.model.layers[0].self_attn
     if biased:  # large enough that a kernel dropping one is far outside the tolerance below
         for p in ("q_proj", "k_proj", "v_proj"):
-            proj = model.model.layers[0].self_attn[p]
-            proj.bias = mx.random.normal(proj.bias.shape, key=mx.random.key(7))
+            attn[p].bias = mx.random.normal(attn[p].bias.shape, key=mx.random.key(7))
+    if head_norms:  # norm weights of their own (random models start them at 1)
+        for i, n in enumerate(("q_norm", "k_norm")):
+            attn[n].weight = 1 + 0.5 * mx.random.normal((32,), key=mx.random.key(11 + i))
     patching.patch(model)
     b = model.model.layers[0]
     x = mx.random.normal((1, 1, 128), key=mx.random.key(3))
@@ -297,7 +310,30 @@ def test_the_fused_pre_half_makes_attentions_layout_itself(store_dir, monkeypatc
     tuned.refresh()
     from hlh_mlx.ops.rope import _offset_array
     got = b._qkv_fused(x, _offset_array(9))
-    assert len(bound) == 1 and bound[0].inputs[0] is x and bound[0].shape["B"] == biased
+    assert len(bound) == 1 + head_norms and bound[0].inputs[0] is x and bound[0].shape["B"] == biased
+    if head_norms:  # q and k straight from the first kernel, in attention's layout
+        assert [a.shape for a in bound[1].inputs[:2]] == [(1, 4, 1, 32), (1, 2, 1, 32)]
+        assert bound[1].shape == {"NQ": 128, "NK": 64, "D": 32}
     assert [o.shape for o in got] == [(1, 4, 1, 32), (1, 2, 1, 32), (1, 2, 1, 32)] and tuned.fallbacks() == {}
     for g, w in zip(got, b._qkv(x, 9)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda a: setattr(a, "k_norm", nn.LayerNorm(32)), "not both RMSNorms (q_norm, k_norm)"),
+    (lambda a: setattr(a.k_norm, "eps", 1e-3), "different eps (1e-06, 0.001)"),
+])
+def test_head_norms_the_fused_op_does_not_compute_keep_the_attention_input_unfused(change, reason):
+    """qk_norm_rope is an RMSNorm over each head with one eps for q and k: other head norms
+    keep the attention input as the children compute it, said so, with the same logits."""
+    model, _ = models.load("tiny-qwen3", bits=4, dtype="float32")
+    for layer in model.model.layers:
+        change(layer.self_attn)
+    before = _decode(model)
+    report = patching.patch(model)
+    notes = [n for _, n in report.notes]
+    assert notes and all(f"the MLP half fuses; not the attention input: the queries' and keys' norms" in n
+                         and reason in n for n in notes), report
+    _always_fused(model.model.layers)
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
+    assert "qk_norm_rope" not in {op for op, _, _ in runtime.decided_calls()}

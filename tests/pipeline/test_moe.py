@@ -193,9 +193,9 @@ def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
     layers = model.model.layers
     assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
     # Qwen2-MoE's attention input (q/k/v with biases) is norm_qkv_rope's too; Qwen3-MoE's
-    # queries and keys have norms of their own
+    # queries and keys have norms of their own: qk_norm_rope's after it
     attention = ("; the attention input (norm_qkv_rope) too" if name == "tiny-qwen2-moe" else
-                 "; not the attention input (queries and keys have norms of their own (q_norm, k_norm))")
+                 "; the attention input (norm_qkv_rope, qk_norm_rope) too")
     assert [n for _, n in report.notes] == [patching.MOE_FUSABLE + attention] * len(layers), report
     _always_fused(layers)
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
@@ -204,8 +204,10 @@ def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
     called = {op: shape for op, shape, _ in runtime.decided_calls()}
     if name == "tiny-qwen2-moe":  # the pre half ran as the one call, with the projections' biases
         assert called["norm_qkv_rope"] == {"NQ": 128, "NK": 128, "K": 128, "G": 64, "D": 32, "B": 1}
-    else:
-        assert "norm_qkv_rope" not in called
+        assert "qk_norm_rope" not in called
+    else:  # two calls: the projections, then the heads' norms and RoPE
+        assert called["norm_qkv_rope"] == {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": 0}
+        assert called["qk_norm_rope"] == {"NQ": 128, "NK": 64, "D": 32}
     assert called[UP] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
     assert called[DOWN] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
     assert {op for op, _ in tuned.fallbacks()} >= {UP, DOWN}  # the compositions, as said
