@@ -26,6 +26,7 @@
 #   bash benchmarks/device_fused.sh forced   # the three families validated with the teacher-forced logit check
 #   bash benchmarks/device_fused.sh freshtune # tune Llama-3-8B from an empty store, timed (freshtune+:
 #     resume it in the next call; freshvalidate: validate what it stored)
+#   bash benchmarks/device_fused.sh qwen3    # qk_norm_rope checked and swept on the GPU, Qwen3-8B tuned, validated
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -345,10 +346,19 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timed_tune "${TUNE_SECONDS:-530}" tune_llama_fresh.txt llama-3-8b
     rm -rf "$res/fresh-store"; mkdir -p "$res/fresh-store"; cp -r "$fresh"/. "$res/fresh-store/"; pack
     ;;
+  qwen3)  # Qwen3's attention input as norm_qkv_rope + qk_norm_rope: qk_norm_rope's CUDA template
+    # checked on the GPU (every variant, edge shapes, twice for identical bits), swept at
+    # Qwen3-8B's decode shape, then `tune qwen3-8b` (its other calls) and validate; ~9 min
+    with_lm
+    timeout 120 python -m hlh_mlx check qk_norm_rope --backend cuda 2>&1 | tail -4 | tee "$res/check_qk_norm_rope.txt"
+    sweep qk_norm_rope 90 --template heads --budget 6 --shape 4096x1024x128 $(picks WPB=2,VP=2,TRIG=32 WPB=4,VP=2,TRIG=32)
+    timed_tune 200 tune_qwen3.txt qwen3-8b; pack
+    run_validate 240 validate_qwen3-8b-4bit.json qwen3-8b --bits 4 --tokens 64 --repeats 2
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3" >&2; exit 2 ;;
 esac
