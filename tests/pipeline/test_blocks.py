@@ -69,6 +69,23 @@ def test_weights_loaded_after_patching_are_used():
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(_decode(twin)), rtol=1e-4, atol=1e-4)
 
 
+def test_a_weight_assigned_after_the_step_was_traced_is_used():
+    """The compiled halves take the modules' arrays as inputs on every call: a weight
+    assigned after the step was traced is used, and so is an edit in place (the same array
+    object, new values), which a trace holding the weights as constants would miss."""
+    model, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    twin, _ = models.load("tiny-llama", bits=4, dtype="float32")
+    patching.patch(model)
+    _decode(model)  # traced
+    for m in (model, twin):
+        norm = m.model.layers[1].post_attention_layernorm
+        norm.weight = norm.weight * 3 - 1  # lazy: evaluated before it is traced
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(_decode(twin)), rtol=1e-4, atol=1e-4)
+    for m in (model, twin):
+        m.model.layers[0].input_layernorm.weight[:7] = 0.25
+    np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(_decode(twin)), rtol=1e-4, atol=1e-4)
+
+
 def test_unquantized_blocks_keep_their_own_step_and_get_patched_layers():
     model, _ = models.load("tiny-llama", bits=16, dtype="float32")
     report = patching.patch(model)
