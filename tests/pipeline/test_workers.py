@@ -293,15 +293,16 @@ def test_a_ray_task_whose_worker_dies_runs_again(ray_cluster, store_dir, tmp_pat
 
 
 # logs its pid and the kind of each request
-# answers a ping after 2 s, as a real worker answers once it has loaded MLX and hlh_mlx: the
+# answers a ping after 6 s, as a real worker answers once it has loaded MLX and hlh_mlx: the
 # two slots' warm-ups overlap, so Ray runs them in two workers (an instant answer would let
-# one Ray worker take both, one after the other)
+# one Ray worker take both, one after the other; so did 2 s once on a loaded CI box, where
+# Ray's second worker took longer than that to start)
 STARTS = textwrap.dedent("""
     import json, os, sys, time
     for line in sys.stdin:
         kind = json.loads(line)['kind']
         if kind == "ping":
-            time.sleep(2)
+            time.sleep(6)
         with open(sys.argv[1], "a") as f:
             f.write(f"{os.getpid()} {kind}\\n")
         sys.stdout.write(json.dumps({"status": "ok", "checks": []}) + "\\n")
