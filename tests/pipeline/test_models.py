@@ -163,6 +163,9 @@ def test_tune_command_shows_progress_and_the_result(store_dir):
     assert "what the patched model runs now:" in r.output and "distinct tuned call(s)" in r.output
     assert re.search(r"recorded, swept and decided in \d+ s", r.output)
     assert "qgemv_swiglu float16 at 256x128x64: 1/1 (100%)" in r.output  # progress when piped, per sweep
+    # Qwen3's attention input: the projections, then the heads' norms and RoPE, each swept
+    assert "norm_qkv_rope float16 at 128x64x128x64x32x0: 1/1 (100%)" in r.output
+    assert "qk_norm_rope float16 at 128x64x32: 1/1 (100%)" in r.output
     (store_dir.parent / "ck").mkdir()
     (store_dir.parent / "ck" / "config.json").write_text("{}")
     r = CliRunner().invoke(main, ["validate", str(store_dir.parent / "ck"), "--bits", "4"])
