@@ -1,5 +1,6 @@
 """norm_qkv_rope: the attention input of a Llama decoder block at decode, in one launch:
-h = rms_norm(x, norm_w, eps) (rounded to the dtype, as mx.fast.rms_norm returns it);
+h = rms_norm(x, norm_w, eps) (in float32, rounded once to the dtype; mx.fast.rms_norm also
+rounds before the weight, an ulp apart in about one element of four in half precision);
 q, k, v = h @ dequantize(W).T for three 4-bit affine quantized weights in MLX's format (as
 qgemv: w (N, K/8) uint32, scales and biases (N, K/G) in x's dtype, one group size G), each
 rounded to the dtype as mx.quantized_matmul returns it; then RoPE (non-traditional: within

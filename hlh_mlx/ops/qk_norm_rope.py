@@ -17,8 +17,9 @@ as data (OpSpec.dynamic, as rope's), so one plan serves every step. Outputs q an
 shapes given.
 
 Rounding: as the built-ins round: each head normalised in float32 (x * rsqrt(mean(x^2) +
-eps) * w) and rounded once to the dtype (what mx.fast.rms_norm returns), then rotated in
-float32 and rounded once (mx.fast.rope)."""
+eps)), rounded to the dtype, times the weight rounded again (mx.fast.rms_norm rounds twice
+so on every back end: the same bits but for the sum's order), then rotated in float32 and
+rounded once (mx.fast.rope)."""
 
 import mlx.core as mx
 
@@ -52,11 +53,14 @@ def _rope32(y, freqs, offset):
 
 
 def _normed(t, w, eps):
-    """Each head of t (1, H*D) RMS-normed in float32 with w, rounded once to t's dtype."""
+    """Each head of t (1, H*D) RMS-normed as mx.fast.rms_norm does it: x * rsqrt(mean(x^2) +
+    eps) in float32 rounded to t's dtype, then times w rounded again (a product of two
+    values of the dtype is exact in float32: one rounding, as the dtype's multiply)."""
     d = w.size
     t32 = t.astype(mx.float32).reshape(1, -1, d)
     r = mx.rsqrt(mx.mean(t32 * t32, axis=-1, keepdims=True) + eps)
-    return (t32 * r * w.astype(mx.float32)).astype(t.dtype).reshape(1, -1)
+    y = (t32 * r).astype(t.dtype).astype(mx.float32)
+    return (y * w.astype(mx.float32)).astype(t.dtype).reshape(1, -1)
 
 
 def _reference(q, k, q_norm_w, k_norm_w, eps, freqs, offset):

@@ -89,6 +89,18 @@ def test_the_reference_is_the_builtin_within_the_tolerance(rng, dtype):
         assert ok, (shape, why)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_references_norm_is_mlx_rms_norm_bit_for_bit(rng, dtype):
+    """MLX rounds x * rsqrt(...) to the dtype before the weight (a second rounding): the
+    reference does too, so the op's heads are the built-in's (but for the sum's order)."""
+    from hlh_mlx.ops.qk_norm_rope import _normed
+    for shape in (S32, S128, *OP.edge_shapes):
+        q, _, wq, _, eps, _, _ = OP.make_inputs(shape, DT[dtype], rng)
+        d = shape["D"]
+        want = mx.fast.rms_norm(q.reshape(1, -1, d), wq, eps.item()).reshape(1, -1)
+        assert mx.array_equal(_normed(q, wq, eps), want).item(), shape
+
+
 def test_the_reference_is_the_norm_and_rotation_written_out(rng):
     """float64 by hand: each head divided by its own rms, times its weight, then pair i and
     i + D/2 turned by offset / freqs[i]."""
