@@ -180,18 +180,9 @@ def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head
         return f"head_dim must be even (got {d})"
     if nq % d or nk % d:
         return f"head_dim {d} must divide the q rows {nq} and the k rows {nk}"
-    if not isinstance(freqs, mx.array) or freqs.shape != (d // 2,) or freqs.dtype != mx.float32:
-        return f"freqs must be ({d // 2},) float32 (head_dim / 2)"
-    if isinstance(offset, mx.array):
-        if offset.size != 1:
-            return "one offset (one token)"
-        if not mx.issubdtype(offset.dtype, mx.integer):
-            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
-        off = offset.reshape(1).astype(mx.int32)  # its value is data: never read here
-    elif isinstance(offset, int) and 0 <= offset < 2 ** 24:
-        off = _offset_array(offset)
-    else:
-        return "offset must be an int in the exact float32 range [0, 2^24) or an integer array"
+    off = one_token_rope(freqs, offset, d)
+    if isinstance(off, str):
+        return off
     if not isinstance(heads_first, bool):
         return f"heads_first must be True or False (got {heads_first!r})"
     biases, given = [], q_bias is not None or k_bias is not None or v_bias is not None
@@ -210,6 +201,24 @@ def bind(x, norm_w, eps, wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, offset, head
     return Call([x, norm_w, eps_array(eps), wq, sq, bq, wk, sk, bk, wv, sv, bv, freqs, off, *biases],
                 {"NQ": nq, "NK": nk, "K": k, "G": group_size, "D": d, "B": int(given)}, dtype_name(x.dtype),
                 outs, finish=lambda outs: (outs[0], outs[1], outs[2]))
+
+
+def one_token_rope(freqs, offset, head_dim: int):
+    """The (1,) int32 offset a fused kernel reads for one token's RoPE (a view into device
+    memory for an int; an integer array's value stays data, never read here), or why the
+    kernels cannot take `freqs` and `offset` (bind's message)."""
+    d = head_dim
+    if not isinstance(freqs, mx.array) or freqs.shape != (d // 2,) or freqs.dtype != mx.float32:
+        return f"freqs must be ({d // 2},) float32 (head_dim / 2)"
+    if isinstance(offset, mx.array):
+        if offset.size != 1:
+            return "one offset (one token)"
+        if not mx.issubdtype(offset.dtype, mx.integer):
+            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
+        return offset.reshape(1).astype(mx.int32)
+    if isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < 2 ** 24:
+        return _offset_array(offset)
+    return "offset must be an int in the exact float32 range [0, 2^24) or an integer array"
 
 
 def _rows(s):

@@ -23,9 +23,9 @@ rounded once (mx.fast.rope)."""
 
 import mlx.core as mx
 
-from .norm_qkv_rope import rope_freqs
+from .norm_qkv_rope import one_token_rope, rope_freqs
 from .rms_norm import eps_array, eps_input
-from .rope import _offset_array, dynamic_offset, offset_input
+from .rope import dynamic_offset, offset_input
 from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 
@@ -117,18 +117,9 @@ def bind(q, k, q_norm_w, k_norm_w, eps, freqs, offset, head_dim):
             return f"{name} must be ({d},): head_dim (got {w.shape})"
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         return "eps must be a number >= 0"
-    if not isinstance(freqs, mx.array) or freqs.shape != (d // 2,) or freqs.dtype != mx.float32:
-        return f"freqs must be ({d // 2},) float32 (head_dim / 2)"
-    if isinstance(offset, mx.array):
-        if offset.size != 1:
-            return "one offset (one token)"
-        if not mx.issubdtype(offset.dtype, mx.integer):
-            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
-        off = offset.reshape(1).astype(mx.int32)  # its value is data: never read here
-    elif isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < 2 ** 24:
-        off = _offset_array(offset)
-    else:
-        return "offset must be an int in the exact float32 range [0, 2^24) or an integer array"
+    off = one_token_rope(freqs, offset, d)
+    if isinstance(off, str):
+        return off
     return Call([q, k, q_norm_w, k_norm_w, eps_array(eps), freqs, off],
                 {"NQ": q.size, "NK": k.size, "D": d}, dtype_name(q.dtype),
                 [q.shape, k.shape], finish=lambda outs: (outs[0], outs[1]))
