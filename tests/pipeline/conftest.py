@@ -46,6 +46,20 @@ def rel_error(got, want) -> float:
     return float(np.linalg.norm(g - w) / np.linalg.norm(w))
 
 
+# (mantissa bits, smallest normal exponent) of each dtype
+_FLOAT_FORMAT = {"float32": (23, -126), "float16": (10, -14), "bfloat16": (7, -126)}
+
+
+def ulp(magnitude, dtype: str):
+    """The spacing of `dtype`'s values at each |value| in `magnitude` (a numpy array): 2^(e - m)
+    for a value in [2^e, 2^(e+1)), and the subnormals' fixed spacing below the smallest normal."""
+    import numpy as np
+    m, e_min = _FLOAT_FORMAT[dtype]
+    v = np.asarray(magnitude, dtype=np.float64)
+    e = np.floor(np.log2(np.where(v > 0, v, 1.0)))
+    return np.exp2(np.maximum(np.where(v > 0, e, e_min), e_min) - m)
+
+
 @pytest.fixture
 def check_fails_on(store_dir, extra_templates):
     """`check_fails_on(op, source, old, new, params, dtype)`: `hlh_mlx check` of a copy of a
