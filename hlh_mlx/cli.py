@@ -210,9 +210,14 @@ def render(op, template, pairs, full, dtype):
 @click.option("-p", "--param", "pairs", multiple=True, metavar="KEY=VAL", help="Check only this variant (with TEMPLATE).")
 @click.option("--timeout", type=float, default=600.0, show_default=True,
               help="With --workers/--ray: seconds per variant before it counts as hung.")
+@click.option("--input-seed", type=click.IntRange(0, 2 ** 32 - 1), default=None,
+              help="Draw the inputs from this seed (default: a fresh one). A failure prints the seed "
+                   "that replays its inputs.")
 @_workers_options
-def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout, workers, ray_address):
+def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout, input_seed, workers, ray_address):
     """Prove variants correct on fresh random inputs and edge shapes. Exits 1 on a failure."""
+    import secrets
+
     import numpy as np
 
     from . import check as check_mod
@@ -230,7 +235,9 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
             raise click.UsageError(backends.wrong_backend(t.name, t.backend, be))
     if not temps:
         raise click.UsageError(f"no {backends.TEMPLATE_BACKEND[be]} templates for {spec.name}")
-    rng = np.random.default_rng()
+    # job i draws its inputs from seed + i: one variant and dtype checked alone (-p, --dtype)
+    # with a failure's printed seed gets the same inputs
+    first_seed = secrets.randbits(32) if input_seed is None else input_seed
     failures = total = 0
     jobs = []
     for t in temps:
@@ -253,41 +260,53 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
         click.echo(f"checking {len(jobs)} variant x dtype pairs of {spec.name} on {be}"
                    + (f" with {len(pool)} {'Ray task slots' if pool.kind == 'ray' else 'workers'}" if pool else ""))
     if pool is not None:
-        failures = _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start)
+        failures = _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, first_seed)
         click.echo(f"{len(jobs) - failures} passed, {failures} failed")
         _enforce_cache_bound()
         sys.exit(1 if failures else 0)
-    for v, dtype, shapes in jobs:
+    for i, (v, dtype, shapes) in enumerate(jobs):
         total += 1
         err = None
         try:
             k = backends.Kernel(v, be, sanitize=sanitize)
+            rng = np.random.default_rng(_job_seed(first_seed, i))
             _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng, repeat=be != "emulator")
         except Exception as e:  # report and go on: one bad variant does not stop the check
             err = backends.map_compile_error(e, v)
         failures += err is not None
         mark = "ok  " if err is None else "FAIL"
         where = f"[{total}/{len(jobs)}, eta {eta_text(total, len(jobs), time.monotonic() - start)}]"
-        click.echo(f"{where} {mark} {v.label()} {dtype} [{v.id}]" + (f"\n     {err}" if err else ""))
+        click.echo(f"{where} {mark} {v.label()} {dtype} [{v.id}]"
+                   + (f"\n     {err}\n     {_replay(v, be, dtype, _job_seed(first_seed, i))}" if err else ""))
     click.echo(f"{total - failures} passed, {failures} failed")
     _enforce_cache_bound()
     sys.exit(1 if failures else 0)
 
 
-def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start) -> int:
+def _job_seed(first: int, i: int) -> int:
+    return (first + i) % 2 ** 32
+
+
+def _replay(v, be: str, dtype: str, seed: int) -> str:
+    """The command that checks this variant alone on the inputs it just failed on."""
+    params = " ".join(f"-p {k}={val}" for k, val in v.param_dict.items())
+    return (f"replay: hlh_mlx check {v.template.op} {v.template.family} {params} --backend {be} "
+            f"--dtype {dtype} --input-seed {seed}")
+
+
+def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, first_seed: int) -> int:
     """`check`'s jobs on a pool's workers, each line printed as its verdict comes in;
     returns the number of failures."""
-    import secrets
-
     from . import pool as pool_mod
     count = {"done": 0, "failed": 0}
     every = max(1, len(jobs) // 10)
+    index = {id(item): i for i, item in enumerate(jobs)}
 
     def job(item):
         v, dtype, shapes = item
         return {"kind": "variant", "op": spec.name, "backend": be, "dtype": dtype, "template": str(v.template.path),
                 "params": v.param_dict, "check_shapes": shapes, "time_shape": None, "time": False,
-                "seed": secrets.randbits(32), "sanitize": sanitize}
+                "seed": _job_seed(first_seed, index[id(item)]), "sanitize": sanitize}
 
     def verdict(item, lane, reply):
         v, dtype, _ = item
@@ -300,7 +319,7 @@ def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start) -> int:
         n = count["done"]
         where = f"[{n}/{len(jobs)}, eta {eta_text(n, len(jobs), time.monotonic() - start)}, {lane.name}]"
         click.echo(f"{where} {'ok  ' if err is None else 'FAIL'} {v.label()} {dtype} [{v.id}]"
-                   + (f"\n     {err}" if err else ""))
+                   + (f"\n     {err}\n     {_replay(v, be, dtype, _job_seed(first_seed, index[id(item)]))}" if err else ""))
         if n % every == 0 and n < len(jobs):
             click.echo(f"  {pool.states()}")
 

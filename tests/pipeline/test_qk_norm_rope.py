@@ -8,6 +8,8 @@ and catches broken copies.
 As in test_tuned, the emulator measures no speed: a store record with made-up timings makes
 a variant the winner, and the kernel that then runs is the real template on the emulator."""
 
+import re
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -229,3 +231,24 @@ def test_a_broken_copy_of_the_template_is_caught(slip, check_fails_on):
 def test_guard_finds_nothing_in_the_ops_files():
     r = CliRunner().invoke(main, ["guard", str(ROOT / "templates" / NAME), str(ROOT / "hlh_mlx" / "ops" / f"{NAME}.py")])
     assert r.exit_code == 0, r.output
+
+
+def test_a_failed_check_prints_the_seed_that_replays_its_inputs(extra_templates):
+    """A failure found on fresh random inputs can be replayed: `check` prints, per failure, the
+    command that checks that variant alone on the same inputs, and it fails the same way."""
+    # every input draw fails this (an offset of 1 where 1-4095 are drawn), each by its own error
+    extra_templates(NAME, "broken.metal.j2", HEADS.replace("float pos = float(offset[0]);", "float pos = 1.0f;"))
+    args = ["check", NAME, "broken", "-p", "NSG=2", "-p", "REG=0", "--dtype", "float32", "--dtype", "float16"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    errors = re.findall(r"relative error \S+", r.output)
+    replays = re.findall(r"replay: hlh_mlx (.*)", r.output)
+    assert len(errors) == len(replays) == 2, r.output
+    # the second job's inputs (a seed of its own), replayed alone
+    again = CliRunner().invoke(main, replays[1].split())
+    assert again.exit_code == 1 and "--dtype float16" in replays[1], again.output
+    assert re.findall(r"relative error \S+", again.output) == [errors[1]], (r.output, again.output)
+    # a seed given replays the whole run
+    seed = re.search(r"--input-seed (\d+)", replays[0]).group(1)
+    runs = [CliRunner().invoke(main, args + ["--input-seed", seed]).output for _ in range(2)]
+    assert re.findall(r"relative error \S+", runs[0]) == re.findall(r"relative error \S+", runs[1]) == errors
