@@ -28,8 +28,9 @@ it replaces (else the half runs unfused):
                                                    #   rms_norm, qgemv_swiglu, if cheaper)
           out = qgemv_add(y, Wd, h)                # down projection + residual: 2 -> 1
 
-A half the fused ops do not take (other quantizations or RoPE scalings; an MoE MLP, whose routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with
-the residual add and the second norm as one op (`add_rms_norm`).
+A half the fused ops do not take (other quantizations or RoPE scalings; an MoE MLP, whose
+routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with the residual
+add and the second norm as one op (`add_rms_norm`).
 
 The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
 MoE blocks of the same layout) and `hlh_mlx.patch` installs it in quantized models only,
@@ -45,7 +46,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import moe, ops, runtime, tuned
-from .ops.rope import _offset_array as offset_array, offset_scalar
+from .ops.rope import _offset_array as offset_array, offset_input, offset_scalar
 from .ops.spec import QUANT_GROUPS
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
@@ -173,7 +174,7 @@ class DecoderBlock(nn.Module):
         shape = (lambda n: (b, n, 1, -1)) if t == 1 else (lambda n: (b, t, n, -1))
         q, k, v = a.q_proj(h).reshape(shape(a.n_heads)), a.k_proj(h).reshape(shape(a.n_kv_heads)), \
             a.v_proj(h).reshape(shape(a.n_kv_heads))
-        if "q_norm" in a:
+        if self.has_head_norms():
             q, k = a.q_norm(q), a.k_norm(k)  # over the last axis: either layout
         if t != 1:
             q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -213,7 +214,7 @@ class DecoderBlock(nn.Module):
             return f"input_layernorm is a {type(self['input_layernorm']).__name__}, not an RMSNorm"
         if self._head_dim() is None:
             return "q_proj's outputs are not n_heads whole heads"
-        if "q_norm" in a:
+        if self.has_head_norms():
             why = self._why_not_fused("qk_norm_rope") or self._why_not_head_norms()
             if why:
                 return why
@@ -237,6 +238,10 @@ class DecoderBlock(nn.Module):
         if not isinstance(self["post_attention_layernorm"], nn.RMSNorm):
             return f"post_attention_layernorm is a {type(self['post_attention_layernorm']).__name__}, not an RMSNorm"
         return None
+
+    def has_head_norms(self) -> bool:
+        """Whether queries and keys are normed per head before RoPE (Qwen3's q_norm, k_norm)."""
+        return "q_norm" in self["self_attn"]
 
     def _why_not_head_norms(self) -> str | None:
         """None when q_norm and k_norm are what qk_norm_rope computes: RMSNorms over a head
@@ -295,7 +300,7 @@ class DecoderBlock(nn.Module):
         (1, heads, 1, head_dim) by the kernel itself (no view nodes). With head norms (Qwen3)
         the projections come unrotated (offset 0 turns nothing: cos 1, sin 0, exactly) and
         qk_norm_rope norms and rotates them."""
-        head_norms = "q_norm" in self["self_attn"]
+        head_norms = self.has_head_norms()
         args, kw = self._qkv_call(x, self._zero if head_norms else offset)
         q, k, v = tuned.norm_qkv_rope.no_grad(*args, **kw)
         if head_norms:
@@ -335,7 +340,7 @@ class DecoderBlock(nn.Module):
         if can_pre:
             args, kw = self._qkv_call(x, offset_array(0))
             pre = runtime.serves("norm_qkv_rope", *args, **kw)
-            if "q_norm" in self["self_attn"]:
+            if self.has_head_norms():
                 # asked (so `hlh_mlx tune` sweeps it), but not a condition: with only
                 # norm_qkv_rope tuned, its built-in (two norms, two ropes) still leaves the
                 # half fewer launches than unfused
@@ -385,9 +390,11 @@ class DecoderBlock(nn.Module):
             pre, post = self._qkv, self._out
             if self.why_not_fused_pre() is None:
                 freqs = rope_freqs(a.rope, self._head_dim())
-                # constants of the trace: unevaluated, their graphs would run every step (the
-                # zero offset a view into device memory, as every offset the kernels read)
-                zero = offset_array(0)
+                # constants of the trace: unevaluated, their graphs would run every step. The
+                # zero offset is a view into device memory (as every offset the kernels read)
+                # of its own: offset_array(0) is the step's offset at position 0, which MLX
+                # refuses as both an input of the trace and a constant in it
+                zero = offset_input(0)
                 mx.eval(freqs, zero)
                 object.__setattr__(self, "_freqs", freqs)
                 object.__setattr__(self, "_zero", zero)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import warnings
@@ -238,6 +239,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
     # job i draws its inputs from seed + i: one variant and dtype checked alone (-p, --dtype)
     # with a failure's printed seed gets the same inputs
     first_seed = secrets.randbits(32) if input_seed is None else input_seed
+    replay = functools.partial(_replay, be=be, sanitize=sanitize)
     failures = total = 0
     jobs = []
     for t in temps:
@@ -253,23 +255,23 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
                 shapes = list(spec.edge_shapes) + list(spec.emulator_shapes)
                 shapes = [s for s in shapes if v.supports(s, dtype)]
                 if shapes:
-                    jobs.append((v, dtype, shapes))
+                    jobs.append((v, dtype, shapes, (first_seed + len(jobs)) % 2 ** 32))
     start = time.monotonic()
     pool = pool or _local_pool(workers, be)
     if jobs:
         click.echo(f"checking {len(jobs)} variant x dtype pairs of {spec.name} on {be}"
                    + (f" with {len(pool)} {'Ray task slots' if pool.kind == 'ray' else 'workers'}" if pool else ""))
     if pool is not None:
-        failures = _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, first_seed)
+        failures = _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, replay)
         click.echo(f"{len(jobs) - failures} passed, {failures} failed")
         _enforce_cache_bound()
         sys.exit(1 if failures else 0)
-    for i, (v, dtype, shapes) in enumerate(jobs):
+    for v, dtype, shapes, input_seed in jobs:
         total += 1
         err = None
         try:
             k = backends.Kernel(v, be, sanitize=sanitize)
-            rng = np.random.default_rng(_job_seed(first_seed, i))
+            rng = np.random.default_rng(input_seed)
             _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng, repeat=be != "emulator")
         except Exception as e:  # report and go on: one bad variant does not stop the check
             err = backends.map_compile_error(e, v)
@@ -277,39 +279,34 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
         mark = "ok  " if err is None else "FAIL"
         where = f"[{total}/{len(jobs)}, eta {eta_text(total, len(jobs), time.monotonic() - start)}]"
         click.echo(f"{where} {mark} {v.label()} {dtype} [{v.id}]"
-                   + (f"\n     {err}\n     {_replay(v, be, dtype, _job_seed(first_seed, i))}" if err else ""))
+                   + (f"\n     {err}\n     {replay(v, dtype, input_seed)}" if err else ""))
     click.echo(f"{total - failures} passed, {failures} failed")
     _enforce_cache_bound()
     sys.exit(1 if failures else 0)
 
 
-def _job_seed(first: int, i: int) -> int:
-    return (first + i) % 2 ** 32
-
-
-def _replay(v, be: str, dtype: str, seed: int) -> str:
+def _replay(v, dtype: str, seed: int, *, be: str, sanitize: bool) -> str:
     """The command that checks this variant alone on the inputs it just failed on."""
     params = " ".join(f"-p {k}={val}" for k, val in v.param_dict.items())
     return (f"replay: hlh_mlx check {v.template.op} {v.template.family} {params} --backend {be} "
-            f"--dtype {dtype} --input-seed {seed}")
+            f"--dtype {dtype} --input-seed {seed}" + ("" if sanitize else " --no-sanitize"))
 
 
-def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, first_seed: int) -> int:
+def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, replay) -> int:
     """`check`'s jobs on a pool's workers, each line printed as its verdict comes in;
     returns the number of failures."""
     from . import pool as pool_mod
     count = {"done": 0, "failed": 0}
     every = max(1, len(jobs) // 10)
-    index = {id(item): i for i, item in enumerate(jobs)}
 
     def job(item):
-        v, dtype, shapes = item
+        v, dtype, shapes, seed = item
         return {"kind": "variant", "op": spec.name, "backend": be, "dtype": dtype, "template": str(v.template.path),
                 "params": v.param_dict, "check_shapes": shapes, "time_shape": None, "time": False,
-                "seed": _job_seed(first_seed, index[id(item)]), "sanitize": sanitize}
+                "seed": seed, "sanitize": sanitize}
 
     def verdict(item, lane, reply):
-        v, dtype, _ = item
+        v, dtype, _, seed = item
         count["done"] += 1
         status = reply.get("status")
         err = None if status == "ok" else (reply.get("error") or str(status))
@@ -319,7 +316,7 @@ def _check_in_pool(pool, spec, be, jobs, sanitize, timeout, start, first_seed: i
         n = count["done"]
         where = f"[{n}/{len(jobs)}, eta {eta_text(n, len(jobs), time.monotonic() - start)}, {lane.name}]"
         click.echo(f"{where} {'ok  ' if err is None else 'FAIL'} {v.label()} {dtype} [{v.id}]"
-                   + (f"\n     {err}\n     {_replay(v, be, dtype, _job_seed(first_seed, index[id(item)]))}" if err else ""))
+                   + (f"\n     {err}\n     {replay(v, dtype, seed)}" if err else ""))
         if n % every == 0 and n < len(jobs):
             click.echo(f"  {pool.states()}")
 

@@ -155,7 +155,7 @@ def _fusion_note(block) -> str:
     if pre is None and post is None:
         return FUSABLE
     if moe.why_not(block["mlp"]) is None:
-        pre_ops = "norm_qkv_rope, qk_norm_rope" if "q_norm" in block["self_attn"] else "norm_qkv_rope"
+        pre_ops = "norm_qkv_rope, qk_norm_rope" if block.has_head_norms() else "norm_qkv_rope"
         return MOE_FUSABLE + (f"; the attention input ({pre_ops}) too" if pre is None else f"; not the attention input ({pre})")
     if pre is None:
         return f"decode step partly fused (the attention input fuses; not the MLP half: {post})"

@@ -72,6 +72,9 @@ def qk_norm_rope(q, k, q_norm_w, k_norm_w, eps, freqs, offset, head_dim):
     """Qwen3's query and key norms and RoPE: each head of q and of k (head_dim values, the
     last axis whole heads) through mx.fast.rms_norm with its weight, then mx.fast.rope with
     freqs= at `offset`; returns (q, k) in the shapes given."""
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"[qk_norm_rope] head_dim must be an even int >= 2 (got {head_dim!r})")
+
     def one(t, w):
         heads = t.reshape(-1, t.size // head_dim, 1, head_dim)  # (B, heads, T=1, D): one position
         n = mx.fast.rms_norm(heads, w, eps)
@@ -105,7 +108,7 @@ def bind(q, k, q_norm_w, k_norm_w, eps, freqs, offset, head_dim):
     if not isinstance(d, int) or isinstance(d, bool) or d < 2 or d % 2:
         return f"head_dim must be an even int (got {d!r})"
     for name, t in (("q", q), ("k", k)):
-        if t.size == 0 or t.shape[-1] % d:
+        if t.ndim == 0 or t.size == 0 or t.shape[-1] % d:
             return f"{name}'s last dimension {t.shape[-1] if t.ndim else 0} is not whole heads of {d}"
         # one token of one sequence: (1, H*D), (1, 1, H*D), or heads first (1, H, 1, D)
         if t.size != t.shape[0] * t.shape[-1] and not (t.ndim == 4 and t.shape[2] == 1 and t.shape[3] == d):

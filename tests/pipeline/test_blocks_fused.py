@@ -73,6 +73,23 @@ def test_llama_blocks_decode_through_the_four_fused_ops(name, dtype, tol):
     assert called["norm_qgemv_swiglu"]["N"] == 256
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"])
+def test_a_one_token_prompt_decodes_from_position_zero(name):
+    """mlx-lm sends a one-token prompt through the decode step at offset 0, the step's first
+    call: the fused step's own zero (Qwen3's projections unrotated) must not be the step's
+    offset array (MLX refuses an array that is both an input of a trace and a constant in it)."""
+    from mlx_lm.generate import generate_step
+    model, _ = models.load(name, bits=4, dtype="float32")
+    prompt = mx.array([3])
+    want = [t for t, _ in zip(generate_step(prompt, model), range(4))]
+    patching.patch(model)
+    _always_fused(model.model.layers)
+    got = [t for t, _ in zip(generate_step(prompt, model), range(4))]
+    assert [int(t) for t, _ in got] == [int(t) for t, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_the_fused_step_follows_the_offset_through_one_trace():
     """The position is data inside the compiled step: each decode step rotates by its own
     offset (a step that reused the first step's position would drift from the unpatched logits)."""

@@ -184,6 +184,9 @@ def test_arguments_the_kernels_do_not_serve_are_refused_with_the_reason(store_di
     assert "q's last dimension 128 is not whole heads of 48" in why(*a[:-1], rope_freqs(48), head_dim=48)
     assert "k's last dimension 40 is not whole heads of 16" in why(q, k[:, :40], *a[2:], head_dim=16)
     assert "head_dim must be an even int" in why(*a, head_dim=31)
+    assert "empty or 0-d input" in why(q[0, 0], *a[1:])
+    with pytest.raises(ValueError, match=r"\[qk_norm_rope\] head_dim must be an even int >= 2 \(got 32.0\)"):
+        tuned.qk_norm_rope(*a, offset=3, head_dim=32.0)  # refused by bind, then by the built-in itself
     assert "q holds 2 sequences" in why(mx.concatenate([q, q]), *a[1:])
     assert "one token of one sequence" in why(q.reshape(1, 2, 64), *a[1:])
     assert "q_norm_w must be (32,)" in why(q, k, wq[:16], *a[3:])
@@ -248,6 +251,8 @@ def test_a_failed_check_prints_the_seed_that_replays_its_inputs(extra_templates)
     again = CliRunner().invoke(main, replays[1].split())
     assert again.exit_code == 1 and "--dtype float16" in replays[1], again.output
     assert re.findall(r"relative error \S+", again.output) == [errors[1]], (r.output, again.output)
+    # the sanitizer changes memory layout: a run without it is replayed without it
+    assert "--no-sanitize" in CliRunner().invoke(main, [*replays[0].split(), "--no-sanitize"]).output
     # a seed given replays the whole run
     seed = re.search(r"--input-seed (\d+)", replays[0]).group(1)
     runs = [CliRunner().invoke(main, args + ["--input-seed", seed]).output for _ in range(2)]
