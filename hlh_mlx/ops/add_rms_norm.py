@@ -8,7 +8,7 @@ for bit in h and within one rounding in y."""
 
 import mlx.core as mx
 
-from .rms_norm import EPS, eps_array, eps_input
+from .rms_norm import EPS, eps_array, eps_input, normed
 from .spec import Call, as_shape, dtype_name, random_array, rowwise
 
 
@@ -22,9 +22,7 @@ def add_rms_norm(x, r, weight, eps):
 
 def _reference(x, r, w, eps):
     h = x + r  # in the input dtype: the rounding the built-in (and mlx-lm) applies
-    h32 = h.astype(mx.float32)
-    s = mx.rsqrt(mx.mean(h32 * h32, axis=-1, keepdims=True) + eps)
-    return [h, (h32 * s * w.astype(mx.float32)).astype(x.dtype)]
+    return [h, normed(h, w, eps)]
 
 
 def _builtin(x, r, w, eps):

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from . import qgemv_swiglu as _qs
 from .qgemv_swiglu import qgemv_swiglu
-from .rms_norm import EPS, eps_array, eps_input
+from .rms_norm import EPS, eps_array, eps_input, normed
 from .spec import ROUNDED_ONCE, Call, OpSpec, random_array
 
 # x ~ N(0, 9): a kernel that skipped the normalisation (or its rsqrt) would be 3x off
@@ -39,9 +39,7 @@ def _normed(x, w, eps):
     """rms_norm's reference: float32, rounded once to x's dtype (mx.fast.rms_norm rounds
     x * rsqrt(...) before the weight too: an ulp apart in about one element of four in half
     precision, within the tolerance)."""
-    x32 = x.astype(mx.float32)
-    r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * r * w.astype(mx.float32)).astype(x.dtype)
+    return normed(x, w, eps)
 
 
 def _reference(x, w, eps, wg, sg, bg, wu, su, bu):

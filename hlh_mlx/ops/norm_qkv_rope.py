@@ -31,7 +31,7 @@ import math
 
 import mlx.core as mx
 
-from .rms_norm import eps_array, eps_input
+from .rms_norm import eps_array, eps_input, normed
 from .rope import _offset_array, dynamic_offset, offset_input
 from .spec import ROUNDED_ONCE, Call, OpSpec, affine_4bit_reason, dtype_name, input_constant, random_array, zeros
 
@@ -66,9 +66,7 @@ def _group(wq, scales):
 
 
 def _norm(x, norm_w, eps):
-    x32 = x.astype(mx.float32)
-    s = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * s * norm_w.astype(mx.float32)).astype(x.dtype)
+    return normed(x, norm_w, eps)
 
 
 def _gemv32(h, wq, scales, biases):

@@ -24,7 +24,7 @@ rounded once (mx.fast.rope)."""
 import mlx.core as mx
 
 from .norm_qkv_rope import one_token_rope, rope_freqs
-from .rms_norm import eps_array, eps_input
+from .rms_norm import eps_array, eps_input, normed
 from .rope import dynamic_offset, offset_input
 from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
@@ -56,11 +56,7 @@ def _normed(t, w, eps):
     """Each head of t (1, H*D) RMS-normed as mx.fast.rms_norm does it: x * rsqrt(mean(x^2) +
     eps) in float32 rounded to t's dtype, then times w rounded again (a product of two
     values of the dtype is exact in float32: one rounding, as the dtype's multiply)."""
-    d = w.size
-    t32 = t.astype(mx.float32).reshape(1, -1, d)
-    r = mx.rsqrt(mx.mean(t32 * t32, axis=-1, keepdims=True) + eps)
-    y = (t32 * r).astype(t.dtype).astype(mx.float32)
-    return (y * w.astype(mx.float32)).astype(t.dtype).reshape(1, -1)
+    return normed(t.reshape(1, -1, w.size), w, eps, mlx_rounding=True).reshape(1, -1)
 
 
 def _reference(q, k, q_norm_w, k_norm_w, eps, freqs, offset):

@@ -19,10 +19,20 @@ def eps_input(eps) -> mx.array:
     return input_constant([eps], mx.float32)
 
 
-def _reference(x, w, eps):
+def normed(x, w, eps, mlx_rounding: bool = False) -> mx.array:
+    """The RMSNorm of x's last axis with weight w, computed in float32 (every op that norms
+    refers to this): rounded once to x's dtype, or with `mlx_rounding` as mx.fast.rms_norm
+    rounds on every back end: x * rsqrt(mean(x^2) + eps) to the dtype, then times w rounded
+    again (a product of two values of the dtype is exact in float32: one rounding)."""
     x32 = x.astype(mx.float32)
     r = mx.rsqrt(mx.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return [(x32 * r * w.astype(mx.float32)).astype(x.dtype)]
+    if mlx_rounding:
+        return ((x32 * r).astype(x.dtype).astype(mx.float32) * w.astype(mx.float32)).astype(x.dtype)
+    return (x32 * r * w.astype(mx.float32)).astype(x.dtype)
+
+
+def _reference(x, w, eps):
+    return [normed(x, w, eps)]
 
 
 def bind(x, weight, eps, **_):
