@@ -136,6 +136,20 @@ def test_eight_bit_blocks_are_partly_fused_with_the_reason():
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
 
 
+def test_mxfp4_weights_are_kept_with_the_reason_and_the_same_logits():
+    """MLX's microscaled 4-bit format (mode="mxfp4", group 32) is not what the 4-bit kernels
+    read: every projection is kept as it is, each block says why, the logits do not move."""
+    model, _ = models.load("tiny-llama", bits=16, dtype="float32")
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4")
+    before = _decode(model)
+    report = patching.patch(model)
+    kept = {p: why for p, _, why in report.kept}
+    projections = [p for p in kept if p.endswith("_proj")]
+    assert len(projections) == 14 and all("4-bit affine" in kept[p] for p in projections), report
+    assert report.notes and all("(4, 32, 'mxfp4')" in n for _, n in report.notes), report
+    np.testing.assert_array_equal(np.asarray(_decode(model)), np.asarray(before))
+
+
 def _always_fused(layers):
     """Run the fused ops even where no variant serves them (their built-in compositions here)."""
     for b in layers:
