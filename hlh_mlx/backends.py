@@ -34,6 +34,9 @@ def wrong_backend(template_name: str, template_backend: str, backend: str) -> st
 # Back ends whose custom kernels are graph nodes `mx.compile` can trace and replay (the
 # emulator computes eagerly on the host, so a trace of it would be a constant).
 COMPILABLE = frozenset({"metal", "cuda"})
+# Back ends whose checks run every kernel twice and require the same bits (check.check):
+# a GPU's threads race; the emulator runs them in one order (its sanitizer finds races).
+CHECKED_TWICE = frozenset({"metal", "cuda"})
 
 
 def has_cuda() -> bool:

@@ -272,7 +272,7 @@ def check(op, template, backend, dtypes, sample, seed, sanitize, pairs, timeout,
         try:
             k = backends.Kernel(v, be, sanitize=sanitize)
             rng = np.random.default_rng(input_seed)
-            _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng, repeat=be != "emulator")
+            _, err = check_mod.check_shapes(k, spec, v, shapes, dtype, rng, repeat=be in backends.CHECKED_TWICE)
         except Exception as e:  # report and go on: one bad variant does not stop the check
             err = backends.map_compile_error(e, v)
         failures += err is not None

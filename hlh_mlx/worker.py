@@ -76,7 +76,7 @@ def handle(req: dict) -> dict:
         else:
             results, failure = check.check_shapes(kernel, op, variant, req["check_shapes"], dtype,
                                                   np.random.default_rng(req["seed"]),
-                                                  repeat=req["backend"] != "emulator")
+                                                  repeat=req["backend"] in backends.CHECKED_TWICE)
         reply["checks"] = [r.to_dict() for r in results]
         if failure:
             reply["status"] = "incorrect"
