@@ -32,7 +32,7 @@ import math
 import mlx.core as mx
 
 from .rms_norm import eps_array, eps_input, normed
-from .rope import _offset_array, dynamic_offset, offset_input
+from .rope import dynamic_offset, offset_as_data, offset_input
 from .spec import ROUNDED_ONCE, Call, OpSpec, affine_4bit_reason, dtype_name, input_constant, random_array, zeros
 
 BASE = 10000.0
@@ -208,15 +208,7 @@ def one_token_rope(freqs, offset, head_dim: int):
     d = head_dim
     if not isinstance(freqs, mx.array) or freqs.shape != (d // 2,) or freqs.dtype != mx.float32:
         return f"freqs must be ({d // 2},) float32 (head_dim / 2)"
-    if isinstance(offset, mx.array):
-        if offset.size != 1:
-            return "one offset (one token)"
-        if not mx.issubdtype(offset.dtype, mx.integer):
-            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
-        return offset.reshape(1).astype(mx.int32)
-    if isinstance(offset, int) and not isinstance(offset, bool) and 0 <= offset < 2 ** 24:
-        return _offset_array(offset)
-    return "offset must be an int in the exact float32 range [0, 2^24) or an integer array"
+    return offset_as_data(offset)
 
 
 def _rows(s):

@@ -107,6 +107,22 @@ def offset_scalar(offset) -> mx.array:
     return last[2]
 
 
+def offset_as_data(offset, end: int = 2 ** 24):
+    """The (1,) int32 offset a kernel reads (for an int, a view into device memory; an
+    integer array's value stays data, never read here), or why the kernels cannot take it
+    (a bind's message; the built-in answers). `end`: where positions stop being exact in
+    float32 (2^24, less the tokens after the first). A bool is not taken as an int."""
+    if isinstance(offset, mx.array):
+        if offset.size != 1:
+            return "one offset for the whole batch"
+        if not mx.issubdtype(offset.dtype, mx.integer):
+            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
+        return offset.reshape(1).astype(mx.int32)
+    if type(offset) is int and 0 <= offset < end:
+        return _offset_array(offset)
+    return f"offset must be an int in the exact float32 range [0, {end}) or an integer array"
+
+
 def offset_input(offset: int) -> mx.array:
     """[offset] for an op's random inputs: a slice of the same table, never the array the
     runtime hands its kernels (a caller may compile a function taking it beside a tuned
@@ -136,16 +152,9 @@ def bind(x, dims, *, traditional, base, scale, offset, freqs=None, **_):
         return "tuned rope takes base=, not freqs="
     if not is_number(scale) or not is_number(base):
         return "scale and base as numbers (the kernel takes them as constants; the built-in also takes arrays)"
-    if isinstance(offset, mx.array):
-        if offset.size != 1:
-            return "one offset for the whole batch"
-        if not mx.issubdtype(offset.dtype, mx.integer):
-            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
-        off = offset.reshape(1).astype(mx.int32)  # its value is data: never read here
-    elif isinstance(offset, int) and 0 <= offset < 2 ** 24 - x.shape[-2]:
-        off = _offset_array(offset)
-    else:
-        return "offset out of the exact float32 range"
+    off = offset_as_data(offset, 2 ** 24 - x.shape[-2])
+    if isinstance(off, str):
+        return off
     key = (d, float(base))
     if key not in _freqs:
         if len(_freqs) >= 64:

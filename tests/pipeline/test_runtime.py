@@ -181,6 +181,13 @@ def test_an_offset_the_kernel_does_not_take_gets_the_builtin_from_a_tuned_plan(s
         kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
         _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
     assert resolves == ["rope"] and sum(tuned.fallbacks().values()) == 3
+    # a bool is no offset to MLX (ValueError): the kernel must not take it as 1
+    kw = dict(traditional=False, base=10000.0, scale=1.0, offset=True)
+    with pytest.raises(ValueError) as builtin:
+        mx.fast.rope(x, 64, **kw)
+    with pytest.raises(ValueError) as ours:
+        tuned.rope(x, 64, **kw)
+    assert str(ours.value) == str(builtin.value)
     monkeypatch.setenv("HLH_MLX_STRICT", "1")
     config.reset()
     with pytest.raises(tuned.FallbackError, match="offset=-3"):
@@ -227,6 +234,24 @@ def test_random_inputs_may_be_passed_to_a_compiled_function_beside_a_tuned_call(
     want = np.asarray(mx.fast.rope(x, 64, **kw))
     assert np.linalg.norm(np.asarray(got) - want) <= 1e-5 * np.linalg.norm(want)
     assert tuned.fallbacks() == {}
+
+
+def test_a_traced_variant_refuses_a_bool_offset_as_mlx_does(store_dir, rng, monkeypatch, traced):
+    """MLX's rope refuses offset=True; the traced path hands a value its conversion refuses
+    to the trace as given, so the kernel's binding must refuse it too (not turn by 1)."""
+    monkeypatch.setattr(backends, "Kernel", _RopeGraphKernel)
+    write(store_dir, "rope", {"R": 4, "T": 1, "D": 64, "TRAD": 0}, "float32", variant("rope", "pairs"),
+          ms=0.5, base_ms=1.0)
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    kw = dict(traditional=False, base=10000.0, scale=1.0)
+    for _ in range(2):  # the second call is traced
+        tuned.rope(x, 64, offset=1, **kw)
+    with pytest.raises(ValueError) as builtin:
+        mx.fast.rope(x, 64, offset=True, **kw)
+    for _ in range(2):
+        with pytest.raises(ValueError) as ours:
+            mx.eval(tuned.rope(x, 64, offset=True, **kw))
+        assert str(ours.value) == str(builtin.value)
 
 
 @pytest.fixture
