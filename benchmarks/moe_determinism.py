@@ -42,7 +42,7 @@ class _Recorder:
         experts = None
         if type(self.mlp).__name__ in moe.ROUTERS:
             order, norm = moe.ROUTERS[type(self.mlp).__name__](self.mlp)
-            inds, _ = moe_route(self.mlp.gate(x), self.mlp.top_k, order, norm)  # mlx-lm's routing ops
+            inds, _ = moe_route(self.mlp.gate(x), moe.top_k(self.mlp), order, norm)  # mlx-lm's routing ops
             experts = np.asarray(mx.sort(inds[:, -1], axis=-1))
         self.log.append((experts, np.asarray(out[:, -1].astype(mx.float32))))
         return out

@@ -33,7 +33,8 @@ routing and experts `hlh_mlx.moe` fuses instead) runs as the children do, with t
 add and the second norm as one op (`add_rms_norm`).
 
 The block is recognised by structure (mlx-lm's llama, mistral, qwen2, qwen3 blocks, and
-MoE blocks of the same layout) and `hlh_mlx.patch` installs it in quantized models only,
+MoE blocks of the same layout, Mixtral's too: its MLP is `block_sparse_moe`, its attention
+counts heads as `num_heads`) and `hlh_mlx.patch` installs it in quantized models only,
 after it computes what the original block computes, at a prefill and at decode steps
 through a KV cache.
 """
@@ -50,18 +51,37 @@ from .ops.rope import _offset_array as offset_array, offset_input, offset_scalar
 from .ops.spec import QUANT_GROUPS
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
-_BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")  # and the MLP's slot
+_MLP_SLOTS = ("mlp", "block_sparse_moe")  # mlx-lm's names for a block's MLP (Mixtral: the second)
+# attention's head counts as mlx-lm's classes name them: (queries, keys and values)
+_HEAD_COUNTS = (("n_heads", "n_kv_heads"), ("num_heads", "num_key_value_heads"))
+
+
+def mlp_slot(block) -> str | None:
+    """The name under which `block` holds its MLP (its parameters keep it), or None."""
+    kids = block.children() if isinstance(block, nn.Module) else {}
+    return next((k for k in _MLP_SLOTS if k in kids), None)
+
+
+def head_counts(attn) -> tuple[int, int] | None:
+    """(query heads, key/value heads) of an attention module, or None where it names neither."""
+    for names in _HEAD_COUNTS:
+        counts = [getattr(attn, n, None) for n in names]
+        if all(isinstance(c, int) and c > 0 for c in counts):
+            return counts[0], counts[1]
+    return None
 
 
 def why_not(block) -> str | None:
     """None when `block` has the structure DecoderBlock reproduces, else what is missing."""
     kids = block.children() if isinstance(block, nn.Module) else {}
-    missing = [k for k in _BLOCK_PARTS if k not in kids]
+    missing = [k for k in _BLOCK_PARTS if k not in kids] + ([] if mlp_slot(block) else ["mlp"])
     if missing:
         return f"no {', '.join(missing)}"
     attn = kids["self_attn"]
     missing = [k for k in _ATTENTION_PARTS if k not in attn] + \
-              [k for k in ("n_heads", "n_kv_heads", "scale") if not hasattr(attn, k)]
+              ([] if head_counts(attn) else ["n_heads and n_kv_heads (or num_heads and num_key_value_heads)"]) + \
+              ([] if hasattr(attn, "scale") else ["scale"])
     if missing:
         return f"self_attn has no {', '.join(missing)}"
     norm = kids["post_attention_layernorm"]
@@ -131,7 +151,8 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, block: nn.Module, fused: bool = True):
         super().__init__()
-        for k in _BLOCK_PARTS:
+        object.__setattr__(self, "_parts", _BLOCK_PARTS + (mlp_slot(block),))  # the MLP under its own name
+        for k in self._parts:
             self[k] = block[k]
         for k, v in vars(block).items():  # plain attributes the model may read (use_sliding, args)
             if not k.startswith("_") and k not in vars(self):
@@ -143,7 +164,13 @@ class DecoderBlock(nn.Module):
         object.__setattr__(self, "_mlp_fused", True)  # post half: norm_qgemv_swiglu (else rms_norm, qgemv_swiglu)
         object.__setattr__(self, "mlp_form", None)  # "fused" or "split" overrides the store's pick
         object.__setattr__(self, "_moe_fused", False)  # decode: routing and experts as fused ops (hlh_mlx.moe)
+        object.__setattr__(self, "_heads", head_counts(block["self_attn"]))  # (query, key/value) heads
         self.train(block.training)  # a new Module starts in training mode; an eval-mode model stays in eval
+
+    @property
+    def mlp_module(self) -> nn.Module:
+        """The block's MLP (dense, or an MoE's router and experts), whatever its slot's name."""
+        return self[self._parts[-1]]
 
     def reset(self) -> None:
         """Forget the compiled step (after children are replaced)."""
@@ -153,11 +180,11 @@ class DecoderBlock(nn.Module):
         """Which modules and which decisions the compiled step was traced with (patching
         replaces children; hlh_mlx.tuned.refresh() after a sweep changes what a call runs)."""
         key = [runtime.generation[0]]
-        for k in _BLOCK_PARTS:
+        for k in self._parts:
             m = self[k]
             key.append(id(m))
             key += [id(c) for c in m.values() if isinstance(c, nn.Module)]
-        mlp = self["mlp"]
+        mlp = self.mlp_module
         if type(mlp).__name__ in moe.ROUTERS:  # an MoE's experts and shared expert are a level deeper
             key += [id(g) for c in mlp.values() if isinstance(c, nn.Module)
                     for g in c.values() if isinstance(g, nn.Module)]
@@ -172,8 +199,8 @@ class DecoderBlock(nn.Module):
         # one token: (B, 1, heads, D) and (B, heads, 1, D) are the same memory, so a reshape
         # gives the heads-first layout without the transposes (graph nodes the host pays for)
         shape = (lambda n: (b, n, 1, -1)) if t == 1 else (lambda n: (b, t, n, -1))
-        q, k, v = a.q_proj(h).reshape(shape(a.n_heads)), a.k_proj(h).reshape(shape(a.n_kv_heads)), \
-            a.v_proj(h).reshape(shape(a.n_kv_heads))
+        nq, nkv = self._heads
+        q, k, v = a.q_proj(h).reshape(shape(nq)), a.k_proj(h).reshape(shape(nkv)), a.v_proj(h).reshape(shape(nkv))
         if self.has_head_norms():
             q, k = a.q_norm(q), a.k_norm(k)  # over the last axis: either layout
         if t != 1:
@@ -191,7 +218,7 @@ class DecoderBlock(nn.Module):
         else:
             h = x + r
             y = norm(h)
-        mlp = self["mlp"]
+        mlp = self.mlp_module
         # the expert ops have no gradient: training runs the MLP as it is
         return h + (moe.decode(mlp, y) if t == 1 and self._moe_fused and not self.training else mlp(y))
 
@@ -229,7 +256,7 @@ class DecoderBlock(nn.Module):
         why = self._why_not_fused("qgemv_add", "norm_qgemv_swiglu")
         if why:
             return why
-        mlp = self["mlp"]
+        mlp = self.mlp_module
         if not all(k in mlp for k in ("gate_proj", "up_proj", "down_proj")):
             return "the MLP is not gate/up/down projections (experts?)"
         why = _why_not_4bit([self["self_attn"].o_proj] + [mlp[k] for k in ("gate_proj", "up_proj", "down_proj")])
@@ -266,7 +293,7 @@ class DecoderBlock(nn.Module):
     def _head_dim(self) -> int | None:
         a = self["self_attn"]
         n = a.q_proj.weight.shape[0]
-        return n // a.n_heads if n % a.n_heads == 0 else None
+        return n // self._heads[0] if n % self._heads[0] == 0 else None
 
     # The fused step's calls as (args, kwargs): what the step runs and what
     # `_fused_steps_that_pay` weighs must be the same calls.
@@ -285,7 +312,7 @@ class DecoderBlock(nn.Module):
     def _mlp_call(self, h):
         """norm_qgemv_swiglu's arguments; the first three are rms_norm's, h and the rest
         qgemv_swiglu's (the split form)."""
-        norm, mlp = self["post_attention_layernorm"], self["mlp"]
+        norm, mlp = self["post_attention_layernorm"], self.mlp_module
         return ((h, norm["weight"], norm.eps, *_packed(mlp.gate_proj), *_packed(mlp.up_proj)),
                 {"group_size": mlp.gate_proj.group_size, "bits": 4})
 
@@ -319,7 +346,7 @@ class DecoderBlock(nn.Module):
             y = tuned.norm_qgemv_swiglu.no_grad(*args, **kw)
         else:  # the norm alone is cheaper than the fused prologue where the store says so
             y = tuned.qgemv_swiglu.no_grad(tuned.rms_norm.no_grad(*args[:3]), *args[3:], **kw)
-        args, kw = self._add_call(self["mlp"].down_proj, y, h)
+        args, kw = self._add_call(self.mlp_module.down_proj, y, h)
         return tuned.qgemv_add.no_grad(*args, **kw)
 
     def _fused_steps_that_pay(self, x) -> tuple[bool, bool, bool]:
@@ -350,11 +377,11 @@ class DecoderBlock(nn.Module):
                 runtime.serves("qk_norm_rope", *self._head_norm_call(q1, k1, offset_array(0))[0])
         if not can_post:
             return pre, False, False
-        o, dn = self["self_attn"].o_proj, self["mlp"].down_proj
+        o, dn = self["self_attn"].o_proj, self.mlp_module.down_proj
         # the post half's calls at the shapes it makes them (x's leading dims; bind reads shapes
         # and dtypes only)
         lead = x.shape[:-1]
-        heads = self["self_attn"].n_heads  # attention's output: o_proj's inputs as (1, heads, 1, head_dim)
+        heads = self._heads[0]  # attention's output: o_proj's inputs as (1, heads, 1, head_dim)
         o1 = mx.zeros((1, heads, 1, o["weight"].shape[1] * 32 // o.bits // heads), x.dtype)
         h1 = mx.zeros(lead + (dn["weight"].shape[0],), x.dtype)
         y1 = mx.zeros(lead + (dn["weight"].shape[1] * 8,), x.dtype)
@@ -373,9 +400,9 @@ class DecoderBlock(nn.Module):
         fused ops: one token of one sequence, an MLP `moe.decode` reproduces, and a stored
         variant serving at least one of the three ops (the others then run their built-in
         compositions, mlx-lm's ops; with fused="always" wherever the MLP is one: tests on a CPU)."""
-        if not self._fused or x.shape[0] != 1 or moe.why_not(self["mlp"]) is not None:
+        if not self._fused or x.shape[0] != 1 or moe.why_not(self.mlp_module) is not None:
             return False
-        return self._fused == "always" or moe.serves(self["mlp"], x)
+        return self._fused == "always" or moe.serves(self.mlp_module, x)
 
     def _steps(self, x):
         # what the halves were chosen for: the children, the batch (the fused ops take one
@@ -386,7 +413,7 @@ class DecoderBlock(nn.Module):
             a = self["self_attn"]
             pre_reads = [self["input_layernorm"]] + [m for k, m in a.children().items()
                                                      if k != "o_proj" and isinstance(m, nn.Module)]
-            post_reads = [a.o_proj, self["post_attention_layernorm"], self["mlp"]]
+            post_reads = [a.o_proj, self["post_attention_layernorm"], self.mlp_module]
             pre, post = self._qkv, self._out
             if self.why_not_fused_pre() is None:
                 freqs = rope_freqs(a.rope, self._head_dim())

@@ -40,6 +40,9 @@ CONFIGS = {
                           mlp_only_layers=[], norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
                           head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1000000.0,
                           tie_word_embeddings=False, max_position_embeddings=40960),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                         num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=32000, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False),
     # the same classes at sizes a CPU runs in a second (tests, CI)
     "tiny-llama": dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=211, rms_norm_eps=1e-5,
@@ -60,6 +63,9 @@ CONFIGS = {
                            mlp_only_layers=[], norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=32, vocab_size=211, rms_norm_eps=1e-6, rope_theta=1000000.0,
                            tie_word_embeddings=False, max_position_embeddings=4096),
+    "tiny-mixtral": dict(model_type="mixtral", hidden_size=128, num_hidden_layers=2, intermediate_size=128,
+                         num_local_experts=5, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=211, rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False),
 }
 
 BITS = (4, 8, 16)

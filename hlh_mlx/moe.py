@@ -1,13 +1,14 @@
 """The routing and routed experts of mlx-lm's MoE blocks at decode, as three fused ops.
 
-mlx-lm's Qwen2-MoE and Qwen3-MoE blocks run one token's experts as a router (a gate
-projection, softmax, top-k), SwitchGLU (two gather_qmm, SwiGLU, a third gather_qmm) and a
+mlx-lm's Qwen2-MoE, Qwen3-MoE and Mixtral blocks run one token's experts as a router (a
+gate projection, softmax and top-k; Mixtral: top-k of the logits, softmax over those), SwitchGLU (two gather_qmm, SwiGLU, a third gather_qmm) and a
 weighted sum over the chosen experts: ~30 graph nodes a block, each paid for by the host
 while the GPU work is a few microseconds. `decode(mlp, x)` computes what `mlp(x)` does for
 one token as
 
     inds, scores = moe_route(gate(x), k)             # softmax, top-k, gather (and renormalise):
-                                                     #   5-7 nodes -> 1
+                                                     #   5-7 nodes -> 1 (Mixtral's order: mlx-lm's
+                                                     #   own ops, no kernel takes it yet)
     y = moe_qgemv_swiglu(x, inds, gate, up)          # two gathers, SwiGLU: 4 launches -> 1
     out = moe_qgemv_combine(y, inds, scores, down)   # gather, multiply, sum: 3 -> 1
 
@@ -23,17 +24,31 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import runtime, tuned
+from .ops.moe_route import ORDERS
 from .ops.spec import QUANT_GROUPS
 
 # mlx-lm's block classes whose routing hlh_mlx.ops.moe_route reproduces (mlx-lm 0.32), as
 # the op's `order` and whether the block renormalises the chosen weights
 ROUTERS = {"Qwen2MoeSparseMoeBlock": lambda mlp: ("qwen2", False),
-           "Qwen3MoeSparseMoeBlock": lambda mlp: ("qwen3", bool(mlp.norm_topk_prob))}
+           "Qwen3MoeSparseMoeBlock": lambda mlp: ("qwen3", bool(mlp.norm_topk_prob)),
+           "MixtralSparseMoeBlock": lambda mlp: ("mixtral", False)}
+
+
+def kernel_order_missing(mlp) -> str | None:
+    """The block's routing order where no moe_route kernel takes it (its routing then runs
+    mlx-lm's own ops at every call), else None."""
+    order = ROUTERS[type(mlp).__name__](mlp)[0]
+    return None if order in ORDERS else order
+
+
+def top_k(mlp) -> int:
+    """How many experts the block runs per token (Mixtral names it num_experts_per_tok)."""
+    return mlp.top_k if hasattr(mlp, "top_k") else mlp.num_experts_per_tok
 
 
 def _route_call(mlp, logits):
     order, norm = ROUTERS[type(mlp).__name__](mlp)
-    return (logits, mlp.top_k), {"order": order, "norm": norm}
+    return (logits, top_k(mlp)), {"order": order, "norm": norm}
 
 
 def route(mlp, x):
@@ -88,7 +103,7 @@ def serves(mlp, x) -> bool:
     reads shapes and dtypes only: zeros stand in for the activations). All are asked (no
     short cut): each asked call is recorded, so `hlh_mlx tune` sweeps it."""
     logits = mx.zeros((*x.shape[:-1], mlp.num_experts), x.dtype)
-    inds = mx.zeros((*x.shape[:-1], mlp.top_k), mx.uint32)
+    inds = mx.zeros((*x.shape[:-1], top_k(mlp)), mx.uint32)
     y = mx.zeros((*inds.shape, mlp.switch_mlp.gate_proj.output_dims), x.dtype)
     calls = [("moe_route", _route_call(mlp, logits)), ("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
              ("moe_qgemv_combine", _down_call(mlp, y, inds, mx.zeros(inds.shape, mx.float32)))]  # moe_route's scores

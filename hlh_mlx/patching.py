@@ -96,6 +96,9 @@ _LINEAR = (base_nn.Linear, base_nn.QuantizedLinear)
 FUSABLE = "decode step fusable (each half runs its fused ops where a tuned kernel serves them)"
 MOE_FUSABLE = ("decode step's routing and routed experts fusable (moe_route, moe_qgemv_swiglu and "
                "moe_qgemv_combine, each where a tuned kernel serves it; the residual add and norm as add_rms_norm)")
+MOE_EXPERTS_FUSABLE = ("decode step's routed experts fusable (moe_qgemv_swiglu and moe_qgemv_combine, each where "
+                       "a tuned kernel serves it; the residual add and norm as add_rms_norm); its routing runs "
+                       "mlx-lm's ops ({order} order: no moe_route kernel takes it)")
 
 
 def _replacement(module):
@@ -154,9 +157,11 @@ def _fusion_note(block) -> str:
     pre, post = block.why_not_fused_pre(), block.why_not_fused_post()
     if pre is None and post is None:
         return FUSABLE
-    if moe.why_not(block["mlp"]) is None:
+    if moe.why_not(block.mlp_module) is None:
         pre_ops = "norm_qkv_rope, qk_norm_rope" if block.has_head_norms() else "norm_qkv_rope"
-        return MOE_FUSABLE + (f"; the attention input ({pre_ops}) too" if pre is None else f"; not the attention input ({pre})")
+        order = moe.kernel_order_missing(block.mlp_module)
+        note = MOE_EXPERTS_FUSABLE.format(order=order) if order else MOE_FUSABLE
+        return note + (f"; the attention input ({pre_ops}) too" if pre is None else f"; not the attention input ({pre})")
     if pre is None:
         return f"decode step partly fused (the attention input fuses; not the MLP half: {post})"
     if post is None:

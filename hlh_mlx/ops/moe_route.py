@@ -14,6 +14,8 @@ stable sort; on the CPU it is not, so ties there may differ):
   ORDER=1 (Qwen3-MoE: argpartition(g, kth=-S)[-S:]): the S last of g sorted ascending
     (stable): smallest of them first, and among equal weights at the boundary the higher
     experts chosen.
+Mixtral's routing (the top S of the logits, ranked as ORDER=0 ranks, then softmax over
+those S alone) is moe_route's order="mixtral": its built-in composition, no kernel yet.
 NORM=1 (Qwen3-MoE's norm_topk_prob): scores = g[e] / sum (the sum of the S weights in float32,
 rounded to the dtype; the quotient rounded once), as `scores /= scores.sum()` in the dtype."""
 
@@ -22,7 +24,8 @@ import numpy as np
 
 from .spec import DTYPES, ROUNDED_ONCE, Call, OpSpec, constant, dtype_name, input_constant
 
-ORDERS = {"qwen2": 0, "qwen3": 1}
+ORDERS = {"qwen2": 0, "qwen3": 1}  # the kernels' ORDER
+ROUTINGS = (*ORDERS, "mixtral")     # what `moe_route` computes (the built-in)
 
 
 def _inputs(s, dtype, rng):
@@ -86,13 +89,20 @@ def _reference(logits, route):
 
 def moe_route(logits, k, order="qwen2", norm=False):
     """(indices, scores) of the top `k` experts for router `logits`, as mlx-lm's Qwen2-MoE
-    (order="qwen2") or Qwen3-MoE (order="qwen3", norm=norm_topk_prob) blocks compute them;
+    (order="qwen2"), Qwen3-MoE (order="qwen3", norm=norm_topk_prob) or Mixtral
+    (order="mixtral": the top k logits, then softmax over them) blocks compute them;
     the scores in float32, holding mlx-lm's values (in the logits' dtype) exactly: 4 bytes a
     score keep S >= 3 of them out of the managed pool MLX's CUDA allocator keeps arrays of 8
     bytes or fewer in (read across the bus by whichever kernel reads them next)."""
+    if order not in ROUTINGS:
+        raise ValueError(f"[moe_route] order must be one of {', '.join(ROUTINGS)}, not {order!r}")
+    if order == "mixtral":  # mlx-lm's MixtralSparseMoeBlock, op for op
+        if norm:
+            raise ValueError("[moe_route] Mixtral's scores are a softmax over the chosen experts already (norm=False)")
+        inds = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
+        scores = mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1, precise=True)
+        return inds, scores.astype(mx.float32)
     gates = mx.softmax(logits, axis=-1, precise=True)
-    if order not in ORDERS:
-        raise ValueError(f"[moe_route] order must be one of {', '.join(ORDERS)}, not {order!r}")
     if order == "qwen2":
         inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])
     else:

@@ -40,7 +40,7 @@ class _Counting(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe", "tiny-mixtral"])
 def test_blocks_give_the_same_logits_and_trace_the_decode_step_once(name):
     model, _ = models.load(name, bits=4, dtype="float32")
     before = _decode(model)

@@ -25,7 +25,7 @@ def fresh(store_dir):
     tuned.refresh()
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-qwen2-moe", "tiny-mixtral"])
 def test_validate_each_family(name, tmp_path):
     out = tmp_path / "v.json"
     r = CliRunner().invoke(main, ["validate", name, *FAST, "--json", str(out)])
@@ -88,13 +88,15 @@ def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
     assert parting(3, wrong) == "logits differ"      # beyond rounding: never called a tie
 
 
-def test_patch_keeps_parameter_names_and_reports_expert_mlps():
-    model, _ = models.load("tiny-qwen2-moe", bits=4)
+@pytest.mark.parametrize("name,slot", [("tiny-qwen2-moe", "mlp"), ("tiny-mixtral", "block_sparse_moe")])
+def test_patch_keeps_parameter_names_and_reports_expert_mlps(name, slot):
+    model, _ = models.load(name, bits=4)
     before = {k: v.shape for k, v in tree_flatten(model.parameters())}
     report = patching.patch(model)
+    assert all(isinstance(b, blocks.DecoderBlock) for b in model.model.layers), report
     assert {k: v.shape for k, v in tree_flatten(model.parameters())} == before  # checkpoints load unchanged
     kept = {p: why for p, _, why in report.kept}
-    assert "model.layers.0.mlp.switch_mlp" in kept and "expert" in kept["model.layers.0.mlp.switch_mlp"]
+    assert f"model.layers.0.{slot}.switch_mlp" in kept and "expert" in kept[f"model.layers.0.{slot}.switch_mlp"]
 
 
 def test_checkpoint_directory_round_trip(tmp_path):

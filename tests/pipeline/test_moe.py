@@ -181,9 +181,10 @@ def test_the_cuda_split_k_sum_compiles_at_a_ragged_k(op, params):
     cuda_source.check_variant(v, spec, "bfloat16", shape)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-mixtral"])
 def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
-    """Qwen2-MoE (with its shared expert) and Qwen3-MoE (top-k weights renormalised), the
+    """Qwen2-MoE (with its shared expert), Qwen3-MoE (top-k weights renormalised) and
+    Mixtral (top-k of the logits, softmax over those; its MLP is `block_sparse_moe`), the
     expert ops forced on with nothing tuned (their built-in compositions run): the router
     copied from mlx-lm's blocks and the calls made at decode give mlx-lm's logits, through
     the compiled halves. The kernels themselves: the test after this one."""
@@ -194,22 +195,27 @@ def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
     assert all(isinstance(b, blocks.DecoderBlock) for b in layers), report
     # Qwen2-MoE's attention input (q/k/v with biases) is norm_qkv_rope's too; Qwen3-MoE's
     # queries and keys have norms of their own: qk_norm_rope's after it
-    attention = ("; the attention input (norm_qkv_rope) too" if name == "tiny-qwen2-moe" else
-                 "; the attention input (norm_qkv_rope, qk_norm_rope) too")
-    assert [n for _, n in report.notes] == [patching.MOE_FUSABLE + attention] * len(layers), report
+    attention = ("; the attention input (norm_qkv_rope, qk_norm_rope) too" if name == "tiny-qwen3-moe" else
+                 "; the attention input (norm_qkv_rope) too")
+    note = (patching.MOE_EXPERTS_FUSABLE.format(order="mixtral") if name == "tiny-mixtral" else
+            patching.MOE_FUSABLE)  # no moe_route kernel takes Mixtral's order: mlx-lm's ops route
+    assert [n for _, n in report.notes] == [note + attention] * len(layers), report
     _always_fused(layers)
     np.testing.assert_allclose(np.asarray(_decode(model)), np.asarray(before), rtol=1e-4, atol=1e-4)
     assert all(b._moe_fused for b in layers)
-    mlp = model.model.layers[0].mlp
+    mlp = model.model.layers[0].mlp_module
     called = {op: shape for op, shape, _ in runtime.decided_calls()}
-    if name == "tiny-qwen2-moe":  # the pre half ran as the one call, with the projections' biases
+    if name == "tiny-mixtral":  # no biases, no head norms: the pre half is the one call
+        assert called["norm_qkv_rope"] == {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": 0}
+        assert "qk_norm_rope" not in called and ROUTE not in called  # asked, refused: mlx-lm's routing ran
+    elif name == "tiny-qwen2-moe":  # the pre half ran as the one call, with the projections' biases
         assert called["norm_qkv_rope"] == {"NQ": 128, "NK": 128, "K": 128, "G": 64, "D": 32, "B": 1}
         assert "qk_norm_rope" not in called
     else:  # two calls: the projections, then the heads' norms and RoPE
         assert called["norm_qkv_rope"] == {"NQ": 128, "NK": 64, "K": 128, "G": 64, "D": 32, "B": 0}
         assert called["qk_norm_rope"] == {"NQ": 128, "NK": 64, "D": 32}
-    assert called[UP] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
-    assert called[DOWN] == {"S": mlp.top_k, "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
+    assert called[UP] == {"S": moe.top_k(mlp), "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
+    assert called[DOWN] == {"S": moe.top_k(mlp), "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
     assert {op for op, _ in tuned.fallbacks()} >= {UP, DOWN}  # the compositions, as said
 
 
@@ -406,7 +412,16 @@ def test_routing_the_kernels_cannot_serve_runs_mlx_lms_ops_with_a_reason(store_d
     assert inds.shape == (2, 4) and (np.sort(np.asarray(inds)) == np.sort(np.asarray(want))).all()
     np.testing.assert_array_equal(np.asarray(scores), np.asarray(mx.take_along_axis(gates, inds, axis=-1)))
     with pytest.raises(ValueError, match="order must be one of"):
-        tuned.moe_route(two, 4, order="mixtral")  # the built-in refuses what it does not compute
+        tuned.moe_route(two, 4, order="deepseek")  # the built-in refuses what it does not compute
+    # Mixtral's routing is the built-in's alone, mlx-lm's MixtralSparseMoeBlock line for line
+    inds, scores = tuned.moe_route(two, 4, order="mixtral")
+    want = mx.argpartition(-two, kth=3, axis=-1)[..., :4]
+    np.testing.assert_array_equal(np.asarray(inds), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(
+        mx.softmax(mx.take_along_axis(two, want, axis=-1), axis=-1, precise=True)))
+    assert sorted(np.asarray(inds)[0].tolist()) == sorted(np.argsort(-np.asarray(two)[0])[:4].tolist())
+    with pytest.raises(ValueError, match="softmax over the chosen"):
+        tuned.moe_route(two, 4, order="mixtral", norm=True)
     assert "up to 1024 and 64" in tuned.explain(ROUTE, mx.array(rng.standard_normal((1, 100)).astype(np.float32)), 65)
 
 
