@@ -44,6 +44,8 @@ KNOBS = {k.name: k for k in (
     Knob("HLH_MLX_EMU_THREADS", None, int, "emulator: OS threads running threadgroups (default: the cores)"),
     Knob("HLH_MLX_EMU_MEMORY", None, int, "emulator: address-space limit of a kernel process, bytes"),
     Knob("HLH_MLX_EMU_ORDER", None, str, "emulator: 'reverse' runs threads in reverse order to expose races"),
+    Knob("HLH_MLX_EMU_UNCONFINED_TOOLCHAIN", False, _flag,
+         "emulator: compile kernels where Linux Landlock cannot confine the compiler (only kernel text you trust)"),
     Knob("HLH_MLX_WORKER", None, str, "the sweep's worker command (e.g. to run it under compute-sanitizer)"),
 )}
 

@@ -296,7 +296,7 @@ _HOST_CALLS = {
     "printf", "fprintf", "sprintf", "snprintf", "puts", "malloc", "calloc", "realloc", "free", "alloca",
     "ioctl", "ptrace", "setjmp", "longjmp",
 }
-_INIT_ATTRS = {"constructor", "destructor", "init_priority", "ifunc", "section", "alias", "weakref"}
+_INIT_ATTRS = {"constructor", "destructor", "init_priority", "ifunc", "section", "alias", "weakref", "symver"}
 
 
 def check(kernel: str, part: str, text: str) -> None:
@@ -309,6 +309,11 @@ def check(kernel: str, part: str, text: str) -> None:
     toks = [t for t in _Lexer(kernel, part, text).tokens() if t.kind != "directive"]
     in_attr = _attribute_tokens(toks)
     for k, tok in enumerate(toks):
+        if tok.kind == "string" and k in in_attr:
+            # an attribute's string reaches the assembler as it is (symver, section, alias,
+            # asm labels...): Metal's attributes take none
+            raise UnsafeKernelError(f"[emulator] kernel '{kernel}', {part} line {tok.line}: a string in a "
+                                    "compiler attribute is not allowed")
         if tok.kind != "ident":
             continue
         where = f"[emulator] kernel '{kernel}', {part} line {tok.line}"

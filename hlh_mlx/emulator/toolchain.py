@@ -3,6 +3,9 @@
 Kernel text reaches the compiler only through safety.prepare (every directive decided)
 and behind codegen.POISON; diagnostics never quote a file, and messages located in any
 file but ours are withheld. Each kernel becomes a shared object without initialisers.
+Every step that reads kernel text or what it made (compile, objcopy, nm, link) runs
+confined (confine.py): it can read the system's tools and the runtime, and write only
+its own build directory, whatever the text makes it do.
 
 Everything built lands in a cache directory keyed by what could change the binary
 (compiler identity, flags, runtime sources, the kernel's generated C++), so a second
@@ -25,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import confine
 from .errors import EmulatorError, KernelCompileError, KernelTimeoutError, UnsafeKernelError
 
 RUNTIME_DIR = Path(__file__).parent / "runtime"
@@ -46,7 +50,8 @@ COMMON_FLAGS = (
     # -fstack-clash-protection probes every page of a large private array, so one that
     # overflows a thread's stack hits its guard page instead of another thread's stack
     # -fPIC: the kernel is a shared object the launcher loads after locking itself down
-    "-std=gnu++17", "-fstack-clash-protection", "-fwrapv", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-exceptions",
+    # -fno-lto: an object with LTO sections would have the linker run the compiler again
+    "-std=gnu++17", "-fno-lto", "-fstack-clash-protection", "-fwrapv", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-exceptions",
     "-fno-rtti", "-fPIC", "-fno-stack-protector", "-Wno-literal-suffix", "-Wno-unknown-pragmas",
     "-Wno-attributes", "-Wno-ignored-attributes", "-Wno-unused-value",
 )
@@ -153,21 +158,33 @@ COMPILE_MEMORY = 8 << 30      # address space of each compiler process
 COMPILE_FILE_SIZE = 1 << 30   # largest file a compile step may write
 
 
-def _compile_limits(cpu_seconds: int) -> None:  # runs in the child, before exec
+def _compile_limits(cpu_seconds: int, ruleset: confine.Ruleset) -> None:  # runs in the child, before exec
     for what, value in ((resource.RLIMIT_AS, COMPILE_MEMORY),
                         (resource.RLIMIT_FSIZE, COMPILE_FILE_SIZE), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(what, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+    ruleset.apply()
+
+
+def _readable() -> tuple[str, ...]:
+    """What a confined step may read besides the system's directories: the emulator's cache
+    (the runtime's headers and prelude) and the tools' own installations."""
+    tools = [find_compiler().path, objcopy(), _nm()]
+    return (str(cache_root()), *confine.tool_prefixes(*tools))
 
 
 def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subprocess.CompletedProcess:
-    """Run one step on kernel text (compiler, objcopy) with a time limit, CPU-time, memory
-    and file-size limits, in its own process group (killed whole on timeout), stdin empty."""
+    """Run one step on kernel text (compiler, objcopy, nm, linker) confined to its build
+    directory `cwd` (confine.py), with a time limit, CPU-time, memory and file-size limits,
+    in its own process group (killed whole on timeout), stdin empty."""
+    confine.required()
     timeout = compile_timeout()
     cpu = int(timeout) + 5
-    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace", start_new_session=True,
-                            preexec_fn=lambda: _compile_limits(cpu))
+    with confine.Ruleset(cwd, _readable()) as ruleset:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(cwd)}, pass_fds=ruleset.pass_fds,
+                                preexec_fn=lambda: _compile_limits(cpu, ruleset))
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -186,6 +203,9 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subproces
             pass
         proc.wait()
         raise
+    if proc.returncode == 126 and not out and not err:  # the child could not confine itself (confine.apply)
+        raise EmulatorError(f"[emulator] kernel '{kernel}': {what} could not be confined (Landlock refused the "
+                            "restriction); nothing was run")
     if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) or proc.returncode == -signal.SIGXFSZ:
         raise KernelTimeoutError(f"[emulator] kernel '{kernel}': {what} ran out of its time, memory or file-size "
                                  "limit and was stopped")
@@ -199,13 +219,17 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
 def runtime_build(mode: str) -> Path:
     """Build (once per cache) the runtime object and the precompiled prelude for a mode."""
+    return _runtime_build(mode, cache_root())
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime_build(mode: str, root: Path) -> Path:
     cxx = find_compiler()
     sources = b"".join((RUNTIME_DIR / f).read_bytes() for f in RUNTIME_FILES)
     key = _sha(cxx.ident, mode, " ".join(COMMON_FLAGS + cxx.mode_flags(mode)), sources)
-    final = cache_root() / f"runtime-{mode}-{key}"
+    final = root / f"runtime-{mode}-{key}"
     if (final / "launcher").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +286,9 @@ def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCo
 
 _INIT_SECTIONS = (".init_array*", ".rela.init_array*", ".preinit_array*", ".rela.preinit_array*", ".ctors*",
                   ".rela.ctors*", ".fini_array*", ".rela.fini_array*", ".dtors*", ".rela.dtors*", ".init", ".fini")
+# sections a kernel's text could plant to steer the link (LTO's: the linker would run the
+# compiler again with options recorded in them), dropped with the initialisers
+_STEERING_SECTIONS = (".gnu.lto_*", ".gnu.lto*", ".gnu_object_only", ".llvm.lto*", ".llvmbc", ".llvmcmd")
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,11 +304,17 @@ def launcher(mode: str) -> Path:
     return runtime_build(mode) / "launcher"
 
 
-def undefined_symbols(obj: Path) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _nm() -> str:
     nm = shutil.which("nm") or shutil.which("llvm-nm")
     if not nm:
         raise EmulatorError("[emulator] cannot check what the kernel links against: no `nm` (install binutils)")
-    out = _run([nm, "-u", "-C", "--format=posix", str(obj)], "listing kernel symbols").stdout
+    return nm
+
+
+def undefined_symbols(obj: Path, kernel: str = "(object)") -> list[str]:
+    out = _checked(_run_bounded([_nm(), "-u", "-C", "--format=posix", obj.name], kernel, obj.parent,
+                                "listing kernel symbols"), "listing kernel symbols").stdout
     # posix format "NAME TYPE": demangled C++ names may contain spaces, the type never does
     return [line.rstrip().rsplit(" ", 1)[0] for line in out.splitlines() if line.strip()]
 
@@ -365,7 +398,7 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
         proc = _run_bounded([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"], name, tmp, "compiling")
         if proc.returncode != 0:
             raise _compile_error(name, proc.stderr, source, header)
-        foreign = [s for s in undefined_symbols(tmp / "kernel.o") if check_symbols and not _ALLOWED_SYMBOL.match(s)]
+        foreign = [s for s in undefined_symbols(tmp / "kernel.o", name) if check_symbols and not _ALLOWED_SYMBOL.match(s)]
         if foreign:
             raise UnsafeKernelError(
                 f"[emulator] kernel '{name}' calls functions outside the Metal/MLX surface: "
@@ -373,11 +406,13 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
             )
         # Metal has no dynamic initialisation of program-scope variables: drop every
         # initialiser and finaliser section (the launcher refuses an object with any left)
-        if strip_initialisers:
-            _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in _INIT_SECTIONS], "kernel.o"], name,
-                                  tmp, "stripping initialisers"), "stripping initialisers")
-        _checked(_run_bounded([cxx.path, "-shared", "-nostartfiles", "-Wl,-z,now", "-Wl,-z,noexecstack", "kernel.o",
-                               "-lm", "-o", "kernel.so"], name, tmp, "linking the kernel"), "linking the kernel")
+        strip = (*(_INIT_SECTIONS if strip_initialisers else ()), *_STEERING_SECTIONS)
+        _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in strip], "kernel.o"], name,
+                              tmp, "stripping initialisers"), "stripping initialisers")
+        no_plugin = () if cxx.is_clang else ("-fno-use-linker-plugin",)
+        _checked(_run_bounded([cxx.path, "-shared", "-nostartfiles", "-fno-lto", *no_plugin, "-Wl,-z,now",
+                               "-Wl,-z,noexecstack", "kernel.o", "-lm", "-o", "kernel.so"], name, tmp,
+                              "linking the kernel"), "linking the kernel")
         os.chmod(tmp / "kernel.so", 0o644)
         _publish(tmp, final)
     finally:

@@ -411,3 +411,77 @@ def test_blanking_a_metal_include_keeps_the_end_of_a_comment(secret_file):
     path, secret = secret_file
     header = ('/* x\n*/ #include <metal_stdlib>\n"*/ // " /*\n' + LEAK_TAIL.format(path=path))
     _assert_no_leak(lambda: emulator.metal_kernel("blank_leak", ["inp"], ["out"], LEAK_BODY, header=header), secret)
+
+
+# An attribute's string reaches the assembler verbatim: its newlines start directives of the
+# kernel text's choosing (found by a red team, 2026-12-04). `.incbin` reads a host file into
+# the object at compile time; with the text checks off, only the toolchain's confinement
+# (confine.py: the compile step reads the system's tools and the runtime alone) stops it.
+SYMVER_HEADER = ('__attribute__((symver("leakfn@V1\\n.local _Z6leakfnv\\n.incbin \\"{path}\\"\\n.byte 0\\n"))) '
+                 'int leakfn() {{ return 1; }}\n')
+SYMVER_BODY = ("const uchar* p = reinterpret_cast<const uchar*>(&leakfn); "
+               "for (uint k = 0; k < 96; k++) out[k] = p[k];")
+
+
+@pytest.mark.parametrize("friendly", [True, False], ids=["friendly", "no-text-checks"])
+def test_an_attribute_string_cannot_make_the_assembler_read_a_host_file(secret_file, friendly, monkeypatch):
+    from hlh_mlx.emulator import safety
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", friendly)
+    path, secret = secret_file
+    header = SYMVER_HEADER.format(path=path)
+    _assert_no_leak(lambda: emulator.metal_kernel("symver_leak", ["inp"], ["out"], SYMVER_BODY, header=header),
+                    secret)
+    if friendly:  # named before anything runs
+        with pytest.raises(EmulatorError, match="attribute 'symver' is not allowed"):
+            emulator.metal_kernel("symver_leak", ["inp"], ["out"], SYMVER_BODY, header=header)
+        for attribute in ('optimize("O0")', 'deprecated("no")', 'target("avx2")'):  # any string, any attribute
+            with pytest.raises(EmulatorError, match="header line 1: a string in a compiler attribute is not allowed"):
+                emulator.metal_kernel("attr_string", ["inp"], ["out"], "out[0] = f();",
+                                      header=f"__attribute__(({attribute})) float f() {{ return 1; }}\n")
+
+
+def test_a_toolchain_step_reads_and_writes_nothing_outside_its_build(tmp_path, secret_file):
+    """The boundary itself, whatever text steers the tools: a step run as the compiler,
+    assembler or linker are (here a shell standing in for a tool the text took over)
+    cannot read a user's file, write one, or create one outside its build directory."""
+    from hlh_mlx.emulator import toolchain
+    path, secret = secret_file
+    build = tmp_path / "build"
+    build.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("unchanged")
+    script = (f"cat {path}; echo pwned > {victim}; touch {tmp_path / 'marker'}; "
+              f"echo ok > {build / 'inside.txt'}; cat {build / 'inside.txt'}")
+    proc = toolchain._run_bounded(["/bin/sh", "-c", script], "confined", build, "a stand-in step")
+    assert secret not in proc.stdout + proc.stderr
+    assert victim.read_text() == "unchanged" and not (tmp_path / "marker").exists()
+    assert (build / "inside.txt").read_text() == "ok\n" and "ok" in proc.stdout  # its own directory works
+
+
+def test_objects_lose_link_steering_sections_before_the_link(monkeypatch):
+    """An object with GCC's LTO sections makes the linker plugin run the compiler again with
+    options recorded in the object (a red team wrote any file that way): the sections are
+    stripped with the initialisers and the link runs without LTO or the plugin."""
+    from hlh_mlx.emulator import toolchain
+    seen = []
+    real = toolchain._run_bounded
+    monkeypatch.setattr(toolchain, "_run_bounded", lambda cmd, *a, **k: seen.append(cmd) or real(cmd, *a, **k))
+    tag = secrets.token_hex(6)
+    body = f"int unique_{tag} = 7; out[0] = inp[0] + unique_{tag};"  # a kernel no cache holds: built here
+    _run_u8(emulator.metal_kernel("lto_flags", ["inp"], ["out"], body))
+    strip = next(c for c in seen if any(a.startswith("--remove-section=") for a in c))
+    assert "--remove-section=.gnu.lto_*" in strip
+    link = next(c for c in seen if "-shared" in c)
+    assert "-fno-lto" in link and ("-fno-use-linker-plugin" in link or toolchain.find_compiler().is_clang)
+
+
+def test_without_landlock_no_kernel_is_compiled_unless_the_user_says_so(monkeypatch):
+    from hlh_mlx.emulator import confine
+    monkeypatch.setattr(confine, "abi", lambda: 0)
+    monkeypatch.delenv("HLH_MLX_EMU_UNCONFINED_TOOLCHAIN", raising=False)
+    tag = secrets.token_hex(6)
+    body = f"int unique_{tag} = 7; out[0] = inp[0] + unique_{tag};"  # not in any cache: compiled here
+    with pytest.raises(EmulatorError, match="HLH_MLX_EMU_UNCONFINED_TOOLCHAIN=1"):
+        _run_u8(emulator.metal_kernel("no_landlock", ["inp"], ["out"], body))
+    monkeypatch.setenv("HLH_MLX_EMU_UNCONFINED_TOOLCHAIN", "1")
+    assert _run_u8(emulator.metal_kernel("no_landlock", ["inp"], ["out"], body))[0] == 8
