@@ -71,3 +71,15 @@ def test_compile_error_names_template_line(tmp_path):
     t = templates.load(bad)
     with pytest.raises(cuda_source.CudaCompileError, match=rf"elementwise.cuda.j2:{at + 1}: .*undeclared_name"):
         cuda_source.check_variant(variants.expand(t)[0], ops.get("swiglu"), "float16")
+
+
+@needs_nvcc
+def test_the_offline_nvcc_check_reads_no_file_outside_its_own_directory(tmp_path):
+    """nvcc runs on template text as the emulator's compiler does: confined (Landlock), so an
+    #include of a user's file fails to read it (unconfined, this valid C++ would compile)."""
+    secret = tmp_path / "secret.h"
+    secret.write_text("int SECRET_d41d8cd98f;\n")
+    with pytest.raises(cuda_source.CudaCompileError) as e:
+        cuda_source.compile_check(f'#include "{secret}"\n__global__ void k() {{}}\n')
+    assert "SECRET_d41d8cd98f" not in str(e.value)
+    cuda_source.compile_check("__global__ void k() {}\n")  # its own directory and the toolkit: it works
