@@ -143,14 +143,16 @@ class _TooMuchOutput(Exception):
     pass
 
 
-def _communicate(proc: subprocess.Popen, spec: bytes, timeout: float) -> tuple[str, str]:
+def _communicate(proc: subprocess.Popen, spec: bytes | None, timeout: float) -> tuple[str, str]:
     """Like Popen.communicate, but a process that writes more than MAX_OUTPUT bytes to a
-    pipe is stopped: kernel code must not be able to fill this process's memory."""
+    pipe is stopped (_TooMuchOutput): kernel code, or a compiler spelling out a type kernel
+    text made exponentially long, must not be able to fill this process's memory."""
     import selectors
     import time
 
-    proc.stdin.write(spec)
-    proc.stdin.close()
+    if spec is not None:
+        proc.stdin.write(spec)
+        proc.stdin.close()
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
@@ -184,7 +186,10 @@ def lockdown_report(stdout: str) -> dict | None:
         report = json.loads(first[len("HLH_LOCKED "):])
     except ValueError:
         return None
-    return report if all(report.get(k) is True for k in ("no_new_privs", "seccomp", "probe")) else None
+    from . import confine
+    # Landlock (the loading window opens no user file) wherever this system has it
+    required = ("no_new_privs", "seccomp", "probe") + (("landlock",) if confine.abi() >= 1 else ())
+    return report if all(report.get(k) is True for k in required) else None
 
 
 # Control characters (terminal escapes: clear screen, OSC 52 clipboard, a forged verdict)

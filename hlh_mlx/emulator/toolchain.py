@@ -166,11 +166,13 @@ def _compile_limits(cpu_seconds: int, ruleset: confine.Ruleset) -> None:  # runs
     ruleset.apply()
 
 
-def _readable() -> tuple[str, ...]:
-    """What a confined step may read besides the system's directories: the emulator's cache
-    (the runtime's headers and prelude) and the tools' own installations."""
-    tools = [find_compiler().path, objcopy(), _nm()]
-    return (str(cache_root()), *confine.tool_prefixes(*tools))
+def _readable(cmd: list[str]) -> tuple[str, ...]:
+    """What a confined step may read besides the system's directories and its own build: the
+    tools' own installations, and the runtime the command names (`-I DIR`, `-include FILE`:
+    its headers and prelude). Not the rest of the cache: other kernels' sources and objects."""
+    named = {str(Path(cmd[i + 1]) if flag == "-I" else Path(cmd[i + 1]).parent)
+             for i, flag in enumerate(cmd[:-1]) if flag in ("-I", "-include")}
+    return (*sorted(named), *confine.tool_prefixes(find_compiler().path, objcopy(), _nm()))
 
 
 def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subprocess.CompletedProcess:
@@ -180,28 +182,26 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subproces
     confine.required()
     timeout = compile_timeout()
     cpu = int(timeout) + 5
-    with confine.Ruleset(cwd, _readable()) as ruleset:
+    from .launch import MAX_OUTPUT, _communicate, _TooMuchOutput
+    with confine.Ruleset(cwd, _readable(cmd)) as ruleset:
         proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True,
+                                stderr=subprocess.PIPE, start_new_session=True,
                                 env={**os.environ, "TMPDIR": str(cwd)}, pass_fds=ruleset.pass_fds,
                                 preexec_fn=lambda: _compile_limits(cpu, ruleset))
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = _communicate(proc, None, timeout)
+    except _TooMuchOutput:
+        _kill_group(proc)
+        raise KernelCompileError(kernel, None, None, f"{what}: the tool wrote more than {MAX_OUTPUT} bytes of "
+                                 "messages and was stopped (a type or expansion kernel text made huge?)", "",
+                                 "") from None
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
+        _kill_group(proc)
         raise KernelTimeoutError(
             f"[emulator] kernel '{kernel}': {what} did not finish within {timeout:g} s and was stopped "
             "(HLH_MLX_EMU_TIMEOUT sets the limit)") from None
     except BaseException:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _kill_group(proc)
         raise
     if proc.returncode == 126 and not out and not err:  # the child could not confine itself (confine.apply)
         raise EmulatorError(f"[emulator] kernel '{kernel}': {what} could not be confined (Landlock refused the "
@@ -210,6 +210,17 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subproces
         raise KernelTimeoutError(f"[emulator] kernel '{kernel}': {what} ran out of its time, memory or file-size "
                                  "limit and was stopped")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -286,6 +297,60 @@ def _compile_error(name: str, stderr: str, source: str, header: str) -> KernelCo
 
 _INIT_SECTIONS = (".init_array*", ".rela.init_array*", ".preinit_array*", ".rela.preinit_array*", ".ctors*",
                   ".rela.ctors*", ".fini_array*", ".rela.fini_array*", ".dtors*", ".rela.dtors*", ".init", ".fini")
+# What a kernel object may hold after the initialisers are stripped: code, data, unwind
+# tables, debug lines, and relocations of those (SHT_RELA/REL, named for what they relocate).
+# Kernel text can plant any other section through an assembler directive (an attribute's
+# string, were the text checks bypassed): `.dynamic` entries or `.rela.*` data the linker
+# would copy into the kernel's dynamic section and relocations (a red team ran code while
+# the object loaded that way). Anything else refuses the kernel before the link.
+_SECTION_NAMES = (".text", ".rodata", ".data", ".bss", ".tdata", ".tbss", ".eh_frame", ".comment", ".debug_",
+                  ".note.GNU-stack", ".note.gnu.property", ".gcc_except_table", ".group", ".symtab", ".strtab",
+                  ".shstrtab", ".llvm_addrsig")
+_SECTION_TYPES = {0: "NULL", 1: "PROGBITS", 2: "SYMTAB", 3: "STRTAB", 4: "RELA", 7: "NOTE", 8: "NOBITS",
+                  9: "REL", 14: "INIT_ARRAY", 15: "FINI_ARRAY", 16: "PREINIT_ARRAY", 17: "GROUP",
+                  0x70000001: "X86_64_UNWIND", 0x6FFF4C03: "LLVM_ADDRSIG"}  # (init arrays: named as such only)
+
+
+def _allowed_section(name: str, kind: str, names: tuple, also: tuple, relocated: str | None) -> bool:
+    """`relocated`: for a relocation section, the name of the section it relocates (sh_info,
+    flagged SHF_INFO_LINK, not loaded), else None: a `.rela.*` section of loaded bytes, or
+    one relocating nothing, is data the linker would copy into the kernel's relocations."""
+    if kind in ("INIT_ARRAY", "FINI_ARRAY", "PREINIT_ARRAY"):
+        return bool(also) and name.startswith(also)
+    if kind in ("RELA", "REL"):
+        stem = name[len(".rela"):] if name.startswith(".rela") else name[len(".rel"):] if name.startswith(".rel") else ""
+        return relocated is not None and stem == relocated and stem.startswith(names + also)
+    return kind == "NULL" or (name.startswith(names) and not name.startswith((".rela", ".rel.")))
+
+
+def section_problem(obj: Path, also: tuple = ()) -> str | None:
+    """None when the relocatable object's sections are all ones a kernel has (and `also`,
+    name prefixes), else which is not."""
+    names = _SECTION_NAMES + also
+    import struct
+    data = obj.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return "not a 64-bit little-endian ELF object"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    if shentsize != 64 or shoff + shnum * 64 > len(data) or shstrndx >= shnum:
+        return "malformed section headers"
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64) for i in range(shnum)]
+    names_at, names_size = headers[shstrndx][4], headers[shstrndx][5]
+
+    def name_of(h) -> str:
+        end = data.find(b"\0", names_at + h[0], names_at + names_size)
+        return data[names_at + h[0]:end].decode("latin-1") if end >= 0 else "?"
+    shf_alloc, shf_info_link = 0x2, 0x40
+    for h in headers:
+        name, kind, flags, info = name_of(h), _SECTION_TYPES.get(h[1]), h[2], h[7]
+        relocated = (name_of(headers[info]) if kind in ("RELA", "REL") and 0 < info < shnum
+                     and flags & shf_info_link and not flags & shf_alloc else None)
+        if kind is None or not _allowed_section(name, kind, names, also, relocated):
+            return f"section {name!r} of type {kind or hex(h[1])}"
+    return None
+
+
 # sections a kernel's text could plant to steer the link (LTO's: the linker would run the
 # compiler again with options recorded in them), dropped with the initialisers
 _STEERING_SECTIONS = (".gnu.lto_*", ".gnu.lto*", ".gnu_object_only", ".llvm.lto*", ".llvmbc", ".llvmcmd")
@@ -409,6 +474,13 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
         strip = (*(_INIT_SECTIONS if strip_initialisers else ()), *_STEERING_SECTIONS)
         _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in strip], "kernel.o"], name,
                               tmp, "stripping initialisers"), "stripping initialisers")
+        # (initialisers kept only where a test reaches the launcher's own refusal of them)
+        kept = () if strip_initialisers else tuple(p.rstrip("*") for p in _INIT_SECTIONS if not p.startswith(".rela"))
+        planted = section_problem(tmp / "kernel.o", kept)
+        if planted:
+            from .launch import quote_text
+            raise UnsafeKernelError(f"[emulator] kernel '{name}': its object holds {quote_text(planted)}, which no "
+                                    "kernel has (kernel text planted it?); the kernel is refused")
         no_plugin = () if cxx.is_clang else ("-fno-use-linker-plugin",)
         _checked(_run_bounded([cxx.path, "-shared", "-nostartfiles", "-fno-lto", *no_plugin, "-Wl,-z,now",
                                "-Wl,-z,noexecstack", "kernel.o", "-lm", "-o", "kernel.so"], name, tmp,

@@ -485,3 +485,61 @@ def test_without_landlock_no_kernel_is_compiled_unless_the_user_says_so(monkeypa
         _run_u8(emulator.metal_kernel("no_landlock", ["inp"], ["out"], body))
     monkeypatch.setenv("HLH_MLX_EMU_UNCONFINED_TOOLCHAIN", "1")
     assert _run_u8(emulator.metal_kernel("no_landlock", ["inp"], ["out"], body))[0] == 8
+
+
+def test_a_compiler_spelling_a_huge_type_is_stopped_before_it_fills_memory(monkeypatch):
+    """Types doubling at each typedef make g++ print messages of 2^depth characters (a red
+    team's compile step held 4.4 GB in the parent at depth 24): the step's output is read
+    through a cap, and the step is stopped past it with a clear error."""
+    from hlh_mlx.emulator import launch
+    monkeypatch.setattr(launch, "MAX_OUTPUT", 1 << 16)
+    header = "template <class A, class B> struct pr {};\ntypedef pr<int, int> T0;\n" + "".join(
+        f"typedef pr<T{i}, T{i}> T{i + 1};\n" for i in range(14))
+    tag = secrets.token_hex(6)
+    with pytest.raises(EmulatorError, match="more than 65536 bytes of messages and was stopped"):
+        _run_u8(emulator.metal_kernel(f"huge_{tag}", ["inp"], ["out"], "T14 a = 0; T14 b = 1;", header=header))
+
+
+def test_a_launcher_without_landlock_is_refused_where_the_system_has_it():
+    from hlh_mlx.emulator import confine, launch
+    line = 'HLH_LOCKED {"no_new_privs": true, "landlock": %s, "seccomp": true, "probe": true}\n'
+    assert launch.lockdown_report(line % "true") is not None
+    assert (launch.lockdown_report(line % "false") is None) == (confine.abi() >= 1)
+
+
+def test_a_compile_step_cannot_read_other_kernels_in_the_cache(tmp_path):
+    """A confined step reads the runtime its command names, not the cache's other entries
+    (another kernel's generated source or object)."""
+    from hlh_mlx.emulator import toolchain
+    rt = toolchain.runtime_build("fast")
+    other = toolchain.cache_root() / "kernels" / ("other-" + secrets.token_hex(4))
+    other.mkdir(parents=True)
+    (other / "kernel.cpp").write_text("SECRET_OTHER_KERNEL\n")
+    build = tmp_path / "b"
+    build.mkdir()
+    try:
+        proc = toolchain._run_bounded(["/bin/sh", "-c", f"cat {other / 'kernel.cpp'}; cat {rt / 'prelude.h'} | head -c 1",
+                                       "-I", str(rt)], "confined", build, "a stand-in step")
+    finally:
+        import shutil
+        shutil.rmtree(other)
+    assert "SECRET_OTHER_KERNEL" not in proc.stdout and proc.stdout  # the runtime's prelude was read
+
+
+def test_planted_dynamic_entries_and_relocations_are_refused_before_the_link(monkeypatch, secret_file):
+    """With the text checks off, an attribute's string can still plant sections: `.dynamic`
+    entries (an init array) and PROGBITS named `.rela.*` that the linker copies into the
+    kernel's relocations; a red team ran code while the object loaded that way and read a
+    user's file. The object's sections are checked against what a kernel has before the
+    link (and the launcher refuses init arrays outright, confines its loading to the
+    object with Landlock, and keeps relocations inside the object's data)."""
+    from hlh_mlx.emulator import safety
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    path, secret = secret_file
+    for planted in (r'.pushsection .dynamic,\"aw\",%progbits\n.quad 25\n.quad 0\n.quad 27\n.quad 0\n.popsection\n',
+                    r'.pushsection .rela.data.evil,\"a\",%progbits\n.quad 0\n.quad 17\n.quad 8\n.popsection\n'):
+        header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
+        body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"  # built here, not from a cache
+        with pytest.raises(EmulatorError, match="its object holds section") as e:
+            _run_u8(emulator.metal_kernel("plant", ["inp"], ["out"], body, header=header))
+        assert secret not in str(e.value)

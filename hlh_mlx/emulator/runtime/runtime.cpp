@@ -798,9 +798,40 @@ bool install_filter(bool loading) {
 // What the lockdown achieved, reported to the parent, which refuses to use results
 // without it. seccomp and no_new_privs are required; the rest are extra walls.
 struct Lockdown {
-  bool no_new_privs = false, seccomp = false, probe = false, caps_dropped = false;
+  bool no_new_privs = false, seccomp = false, probe = false, caps_dropped = false, landlock = false;
   std::string namespaces;
 };
+
+// Landlock (Linux 5.13+): from here the process may read the kernel object (dlopen maps it)
+// and the system's libraries and loader cache (the loader may look one up), and nothing
+// else: whatever runs while the object loads (before the second filter) opens no user file.
+// No writes anywhere, no TCP, no signals or abstract sockets outside (where the ABI has them).
+bool landlock_to_object(int kfd) {
+  constexpr long kCreate = 444, kAddRule = 445, kRestrict = 446;
+  long abi = syscall(kCreate, nullptr, 0, 1u);  // LANDLOCK_CREATE_RULESET_VERSION
+  if (abi < 1) return false;
+  uint64_t fs = abi >= 5 ? (1ull << 16) - 1 : abi >= 3 ? (1ull << 15) - 1 : abi >= 2 ? (1ull << 14) - 1 : (1ull << 13) - 1;
+  struct { uint64_t fs, net, scoped; } attr{fs, abi >= 4 ? 3ull : 0ull, abi >= 6 ? 3ull : 0ull};
+  long rs = syscall(kCreate, &attr, size_t(abi >= 6 ? 24 : abi >= 4 ? 16 : 8), 0u);
+  if (rs < 0) return false;
+  constexpr uint64_t kExecute = 1, kReadFile = 4, kReadDir = 8;
+  auto allow = [&](int fd, uint64_t rights) {
+    struct __attribute__((packed)) { uint64_t allowed; int32_t parent_fd; } rule{rights, fd};
+    return syscall(kAddRule, rs, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &rule, 0u) == 0;
+  };
+  bool ok = allow(kfd, kReadFile | kExecute);
+  for (const char* dir : {"/usr", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache"}) {
+    int f = open(dir, O_PATH | O_CLOEXEC);
+    if (f < 0) continue;
+    struct stat st;
+    bool is_dir = fstat(f, &st) == 0 && S_ISDIR(st.st_mode);
+    ok = allow(f, is_dir ? kReadFile | kReadDir | kExecute : kReadFile) && ok;
+    close(f);
+  }
+  ok = ok && syscall(kRestrict, rs, 0u) == 0;
+  close(int(rs));
+  return ok;
+}
 
 void write_file(const char* path, const std::string& text) {
   int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -809,7 +840,7 @@ void write_file(const char* path, const std::string& text) {
   close(fd);
 }
 
-Lockdown lock_down(unsigned long mem_limit, unsigned long cpu_seconds) {
+Lockdown lock_down(unsigned long mem_limit, unsigned long cpu_seconds, int kfd) {
   Lockdown l;
   auto limit = [](int what, rlim_t v) { rlimit rl{v, v}; setrlimit(what, &rl); };
   limit(RLIMIT_CORE, 0);
@@ -838,6 +869,7 @@ Lockdown lock_down(unsigned long mem_limit, unsigned long cpu_seconds) {
   struct { uint32_t effective, permitted, inheritable; } data[2] = {};
   l.caps_dropped = syscall(SYS_capset, &hdr, data) == 0;
   l.no_new_privs = prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0;
+  if (l.no_new_privs) l.landlock = landlock_to_object(kfd);
   if (l.no_new_privs && !g_spec.fail_lockdown) l.seccomp = install_filter(true);
   if (l.seccomp) {
     errno = 0;
@@ -882,7 +914,10 @@ std::string object_problem(int fd) {
       uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0, symtab = 0;
       for (size_t k = 0; k < nd && d[k].d_tag != DT_NULL; k++) {
         switch (d[k].d_tag) {
-          case DT_INIT: case DT_PREINIT_ARRAY: why = "it has initialisers (static constructors)"; break;
+          // whatever their sizes say (a relocation could rewrite a size as the object loads)
+          case DT_INIT: case DT_PREINIT_ARRAY: case DT_INIT_ARRAY: case DT_FINI: case DT_FINI_ARRAY:
+            why = "it has initialisers (static constructors)";
+            break;
           case DT_INIT_ARRAYSZ: case DT_PREINIT_ARRAYSZ:
             if (d[k].d_un.d_val) why = "it has initialisers (static constructors)";
             break;
@@ -903,6 +938,19 @@ std::string object_problem(int fd) {
         uint64_t symoff = 0;
         bool have_syms = symtab && file_off(symtab, symoff);
         for (size_t k = 0; k < size / sizeof(Elf64_Rela); k++) {
+          // a relocation writes 8 bytes at r_offset: only into the object's own writable
+          // segments, never into its dynamic section (read by the loader after relocating)
+          // nor anywhere else in the process (the launcher's memory, before the second filter)
+          uint64_t at_ = r[k].r_offset;
+          bool inside = false, dynamic = false;
+          for (int j = 0; j < eh->e_phnum; j++) {
+            bool hit = at_ >= ph[j].p_vaddr && at_ <= ph[j].p_vaddr + ph[j].p_memsz && ph[j].p_memsz >= 8 &&
+                       at_ - ph[j].p_vaddr <= ph[j].p_memsz - 8;
+            if (ph[j].p_type == PT_LOAD && (ph[j].p_flags & PF_W) && hit) inside = true;
+            if (ph[j].p_type == PT_DYNAMIC && at_ + 8 > ph[j].p_vaddr && at_ < ph[j].p_vaddr + ph[j].p_memsz)
+              dynamic = true;
+          }
+          if (!inside || dynamic) { why = "a relocation writes outside the object's data"; break; }
 #if defined(__x86_64__)
           if (ELF64_R_TYPE(r[k].r_info) == R_X86_64_IRELATIVE) why = "it has IFUNC resolvers";
 #elif defined(__aarch64__)
@@ -1036,8 +1084,9 @@ int main(int argc, char** argv) {
     for (int f = 4; f < 65536; f++) close(f);
   install_crash_handlers();
 
-  Lockdown l = lock_down(g_spec.mem_limit, g_spec.cpu_limit);
+  Lockdown l = lock_down(g_spec.mem_limit, g_spec.cpu_limit, kfd);
   std::string report = std::string("{\"no_new_privs\": ") + (l.no_new_privs ? "true" : "false") +
+                       ", \"landlock\": " + (l.landlock ? "true" : "false") +
                        ", \"seccomp\": " + (l.seccomp ? "true" : "false") + ", \"probe\": " +
                        (l.probe ? "true" : "false") + ", \"caps_dropped\": " + (l.caps_dropped ? "true" : "false") +
                        ", \"namespaces\": " + json_str(l.namespaces);
