@@ -97,8 +97,8 @@ class Linear(nn.Linear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] > GEMV_MAX_ROWS:
-            return super().__call__(x)
+        if x.ndim == 0 or x.shape[-1] == 0 or x.size // x.shape[-1] > GEMV_MAX_ROWS:
+            return super().__call__(x)  # mlx.nn's answer (or its error) for these
         y = _planned(self, tuned.gemv, x, self["weight"])
         return y + self["bias"] if "bias" in self else y
 

@@ -183,7 +183,7 @@ def _hot_path(plans: dict, decide, owner):
             if type(a) is A:
                 key += (A, a.shape, dk(a.dtype))
             else:
-                key.append(a)
+                key += (type(a), a)
         if kwargs:
             dynamic = owner._dynamic
             for k, v in kwargs.items():
@@ -191,7 +191,7 @@ def _hot_path(plans: dict, decide, owner):
                 if type(v) is A:
                     key += (A, v.shape, dk(v.dtype))
                 else:
-                    key.append(type(v) if k in dynamic else v)
+                    key += (type(v),) if k in dynamic else (type(v), v)
         try:
             plan = plans[tuple(key)]
         except (KeyError, TypeError):  # a first call, or an unhashable argument
@@ -279,8 +279,8 @@ _DKEY = _dtype_key()
 
 
 def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
-    """What a plan depends on: each array's shape and dtype, every other value; a dynamic
-    argument only by kind (a number or an array). Flat, since it is built on every call
+    """What a plan depends on: each array's shape and dtype, every other value with its
+    type; a dynamic argument only by kind (a number or an array). Flat, since it is built on every call
     (`_hot_path`, behind `tuned.<op>`, builds the same key inline)."""
     key = []
     dk = _DKEY
@@ -288,13 +288,13 @@ def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
         if type(a) is _ARRAY:
             key += (_ARRAY, a.shape, dk(a.dtype))
         else:
-            key.append(a)
+            key += (type(a), a)  # with its type: -1.0 == -1 and True == 1, which the built-in tells apart
     for k, v in kwargs.items():
         key.append(k)
         if type(v) is _ARRAY:
             key += (_ARRAY, v.shape, dk(v.dtype))
         else:
-            key.append(type(v) if k in dynamic else v)
+            key += (type(v),) if k in dynamic else (type(v), v)
     return tuple(key)
 
 
@@ -312,6 +312,8 @@ def _bind(op, args, kwargs):
         return f"the first argument is a {type(first).__name__}, not an mx.array"
     if any(type(a) is _ARRAY and a.size == 0 for a in (*args, *kwargs.values())):
         return "an empty input"
+    if kwargs.get("stream") is not None:
+        return "a stream given (the built-in runs on it; a tuned kernel runs on the default stream)"
     try:
         return op.bind(*args, **kwargs)
     except (TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
@@ -441,17 +443,26 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
             a, k = rebuild(arrays)
             return builtin(*a, **k)
 
+        def variables(prim):
+            """The primals a derivative is taken for: not dynamic values (data), not integer
+            arrays (indices, packed weights: the built-in has no derivative for them)."""
+            return [i for i in range(len(prim)) if i not in data and mx.issubdtype(prim[i].dtype, mx.inexact)]
+
+        def builtin_in(prim, wrt):
+            return lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i] for i in range(len(prim))])
+
         @fn.vjp
         def _vjp(primals, cotangent, output):
             one = isinstance(primals, _ARRAY)  # MLX passes a single primal bare
             prim = [primals] if one else list(primals)
-            wrt = [i for i in range(len(prim)) if i not in data]
-            grads = mx.vjp(lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i]
-                                                    for i in range(len(prim))]),
-                           [prim[i] for i in wrt],
+            wrt = variables(prim)
+            grads = mx.vjp(builtin_in(prim, wrt), [prim[i] for i in wrt],
                            list(cotangent) if isinstance(cotangent, (list, tuple)) else [cotangent])[1]
             full = [grads[wrt.index(i)] if i in wrt else mx.zeros_like(prim[i]) for i in range(len(prim))]
             return full[0] if one else tuple(full)
+        # no JVP: MLX's forward mode takes every node's, the kernel's too (which has none:
+        # mx.jvp raises, as for any custom kernel); tying the kernel's inputs off with
+        # stop_gradient would cost a graph node per input on every call
     core = compiled_for(backend(), fn)
     if backend() not in backends.COMPILABLE:
         core = _eager_or_builtin(core, op.name, builtin, rebuild)
@@ -491,9 +502,23 @@ def _eager_or_builtin(core, op_name: str, builtin, rebuild):
     return call
 
 
+def builtin_refuses(builtin, args, kwargs) -> bool:
+    """Whether the built-in raises for these arguments when its graph is built (an unknown
+    keyword, a float where it takes an int, a stream this machine has not, an offset of
+    two dimensions): then the tuned call is the built-in, which raises its own error, in
+    strict mode too. Built, not evaluated: once per distinct call, never on the hot path."""
+    try:
+        builtin(*args, **kwargs)
+    except Exception:
+        return True
+    return False
+
+
 def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False):
     """The plan for these arguments (not remembered): the built-in or the variant."""
     op = ops.get(op_name)
+    if builtin_refuses(builtin, args, kwargs):
+        return builtin, select.Choice(None, None, "the built-in refuses these arguments (its error is raised)")
     call = _bind(op, args, kwargs)
     choice = choose(op_name, call)
     if choice.variant is None:

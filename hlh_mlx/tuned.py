@@ -18,7 +18,10 @@ lookup and the kernel launch (`hlh_mlx.runtime`). An op no stored variant serves
 shape on this device runs the built-in directly after its first call (counted once, not
 per distinct call); inside `recording()` (and `lenient()`) every distinct call is decided
 and counted. Functions that call these work under
-`mx.compile` and `mx.grad` (norms, SwiGLU and RoPE take the built-in's gradient).
+`mx.compile` and `mx.grad`: a tuned kernel carries the built-in's gradient (VJP);
+`tuned.<op>.no_grad` is the same op without it, one graph node fewer, for inference (what
+`hlh_mlx.nn` layers in eval mode and patched blocks run), where a gradient raises. Forward
+derivatives (`mx.jvp`) through a kernel raise, as MLX's do for any custom kernel.
 
 Every op spec with a `function` and a `bind` is callable: `tuned.<op>(...)` or
 `tuned.call("<op>", ...)`, with the arguments of that MLX function.
@@ -41,8 +44,8 @@ _dispatches: dict = {}
 
 
 def dispatch(op_name: str):
-    """The tuned entry point of any op, from its spec (`function`, `bind`,
-    `differentiable`): an op an agent adds is callable the same day, no wrapper needed.
+    """The tuned entry point of any op, from its spec (`function`, `bind`): an op an agent
+    adds is callable the same day, no wrapper needed.
     A function (`Dispatch.function`), with the op's `plans`, `plan_for` and `no_grad`."""
     if op_name not in _dispatches:
         spec = ops.get(op_name)
@@ -50,7 +53,7 @@ def dispatch(op_name: str):
             raise ValueError(f"[hlh_mlx.tuned] op {op_name!r} has no `function` and `bind` in its spec "
                              f"(hlh_mlx/ops/{op_name}.py): nothing to call or to fall back to")
         doc = (spec.function.__doc__ or "").strip().splitlines()
-        _dispatches[op_name] = Dispatch(op_name, spec.function, differentiable=spec.differentiable,
+        _dispatches[op_name] = Dispatch(op_name, spec.function, differentiable=True,
                                         dynamic=tuple(spec.dynamic),
                                         doc=f"{op_name}: tuned, with the arguments of "
                                             f"{getattr(spec.function, '__name__', spec.function)}. "

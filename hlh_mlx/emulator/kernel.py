@@ -63,6 +63,23 @@ def _triple(name: str, v) -> tuple[int, int, int]:
     return t
 
 
+def _refuse(kind: str):
+    def refuse(*_):
+        raise ValueError(f"[metal_kernel] Primitive's {kind} not implemented: a custom kernel has no "
+                         "derivative (as mx.fast.metal_kernel on a Mac)")
+    return refuse
+
+
+def _without_gradient(inputs: list, outs: list) -> list:
+    """The outputs tied to the inputs in the graph, as a Metal kernel's are: a gradient or
+    a forward derivative through them raises, as MLX's does for a custom kernel, where
+    outputs computed on the host would otherwise be constants (a silent zero gradient)."""
+    tied = mx.custom_function(lambda *_: list(outs))
+    tied.vjp(_refuse("vjp"))
+    tied.jvp(_refuse("jvp"))
+    return list(tied(*inputs))
+
+
 class MetalKernel:
     """A Metal kernel body, run by the CPU emulator with `mx.fast.metal_kernel` semantics."""
 
@@ -138,7 +155,7 @@ class MetalKernel:
             host = np.frombuffer(blob, dtype=_NP_DTYPES[dtype]).reshape(shape).copy()
             arr = mx.array(host)
             outs.append(arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr)
-        return outs
+        return _without_gradient(inputs, outs)
 
     def _executable(self, sigs, output_dtypes, template, plist, sanitize):
         key = codegen.kernel_name(self.name, template, sigs, output_dtypes) + repr(

@@ -76,7 +76,6 @@ OP = rowwise(
     edge_shapes=[{"R": 1, "C": 1}, {"R": 3, "C": 1001}, {"R": 2, "C": 1000}],
     bind=bind,
     function=add_rms_norm,
-    differentiable=True,
     export_outputs=["(R, C)", "(R, C)"],
     export_inputs=["(R, C)", "(R, C)", "(C,)", "(1,)"],
 )

@@ -35,5 +35,4 @@ OP = rowwise(
     flops=lambda s: 8 * s["R"] * s["C"],
     bind=bind,
     function=mx.fast.layer_norm,
-    differentiable=True,
 )

@@ -61,6 +61,5 @@ OP = rowwise(
     flops=lambda s: 4 * s["R"] * s["C"],
     bind=bind,
     function=mx.fast.rms_norm,
-    differentiable=True,
     export_inputs=["(R, C)", "(C,)", "(1,)"],
 )

@@ -113,11 +113,11 @@ def offset_as_data(offset, end: int = 2 ** 24):
     (a bind's message; the built-in answers). `end`: where positions stop being exact in
     float32 (2^24, less the tokens after the first). A bool is not taken as an int."""
     if isinstance(offset, mx.array):
-        if offset.size != 1:
+        if offset.size != 1 or offset.ndim > 1:
             return "one offset for the whole batch"
-        if not mx.issubdtype(offset.dtype, mx.integer):
-            return f"offset of dtype {offset.dtype} (the built-in takes integers)"
-        return offset.reshape(1).astype(mx.int32)
+        if offset.dtype != mx.int32:  # a wider one would wrap in the kernel's int32
+            return f"offset of dtype {offset.dtype} (the kernels take int32 offsets)"
+        return offset.reshape(1)
     if type(offset) is int and 0 <= offset < end:
         return _offset_array(offset)
     return f"offset must be an int in the exact float32 range [0, {end}) or an integer array"
@@ -186,7 +186,6 @@ OP = OpSpec(
                  {"R": 2, "T": 5, "D": 96, "TRAD": 0}],
     bind=bind,
     function=mx.fast.rope,
-    differentiable=True,
     dynamic={"offset": dynamic_offset},
     flags=("TRAD",),
     # TRAD travels in pos at run time: the exported kernel needs only the sizes

@@ -83,7 +83,6 @@ class OpSpec:
       shapes: default shapes to tune on a GPU; emulator_shapes: small ones for the emulator.
       edge_shapes: awkward sizes every variant must also get right.
       function: the MLX function the op replaces, with the user's arguments (mx.fast.rms_norm).
-      differentiable: hlh_mlx.tuned gives calls `function`'s gradient (mx.custom_function).
       bind: (*args, **kwargs) of `function` -> a Call, or a string
         saying why a tuned kernel cannot serve these arguments (hlh_mlx.tuned then runs
         the built-in and records the reason). hlh_mlx.tuned calls it once per distinct
@@ -113,8 +112,6 @@ class OpSpec:
     # the MLX function the op replaces, called with the user's arguments: what
     # hlh_mlx.tuned.<op> runs when no variant serves a call (bind maps those arguments)
     function: Callable | None = None
-    # tuned calls carry `function`'s VJP (mx.custom_function), so mx.grad works through them
-    differentiable: bool = False
     # for exported kernels: each dim as a Python expression of the kernel inputs, and each
     # output shape as an expression of the dims
     export_dims: dict = field(default_factory=dict)

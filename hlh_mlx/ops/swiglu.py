@@ -38,5 +38,4 @@ OP = rowwise(
     emulator_shapes=[{"R": 4, "C": 1000}],
     bind=bind,
     function=_silu_mul,
-    differentiable=True,
 )

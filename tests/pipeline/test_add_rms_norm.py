@@ -92,10 +92,11 @@ def test_arguments_no_kernel_takes_fall_back_with_the_reason(store_dir, rng):
         assert isinstance(got, tuple) and len(got) == 2
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape and mx.allclose(a, b).item()
+    # the call the built-in refuses (its error raised) is no fallback: nothing ran
     reasons = {why for op, why in tuned.fallbacks() if op == OP}
-    assert len(reasons) == 3 and sum(tuned.fallbacks().values()) == 5
+    assert len(reasons) == 3 and sum(tuned.fallbacks().values()) == 4
     _same(tuned.add_rms_norm(x, r, w, 1e-5), _builtin(x, r, w), "float32")  # and the good call runs the kernel
-    assert sum(tuned.fallbacks().values()) == 5
+    assert sum(tuned.fallbacks().values()) == 4
 
 
 def test_under_mx_compile(store_dir, rng, monkeypatch):

@@ -33,6 +33,8 @@ def tuned_on_emulator(store_dir, monkeypatch):
     write(store_dir, "rms_norm", {"R": 8, "C": 512}, "float32", variant("rms_norm", "rows"), 0.5, 1.0)
     write(store_dir, "layer_norm", {"R": 8, "C": 512}, "float32", variant("layer_norm", "rows"), 0.5, 1.0)
     write(store_dir, "swiglu", {"R": 4, "C": 1000}, "float32", variant("swiglu", "elementwise"), 0.5, 1.0)
+    write(store_dir, "softmax", {"R": 8, "C": 512}, "float32", variant("softmax", "rows"), 0.5, 1.0)
+    write(store_dir, "gelu", {"N": 4096}, "float32", variant("gelu", "elementwise"), 0.5, 1.0)
     tuned.refresh()
     yield
     tuned.refresh()
@@ -126,6 +128,107 @@ def test_gradients_of_tuned_ops_match_finite_differences(rng):
     _fd_check("rope", lambda x: tuned.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=3),
               [arr(rng, 4, 16, 64)], rng)
     assert tuned.fallbacks() == {}
+
+
+def test_every_tuned_kernel_carries_the_builtins_derivatives(rng):
+    """A kernel's outputs have no derivative of their own (MLX raises for a custom kernel; the
+    emulator too): every tuned call carries its built-in's VJP, so mx.grad through softmax,
+    GELU, gemv, the 4-bit gemv (for x; the packed weights are integers) and the norms gives
+    the built-in's, never zeros. Forward mode (mx.jvp) raises, as for any custom kernel."""
+    x8, w = arr(rng, 8, 512), arr(rng, 512)
+    v, W = arr(rng, 1, 512), arr(rng, 64, 512)
+    wq, sq, bq = mx.quantize(arr(rng, 64, 512), group_size=64, bits=4)
+    qkw = dict(transpose=True, group_size=64, bits=4)
+    cases = [(lambda a: tuned.softmax(a, axis=-1), lambda a: mx.softmax(a, axis=-1), x8),
+             (tuned.gelu, nn.gelu, arr(rng, 4096)),
+             (lambda a: tuned.gemv(a, W), lambda a: a @ W.T, v),
+             (lambda a: tuned.quantized_matmul(a, wq, sq, bq, **qkw), lambda a: mx.quantized_matmul(a, wq, sq, bq, **qkw),
+              v),
+             (lambda a: tuned.rms_norm(a, w, 1e-5), lambda a: mx.fast.rms_norm(a, w, 1e-5), x8)]
+    for ours, builtin, a in cases:
+        c = arr(rng, *builtin(a).shape)
+        g, want = (mx.grad(lambda a, f=f: (f(a) * c).sum())(a) for f in (ours, builtin))
+        assert float(mx.abs(want).max()) > 0
+        close(g, want, 1e-4)
+        with pytest.raises(ValueError, match="jvp not implemented"):
+            mx.eval(mx.jvp(ours, [a], [arr(rng, *a.shape)]))
+    assert tuned.fallbacks() == {}  # the kernels ran
+
+
+def test_layers_in_eval_mode_run_without_derivatives_and_say_so_when_one_is_taken(rng):
+    """hlh_mlx.nn layers in eval mode (and patched blocks) run `no_grad` kernels, one graph
+    node fewer for inference; a gradient through one raises, as MLX does for a custom
+    kernel, never a silent zero; in training mode the gradient is the built-in's."""
+    layer = hnn.RMSNorm(512)
+    x = arr(rng, 8, 512)
+    layer.eval()
+    with pytest.raises(ValueError, match="vjp not implemented"):
+        mx.eval(mx.grad(lambda a: layer(a).sum())(x))
+    layer.train()
+    close(mx.grad(lambda a: (layer(a) * x).sum())(x),
+          mx.grad(lambda a: (mx.fast.rms_norm(a, layer.weight, layer.eps) * x).sum())(x), 1e-4)
+
+
+def _raises_as_the_builtin(ours, builtin):
+    with pytest.raises(Exception) as want:
+        mx.eval(builtin())
+    with pytest.raises(type(want.value)) as got:
+        mx.eval(ours())
+    assert str(got.value) == str(want.value)
+
+
+def test_what_the_builtin_refuses_a_served_call_refuses_with_its_error(rng):
+    """Where a variant serves the shapes, arguments the built-in refuses (an unknown keyword,
+    a float axis, a None for a bool, a stream this machine has not, an offset of two
+    dimensions) raise the built-in's own error, in strict mode too (this file's), never run
+    the kernel or turn into a FallbackError."""
+    x8, w = arr(rng, 8, 512), arr(rng, 512)
+    xr = arr(rng, 1, 4, 16, 64)
+    rk = dict(traditional=False, base=10000.0, scale=1.0)
+    tuned.softmax(x8, axis=-1)  # decided: a variant serves this shape (and -1.0 == -1 must not share it)
+    tuned.rope(xr, 64, traditional=True, base=1e4, scale=1.0, offset=0)  # and 1 == True must not share this
+    cases = [(lambda: tuned.softmax(x8, axis=-1, nope=1), lambda: mx.softmax(x8, axis=-1, nope=1)),
+             (lambda: tuned.softmax(x8, axis=-1.0), lambda: mx.softmax(x8, axis=-1.0)),
+             (lambda: tuned.softmax(x8, axis=-1, precise=None), lambda: mx.softmax(x8, axis=-1, precise=None)),
+             (lambda: tuned.softmax(x8, axis=5), lambda: mx.softmax(x8, axis=5)),
+             (lambda: tuned.rms_norm(x8, w, 1e-5, foo=1), lambda: mx.fast.rms_norm(x8, w, 1e-5, foo=1)),
+             (lambda: tuned.rope(xr, 64, traditional=1, base=1e4, scale=1.0, offset=0),
+              lambda: mx.fast.rope(xr, 64, traditional=1, base=1e4, scale=1.0, offset=0)),
+             (lambda: tuned.rope(xr, 64, offset=mx.array([[5]]), **rk),
+              lambda: mx.fast.rope(xr, 64, offset=mx.array([[5]]), **rk))]
+    if not mx.metal.is_available() and not mx.cuda.is_available():
+        cases.append((lambda: tuned.rms_norm(x8, w, 1e-5, stream=mx.gpu),
+                      lambda: mx.fast.rms_norm(x8, w, 1e-5, stream=mx.gpu)))
+    for ours, builtin in cases:
+        _raises_as_the_builtin(ours, builtin)
+    assert tuned.fallbacks() == {}
+
+
+def test_a_served_call_on_a_stream_or_with_a_wide_offset_runs_the_builtin(rng, monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    x8, w = arr(rng, 8, 512), arr(rng, 512)
+    close(tuned.rms_norm(x8, w, 1e-5, stream=mx.cpu), mx.fast.rms_norm(x8, w, 1e-5))
+    xr = arr(rng, 1, 4, 16, 64)
+    rk = dict(traditional=False, base=10000.0, scale=1.0)
+    off = mx.array(2 ** 31 + 5, dtype=mx.uint32)  # would wrap in the kernel's int32
+    close(tuned.rope(xr, 64, offset=off, **rk), mx.fast.rope(xr, 64, offset=off, **rk))
+    reasons = " ".join(why for _, why in tuned.fallbacks())
+    assert "a stream given" in reasons and "kernels take int32 offsets" in reasons
+
+
+@pytest.mark.parametrize("shape", [(), (2, 0)])
+def test_a_linear_layer_answers_as_mlx_for_a_0d_or_featureless_input(shape):
+    ours, theirs = hnn.Linear(1, 4), nn.Linear(1, 4)
+    if shape:  # no input features: the output is the bias
+        theirs.weight = mx.zeros((4, 0))
+    ours.update(theirs.parameters())
+    x = mx.zeros(shape)
+    try:
+        want = theirs(x)
+    except ValueError:
+        _raises_as_the_builtin(lambda: ours(x), lambda: theirs(x))
+        return
+    close(ours(x), want)
 
 
 def test_patch_swaps_rope_linear_and_quantized_linear():
