@@ -14,9 +14,12 @@ shapes and dtypes, every other argument's value) binds it (validation in Python)
 - the variant's kernel, launched with every argument worked out once, wrapped with the
   reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
   kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python
-  of the binding and MLX's own per-call work of a custom-kernel call. Differentiable ops
-  carry the built-in's VJP (`mx.custom_function`) inside the compiled plan, so
-  `mx.grad` works at no cost to calls that take no gradient.
+  of the binding and MLX's own per-call work of a custom-kernel call. Every op's plan
+  carries the built-in's VJP (`mx.custom_function`) inside the compiled plan, so
+  `mx.grad` works (a custom kernel has no derivative of its own); `no_grad` plans, for
+  inference, leave it out (one graph node fewer: a gradient there raises).
+- the built-in itself, when the built-in refuses the arguments (`builtin_refuses`): its
+  own error, every call, strict mode or not (nothing runs, so nothing is counted).
 
 On those back ends the signature is not built in Python either: after an op's first call,
 its calls go to one `mx.compile`d function of the op (`Dispatch._trace`), whose own cache
