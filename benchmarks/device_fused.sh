@@ -67,11 +67,12 @@ with_lm() {  # mlx-lm from the carried wheels, once per warm machine: .device-ml
   done
   python -c "import mlx_lm.generate" || echo "mlx-lm does not import: carry .device-mlx/lm (or lm1, then lm2)"
 }
-timed_tune() {  # timed_tune SECONDS FILE MODEL: `hlh_mlx tune MODEL --bits 4 --budget 8`, its output and
-  # its wall seconds appended to $res/FILE (a call cut by the limit resumes in the next)
+timed_tune() {  # timed_tune SECONDS FILE MODEL [ARGS]: `hlh_mlx tune MODEL --bits 4 --budget 8 ARGS`, its
+  # output and its wall seconds appended to $res/FILE (a call cut by the limit resumes in the next)
   local secs=$1 file=$2 model=$3 start
+  shift 3
   start=$(date +%s)
-  timeout "$secs" python -m hlh_mlx tune "$model" --bits 4 --budget 8 --timeout 60 >> "$res/$file" 2>&1
+  timeout "$secs" python -m hlh_mlx tune "$model" --bits 4 --budget 8 --timeout 60 "$@" >> "$res/$file" 2>&1
   echo "exit $? after $(( $(date +%s) - start )) s" >> "$res/$file"
   grep -v "Warning\|_choices\|elapsed" "$res/$file" | tail -30
 }
@@ -355,10 +356,16 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timed_tune 200 tune_qwen3.txt qwen3-8b; pack
     run_validate 240 validate_qwen3-8b-4bit.json qwen3-8b --bits 4 --tokens 64 --repeats 2
     ;;
+  mixtral)  # Mixtral's blocks (routing by mlx-lm's ops, experts and attention fused), 8 of its
+    # 32 layers: tune its calls (the expert ops at 8 experts, 14336x4096), then validate; ~9 min
+    with_lm
+    timed_tune 240 tune_mixtral.txt mixtral-8x7b --layers 8; pack
+    run_validate 240 validate_mixtral-8x7b-4bit_8layers.json mixtral-8x7b --bits 4 --layers 8 --tokens 64 --repeats 2
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral" >&2; exit 2 ;;
 esac
