@@ -331,7 +331,13 @@ def source_line(exe: Path, pc: str | None, source: str, header: str):
     if not pc or not tool:
         return None, None, ""
     addr = hex(int(pc, 16) - 1)  # return addresses point after the call
-    out = subprocess.run([tool, "-i", "-e", str(exe), addr], capture_output=True, text=True).stdout
+    # the object's debug sections are the kernel text's making: addr2line reads them
+    # confined, with a time limit and its output capped, like every tool on kernel text
+    from . import toolchain
+    try:
+        out = toolchain.confined_reader([tool, "-i", "-e", str(exe), addr], exe.parent, "mapping a fault to a line")
+    except EmulatorError:
+        return None, None, ""
     for entry in out.splitlines():
         path, _, rest = entry.rpartition(":")
         part = os.path.basename(path)

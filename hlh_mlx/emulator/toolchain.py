@@ -172,10 +172,21 @@ def _readable(cmd: list[str]) -> tuple[str, ...]:
     its headers and prelude). Not the rest of the cache: other kernels' sources and objects."""
     named = {str(Path(cmd[i + 1]) if flag == "-I" else Path(cmd[i + 1]).parent)
              for i, flag in enumerate(cmd[:-1]) if flag in ("-I", "-include")}
-    return (*sorted(named), *confine.tool_prefixes(find_compiler().path, objcopy(), _nm()))
+    tool = shutil.which(cmd[0]) or cmd[0]
+    return (*sorted(named), *confine.tool_prefixes(tool, find_compiler().path, objcopy(), _nm()))
 
 
-def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subprocess.CompletedProcess:
+def confined_reader(cmd: list[str], readable: Path, what: str) -> str:
+    """stdout of a tool reading a kernel's files beneath `readable` (addr2line on an object),
+    run as every tool on kernel text runs (_run_bounded), in a scratch directory."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
+        return _checked(_run_bounded(cmd, "(reading)", Path(tmp), what, (str(readable),)), what).stdout
+
+
+def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str,
+                 also_readable: tuple = ()) -> subprocess.CompletedProcess:
     """Run one step on kernel text (compiler, objcopy, nm, linker) confined to its build
     directory `cwd` (confine.py), with a time limit, CPU-time, memory and file-size limits,
     in its own process group (killed whole on timeout), stdin empty."""
@@ -183,7 +194,7 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str) -> subproces
     timeout = compile_timeout()
     cpu = int(timeout) + 5
     from .launch import MAX_OUTPUT, _communicate, _TooMuchOutput
-    with confine.Ruleset(cwd, _readable(cmd)) as ruleset:
+    with confine.Ruleset(cwd, _readable(cmd) + tuple(also_readable)) as ruleset:
         proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True,
                                 env={**os.environ, "TMPDIR": str(cwd)}, pass_fds=ruleset.pass_fds,
@@ -377,6 +388,15 @@ def _nm() -> str:
     return nm
 
 
+def ifunc_symbols(obj: Path, kernel: str = "(object)") -> list[str]:
+    """The object's own IFUNC symbols (nm type `i`): a resolver runs when the symbol is looked
+    up or bound, code of the kernel text's choosing outside the kernel's run."""
+    out = _checked(_run_bounded([_nm(), "--defined-only", "--format=posix", obj.name], kernel, obj.parent,
+                                "listing kernel symbols"), "listing kernel symbols").stdout
+    return [line.rsplit(" ", 3)[0] for line in out.splitlines() if len(line.rsplit(" ", 3)) == 4
+            and line.rsplit(" ", 3)[1] == "i"]
+
+
 def undefined_symbols(obj: Path, kernel: str = "(object)") -> list[str]:
     out = _checked(_run_bounded([_nm(), "-u", "-C", "--format=posix", obj.name], kernel, obj.parent,
                                 "listing kernel symbols"), "listing kernel symbols").stdout
@@ -437,19 +457,19 @@ def _check_dependencies(name: str, cxx: Compiler, flags: list[str], tmp: Path) -
 
 
 def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, check_symbols: bool = True,
-                 strip_initialisers: bool = True) -> Path:
+                 raw_object: bool = False) -> Path:
     """Compile a generated translation unit into a kernel shared object (cached).
 
     The symbol check is a friendly error (safety.FRIENDLY_CHECKS switches it off with the
-    others); `strip_initialisers=False` exists only so tests can reach the launcher's own
-    refusal of an object with initialisers.
+    others); `raw_object=True` exists only so tests can reach the launcher's own refusals:
+    the object keeps its initialisers and IFUNC symbols (planted sections are still refused).
     """
     from . import safety
 
     check_symbols = check_symbols and safety.FRIENDLY_CHECKS
     cxx = find_compiler()
     rt = runtime_build(mode)
-    key = _sha(rt.name, tu, str(check_symbols), str(strip_initialisers))
+    key = _sha(rt.name, tu, str(check_symbols), str(raw_object))
     final = cache_root() / "kernels" / key
     exe = final / "kernel.so"
     if exe.exists():
@@ -471,12 +491,14 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
             )
         # Metal has no dynamic initialisation of program-scope variables: drop every
         # initialiser and finaliser section (the launcher refuses an object with any left)
-        strip = (*(_INIT_SECTIONS if strip_initialisers else ()), *_STEERING_SECTIONS)
+        strip = (*(() if raw_object else _INIT_SECTIONS), *_STEERING_SECTIONS)
         _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in strip], "kernel.o"], name,
                               tmp, "stripping initialisers"), "stripping initialisers")
         # (initialisers kept only where a test reaches the launcher's own refusal of them)
-        kept = () if strip_initialisers else tuple(p.rstrip("*") for p in _INIT_SECTIONS if not p.startswith(".rela"))
+        kept = tuple(p.rstrip("*") for p in _INIT_SECTIONS if not p.startswith(".rela")) if raw_object else ()
         planted = section_problem(tmp / "kernel.o", kept)
+        if not planted and not raw_object and ifunc_symbols(tmp / "kernel.o", name):
+            planted = "an IFUNC symbol (a resolver that runs when it is looked up)"
         if planted:
             from .launch import quote_text
             raise UnsafeKernelError(f"[emulator] kernel '{name}': its object holds {quote_text(planted)}, which no "

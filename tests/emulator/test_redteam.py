@@ -230,20 +230,36 @@ def test_object_with_initialisers_is_refused_by_the_launcher(world, monkeypatch)
     plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
     header = LIBC + _fill('__attribute__((constructor)) static void evil() { unlink("{CANARY}"); }', world)
     tu = codegen.cpp_unit("ctor", header, "out[0] = 1;", plist, [], False)
-    so = toolchain.build_kernel("ctor", tu, "", "", "fast", strip_initialisers=False)
+    so = toolchain.build_kernel("ctor", tu, "", "", "fast", raw_object=True)
     regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
     with pytest.raises(EmulatorError, match="kernel object is refused: it has initialisers"):
         launch.run("ctor", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
 
 
+IFUNC_HEADER = ('static int impl() {{ return unlink("{CANARY}"); }}\n'
+                'extern "C" void* pick() {{ return (void*)impl; }}\n'
+                'extern "C" int chosen() __attribute__((ifunc("pick")));\n')
+
+
 def test_object_with_ifunc_resolvers_is_refused_by_the_launcher(world, monkeypatch):
-    """An IFUNC resolver would run while the object is relocated: the loader refuses it."""
+    """An IFUNC resolver would run while the object is relocated: the loader refuses it
+    (behind the build's own refusal of IFUNC symbols, skipped here)."""
     monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
-    header = LIBC + _fill('static int impl() { return unlink("{CANARY}"); }\n'
-                          'extern "C" void* pick() { return (void*)impl; }\n'
-                          'extern "C" int chosen() __attribute__((ifunc("pick")));\n', world)
-    k = emulator.metal_kernel("ifunc", ["inp"], ["out"], "out[0] = chosen();", header=header)
+    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
+    tu = codegen.cpp_unit("ifunc", LIBC + _fill(IFUNC_HEADER, world), "out[0] = chosen();", plist, [], False)
+    so = toolchain.build_kernel("ifunc", tu, "", "", "fast", raw_object=True)
+    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
     with pytest.raises(EmulatorError, match="kernel object is refused: it has IFUNC resolvers"):
+        launch.run("ifunc", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
+
+
+def test_an_ifunc_symbol_is_refused_at_build(world, monkeypatch):
+    """An IFUNC symbol nothing relocates against runs its resolver when it is looked up
+    (a red team made `msl_kernel_thread` one: its resolver ran before the second filter):
+    the build refuses any, and the launcher looks its symbols up under the second filter."""
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    k = emulator.metal_kernel("ifunc2", ["inp"], ["out"], "out[0] = 1;", header=LIBC + _fill(IFUNC_HEADER, world))
+    with pytest.raises(EmulatorError, match="an IFUNC symbol"):
         call(k)
 
 
@@ -389,3 +405,22 @@ def test_the_allow_list_kills_every_other_system_call(world, tmp_path, monkeypat
         with pytest.raises(KernelCrashError, match="SIGSYS") as e:
             run()
         assert SYSCALL in str(e.value), name
+
+
+def test_the_launcher_looks_up_the_kernels_symbols_under_the_second_filter(world, monkeypatch):
+    """Were an IFUNC entry symbol past the build's refusal (raw_object), its resolver runs
+    when the launcher looks the symbol up: that is after the second filter, where an open
+    kills the process like any kernel code's (before, it ran under the loading filter and
+    could open and read files)."""
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    header = LIBC + ('extern "C" void real_entry(void* const* p, const msl_thread_info*) { ((float*)p[1])[0] = 1; }\n'
+                     'extern "C" void* evil_resolver() { syscall(257, -100, "/etc/ld.so.cache", 02000000); '
+                     'return (void*)&real_entry; }\n'
+                     'extern "C" void msl_kernel_thread(void* const*, const msl_thread_info*) '
+                     '__attribute__((ifunc("evil_resolver")));\n#define msl_kernel_thread msl_kernel_thread_renamed\n')
+    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
+    tu = codegen.cpp_unit("ifunc_entry", header, "out[0] = 1;", plist, [], False)
+    so = toolchain.build_kernel("ifunc_entry", tu, "", "", "fast", raw_object=True)
+    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
+    with pytest.raises(EmulatorError, match=SYSCALL):
+        launch.run("ifunc_entry", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")

@@ -1095,20 +1095,11 @@ int main(int argc, char** argv) {
                json_str("the kernel process could not lock itself down (no_new_privs and a seccomp "
                         "filter are required); the kernel was not loaded") + ", \"lockdown\": " + report + "}");
   write_all(1, "HLH_LOCKED " + report + "}\n");
-  // Only now does any code of the kernel object run.
+  // The object is mapped and relocated here; none of its code runs while it loads (no
+  // initialisers, no IFUNC relocations: object_problem).
   void* h = dlopen("/proc/self/fd/3", RTLD_NOW | RTLD_LOCAL);
   if (!h) spec_error(std::string("cannot load the kernel object: ") + dlerror());
   close(kfd);
-  g_kernel = (const msl_kernel_desc*)dlsym(h, "msl_kernel");
-  g_kernel_thread = (void (*)(void* const*, const msl_thread_info*))dlsym(h, "msl_kernel_thread");
-  if (!g_kernel || !g_kernel_thread) spec_error("the kernel object lacks msl_kernel / msl_kernel_thread");
-  Dl_info info;
-  if (dladdr((void*)g_kernel_thread, &info)) g_kernel_base = (uintptr_t)info.dli_fbase;
-
-  if ((int)g_spec.params.size() != g_kernel->n_params)
-    spec_error("the spec lists " + std::to_string(g_spec.params.size()) + " buffers, the kernel takes " +
-               std::to_string(g_kernel->n_params));
-  if (g_spec.sanitize && !g_kernel->sanitize) spec_error("sanitize requested but the kernel was built without it");
 
   const Spec& s = g_spec;
   msl_uint3 ng{(s.gx + s.tx - 1) / s.tx, (s.gy + s.ty - 1) / s.ty, (s.gz + s.tz - 1) / s.tz};
@@ -1128,6 +1119,17 @@ int main(int argc, char** argv) {
     go.store(2);
     fault_exit("\"kind\": \"sandbox\", \"what\": \"the second system-call filter failed\"");
   }
+  // Looked up only now: dlsym of an IFUNC symbol runs the object's resolver (kernel code),
+  // which must meet the second filter like any kernel code (a red team ran one before it)
+  g_kernel = (const msl_kernel_desc*)dlsym(h, "msl_kernel");
+  g_kernel_thread = (void (*)(void* const*, const msl_thread_info*))dlsym(h, "msl_kernel_thread");
+  if (!g_kernel || !g_kernel_thread) spec_error("the kernel object lacks msl_kernel / msl_kernel_thread");
+  Dl_info info;
+  if (dladdr((void*)g_kernel_thread, &info)) g_kernel_base = (uintptr_t)info.dli_fbase;
+  if ((int)g_spec.params.size() != g_kernel->n_params)
+    spec_error("the spec lists " + std::to_string(g_spec.params.size()) + " buffers, the kernel takes " +
+               std::to_string(g_kernel->n_params));
+  if (g_spec.sanitize && !g_kernel->sanitize) spec_error("sanitize requested but the kernel was built without it");
   go.store(1);
   worker_main(&next, total, ng);
   for (auto& t : threads) t.join();
