@@ -74,13 +74,17 @@ def cpu_seconds() -> int:
     return int(timeout_seconds() * max(1, workers())) + 5
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the kernel process and everything in its process group, and reap it."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a process and everything in its process group, reap it, close its pipes (the
+    kernel process here; a toolchain step in toolchain._run_bounded)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None and not pipe.closed:
+            pipe.close()
 
 
 def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, sanitize: bool,
@@ -113,19 +117,19 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
         proc = subprocess.Popen([str(launcher), str(exe), str(os.getpid())], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env={})
         try:
-            out, err = _communicate(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
+            out, err = communicate_capped(proc, ("\n".join(spec) + "\n").encode(), timeout_seconds())
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             raise KernelTimeoutError(
                 f"[emulator] kernel '{kernel}' did not finish within {timeout_seconds():g} s and was stopped "
                 "(an endless loop, or a barrier some threads never reach?); HLH_MLX_EMU_TIMEOUT sets the limit"
             ) from None
-        except _TooMuchOutput:
-            _kill_group(proc)
+        except TooMuchOutput:
+            kill_group(proc)
             raise KernelCrashError(f"[emulator] kernel '{kernel}' wrote more than {MAX_OUTPUT} bytes to its "
                                    "standard output or error and was stopped") from None
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
         _check(kernel, exe, subprocess.CompletedProcess(proc.args, proc.returncode, out, err), source, header)
         with open(path, "rb") as f:
@@ -139,13 +143,13 @@ def run(kernel: str, exe: Path, regions: list[Region], grid, threadgroup, *, san
 MAX_OUTPUT = 1 << 20  # bytes the kernel process may write to stdout and to stderr
 
 
-class _TooMuchOutput(Exception):
+class TooMuchOutput(Exception):
     pass
 
 
-def _communicate(proc: subprocess.Popen, spec: bytes | None, timeout: float) -> tuple[str, str]:
+def communicate_capped(proc: subprocess.Popen, spec: bytes | None, timeout: float) -> tuple[str, str]:
     """Like Popen.communicate, but a process that writes more than MAX_OUTPUT bytes to a
-    pipe is stopped (_TooMuchOutput): kernel code, or a compiler spelling out a type kernel
+    pipe is stopped (TooMuchOutput): kernel code, or a compiler spelling out a type kernel
     text made exponentially long, must not be able to fill this process's memory."""
     import selectors
     import time
@@ -170,7 +174,7 @@ def _communicate(proc: subprocess.Popen, spec: bytes | None, timeout: float) -> 
                 buf = bufs[key.fileobj]
                 buf += chunk
                 if len(buf) > MAX_OUTPUT:
-                    raise _TooMuchOutput()
+                    raise TooMuchOutput()
     proc.wait(max(0.0, deadline - time.monotonic()))  # TimeoutExpired: the caller kills the group
     for f in bufs:
         f.close()

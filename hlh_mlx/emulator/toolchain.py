@@ -193,26 +193,26 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str,
     confine.required()
     timeout = compile_timeout()
     cpu = int(timeout) + 5
-    from .launch import MAX_OUTPUT, _communicate, _TooMuchOutput
+    from .launch import MAX_OUTPUT, communicate_capped, TooMuchOutput, kill_group
     with confine.Ruleset(cwd, _readable(cmd) + tuple(also_readable)) as ruleset:
         proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True,
                                 env={**os.environ, "TMPDIR": str(cwd)}, pass_fds=ruleset.pass_fds,
                                 preexec_fn=lambda: _compile_limits(cpu, ruleset))
     try:
-        out, err = _communicate(proc, None, timeout)
-    except _TooMuchOutput:
-        _kill_group(proc)
+        out, err = communicate_capped(proc, None, timeout)
+    except TooMuchOutput:
+        kill_group(proc)
         raise KernelCompileError(kernel, None, None, f"{what}: the tool wrote more than {MAX_OUTPUT} bytes of "
                                  "messages and was stopped (a type or expansion kernel text made huge?)", "",
                                  "") from None
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise KernelTimeoutError(
             f"[emulator] kernel '{kernel}': {what} did not finish within {timeout:g} s and was stopped "
             "(HLH_MLX_EMU_TIMEOUT sets the limit)") from None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     if proc.returncode == 126 and not out and not err:  # the child could not confine itself (confine.apply)
         raise EmulatorError(f"[emulator] kernel '{kernel}': {what} could not be confined (Landlock refused the "
@@ -221,17 +221,6 @@ def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str,
         raise KernelTimeoutError(f"[emulator] kernel '{kernel}': {what} ran out of its time, memory or file-size "
                                  "limit and was stopped")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
 
 
 def _publish(tmp: Path, final: Path) -> None:
