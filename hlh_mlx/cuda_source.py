@@ -16,9 +16,7 @@ module's name), so a template's comments and indentation cost host time on every
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -122,21 +120,24 @@ def nvcc() -> str | None:
 
 def compile_check(text: str, arch: str = "sm_90a", timeout: float = 120) -> None:
     """Compile CUDA source to an object with nvcc; CudaCompileError carries its messages."""
-    from .emulator import confine
+    from .emulator import EmulatorError, toolchain
     exe = nvcc()
     if exe is None:
         raise CudaCompileError("nvcc not found (install the CUDA toolkit to check CUDA templates offline)")
-    confine.required()  # kernel text steers nvcc and the host compiler as it steers the emulator's
     with tempfile.TemporaryDirectory(prefix="hlh_cuda_") as d:
         src = Path(d) / "kernel.cu"
         src.write_text(text)
         # as MLX's NVRTC call (--gpu-architecture=sm_90a): PTX for compute_90a, so Hopper-only
         # instructions (wgmma, setmaxnreg) assemble; plain -arch=sm_90a emits compute_90 PTX
         virt = arch.replace("sm_", "compute_")
-        with confine.Ruleset(Path(d), confine.tool_prefixes(exe)) as ruleset:
-            r = subprocess.run([exe, "-std=c++17", f"-gencode=arch={virt},code={arch}", "-c", str(src),
-                                "-o", str(Path(d) / "kernel.o")], capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "TMPDIR": d}, pass_fds=ruleset.pass_fds, preexec_fn=ruleset.apply)
+        # kernel text steers nvcc and the host compiler as it steers the emulator's: run as
+        # the emulator runs its tools (confined, limited, its output capped)
+        try:
+            r = toolchain.run_bounded([exe, "-std=c++17", f"-gencode=arch={virt},code={arch}", "-c", str(src),
+                                       "-o", str(Path(d) / "kernel.o")], "(cuda check)", Path(d),
+                                      "the offline CUDA compile", timeout=timeout)
+        except EmulatorError as e:
+            raise CudaCompileError(str(e)) from None
         if r.returncode != 0:
             raise CudaCompileError((r.stderr or r.stdout).replace(str(src), "kernel.cu").strip())
 

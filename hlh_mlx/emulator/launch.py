@@ -76,7 +76,7 @@ def cpu_seconds() -> int:
 
 def kill_group(proc: subprocess.Popen) -> None:
     """Kill a process and everything in its process group, reap it, close its pipes (the
-    kernel process here; a toolchain step in toolchain._run_bounded)."""
+    kernel process here; a toolchain step in toolchain.run_bounded)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

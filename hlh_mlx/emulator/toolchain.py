@@ -113,9 +113,27 @@ def find_compiler() -> Compiler:
 
 
 def cache_root() -> Path:
+    """The emulator's cache (created private), refused unless this user owns it and no one
+    else may write to it: its launcher runs unconfined and its objects are trusted as built."""
     root = os.environ.get("HLH_MLX_CACHE")
     base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hlh_mlx"
-    return base / "emulator"
+    return _owned(base / "emulator")
+
+
+@functools.lru_cache(maxsize=None)
+def _owned(root: Path) -> Path:
+    for d in (root.parent, root):
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            st = d.lstat()
+        except OSError as e:
+            raise EmulatorError(f"[emulator] cannot use the cache folder {d}: {e.strerror} (HLH_MLX_CACHE)") from None
+        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise EmulatorError(
+                f"[emulator] the cache folder {d} is not this user's alone (a link, another owner, or writable by "
+                "group or others): someone else could plant the launcher or kernels it runs. Use a folder of your "
+                "own (HLH_MLX_CACHE) or `chmod go-w` it")
+    return root
 
 
 def _sha(*parts: str | bytes) -> str:
@@ -155,7 +173,7 @@ def compile_timeout() -> float:
 
 
 COMPILE_MEMORY = 8 << 30      # address space of each compiler process
-COMPILE_FILE_SIZE = 1 << 30   # largest file a compile step may write
+COMPILE_FILE_SIZE = 64 << 20  # largest file a compile step may write (a kernel's object is kilobytes)
 
 
 def _compile_limits(cpu_seconds: int, ruleset: confine.Ruleset) -> None:  # runs in the child, before exec
@@ -178,20 +196,21 @@ def _readable(cmd: list[str]) -> tuple[str, ...]:
 
 def confined_reader(cmd: list[str], readable: Path, what: str) -> str:
     """stdout of a tool reading a kernel's files beneath `readable` (addr2line on an object),
-    run as every tool on kernel text runs (_run_bounded), in a scratch directory."""
+    run as every tool on kernel text runs (run_bounded), in a scratch directory."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
-        return _checked(_run_bounded(cmd, "(reading)", Path(tmp), what, (str(readable),)), what).stdout
+        return _checked(run_bounded(cmd, "(reading)", Path(tmp), what, (str(readable),)), what).stdout
 
 
-def _run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str,
-                 also_readable: tuple = ()) -> subprocess.CompletedProcess:
-    """Run one step on kernel text (compiler, objcopy, nm, linker) confined to its build
-    directory `cwd` (confine.py), with a time limit, CPU-time, memory and file-size limits,
-    in its own process group (killed whole on timeout), stdin empty."""
+def run_bounded(cmd: list[str], kernel: str, cwd: Path, what: str, also_readable: tuple = (),
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run one step on kernel text (compiler, objcopy, nm, linker; nvcc for the offline CUDA
+    check) confined to its build directory `cwd` (confine.py), with a time limit (default
+    compile_timeout()), CPU-time, memory and file-size limits, its output capped, in its own
+    process group (killed whole on timeout), stdin empty."""
     confine.required()
-    timeout = compile_timeout()
+    timeout = timeout or compile_timeout()
     cpu = int(timeout) + 5
     from .launch import MAX_OUTPUT, communicate_capped, TooMuchOutput, kill_group
     with confine.Ruleset(cwd, _readable(cmd) + tuple(also_readable)) as ruleset:
@@ -328,19 +347,29 @@ def section_problem(obj: Path, also: tuple = ()) -> str | None:
     name prefixes), else which is not."""
     names = _SECTION_NAMES + also
     import struct
-    data = obj.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return "not a 64-bit little-endian ELF object"
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    if shentsize != 64 or shoff + shnum * 64 > len(data) or shstrndx >= shnum:
-        return "malformed section headers"
-    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64) for i in range(shnum)]
-    names_at, names_size = headers[shstrndx][4], headers[shstrndx][5]
+    st = obj.lstat()  # the step's own file, never a link or a FIFO it made to another
+    if not obj.is_file() or obj.is_symlink() or st.st_size > COMPILE_FILE_SIZE:
+        return "not a regular object file of a kernel's size"
+    with open(obj, "rb") as f:  # only the headers and the section names are read
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            return "not a 64-bit little-endian ELF object"
+        shoff, = struct.unpack_from("<Q", head, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", head, 0x3A)
+        if shentsize != 64 or shoff + shnum * 64 > st.st_size or shstrndx >= shnum:
+            return "malformed section headers"
+        f.seek(shoff)
+        table = f.read(shnum * 64)
+        headers = [struct.unpack_from("<IIQQQQIIQQ", table, i * 64) for i in range(shnum)]
+        names_at, names_size = headers[shstrndx][4], headers[shstrndx][5]
+        if names_at + names_size > st.st_size or names_size > 1 << 20:
+            return "malformed section names"
+        f.seek(names_at)
+        names_blob = f.read(names_size)
 
     def name_of(h) -> str:
-        end = data.find(b"\0", names_at + h[0], names_at + names_size)
-        return data[names_at + h[0]:end].decode("latin-1") if end >= 0 else "?"
+        end = names_blob.find(b"\0", h[0])
+        return names_blob[h[0]:end].decode("latin-1") if 0 <= h[0] < end else "?"
     shf_alloc, shf_info_link = 0x2, 0x40
     for h in headers:
         name, kind, flags, info = name_of(h), _SECTION_TYPES.get(h[1]), h[2], h[7]
@@ -380,14 +409,14 @@ def _nm() -> str:
 def ifunc_symbols(obj: Path, kernel: str = "(object)") -> list[str]:
     """The object's own IFUNC symbols (nm type `i`): a resolver runs when the symbol is looked
     up or bound, code of the kernel text's choosing outside the kernel's run."""
-    out = _checked(_run_bounded([_nm(), "--defined-only", "--format=posix", obj.name], kernel, obj.parent,
+    out = _checked(run_bounded([_nm(), "--defined-only", "--format=posix", obj.name], kernel, obj.parent,
                                 "listing kernel symbols"), "listing kernel symbols").stdout
     return [line.rsplit(" ", 3)[0] for line in out.splitlines() if len(line.rsplit(" ", 3)) == 4
             and line.rsplit(" ", 3)[1] == "i"]
 
 
 def undefined_symbols(obj: Path, kernel: str = "(object)") -> list[str]:
-    out = _checked(_run_bounded([_nm(), "-u", "-C", "--format=posix", obj.name], kernel, obj.parent,
+    out = _checked(run_bounded([_nm(), "-u", "-C", "--format=posix", obj.name], kernel, obj.parent,
                                 "listing kernel symbols"), "listing kernel symbols").stdout
     # posix format "NAME TYPE": demangled C++ names may contain spaces, the type never does
     return [line.rstrip().rsplit(" ", 1)[0] for line in out.splitlines() if line.strip()]
@@ -412,7 +441,7 @@ def _dependencies(make_rule: str) -> set[str] | None:
 
 def _list_dependencies(kernel: str, cxx: Compiler, flags: list[str], cwd: Path) -> set[str] | None:
     # stderr is dropped: a file's content must not reach any message
-    proc = _run_bounded([cxx.path, *flags, "-M", "-MG", "-w", "kernel.cpp"], kernel, cwd, "listing the files read")
+    proc = run_bounded([cxx.path, *flags, "-M", "-MG", "-w", "kernel.cpp"], kernel, cwd, "listing the files read")
     return _dependencies(proc.stdout)
 
 
@@ -469,7 +498,7 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
         (tmp / "kernel.cpp").write_text(tu)
         flags = [*COMMON_FLAGS, *cxx.mode_flags(mode), "-I", str(rt), "-include", str(rt / "prelude.h")]
         _check_dependencies(name, cxx, flags, tmp)
-        proc = _run_bounded([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"], name, tmp, "compiling")
+        proc = run_bounded([cxx.path, *flags, "-c", "kernel.cpp", "-o", "kernel.o"], name, tmp, "compiling")
         if proc.returncode != 0:
             raise _compile_error(name, proc.stderr, source, header)
         foreign = [s for s in undefined_symbols(tmp / "kernel.o", name) if check_symbols and not _ALLOWED_SYMBOL.match(s)]
@@ -481,7 +510,7 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
         # Metal has no dynamic initialisation of program-scope variables: drop every
         # initialiser and finaliser section (the launcher refuses an object with any left)
         strip = (*(() if raw_object else _INIT_SECTIONS), *_STEERING_SECTIONS)
-        _checked(_run_bounded([objcopy(), *[f"--remove-section={p}" for p in strip], "kernel.o"], name,
+        _checked(run_bounded([objcopy(), *[f"--remove-section={p}" for p in strip], "kernel.o"], name,
                               tmp, "stripping initialisers"), "stripping initialisers")
         # (initialisers kept only where a test reaches the launcher's own refusal of them)
         kept = tuple(p.rstrip("*") for p in _INIT_SECTIONS if not p.startswith(".rela")) if raw_object else ()
@@ -493,10 +522,14 @@ def build_kernel(name: str, tu: str, source: str, header: str, mode: str, *, che
             raise UnsafeKernelError(f"[emulator] kernel '{name}': its object holds {quote_text(planted)}, which no "
                                     "kernel has (kernel text planted it?); the kernel is refused")
         no_plugin = () if cxx.is_clang else ("-fno-use-linker-plugin",)
-        _checked(_run_bounded([cxx.path, "-shared", "-nostartfiles", "-fno-lto", *no_plugin, "-Wl,-z,now",
+        _checked(run_bounded([cxx.path, "-shared", "-nostartfiles", "-fno-lto", *no_plugin, "-Wl,-z,now",
                                "-Wl,-z,noexecstack", "kernel.o", "-lm", "-o", "kernel.so"], name, tmp,
                               "linking the kernel"), "linking the kernel")
-        os.chmod(tmp / "kernel.so", 0o644)
+        so = tmp / "kernel.so"
+        if so.is_symlink() or not so.is_file():
+            raise UnsafeKernelError(f"[emulator] kernel '{name}': the link did not make a regular file; refused")
+        os.chmod(so, 0o644)
+        (tmp / "kernel.o").unlink()  # never used again
         _publish(tmp, final)
     finally:
         if tmp.exists():

@@ -452,7 +452,7 @@ def test_a_toolchain_step_reads_and_writes_nothing_outside_its_build(tmp_path, s
     victim.write_text("unchanged")
     script = (f"cat {path}; echo pwned > {victim}; touch {tmp_path / 'marker'}; "
               f"echo ok > {build / 'inside.txt'}; cat {build / 'inside.txt'}")
-    proc = toolchain._run_bounded(["/bin/sh", "-c", script], "confined", build, "a stand-in step")
+    proc = toolchain.run_bounded(["/bin/sh", "-c", script], "confined", build, "a stand-in step")
     assert secret not in proc.stdout + proc.stderr
     assert victim.read_text() == "unchanged" and not (tmp_path / "marker").exists()
     assert (build / "inside.txt").read_text() == "ok\n" and "ok" in proc.stdout  # its own directory works
@@ -464,8 +464,8 @@ def test_objects_lose_link_steering_sections_before_the_link(monkeypatch):
     stripped with the initialisers and the link runs without LTO or the plugin."""
     from hlh_mlx.emulator import toolchain
     seen = []
-    real = toolchain._run_bounded
-    monkeypatch.setattr(toolchain, "_run_bounded", lambda cmd, *a, **k: seen.append(cmd) or real(cmd, *a, **k))
+    real = toolchain.run_bounded
+    monkeypatch.setattr(toolchain, "run_bounded", lambda cmd, *a, **k: seen.append(cmd) or real(cmd, *a, **k))
     tag = secrets.token_hex(6)
     body = f"int unique_{tag} = 7; out[0] = inp[0] + unique_{tag};"  # a kernel no cache holds: built here
     _run_u8(emulator.metal_kernel("lto_flags", ["inp"], ["out"], body))
@@ -518,7 +518,7 @@ def test_a_compile_step_cannot_read_other_kernels_in_the_cache(tmp_path):
     build = tmp_path / "b"
     build.mkdir()
     try:
-        proc = toolchain._run_bounded(["/bin/sh", "-c", f"cat {other / 'kernel.cpp'}; cat {rt / 'prelude.h'} | head -c 1",
+        proc = toolchain.run_bounded(["/bin/sh", "-c", f"cat {other / 'kernel.cpp'}; cat {rt / 'prelude.h'} | head -c 1",
                                        "-I", str(rt)], "confined", build, "a stand-in step")
     finally:
         import shutil
@@ -543,3 +543,38 @@ def test_planted_dynamic_entries_and_relocations_are_refused_before_the_link(mon
         with pytest.raises(EmulatorError, match="its object holds section") as e:
             _run_u8(emulator.metal_kernel("plant", ["inp"], ["out"], body, header=header))
         assert secret not in str(e.value)
+
+
+def test_a_kernel_of_a_gigabyte_is_stopped_at_the_build(tmp_path):
+    """A static array of a gigabyte made a 1 GB object and a 1 GB library per kernel, and
+    the parent read the object whole (a red team filled the cache with a template's
+    variants): a build step may write 64 MiB, and the parent reads an object's headers only."""
+    tag = secrets.token_hex(6)
+    header = f"static volatile char big_{tag}[100000000] = {{1}};\n"
+    with pytest.raises(EmulatorError):
+        _run_u8(emulator.metal_kernel("big", ["inp"], ["out"], f"out[0] = big_{tag}[7];", header=header))
+
+
+def test_the_offline_cuda_check_caps_what_nvcc_prints(monkeypatch):
+    from hlh_mlx import cuda_source
+    from hlh_mlx.emulator import launch
+    if cuda_source.nvcc() is None:
+        pytest.skip("nvcc (CUDA toolkit) is not installed")
+    monkeypatch.setattr(launch, "MAX_OUTPUT", 1 << 16)
+    text = "template <class A, class B> struct pr {};\ntypedef pr<int, int> T0;\n" + "".join(
+        f"typedef pr<T{i}, T{i}> T{i + 1};\n" for i in range(14)) + "__global__ void k() { T14 a = 0; T14 b = 1; }\n"
+    with pytest.raises(cuda_source.CudaCompileError, match="more than 65536 bytes of messages"):
+        cuda_source.compile_check(text)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775])
+def test_a_cache_others_may_write_to_is_refused(tmp_path, monkeypatch, mode):
+    """Its launcher runs unconfined and its objects are trusted as built: a cache folder
+    someone else can write to (a shared HLH_MLX_CACHE) could hold a planted launcher."""
+    from hlh_mlx.emulator import toolchain
+    shared = tmp_path / f"shared{mode:o}"
+    (shared / "emulator").mkdir(parents=True)
+    os.chmod(shared / "emulator", mode)
+    monkeypatch.setenv("HLH_MLX_CACHE", str(shared))
+    with pytest.raises(EmulatorError, match="not this user's alone"):
+        toolchain.cache_root()
