@@ -27,7 +27,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from hlh_mlx import models, moe, paths, validate
+from hlh_mlx import blocks, models, moe, paths, validate
 from hlh_mlx.ops.moe_route import moe_route
 
 
@@ -68,7 +68,8 @@ def run_once(model, prompt: list, tokens: int) -> dict:
     logs, block_logs = [[] for _ in layers], [[] for _ in layers]
     classes = [type(b) for b in layers]
     for b, log, blog in zip(layers, logs, block_logs):
-        object.__setattr__(b, "mlp", _Recorder(b.mlp, log))  # an instance attribute shadows the child
+        slot = blocks.mlp_slot(b)  # "mlp", or Mixtral's "block_sparse_moe"
+        object.__setattr__(b, slot, _Recorder(b[slot], log))  # an instance attribute shadows the child
         _BLOCK_LOGS[id(b)] = blog
         b.__class__ = _recording(type(b))
     try:

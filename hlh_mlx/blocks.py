@@ -52,15 +52,19 @@ from .ops.spec import QUANT_GROUPS
 
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
 _BLOCK_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm")  # and the MLP's slot
-_MLP_SLOTS = ("mlp", "block_sparse_moe")  # mlx-lm's names for a block's MLP (Mixtral: the second)
 # attention's head counts as mlx-lm's classes name them: (queries, keys and values)
 _HEAD_COUNTS = (("n_heads", "n_kv_heads"), ("num_heads", "num_key_value_heads"))
 
 
 def mlp_slot(block) -> str | None:
-    """The name under which `block` holds its MLP (its parameters keep it), or None."""
+    """The name under which `block` holds its MLP (its parameters keep it), or None. Mixtral's
+    slot only for an MoE block whose routing hlh_mlx.moe knows (PhiMoE's and GraniteMoE's
+    blocks use the name too, around computations this block does not reproduce)."""
     kids = block.children() if isinstance(block, nn.Module) else {}
-    return next((k for k in _MLP_SLOTS if k in kids), None)
+    if "mlp" in kids:
+        return "mlp"
+    moe_mlp = kids.get("block_sparse_moe")
+    return "block_sparse_moe" if type(moe_mlp).__name__ in moe.ROUTERS else None
 
 
 def head_counts(attn) -> tuple[int, int] | None:
@@ -76,6 +80,9 @@ def why_not(block) -> str | None:
     """None when `block` has the structure DecoderBlock reproduces, else what is missing."""
     kids = block.children() if isinstance(block, nn.Module) else {}
     missing = [k for k in _BLOCK_PARTS if k not in kids] + ([] if mlp_slot(block) else ["mlp"])
+    if "block_sparse_moe" in kids and not mlp_slot(block):
+        return (f"its MLP (block_sparse_moe) is a {type(kids['block_sparse_moe']).__name__}, not an MoE block "
+                f"hlh_mlx.moe reproduces ({', '.join(moe.ROUTERS)})")
     if missing:
         return f"no {', '.join(missing)}"
     attn = kids["self_attn"]

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import runtime, tuned
-from .ops.moe_route import ORDERS
+from .ops.moe_route import ORDERS, moe_route
 from .ops.spec import QUANT_GROUPS
 
 # mlx-lm's block classes whose routing hlh_mlx.ops.moe_route reproduces (mlx-lm 0.32), as
@@ -56,6 +56,8 @@ def route(mlp, x):
     projection, then softmax and top-k as one tuned call (moe_route) where a variant serves
     it, else mlx-lm's own ops."""
     args, kw = _route_call(mlp, mlp.gate(x))
+    if kernel_order_missing(mlp):  # no kernel takes it: mlx-lm's ops, not a fallback every step
+        return moe_route(*args, **kw)
     return tuned.moe_route.no_grad(*args, **kw)
 
 
@@ -105,8 +107,10 @@ def serves(mlp, x) -> bool:
     logits = mx.zeros((*x.shape[:-1], mlp.num_experts), x.dtype)
     inds = mx.zeros((*x.shape[:-1], top_k(mlp)), mx.uint32)
     y = mx.zeros((*inds.shape, mlp.switch_mlp.gate_proj.output_dims), x.dtype)
-    calls = [("moe_route", _route_call(mlp, logits)), ("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
+    calls = [("moe_qgemv_swiglu", _up_call(mlp, x, inds)),
              ("moe_qgemv_combine", _down_call(mlp, y, inds, mx.zeros(inds.shape, mx.float32)))]  # moe_route's scores
+    if not kernel_order_missing(mlp):
+        calls.insert(0, ("moe_route", _route_call(mlp, logits)))
     return any([runtime.serves(op, *args, **kw) for op, (args, kw) in calls])
 
 

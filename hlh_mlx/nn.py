@@ -87,8 +87,9 @@ class RoPE(nn.RoPE):
 
 
 class Linear(nn.Linear):
-    """y = x @ weight.T + bias, as mlx.nn.Linear; a few rows (decode) go through
-    hlh_mlx.tuned.gemv, larger inputs through MLX's matmul, as mlx.nn.Linear.
+    """y = x @ weight.T + bias, as mlx.nn.Linear; a few rows (decode) of a layer without a
+    bias go through hlh_mlx.tuned.gemv; larger inputs, and layers with a bias (mlx.nn adds
+    it inside the product, rounded once: mx.addmm), as mlx.nn.Linear.
 
     Args:
         input_dims: features in.
@@ -97,10 +98,9 @@ class Linear(nn.Linear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.ndim == 0 or x.shape[-1] == 0 or x.size // x.shape[-1] > GEMV_MAX_ROWS:
+        if "bias" in self or x.ndim == 0 or x.shape[-1] == 0 or x.size // x.shape[-1] > GEMV_MAX_ROWS:
             return super().__call__(x)  # mlx.nn's answer (or its error) for these
-        y = _planned(self, tuned.gemv, x, self["weight"])
-        return y + self["bias"] if "bias" in self else y
+        return _planned(self, tuned.gemv if self.training else tuned.gemv.no_grad, x, self["weight"])
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -112,7 +112,8 @@ class QuantizedLinear(nn.QuantizedLinear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _planned(self, tuned.quantized_matmul, x, self["weight"], self["scales"], self.get("biases"), transpose=True,
+        op = tuned.quantized_matmul if self.training else tuned.quantized_matmul.no_grad
+        y = _planned(self, op, x, self["weight"], self["scales"], self.get("biases"), transpose=True,
                      group_size=self.group_size, bits=self.bits, mode=getattr(self, "mode", "affine"))
         return y + self["bias"] if "bias" in self else y
 

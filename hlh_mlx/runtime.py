@@ -52,6 +52,7 @@ from .ops.spec import DTYPES
 
 _ARRAY = mx.array
 _fallbacks: Counter = Counter()
+_counted: set = set()     # (op, signature) of the remembered fallbacks counted so far
 _dispatches: list = []    # every Dispatch, so refresh() can forget their plans
 _lenient_depth = [0]      # inside `lenient` blocks
 _recording_depth = [0]    # inside `recording` blocks
@@ -155,7 +156,7 @@ def _hot_path(plans: dict, decide, owner):
     remembers the plan) on a miss or an unhashable argument. `owner._dynamic`: the dynamic
     argument names, read at a call with keywords (a Dispatch learns them on its first
     decision); `owner._direct`: when set, what every call runs, before anything else."""
-    A, dk = _ARRAY, _DKEY
+    A, dk, vk = _ARRAY, _DKEY, _value_key
 
     def call(*args, **kwargs):
         direct = owner._direct
@@ -186,7 +187,7 @@ def _hot_path(plans: dict, decide, owner):
             if type(a) is A:
                 key += (A, a.shape, dk(a.dtype))
             else:
-                key += (type(a), a)
+                key += vk(a)
         if kwargs:
             dynamic = owner._dynamic
             for k, v in kwargs.items():
@@ -194,7 +195,7 @@ def _hot_path(plans: dict, decide, owner):
                 if type(v) is A:
                     key += (A, v.shape, dk(v.dtype))
                 else:
-                    key += (type(v),) if k in dynamic else (type(v), v)
+                    key += (type(v),) if k in dynamic else vk(v)
         try:
             plan = plans[tuple(key)]
         except (KeyError, TypeError):  # a first call, or an unhashable argument
@@ -270,6 +271,17 @@ def _settings_reset() -> None:
     _rearm()
 
 
+def _value_key(v):
+    """A value as a plan key holds it: with its type (-1.0 == -1 and True == 1, which the
+    built-in tells apart); a stream or device by what it names (MLX hashes them by identity:
+    a new object per call would be a new plan each call)."""
+    t = type(v)
+    return (t, str(v)) if t is _STREAM or t is _DEVICE else (t, v)
+
+
+_STREAM, _DEVICE = mx.Stream, mx.Device
+
+
 def _dtype_key():
     """How a signature holds a dtype: `hash` where that tells every MLX dtype apart (an int,
     hashed and compared with no call into MLX: a Dtype's own hash and == are; 0.3 us of a
@@ -291,13 +303,13 @@ def signature(args: tuple, kwargs: dict, dynamic: tuple = ()) -> tuple:
         if type(a) is _ARRAY:
             key += (_ARRAY, a.shape, dk(a.dtype))
         else:
-            key += (type(a), a)  # with its type: -1.0 == -1 and True == 1, which the built-in tells apart
+            key += _value_key(a)
     for k, v in kwargs.items():
         key.append(k)
         if type(v) is _ARRAY:
             key += (_ARRAY, v.shape, dk(v.dtype))
         else:
-            key += (type(v),) if k in dynamic else (type(v), v)
+            key += (type(v),) if k in dynamic else _value_key(v)
     return tuple(key)
 
 
@@ -368,7 +380,10 @@ class _Fallback:
         self._check()
         if not self.counted:
             self.counted = True
-            _fallbacks[(self.op_name, self.reason)] += 1
+            # an op and its no_grad twin decide the same call each: counted once between them
+            if (self.op_name, self.key) not in _counted:
+                _counted.add((self.op_name, self.key))
+                _fallbacks[(self.op_name, self.reason)] += 1
         plans = self.dispatch.plans
         if plans.get(self.key) is self:  # still this call's plan (not forgotten by refresh())
             plans[self.key] = self.builtin
@@ -713,6 +728,7 @@ def refresh() -> None:
     config.reset()
     select.refresh()
     _fallbacks.clear()
+    _counted.clear()
     generation[0] += 1
     _end_direct()
     for d in _dispatches:

@@ -164,6 +164,12 @@ def test_layers_in_eval_mode_run_without_derivatives_and_say_so_when_one_is_take
     layer.eval()
     with pytest.raises(ValueError, match="vjp not implemented"):
         mx.eval(mx.grad(lambda a: layer(a).sum())(x))
+    lin = hnn.Linear(512, 64, bias=False)
+    qlin = hnn.QuantizedLinear.from_layer(nn.QuantizedLinear(512, 64, bias=False, group_size=64, bits=4))
+    for proj in (lin, qlin):  # the projections of a patched model too (patch swaps these in)
+        proj.eval()
+        with pytest.raises(ValueError, match="vjp not implemented"):
+            mx.eval(mx.grad(lambda a, p=proj: p(a).sum())(arr(rng, 1, 512)))
     layer.train()
     close(mx.grad(lambda a: (layer(a) * x).sum())(x),
           mx.grad(lambda a: (mx.fast.rms_norm(a, layer.weight, layer.eps) * x).sum())(x), 1e-4)
@@ -208,6 +214,10 @@ def test_a_served_call_on_a_stream_or_with_a_wide_offset_runs_the_builtin(rng, m
     monkeypatch.delenv("HLH_MLX_STRICT")
     x8, w = arr(rng, 8, 512), arr(rng, 512)
     close(tuned.rms_norm(x8, w, 1e-5, stream=mx.cpu), mx.fast.rms_norm(x8, w, 1e-5))
+    for _ in range(3):  # a new Stream object each call (MLX hashes them by identity): one plan, counted once
+        close(tuned.rms_norm(x8, w, 1e-5, stream=mx.default_stream(mx.cpu)), mx.fast.rms_norm(x8, w, 1e-5))
+    assert len(tuned.rms_norm.plans) == 2
+    assert sum(n for (op, why), n in tuned.fallbacks().items() if op == "rms_norm") == 2
     xr = arr(rng, 1, 4, 16, 64)
     rk = dict(traditional=False, base=10000.0, scale=1.0)
     off = mx.array(2 ** 31 + 5, dtype=mx.uint32)  # would wrap in the kernel's int32
@@ -229,6 +239,14 @@ def test_a_linear_layer_answers_as_mlx_for_a_0d_or_featureless_input(shape):
         _raises_as_the_builtin(lambda: ours(x), lambda: theirs(x))
         return
     close(ours(x), want)
+
+
+def test_an_op_and_its_no_grad_twin_count_one_call_once(rng, monkeypatch):
+    monkeypatch.delenv("HLH_MLX_STRICT")
+    x = arr(rng, 3, 100)  # no variant at this shape: a fallback
+    for f in (tuned.gelu, tuned.gelu.no_grad, tuned.gelu):
+        close(f(x), nn.gelu(x))
+    assert sum(n for (op, _), n in tuned.fallbacks().items() if op == "gelu") == 1
 
 
 def test_patch_swaps_rope_linear_and_quantized_linear():

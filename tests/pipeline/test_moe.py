@@ -219,6 +219,36 @@ def test_moe_blocks_route_and_call_the_expert_ops_as_mlx_lm_does(name):
     assert {op for op, _ in tuned.fallbacks()} >= {UP, DOWN}  # the compositions, as said
 
 
+def test_mixtrals_routing_runs_mlx_lms_ops_and_is_no_fallback_in_strict_mode(store_dir, monkeypatch):
+    """No kernel takes Mixtral's routing: it runs mlx-lm's lines directly (not a fallback each
+    step, which strict mode would refuse), with the expert ops served by their kernels."""
+    from hlh_mlx import config
+    model, _ = models.load("tiny-mixtral", bits=4, dtype="float32")
+    mlp = model.model.layers[0].block_sparse_moe  # unpatched: its gate is mlx-lm's own layer
+    shape = {"S": moe.top_k(mlp), "E": mlp.num_experts, "N": 128, "K": 128, "G": 64}
+    serve_both(store_dir, shape, shape)
+    monkeypatch.setenv("HLH_MLX_STRICT", "1")
+    config.reset()
+    x = mx.array(np.random.default_rng(0).standard_normal((1, 1, 128)).astype(np.float32))
+    got = moe.decode(mlp, x)  # strict: the routing and both expert kernels, no fallback anywhere
+    np.testing.assert_allclose(np.asarray(got), np.asarray(mlp(x)), rtol=1e-4, atol=1e-4)
+    assert tuned.fallbacks() == {}
+
+
+def test_blocks_named_like_mixtrals_but_unknown_are_kept_with_the_reason():
+    import mlx.nn as nn
+
+    class OtherMoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 4)
+
+    model, _ = models.load("tiny-mixtral", bits=4, dtype="float32")
+    block = model.model.layers[0]
+    block.block_sparse_moe = OtherMoE()
+    assert "OtherMoE, not an MoE block hlh_mlx.moe reproduces" in blocks.why_not(block)
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", None)])
 def test_served_expert_kernels_replace_the_gathers_in_the_decode_step(store_dir, dtype, tol):
     """With stored variants serving the three ops at the model's shapes (real templates on
