@@ -128,11 +128,14 @@ def _owned(root: Path) -> Path:
             st = d.lstat()
         except OSError as e:
             raise EmulatorError(f"[emulator] cannot use the cache folder {d}: {e.strerror} (HLH_MLX_CACHE)") from None
-        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # group-writable is fine where the group is the user's own (umask 002 with user
+        # private groups, Debian's and Ubuntu's default), not where another group may write
+        shared = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getgid())
+        if not os.path.isdir(d) or os.path.islink(d) or st.st_uid != os.getuid() or shared:
             raise EmulatorError(
                 f"[emulator] the cache folder {d} is not this user's alone (a link, another owner, or writable by "
-                "group or others): someone else could plant the launcher or kernels it runs. Use a folder of your "
-                "own (HLH_MLX_CACHE) or `chmod go-w` it")
+                "others): someone else could plant the launcher or kernels it runs. Use a folder of your own "
+                "(HLH_MLX_CACHE) or `chmod go-w` it")
     return root
 
 
