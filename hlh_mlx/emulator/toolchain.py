@@ -373,11 +373,23 @@ def section_problem(obj: Path, also: tuple = ()) -> str | None:
     def name_of(h) -> str:
         end = names_blob.find(b"\0", h[0])
         return names_blob[h[0]:end].decode("latin-1") if 0 <= h[0] < end else "?"
-    shf_alloc, shf_info_link = 0x2, 0x40
+    shf_info_link, shf_group = 0x40, 0x200
+    symtabs = [i for i, h in enumerate(headers) if h[1] == 2]
+    targets: set = set()
     for h in headers:
-        name, kind, flags, info = name_of(h), _SECTION_TYPES.get(h[1]), h[2], h[7]
-        relocated = (name_of(headers[info]) if kind in ("RELA", "REL") and 0 < info < shnum
-                     and flags & shf_info_link and not flags & shf_alloc else None)
+        name, kind, flags, link, info, entsize = name_of(h), _SECTION_TYPES.get(h[1]), h[2], h[6], h[7], h[9]
+        relocated = None
+        if kind in ("RELA", "REL"):
+            # what the assembler makes for relocations, and nothing else: the linker places a
+            # relocation section not tied to the symbol table (another sh_link, link order,
+            # compression) by its name, `.rela.data.*` into the kernel's dynamic relocations
+            # (a red team forged a loader-run IFUNC that way)
+            genuine = (len(symtabs) == 1 and link == symtabs[0] and 0 < info < shnum and info not in targets
+                       and flags & shf_info_link and not flags & ~(shf_info_link | shf_group)
+                       and entsize == (24 if kind == "RELA" else 16) and headers[info][1] not in (4, 9))
+            if genuine:
+                targets.add(info)
+                relocated = name_of(headers[info])
         if kind is None or not _allowed_section(name, kind, names, also, relocated):
             return f"section {name!r} of type {kind or hex(h[1])}"
     return None

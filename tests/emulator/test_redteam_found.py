@@ -15,6 +15,7 @@ nothing happened outside. They FAIL today; each passes once its hole is closed.
 from __future__ import annotations
 
 import os
+import platform
 import secrets
 import subprocess
 import sys
@@ -582,3 +583,56 @@ def test_a_cache_others_may_write_to_is_refused(tmp_path, monkeypatch, mode, ref
             toolchain.cache_root()
     else:
         assert toolchain.cache_root() == shared / "emulator"
+
+
+def test_a_relocation_section_not_tied_to_the_symbol_table_is_refused(monkeypatch):
+    """A `.rela.data.*` section with link order (sh_link not the symbol table) is placed by
+    its name into the kernel's dynamic relocations: a red team forged a local IFUNC symbol
+    with it and ran code while the object loaded. Relocation sections must be what the
+    assembler makes: tied to the one symbol table, relocating one real section."""
+    from hlh_mlx.emulator import safety
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    planted = (r'.pushsection .data.evil,\"aw\",%progbits\n.quad 0\n.popsection\n'
+               r'.pushsection .rela.data.evil,\"o\",%rela,.text\n.quad 0\n.quad 8\n.quad 0\n.popsection\n')
+    header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
+    body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"
+    with pytest.raises(EmulatorError, match="section '.rela.data.evil' of type RELA"):
+        _run_u8(emulator.metal_kernel("relink", ["inp"], ["out"], body, header=header))
+
+
+def _patched_object(tmp_path, change):
+    """A built kernel's object with its first dynamic relocation changed by
+    `change(r_info, number of dynamic symbols)`."""
+    import shutil
+    import struct
+    from hlh_mlx.emulator import codegen, toolchain
+    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
+    tu = codegen.cpp_unit("reloc", "", f"out[0] = sin(inp[0]) + {secrets.randbelow(999)};", plist, [], False)
+    so = tmp_path / "kernel.so"
+    shutil.copy(toolchain.build_kernel("reloc", tu, "", "", "fast"), so)
+    data = bytearray(so.read_bytes())
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shnum, = struct.unpack_from("<H", data, 0x3C)
+    rela = next(struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64) for i in range(shnum)
+                if struct.unpack_from("<I", data, shoff + i * 64 + 4)[0] == 4)  # the first SHT_RELA
+    dynsym = next(struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64) for i in range(shnum)
+                  if struct.unpack_from("<I", data, shoff + i * 64 + 4)[0] == 11)  # SHT_DYNSYM
+    at = rela[4] + 8  # its first entry's r_info
+    info, = struct.unpack_from("<Q", data, at)
+    struct.pack_into("<Q", data, at, change(info, dynsym[5] // 24))
+    so.write_bytes(data)
+    return so
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 relocation numbers")
+@pytest.mark.parametrize("change,why", [
+    (lambda info, n: (info & ~0xFFFFFFFF) | 5, "a relocation of a kind kernels do not have"),  # R_X86_64_COPY
+    (lambda info, n: (info & 0xFFFFFFFF) | (n << 32), "bad symbol table"),  # the first past .dynsym, in the file
+    (lambda info, n: 17, "a relocation of a kind kernels do not have"),                        # DTPOFF64, symbol 0
+])
+def test_the_launcher_refuses_relocations_kernels_do_not_have(tmp_path, change, why):
+    from hlh_mlx.emulator import launch
+    so = _patched_object(tmp_path, change)
+    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
+    with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
+        launch.run("reloc", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")

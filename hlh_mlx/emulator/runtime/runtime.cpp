@@ -937,6 +937,15 @@ std::string object_problem(int fd) {
         const Elf64_Rela* r = (const Elf64_Rela*)(m + off);
         uint64_t symoff = 0;
         bool have_syms = symtab && file_off(symtab, symoff);
+        // how many dynamic symbols there are (the linker's section header): a relocation
+        // naming one past them reads a "symbol" from data earlier relocations may have
+        // written (a red team forged a local IFUNC symbol that way)
+        uint64_t nsyms = 0;
+        if (in(eh->e_shoff, uint64_t(eh->e_shnum) * sizeof(Elf64_Shdr))) {
+          const Elf64_Shdr* sh = (const Elf64_Shdr*)(m + eh->e_shoff);
+          for (int j = 0; j < eh->e_shnum; j++)
+            if (sh[j].sh_type == SHT_DYNSYM) nsyms = sh[j].sh_size / sizeof(Elf64_Sym);
+        }
         for (size_t k = 0; k < size / sizeof(Elf64_Rela); k++) {
           // a relocation writes 8 bytes at r_offset: only into the object's own writable
           // segments, never into its dynamic section (read by the loader after relocating)
@@ -951,16 +960,28 @@ std::string object_problem(int fd) {
               dynamic = true;
           }
           if (!inside || dynamic) { why = "a relocation writes outside the object's data"; break; }
+          uint64_t sym = ELF64_R_SYM(r[k].r_info), type = ELF64_R_TYPE(r[k].r_info);
 #if defined(__x86_64__)
-          if (ELF64_R_TYPE(r[k].r_info) == R_X86_64_IRELATIVE) why = "it has IFUNC resolvers";
+          if (type == R_X86_64_IRELATIVE) { why = "it has IFUNC resolvers"; break; }
+          // the types the linker makes for a kernel; none with symbol 0 writes a value of
+          // the object's choosing (a module id, a load address), the others name a symbol
+          bool bare = type == R_X86_64_RELATIVE || type == R_X86_64_DTPMOD64;
+          bool named = type == R_X86_64_64 || type == R_X86_64_GLOB_DAT || type == R_X86_64_JUMP_SLOT ||
+                       type == R_X86_64_DTPMOD64 || type == R_X86_64_DTPOFF64 || type == R_X86_64_TPOFF64;
 #elif defined(__aarch64__)
-          if (ELF64_R_TYPE(r[k].r_info) == R_AARCH64_IRELATIVE) why = "it has IFUNC resolvers";
+          if (type == R_AARCH64_IRELATIVE) { why = "it has IFUNC resolvers"; break; }
+          bool bare = type == R_AARCH64_RELATIVE || type == R_AARCH64_TLS_DTPMOD64;
+          bool named = type == R_AARCH64_ABS64 || type == R_AARCH64_GLOB_DAT || type == R_AARCH64_JUMP_SLOT ||
+                       type == R_AARCH64_TLS_DTPMOD64 || type == R_AARCH64_TLS_DTPREL64 ||
+                       type == R_AARCH64_TLS_TPREL64;
+#else
+          bool bare = false, named = false;
 #endif
-          // a relocation against an IFUNC symbol the object defines runs its resolver
-          uint64_t sym = ELF64_R_SYM(r[k].r_info);
+          if (sym ? !named : !bare) { why = "a relocation of a kind kernels do not have"; break; }
           if (!sym) continue;
+          // a relocation against an IFUNC symbol the object defines runs its resolver
           uint64_t at = symoff + sym * sizeof(Elf64_Sym);
-          if (!have_syms || !in(at, sizeof(Elf64_Sym))) { why = "bad symbol table"; break; }
+          if (!have_syms || sym >= nsyms || !in(at, sizeof(Elf64_Sym))) { why = "bad symbol table"; break; }
           const Elf64_Sym* es = (const Elf64_Sym*)(m + at);
           if (ELF64_ST_TYPE(es->st_info) == STT_GNU_IFUNC && es->st_shndx != SHN_UNDEF) why = "it has IFUNC resolvers";
         }
