@@ -334,6 +334,8 @@ def source_line(exe: Path, pc: str | None, source: str, header: str):
     tool = shutil.which("addr2line") or shutil.which("llvm-addr2line")
     if not pc or not tool:
         return None, None, ""
+    if len(pc) > 18:  # "0x" and 16 digits: anything longer is no address of this process
+        return None, None, ""
     addr = hex(int(pc, 16) - 1)  # return addresses point after the call
     # the object's debug sections are the kernel text's making: addr2line reads them
     # confined, with a time limit and its output capped, like every tool on kernel text

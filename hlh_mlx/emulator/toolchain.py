@@ -328,6 +328,11 @@ _INIT_SECTIONS = (".init_array*", ".rela.init_array*", ".preinit_array*", ".rela
 _SECTION_NAMES = (".text", ".rodata", ".data", ".bss", ".tdata", ".tbss", ".eh_frame", ".comment", ".debug_",
                   ".note.GNU-stack", ".note.gnu.property", ".gcc_except_table", ".group", ".symtab", ".strtab",
                   ".shstrtab", ".llvm_addrsig")
+# ... and only with the flags those sections have: a writable note (placed by the linker
+# beside the headers) made the loader's tables writable; code only in .text
+_NOTES = (".note.GNU-stack", ".note.gnu.property")
+_SHF_WRITE, _SHF_EXECINSTR = 0x1, 0x4
+_WRITABLE = (".data", ".bss", ".tdata", ".tbss", ".gcc_except_table", ".eh_frame")
 _SECTION_TYPES = {0: "NULL", 1: "PROGBITS", 2: "SYMTAB", 3: "STRTAB", 4: "RELA", 7: "NOTE", 8: "NOBITS",
                   9: "REL", 14: "INIT_ARRAY", 15: "FINI_ARRAY", 16: "PREINIT_ARRAY", 17: "GROUP",
                   0x70000001: "X86_64_UNWIND", 0x6FFF4C03: "LLVM_ADDRSIG"}  # (init arrays: named as such only)
@@ -392,6 +397,9 @@ def section_problem(obj: Path, also: tuple = ()) -> str | None:
                 relocated = name_of(headers[info])
         if kind is None or not _allowed_section(name, kind, names, also, relocated):
             return f"section {name!r} of type {kind or hex(h[1])}"
+        if (kind == "NOTE" and name not in _NOTES or flags & _SHF_WRITE and not name.startswith(_WRITABLE + also)
+                or flags & _SHF_EXECINSTR and not name.startswith(".text")):
+            return f"section {name!r} with flags {flags:#x}"
     return None
 
 

@@ -636,3 +636,36 @@ def test_the_launcher_refuses_relocations_kernels_do_not_have(tmp_path, change, 
     regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
     with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
         launch.run("reloc", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
+
+
+def test_a_writable_note_section_is_refused(monkeypatch):
+    """A writable section named like a note was placed by the linker beside the headers and
+    made the loader's tables writable (a red team then rewrote a relocation as it loaded)."""
+    from hlh_mlx.emulator import safety
+    monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
+    planted = r'.pushsection .note.gnu.property.w,\"aw\",%note\n.quad 0\n.popsection\n'
+    header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
+    body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"
+    with pytest.raises(EmulatorError, match="section '.note.gnu.property.w'"):
+        _run_u8(emulator.metal_kernel("wnote", ["inp"], ["out"], body, header=header))
+
+
+@pytest.mark.parametrize("flags,why", [(0x6, "its loader tables lie in a writable segment"),  # the first segment RW
+                                       (0x7, "a segment is both writable and executable")])
+def test_the_launcher_refuses_loader_tables_a_relocation_could_write(tmp_path, flags, why):
+    import shutil
+    import struct
+    from hlh_mlx.emulator import codegen, launch, toolchain
+    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
+    tu = codegen.cpp_unit("tables", "", f"out[0] = sin(inp[0]) + {secrets.randbelow(999)};", plist, [], False)
+    so = tmp_path / "kernel.so"
+    shutil.copy(toolchain.build_kernel("tables", tu, "", "", "fast"), so)
+    data = bytearray(so.read_bytes())
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phnum, = struct.unpack_from("<H", data, 0x38)
+    first_load = next(phoff + i * 56 for i in range(phnum) if struct.unpack_from("<I", data, phoff + i * 56)[0] == 1)
+    struct.pack_into("<I", data, first_load + 4, flags)  # p_flags of the segment holding the headers and tables
+    so.write_bytes(data)
+    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
+    with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
+        launch.run("tables", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")

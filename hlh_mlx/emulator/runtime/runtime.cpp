@@ -911,7 +911,8 @@ std::string object_problem(int fd) {
       if (!in(ph[i].p_offset, ph[i].p_filesz)) { why = "bad dynamic section"; break; }
       const Elf64_Dyn* d = (const Elf64_Dyn*)(m + ph[i].p_offset);
       size_t nd = ph[i].p_filesz / sizeof(Elf64_Dyn);
-      uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0, symtab = 0;
+      uint64_t rela = 0, relasz = 0, jmprel = 0, pltsz = 0, symtab = 0, strtab = 0, strsz = 0, gnu_hash = 0, hash = 0,
+               versym = 0;
       for (size_t k = 0; k < nd && d[k].d_tag != DT_NULL; k++) {
         switch (d[k].d_tag) {
           // whatever their sizes say (a relocation could rewrite a size as the object loads)
@@ -927,9 +928,38 @@ std::string object_problem(int fd) {
           case DT_JMPREL: jmprel = d[k].d_un.d_ptr; break;
           case DT_PLTRELSZ: pltsz = d[k].d_un.d_val; break;
           case DT_SYMTAB: symtab = d[k].d_un.d_ptr; break;
+          case DT_STRTAB: strtab = d[k].d_un.d_ptr; break;
+          case DT_STRSZ: strsz = d[k].d_un.d_val; break;
+          case DT_GNU_HASH: gnu_hash = d[k].d_un.d_ptr; break;
+          case DT_HASH: hash = d[k].d_un.d_ptr; break;
+          case DT_VERSYM: versym = d[k].d_un.d_ptr; break;
           default: break;
         }
       }
+      // What the loader reads while it relocates (the relocation tables, symbols, strings,
+      // hashes, versions, the program headers) must lie in segments no relocation can
+      // write: a red team rewrote a later relocation into an IFUNC with an earlier one,
+      // after a writable note section had made the first segment writable. And no segment
+      // is both writable and executable.
+      auto writable = [&](uint64_t vaddr, uint64_t len) {
+        for (int j = 0; j < eh->e_phnum; j++)
+          if (ph[j].p_type == PT_LOAD && (ph[j].p_flags & PF_W) && vaddr < ph[j].p_vaddr + ph[j].p_memsz &&
+              vaddr + len > ph[j].p_vaddr)
+            return true;
+        return false;
+      };
+      uint64_t phdrs = ~0ull;
+      for (int j = 0; j < eh->e_phnum; j++)
+        if (ph[j].p_type == PT_LOAD && eh->e_phoff >= ph[j].p_offset && eh->e_phoff < ph[j].p_offset + ph[j].p_filesz)
+          phdrs = ph[j].p_vaddr + (eh->e_phoff - ph[j].p_offset);
+      for (int j = 0; j < eh->e_phnum && why.empty(); j++)
+        if (ph[j].p_type == PT_LOAD && (ph[j].p_flags & PF_W) && (ph[j].p_flags & PF_X))
+          why = "a segment is both writable and executable";
+      for (auto [addr, size] : {std::pair<uint64_t, uint64_t>{rela, relasz}, {jmprel, pltsz}, {symtab, 24},
+                                {strtab, strsz}, {gnu_hash, 16}, {hash, 8}, {versym, 2},
+                                {phdrs, uint64_t(eh->e_phnum) * sizeof(Elf64_Phdr)}})
+        if (why.empty() && addr && addr != ~0ull && size && writable(addr, size))
+          why = "its loader tables lie in a writable segment";
       for (auto [addr, size] : {std::pair<uint64_t, uint64_t>{rela, relasz}, {jmprel, pltsz}}) {
         uint64_t off = 0;
         if (!size || !why.empty()) continue;
