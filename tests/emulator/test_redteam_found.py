@@ -669,3 +669,14 @@ def test_the_launcher_refuses_loader_tables_a_relocation_could_write(tmp_path, f
     regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
     with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
         launch.run("tables", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
+
+
+@pytest.mark.parametrize("macro", ["#define AT __attribute__", "#define CAT(a, b) a##b", "#define S(x) #x",
+                                   "#define A [[gnu::used]]", "#define B asm"])
+def test_a_macro_cannot_spell_what_the_text_checks_refuse(macro):
+    """With the checks on, `#define AT __attribute__` then `AT((SV("...")))` hid an attribute
+    string (assembler directives) from the token checks: a macro may not spell attributes,
+    `asm`, or build names by pasting or stringising."""
+    header = macro + "\nfloat f() { return 1; }\n"
+    with pytest.raises(EmulatorError, match="header line 1: a macro may not spell"):
+        emulator.metal_kernel("macro", ["inp"], ["out"], "out[0] = f();", header=header)
