@@ -52,7 +52,6 @@ from .ops.spec import DTYPES
 
 _ARRAY = mx.array
 _fallbacks: Counter = Counter()
-_counted: set = set()     # (op, signature) of the remembered fallbacks counted so far
 _dispatches: list = []    # every Dispatch, so refresh() can forget their plans
 _lenient_depth = [0]      # inside `lenient` blocks
 _recording_depth = [0]    # inside `recording` blocks
@@ -359,11 +358,11 @@ class _Fallback:
     remembered (an unhashable argument, a trace on the emulator) checks and counts every call.
     """
 
-    __slots__ = ("op_name", "reason", "builtin", "dispatch", "key", "counted")
+    __slots__ = ("op_name", "reason", "builtin", "dispatch", "key")
 
     def __init__(self, op_name: str, reason: str, builtin, dispatch=None, key=None):
         self.op_name, self.reason, self.builtin = op_name, reason, builtin
-        self.dispatch, self.key, self.counted = dispatch, key, False
+        self.dispatch, self.key = dispatch, key
 
     def _check(self):
         if _strict[0] is None:
@@ -378,12 +377,10 @@ class _Fallback:
         if self.dispatch is None:
             return self
         self._check()
-        if not self.counted:
-            self.counted = True
-            # an op and its no_grad twin decide the same call each: counted once between them
-            if (self.op_name, self.key) not in _counted:
-                _counted.add((self.op_name, self.key))
-                _fallbacks[(self.op_name, self.reason)] += 1
+        counted = self.dispatch.counted  # the op's and its no_grad twin's: one call counts once
+        if self.key not in counted:
+            counted.add(self.key)
+            _fallbacks[(self.op_name, self.reason)] += 1
         plans = self.dispatch.plans
         if plans.get(self.key) is self:  # still this call's plan (not forgotten by refresh())
             plans[self.key] = self.builtin
@@ -461,20 +458,16 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
             a, k = rebuild(arrays)
             return builtin(*a, **k)
 
-        def variables(prim):
-            """The primals a derivative is taken for: not dynamic values (data), not integer
-            arrays (indices, packed weights: the built-in has no derivative for them)."""
-            return [i for i in range(len(prim)) if i not in data and mx.issubdtype(prim[i].dtype, mx.inexact)]
-
-        def builtin_in(prim, wrt):
-            return lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i] for i in range(len(prim))])
-
         @fn.vjp
         def _vjp(primals, cotangent, output):
             one = isinstance(primals, _ARRAY)  # MLX passes a single primal bare
             prim = [primals] if one else list(primals)
-            wrt = variables(prim)
-            grads = mx.vjp(builtin_in(prim, wrt), [prim[i] for i in wrt],
+            # with respect to the float arrays: not dynamic values (data), not integer arrays
+            # (indices, packed weights: the built-in has no derivative for them)
+            wrt = [i for i in range(len(prim)) if i not in data and mx.issubdtype(prim[i].dtype, mx.inexact)]
+            grads = mx.vjp(lambda *xs: builtin_of(*[xs[wrt.index(i)] if i in wrt else prim[i]
+                                                    for i in range(len(prim))]),
+                           [prim[i] for i in wrt],
                            list(cotangent) if isinstance(cotangent, (list, tuple)) else [cotangent])[1]
             full = [grads[wrt.index(i)] if i in wrt else mx.zeros_like(prim[i]) for i in range(len(prim))]
             return full[0] if one else tuple(full)
@@ -562,6 +555,7 @@ class Dispatch(_Keywords):
         # for inference (hlh_mlx.nn layers in eval mode); a gradient through it is MLX's
         # error that custom kernels have no VJP
         self.no_grad = Dispatch(op_name, builtin, doc=self.__doc__, dynamic=dynamic) if differentiable else self
+        self.counted = self.no_grad.counted if differentiable else set()  # signatures whose fallback was counted
         # both dictionaries are cleared, never replaced: `function` holds them
         self.plans: dict = {}      # signature -> plan (for a fallback, once settled, the built-in itself)
         self.fallbacks: dict = {}  # signature -> its _Fallback, to put back when strict mode may be on
@@ -591,6 +585,7 @@ class Dispatch(_Keywords):
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
             self.fallbacks.clear()
+            self.counted.clear()
         if type(plan) is _Fallback:
             plan.dispatch, plan.key = self, key
             self.fallbacks[key] = plan
@@ -728,12 +723,12 @@ def refresh() -> None:
     config.reset()
     select.refresh()
     _fallbacks.clear()
-    _counted.clear()
     generation[0] += 1
     _end_direct()
     for d in _dispatches:
         d.plans.clear()
         d.fallbacks.clear()
+        d.counted.clear()
         d._traced, d._untraced = None, False
     _kernels.clear()
     _backend[0] = _slug[0] = None

@@ -200,9 +200,7 @@ def _readable(cmd: list[str]) -> tuple[str, ...]:
 def confined_reader(cmd: list[str], readable: Path, what: str) -> str:
     """stdout of a tool reading a kernel's files beneath `readable` (addr2line on an object),
     run as every tool on kernel text runs (run_bounded), in a scratch directory."""
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".read-", dir=root) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".read-", dir=cache_root()) as tmp:  # made, checked: _owned
         return _checked(run_bounded(cmd, "(reading)", Path(tmp), what, (str(readable),)), what).stdout
 
 
