@@ -527,6 +527,14 @@ def test_a_compile_step_cannot_read_other_kernels_in_the_cache(tmp_path):
     assert "SECRET_OTHER_KERNEL" not in proc.stdout and proc.stdout  # the runtime's prelude was read
 
 
+def _planting(name, planted):
+    """A kernel whose attribute string hands the assembler `planted` (lines, `%` for `@`), its
+    body unique so it is built here, not taken from a cache."""
+    header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
+    body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"
+    return emulator.metal_kernel(name, ["inp"], ["out"], body, header=header)
+
+
 def test_planted_dynamic_entries_and_relocations_are_refused_before_the_link(monkeypatch, secret_file):
     """With the text checks off, an attribute's string can still plant sections: `.dynamic`
     entries (an init array) and PROGBITS named `.rela.*` that the linker copies into the
@@ -539,10 +547,8 @@ def test_planted_dynamic_entries_and_relocations_are_refused_before_the_link(mon
     path, secret = secret_file
     for planted in (r'.pushsection .dynamic,\"aw\",%progbits\n.quad 25\n.quad 0\n.quad 27\n.quad 0\n.popsection\n',
                     r'.pushsection .rela.data.evil,\"a\",%progbits\n.quad 0\n.quad 17\n.quad 8\n.popsection\n'):
-        header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
-        body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"  # built here, not from a cache
         with pytest.raises(EmulatorError, match="its object holds section") as e:
-            _run_u8(emulator.metal_kernel("plant", ["inp"], ["out"], body, header=header))
+            _run_u8(_planting("plant", planted))
         assert secret not in str(e.value)
 
 
@@ -594,23 +600,34 @@ def test_a_relocation_section_not_tied_to_the_symbol_table_is_refused(monkeypatc
     monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
     planted = (r'.pushsection .data.evil,\"aw\",%progbits\n.quad 0\n.popsection\n'
                r'.pushsection .rela.data.evil,\"o\",%rela,.text\n.quad 0\n.quad 8\n.quad 0\n.popsection\n')
-    header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
-    body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"
     with pytest.raises(EmulatorError, match="section '.rela.data.evil' of type RELA"):
-        _run_u8(emulator.metal_kernel("relink", ["inp"], ["out"], body, header=header))
+        _run_u8(_planting("relink", planted))
+
+
+def _built_object(tmp_path, name):
+    """A copy of a freshly built kernel object (a sine and a call into libm: dynamic
+    relocations) and its bytes, to edit."""
+    import shutil
+    from hlh_mlx.emulator import codegen, toolchain
+    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
+    tu = codegen.cpp_unit(name, "", f"out[0] = sin(inp[0]) + {secrets.randbelow(999)};", plist, [], False)
+    so = tmp_path / "kernel.so"
+    shutil.copy(toolchain.build_kernel(name, tu, "", "", "fast"), so)
+    return so, bytearray(so.read_bytes())
+
+
+def _refused_by_the_launcher(name, so, why):
+    from hlh_mlx.emulator import launch
+    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
+    with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
+        launch.run(name, so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
 
 
 def _patched_object(tmp_path, change):
     """A built kernel's object with its first dynamic relocation changed by
     `change(r_info, number of dynamic symbols)`."""
-    import shutil
     import struct
-    from hlh_mlx.emulator import codegen, toolchain
-    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
-    tu = codegen.cpp_unit("reloc", "", f"out[0] = sin(inp[0]) + {secrets.randbelow(999)};", plist, [], False)
-    so = tmp_path / "kernel.so"
-    shutil.copy(toolchain.build_kernel("reloc", tu, "", "", "fast"), so)
-    data = bytearray(so.read_bytes())
+    so, data = _built_object(tmp_path, "reloc")
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shnum, = struct.unpack_from("<H", data, 0x3C)
     rela = next(struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64) for i in range(shnum)
@@ -631,11 +648,7 @@ def _patched_object(tmp_path, change):
     (lambda info, n: 17, "a relocation of a kind kernels do not have"),                        # DTPOFF64, symbol 0
 ])
 def test_the_launcher_refuses_relocations_kernels_do_not_have(tmp_path, change, why):
-    from hlh_mlx.emulator import launch
-    so = _patched_object(tmp_path, change)
-    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
-    with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
-        launch.run("reloc", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
+    _refused_by_the_launcher("reloc", _patched_object(tmp_path, change), why)
 
 
 def test_a_writable_note_section_is_refused(monkeypatch):
@@ -644,31 +657,21 @@ def test_a_writable_note_section_is_refused(monkeypatch):
     from hlh_mlx.emulator import safety
     monkeypatch.setattr(safety, "FRIENDLY_CHECKS", False)
     planted = r'.pushsection .note.gnu.property.w,\"aw\",%note\n.quad 0\n.popsection\n'
-    header = f'__attribute__((symver("plant@V1\\n.local _Z5plantv\\n{planted}"))) int plant() {{ return 1; }}\n'
-    body = f"int unique_{secrets.token_hex(6)} = 0; out[0] = plant();"
     with pytest.raises(EmulatorError, match="section '.note.gnu.property.w'"):
-        _run_u8(emulator.metal_kernel("wnote", ["inp"], ["out"], body, header=header))
+        _run_u8(_planting("wnote", planted))
 
 
 @pytest.mark.parametrize("flags,why", [(0x6, "its loader tables lie in a writable segment"),  # the first segment RW
                                        (0x7, "a segment is both writable and executable")])
 def test_the_launcher_refuses_loader_tables_a_relocation_could_write(tmp_path, flags, why):
-    import shutil
     import struct
-    from hlh_mlx.emulator import codegen, launch, toolchain
-    plist = codegen.params([codegen.InputSig("inp", mx.float32, 1, 4)], "", ["out"], [mx.float32], False)
-    tu = codegen.cpp_unit("tables", "", f"out[0] = sin(inp[0]) + {secrets.randbelow(999)};", plist, [], False)
-    so = tmp_path / "kernel.so"
-    shutil.copy(toolchain.build_kernel("tables", tu, "", "", "fast"), so)
-    data = bytearray(so.read_bytes())
+    so, data = _built_object(tmp_path, "tables")
     phoff, = struct.unpack_from("<Q", data, 0x20)
     phnum, = struct.unpack_from("<H", data, 0x38)
     first_load = next(phoff + i * 56 for i in range(phnum) if struct.unpack_from("<I", data, phoff + i * 56)[0] == 1)
     struct.pack_into("<I", data, first_load + 4, flags)  # p_flags of the segment holding the headers and tables
     so.write_bytes(data)
-    regions = [launch.Region("inp", 16, bytes(16)), launch.Region("out", 16)]
-    with pytest.raises(EmulatorError, match=f"kernel object is refused: {why}"):
-        launch.run("tables", so, regions, (1, 1, 1), (1, 1, 1), sanitize=False, source="", header="")
+    _refused_by_the_launcher("tables", so, why)
 
 
 @pytest.mark.parametrize("macro", ["#define AT __attribute__", "#define CAT(a, b) a##b", "#define S(x) #x",
