@@ -351,10 +351,10 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     # checked on the GPU (every variant, edge shapes, twice for identical bits), swept at
     # Qwen3-8B's decode shape, then `tune qwen3-8b` (its other calls) and validate; ~9 min
     with_lm
-    timeout 120 python -m hlh_mlx check qk_norm_rope --backend cuda 2>&1 | tail -4 | tee "$res/check_qk_norm_rope.txt"
-    sweep qk_norm_rope 90 --template heads --budget 6 --shape 4096x1024x128 $(picks WPB=2,VP=2,TRIG=32 WPB=4,VP=2,TRIG=32)
-    timed_tune 200 tune_qwen3.txt qwen3-8b; pack
-    run_validate 240 validate_qwen3-8b-4bit.json qwen3-8b --bits 4 --tokens 64 --repeats 2
+    timeout 100 python -m hlh_mlx check qk_norm_rope --backend cuda 2>&1 | tail -4 | tee "$res/check_qk_norm_rope.txt"
+    sweep qk_norm_rope 80 --template heads --budget 6 --shape 4096x1024x128 $(picks WPB=2,VP=2,TRIG=32 WPB=4,VP=2,TRIG=32)
+    timed_tune 170 tune_qwen3.txt qwen3-8b; pack
+    run_validate 220 validate_qwen3-8b-4bit.json qwen3-8b --bits 4 --tokens 64 --repeats 2
     ;;
   mixtral)  # Mixtral's blocks (routing by mlx-lm's ops, experts and attention fused), 8 of its
     # 32 layers: tune its calls (the expert ops at 8 experts, 14336x4096), then validate; ~9 min

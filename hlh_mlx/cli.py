@@ -717,8 +717,9 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
 
     Prints prefill and decode tokens per second of both sides, uncompiled and compiled,
     with the device and date, and writes them as JSON. Both sides are also fed the
-    unpatched model's tokens and their logits compared at every position (teacher-forced).
-    Exits 1 when those logits differ by more than rounding does, or when the greedy tokens
+    unpatched model's tokens, and then random tokens, and their logits compared at every
+    position (teacher-forced: a model with random weights may repeat one token, which tests
+    little). Exits 1 when those logits differ by more than rounding does, or when the greedy tokens
     differ (naming the first position where they do, and whether fed the same tokens the
     sides part there: a near tie, or not at all) unless the unpatched model's own repeats part from each other there or
     earlier (a GPU whose ops are not deterministic): then the patched model followed it as
@@ -743,8 +744,10 @@ def validate(model, bits, group_size, layers, model_dtype, max_tokens, prompt_to
                + (f" ({validate_mod.PARTING_NOTE[e['parting']]})" if e.get("parting") else "")
                for m, e in result["modes"].items()
                if not (e["tokens_identical"] or e.get("within_reference_variation"))]
-        bad += [f"{m}: teacher-forced logits differ by {100 * e['teacher_forced']['max_relative_delta']:.3g}% "
-                f"of their largest (tolerance {100 * e['teacher_forced']['tolerance']:.3g}%)"
-                for m, e in result["modes"].items() if not e["teacher_forced"]["ok"]]
+        bad += [f"{m}: teacher-forced logits{label} differ by {100 * e[key]['max_relative_delta']:.3g}% "
+                f"of their largest (tolerance {100 * e[key]['tolerance']:.3g}%)"
+                for m, e in result["modes"].items()
+                for key, label in (("teacher_forced", ""), ("teacher_forced_random", " (random tokens)"))
+                if key in e and not e[key]["ok"]]
         click.echo(f"error: the patched model differs from the unpatched one ({'; '.join(bad)})", err=True)
         sys.exit(1)

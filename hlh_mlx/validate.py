@@ -186,6 +186,9 @@ def _summary(runs: list, prompt_tokens: int) -> dict:
     return {"tokens": runs[0].tokens,
             "tokens_each": [r.tokens for r in runs],
             "repeats_agree": all(r.tokens == runs[0].tokens for r in runs),
+            # a model with random weights often repeats a token or two: then "tokens identical"
+            # says little, and the logits fed random tokens (`teacher_forced_random`) carry the check
+            "distinct_tokens": len(set(runs[0].tokens)),
             "self_divergence": self_divergence([r.tokens for r in runs]),
             "prefill_tps": statistics.median(r["prefill_tps"] for r in rates),
             "decode_tps": statistics.median(decode) if decode else None,
@@ -200,9 +203,10 @@ def measure(model, prompt, max_tokens, repeats, mode) -> dict:
         return _summary([generate(model, prompt, max_tokens) for _ in range(repeats)], len(prompt))
 
 
-def _measure_both(model, report, prompt, max_tokens, repeats, mode, tolerance: float) -> tuple[dict, np.ndarray]:
-    """({"unpatched": ..., "patched": ..., "teacher_forced": ...}, the unpatched side's forced
-    logits) of one mode, the two sides' generations alternated
+def _measure_both(model, report, prompt, max_tokens, repeats, mode, tolerance: float,
+                  probe: list[int]) -> tuple[dict, np.ndarray]:
+    """({"unpatched": ..., "patched": ..., "teacher_forced": ..., "teacher_forced_random": ...},
+    the unpatched side's forced logits) of one mode, the two sides' generations alternated
     (A B B A A B ...): a machine that speeds up or slows down over the run (clocks, other
     tenants, a warming cache) moves both sides' medians alike instead of favouring one."""
     wrappers: dict = {}
@@ -224,11 +228,15 @@ def _measure_both(model, report, prompt, max_tokens, repeats, mode, tolerance: f
     out = {name: _summary(rs, len(prompt)) for name, rs in runs.items()}
     # both sides fed the unpatched model's first run: where greedy tokens part, whether the
     # logits did (a wrong kernel) or a near tie flipped (rounding in another order)
-    forced = {}
+    # and both fed `probe`, random tokens: decode steps on inputs that vary, where a random-weight
+    # model's own greedy tokens may be one token repeated
+    forced, probed = {}, {}
     for name in runs:
         with side(name):
             forced[name] = forced_logits(model, prompt, out["unpatched"]["tokens"])
+            probed[name] = forced_logits(model, prompt, probe)
     out["teacher_forced"] = compare_logits(forced["unpatched"], forced["patched"], tolerance)
+    out["teacher_forced_random"] = compare_logits(probed["unpatched"], probed["patched"], tolerance)
     return out, forced["unpatched"]
 
 
@@ -262,7 +270,8 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     runtime_fallbacks_before = dict(runtime.fallbacks())
     from .ops.spec import dtype_name
     tolerance = LOGIT_TOLERANCE[dtype_name(patching._dtype_of(model))]
-    measured = {m: _measure_both(model, report, prompt, max_tokens, repeats, m, tolerance) for m in modes}
+    probe = random_prompt(model, about, max_tokens, seed + 1)
+    measured = {m: _measure_both(model, report, prompt, max_tokens, repeats, m, tolerance, probe) for m in modes}
     both = {m: out for m, (out, _) in measured.items()}
     forced_unpatched = {m: logits for m, (_, logits) in measured.items()}
     if len(modes) == 2 and all(both[m]["unpatched"]["tokens"] == both[modes[0]]["unpatched"]["tokens"] for m in modes):
@@ -288,6 +297,7 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
                  "reference_divergence": ref,
                  "within_reference_variation": div is not None and ref is not None and div > ref,
                  "teacher_forced": forced,
+                 "teacher_forced_random": both[m]["teacher_forced_random"],
                  # why greedy tokens parted (reported; the tokens still differ, so unless the
                  # unpatched runs part as far, the verdict is a failure)
                  "parting": _parting(div, forced),
@@ -300,7 +310,7 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
     # greedy tokens decide (a near tie still fails: the issue is the user's tokens), and the
     # logits must agree within rounding even where the tokens do
     result["ok"] = all((e["tokens_identical"] or e["within_reference_variation"]) and e["teacher_forced"]["ok"]
-                       for e in result["modes"].values())
+                       and e["teacher_forced_random"]["ok"] for e in result["modes"].values())
     return result
 
 
@@ -323,16 +333,15 @@ def summary(result: dict) -> str:
                          "of them further (this device's ops are not deterministic)")
         f = e.get("teacher_forced")
         if f:
-            flips = f["argmax_flips"]
-            lines.append(f"              fed the same tokens: logits differ by up to {100 * f['max_relative_delta']:.3g}% "
-                         f"of their largest (tolerance {100 * f['tolerance']:.3g}%"
-                         + ("" if f["ok"] else ": OUTSIDE it") + "), "
-                         + ("the same argmax everywhere" if not flips else
-                            f"argmax flips at {len(flips)} position(s) ("
-                            + ", ".join(f"{x['position']}: top-two gap {x['gap']:.3g}" for x in flips[:4])
-                            + (" ..." if len(flips) > 4 else "") + ")"))
+            lines.append(_forced_line("fed the same tokens", f))
             if e.get("parting"):
                 lines.append(f"              at the parting ({e['first_divergence']}): {PARTING_NOTE[e['parting']]}")
+        if e.get("teacher_forced_random"):
+            lines.append(_forced_line("fed random tokens", e["teacher_forced_random"]))
+        distinct = a.get("distinct_tokens")
+        if distinct is not None and distinct < min(FEW_DISTINCT, len(a["tokens"])):
+            lines.append(f"              the greedy tokens are {distinct} distinct of {len(a['tokens'])} (random weights "
+                         "repeating themselves): their agreement says little; the logits fed random tokens carry the check")
         ranges = [e[side].get("decode_tps_each") or [] for side in ("unpatched", "patched")]
         if all(len(r) > 1 for r in ranges):
             (a_lo, a_hi), (b_lo, b_hi) = [(min(r), max(r)) for r in ranges]
@@ -356,6 +365,20 @@ def summary(result: dict) -> str:
     lines.append(f"  patch: replaced {len(p['replaced'])}, kept {len(p['kept'])}; of {len(result['decisions'])} "
                  f"distinct tuned calls, {builtin} run the built-in (`hlh_mlx tune` sweeps them)")
     return "\n".join(lines)
+
+
+FEW_DISTINCT = 8  # greedy runs with fewer distinct tokens than this get the note above
+
+
+def _forced_line(label: str, f: dict) -> str:
+    """One teacher-forced comparison (`compare_logits`) as `summary` prints it."""
+    flips = f["argmax_flips"]
+    return (f"              {label}: logits differ by up to {100 * f['max_relative_delta']:.3g}% "
+            f"of their largest (tolerance {100 * f['tolerance']:.3g}%" + ("" if f["ok"] else ": OUTSIDE it") + "), "
+            + ("the same argmax everywhere" if not flips else
+               f"argmax flips at {len(flips)} position(s) ("
+               + ", ".join(f"{x['position']}: top-two gap {x['gap']:.3g}" for x in flips[:4])
+               + (" ..." if len(flips) > 4 else "") + ")"))
 
 
 def _f(v):

@@ -41,6 +41,10 @@ def test_validate_each_family(name, tmp_path):
     # fed the same tokens: the patched logits and, for scale, MLX's own compiled against uncompiled
     for mode in data["modes"].values():
         assert mode["teacher_forced"]["ok"] and mode["teacher_forced"]["max_relative_delta"] < 5e-2
+        # and fed random tokens: one logit row per token, compared
+        probe = mode["teacher_forced_random"]
+        assert probe["ok"] and 0 <= probe["max_relative_delta"] < 5e-2
+        assert mode["unpatched"]["distinct_tokens"] == len(set(mode["unpatched"]["tokens"]))
     ref = data["rounding_reference"]
     assert ref["ok"] and 0 <= ref["max_relative_delta"] < 5e-2
     assert "for scale: the unpatched model uncompiled against compiled" in r.output
@@ -64,6 +68,44 @@ def test_validate_fails_on_diverging_tokens(tmp_path, monkeypatch):
     assert "logits differ by up to 200% of their largest (tolerance 5%: OUTSIDE it)" in r.output
     assert "at the parting (0): fed the same tokens, the logits differ beyond rounding" in r.output
     assert "near tie" not in r.output
+    # fed random tokens too
+    assert "uncompiled: teacher-forced logits (random tokens) differ by 200% of their largest" in r.output
+    assert "fed random tokens: logits differ by up to 200% of their largest (tolerance 5%: OUTSIDE it)" in r.output
+
+
+def test_validate_checks_random_tokens_where_the_greedy_ones_repeat(monkeypatch):
+    """A random-weight model that repeats one token: a kernel wrong only for other tokens
+    leaves the greedy tokens and the logits fed them alone; fed random tokens, it is caught.
+    Here the "patch" adds a wrong embedding row for every token but the repeated one."""
+    from hlh_mlx.validate import Run
+    repeated = 5
+
+    real_prompt = validate_mod.random_prompt
+
+    def one_token(model, prompt, max_tokens):
+        return Run([repeated] * max_tokens, 0.01, 0.01)
+
+    def prompt_of_it(model, about, tokens, seed=0):  # the prompt repeats it too; the probe is random
+        return [repeated] * tokens if seed == 0 else real_prompt(model, about, tokens, seed)
+
+    def bad_patch(model):  # every other token looks up its neighbour's embedding
+        report = patching.PatchReport()
+        emb = model.model.embed_tokens
+        wrong = type(emb)(*emb.weight.shape)
+        rolled = mx.roll(emb.weight, 1, axis=0)
+        wrong.weight = mx.concatenate([rolled[:repeated], emb.weight[repeated:repeated + 1], rolled[repeated + 1:]])
+        report.swap(model.model, "embed_tokens", wrong)
+        return report
+    monkeypatch.setattr(validate_mod, "generate", one_token)
+    monkeypatch.setattr(validate_mod, "random_prompt", prompt_of_it)
+    monkeypatch.setattr(validate_mod.patching, "patch", bad_patch)
+    result = validate_mod.validate("tiny-llama", bits=16, max_tokens=6, prompt_tokens=1, repeats=1,
+                                   modes=("uncompiled",))
+    e = result["modes"]["uncompiled"]
+    assert e["tokens_identical"] and e["teacher_forced"]["ok"]  # what the greedy tokens alone show
+    assert not e["teacher_forced_random"]["ok"] and not result["ok"]
+    text = validate_mod.summary(result)
+    assert "the greedy tokens are 1 distinct of 6" in text and "fed random tokens:" in text
 
 
 def test_logit_comparison_tells_a_near_tie_from_a_wrong_kernel():
