@@ -225,10 +225,14 @@ class _Run:
             self.progress(None, shape, dtype)
         pending: deque = deque((v, "new") for v in p.first_sample(shape, dtype))
         self.forced: set[str] = set()
-        if self.timed and p.retime:  # the stored winners are timed again next to the built-in
+        if self.timed:
+            # the stored winners first: one an older timing method found is timed again by this
+            # one (selection compares a shape's newest method alone, so a new-method sample
+            # without it would hide it); --retime times them again even where this method has
             for best in reversed(_stored_winners(p, self.path, shape, dtype)[:2]):
                 pending.appendleft((best, "new"))
-                self.forced.add(best.id)
+                if p.retime:
+                    self.forced.add(best.id)
         self.seen: set[str] = set()
         self.retried: set[str] = set()
         self.counted: set[str] = set()  # variants progress has been told about

@@ -235,6 +235,31 @@ def test_every_run_that_times_variants_times_the_builtin_again(store_dir):
     assert w.asked == [("builtin", False), (16, False), ("builtin", True), (16, True)]
 
 
+def test_a_new_timing_method_times_the_old_methods_winner_again(store_dir, monkeypatch):
+    """Selection compares a shape's newest timing method alone: a sweep under a new method
+    whose sample leaves out the old method's winner would hide it (a fresh tune's sample
+    shadowed the H200's 4-bit gemv winner at 4096x14336 this way). Each run times the stored
+    winners first; ones already timed by this method are not timed again."""
+    import dataclasses
+
+    from hlh_mlx import backends, sweep, timing
+    base = sweep.plan("matmul", backend="emulator", template="tiled", shapes=[{"M": 64, "N": 64, "K": 64}],
+                      dtypes=["float32"])
+    gpu = backends.Device("scripted-gpu", "Scripted GPU", "none", "cuda")
+    by_bs = {v.param_dict["BS"]: v for v in base.space if v.param_dict.get("PAD", 0) == 0}
+    old = dataclasses.replace(base, device=gpu, candidates=[by_bs[8], by_bs[16]], budget=None)
+    w = ScriptedGPU(1.0, {8: 0.9, 16: 0.5})
+    with monkeypatch.context() as m:
+        m.setattr(timing, "METHOD", timing.METHOD - 1)
+        sweep.run(old, worker=w)
+    w.asked.clear()
+    sweep.run(dataclasses.replace(old, candidates=[by_bs[8]]), worker=w)  # a sample without the winner
+    assert [a for a in w.asked if not a[1]] == [("builtin", False), (16, False), (8, False)]
+    w.asked.clear()
+    sweep.run(dataclasses.replace(old, candidates=[by_bs[8]]), worker=w)
+    assert w.asked == []  # timed by this method already: a rerun resumes
+
+
 class LoggingWorker:
     """Answers every variant as correct; remembers the parameters asked, per shape."""
 
