@@ -169,6 +169,29 @@ def save(model: nn.Module, about: dict, path: str | Path) -> Path:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter (what a decode step reads at least once)."""
+    """Bytes of every parameter."""
     from mlx.utils import tree_flatten
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of parameters one decode step of one token reads at least: every parameter but
+    the rows of an embedding table the step only looks up (one row; the whole table where
+    the output head is that table: mlx-lm models without an `lm_head`), and of each MoE
+    block's stacked experts the top-k a token runs."""
+    from mlx.utils import tree_flatten
+
+    from . import moe
+    modules = dict(model.named_modules())
+    tied = not hasattr(model, "lm_head")
+    total = 0.0
+    for path, v in tree_flatten(model.parameters()):
+        owner = modules.get(path.rpartition(".")[0])
+        if isinstance(owner, (nn.Embedding, nn.QuantizedEmbedding)) and not tied:
+            total += v.nbytes / v.shape[0]  # one row
+        elif ".switch_mlp." in path:
+            block = modules[path.split(".switch_mlp.")[0]]
+            total += v.nbytes * moe.top_k(block) / v.shape[0]  # (experts, ...) stacked
+        else:
+            total += v.nbytes
+    return int(total)

@@ -256,11 +256,12 @@ def validate(source: str, *, max_tokens: int = 64, prompt_tokens: int = 512, rep
               "device": dev.name, "device_slug": dev.slug, "backend": be, "mlx": mx.__version__,
               "mlx_lm": _mlx_lm_version(), "date": datetime.date.today().isoformat(),
               "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "repeats": repeats,
-              "weight_bytes": models.weight_bytes(model), "modes": {}}
+              "weight_bytes": models.weight_bytes(model), "decode_bytes": models.decode_bytes(model), "modes": {}}
     ceiling = devices.ceilings(dev.slug)
     if ceiling:
-        # a decode step reads every weight at least once: the rate the copy bandwidth allows
-        result["decode_limit_tps"] = ceiling["bandwidth_gbs"] * 1e9 / result["weight_bytes"]
+        # a decode step reads each weight it uses at least once (one embedding row, a token's
+        # experts): the rate the copy bandwidth allows
+        result["decode_limit_tps"] = ceiling["bandwidth_gbs"] * 1e9 / result["decode_bytes"]
     report = patching.patch(model)
     result["patch"] = report.as_dict()
     # fallbacks() counts a distinct call once, when first decided: forget the decisions the

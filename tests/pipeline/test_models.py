@@ -141,6 +141,23 @@ def test_patch_keeps_parameter_names_and_reports_expert_mlps(name, slot):
     assert f"model.layers.0.{slot}.switch_mlp" in kept and "expert" in kept[f"model.layers.0.{slot}.switch_mlp"]
 
 
+def test_decode_bytes_count_what_one_token_reads():
+    """The weight-read limit of a decode step: one row of an embedding table the step only
+    looks up (the whole table where it is also the output head), and of stacked experts the
+    top-k a token runs; every other parameter whole."""
+    def nbytes(model, keep):
+        return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if keep(k))
+    llama, _ = models.load("tiny-llama", bits=4)
+    emb = nbytes(llama, lambda k: k.startswith("model.embed_tokens."))
+    assert models.decode_bytes(llama) == models.weight_bytes(llama) - emb + emb // 211  # vocab 211
+    tied, _ = models.load("tiny-qwen3", bits=4)  # tie_word_embeddings: the head reads the table
+    assert not hasattr(tied, "lm_head") and models.decode_bytes(tied) == models.weight_bytes(tied)
+    moe_model, _ = models.load("tiny-qwen2-moe", bits=4)  # 4 experts, 2 per token
+    experts = nbytes(moe_model, lambda k: ".switch_mlp." in k)
+    emb = nbytes(moe_model, lambda k: k.startswith("model.embed_tokens."))
+    assert models.decode_bytes(moe_model) == models.weight_bytes(moe_model) - emb + emb // 211 - experts // 2
+
+
 def test_checkpoint_directory_round_trip(tmp_path):
     model, about = models.load("tiny-llama", bits=4, seed=3)
     path = models.save(model, about, tmp_path / "ck")
