@@ -90,9 +90,10 @@ def traced_stub(op_name, builtin):
     values made data, one compiled function replayed. On a CPU, where the tuned path
     decides in Python, this is what that path costs a GPU's call structurally."""
     d = runtime.Dispatch(op_name, builtin, doc="a stub for host_overhead.py")
-    d._converters = dict(ops.get(op_name).dynamic)
+    d._set_converters(ops.get(op_name).dynamic)
     d._traced = mx.compile(lambda kid, *flat: (lambda a, k: builtin(*a, **k))(*d.unflatten(kid, flat)))
-    return d.function
+    entry = tuned.ENTRIES.get(op_name)  # the op's fixed-signature entry, as `tuned.<op>` has it
+    return entry(d.function) if entry else d.function
 
 
 def case(name, op_name, builtin, tuned_fn, args, kwargs, repeats):

@@ -28,7 +28,10 @@ decision as above, once per distinct call, and the replay runs the plan: a varia
 kernel or the built-in, with nothing of this module's Python in between. Keyword arguments
 reach it as positional values behind a number naming their keywords (MLX hashes a
 keyword's name through Python on every call; a number costs nothing), and dynamic ones
-(rope's offset) as data first, so a new offset is not a new trace. Arguments MLX cannot
+(rope's offset) as data first, so a new offset is not a new trace. Ops called with several
+keywords (rope, quantized_matmul) have entries with the built-in's own signature in
+`hlh_mlx.tuned`, which skip even collecting the keywords (`_set_converters` keeps a keyword
+set numbered before the op's conversions were known from passing a value as a constant). Arguments MLX cannot
 trace (a numpy array, a stream), a call that raises, and an op that has traced MAX_TRACES
 distinct calls (shapes that change every call) take the Python path below. Under mx.grad,
 mx.vmap or inside another trace (a user's mx.compile, a patched block's halves) MLX runs
@@ -128,15 +131,25 @@ class _Keywords:
         self._kw: dict = {(): (0, ())}   # keyword names -> (number, dynamic positions)
         self._kw_names: list = [()]      # number -> keyword names
 
+    def _set_converters(self, converters: dict) -> None:
+        """The dynamic arguments' conversions, now known: keyword sets numbered before (an
+        entry point's fixed set, made at import) get their dynamic positions re-derived, so
+        no value of one reaches the compiled function as a constant (a trace per offset)."""
+        with _KEYWORDS_LOCK:
+            self._converters = dict(converters)
+            self._kw = {names: (kid, self._dynamic_of(names)) for names, (kid, _) in self._kw.items()}
+
+    def _dynamic_of(self, names: tuple) -> tuple:
+        return tuple((i, self._converters[n]) for i, n in enumerate(names) if n in self._converters)
+
     def keywords(self, names: tuple) -> tuple:
         """(number, dynamic) for these keyword names: `dynamic` the (position, conversion)
         of each dynamic argument among them. Numbered under a lock: two threads' first
         calls with different keywords must not share a number."""
         with _KEYWORDS_LOCK:
             if names not in self._kw:
-                dynamic = tuple((i, self._converters[n]) for i, n in enumerate(names) if n in self._converters)
                 self._kw_names.append(names)
-                self._kw[names] = (len(self._kw_names) - 1, dynamic)
+                self._kw[names] = (len(self._kw_names) - 1, self._dynamic_of(names))
             return self._kw[names]
 
     def unflatten(self, kid: int, flat: tuple) -> tuple[tuple, dict]:
@@ -547,8 +560,9 @@ class Dispatch(_Keywords):
     """
 
     def __init__(self, op_name: str, builtin, *, differentiable: bool = False, doc: str = "",
-                 dynamic: tuple | None = None):
-        super().__init__(dynamic or ())
+                 dynamic: tuple | dict | None = None):
+        # dynamic: the names of the op's dynamic arguments, or {name: conversion} (OpSpec.dynamic)
+        super().__init__(dynamic or (), dynamic if isinstance(dynamic, dict) else None)
         self.op_name, self.builtin, self.differentiable = op_name, builtin, differentiable
         self.__doc__ = doc or f"hlh_mlx.tuned {op_name}, with the arguments of {builtin}."
         # the same op without the built-in's VJP attached: one graph node fewer per call,
@@ -602,7 +616,8 @@ class Dispatch(_Keywords):
             # the dynamic arguments reach it as data, and its traces build signatures with
             # them (ops load lazily: known from here on)
             dynamic = ops.get(self.op_name).dynamic
-            self._converters, self._dynamic, self._dynamic_known = dict(dynamic), tuple(dynamic), True
+            self._dynamic, self._dynamic_known = tuple(dynamic), True
+            self._set_converters(dynamic)
             self._retrace()
             return self.function
         return self._plan(args, kwargs)

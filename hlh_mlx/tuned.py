@@ -29,6 +29,8 @@ Every op spec with a `function` and a `bind` is callable: `tuned.<op>(...)` or
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from . import ops, runtime
 from .runtime import Dispatch, FallbackError, explain, fallbacks, lenient, recording  # noqa: F401  (public API)
 from .select import MAX_EXTRAPOLATION, variant_of  # noqa: F401  (public API)
@@ -54,7 +56,7 @@ def dispatch(op_name: str):
                              f"(hlh_mlx/ops/{op_name}.py): nothing to call or to fall back to")
         doc = (spec.function.__doc__ or "").strip().splitlines()
         _dispatches[op_name] = Dispatch(op_name, spec.function, differentiable=True,
-                                        dynamic=tuple(spec.dynamic),
+                                        dynamic=dict(spec.dynamic),
                                         doc=f"{op_name}: tuned, with the arguments of "
                                             f"{getattr(spec.function, '__name__', spec.function)}. "
                                             + (doc[0] if doc else "")).function
@@ -73,13 +75,87 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hlh_mlx.tuned' has no attribute {name!r} (ops: {', '.join(ops.names())})")
 
 
+# Entries with the built-in's own signature, for ops called with several keywords: CPython
+# binds a keyword to a named parameter directly, where the generic entry (`**kwargs`)
+# collects a dictionary and numbers its keys on every call; here the keywords' number is
+# fixed once and their values go to the op's compiled function as they are. Anything else
+# (a keyword left out, an unknown one, a stream, freqs) takes the generic entry, which
+# answers it as it always did (the built-in's own error included).
+_UNSET = object()
+
+
+def _like(fast, generic, no_grad):
+    """`fast` carrying what callers read of a tuned function (`runtime._entry`)."""
+    for k in ("__name__", "__qualname__", "__module__", "__doc__", "dispatch", "op_name", "builtin",
+              "differentiable", "plans", "fallbacks", "plan_for"):
+        setattr(fast, k, getattr(generic, k))
+    fast.no_grad = fast if no_grad is None else no_grad
+    return fast
+
+
+def _rope_entry(generic, no_grad=None):
+    d, array = generic.dispatch, mx.array
+    names = ("traditional", "base", "scale", "offset")
+    kid, kid_freqs = d.keywords(names)[0], d.keywords((*names, "freqs"))[0]  # Llama 3's RoPE passes freqs
+    convert = ops.get("rope").dynamic["offset"]  # the offset travels as data: one plan serves every step
+
+    def rope(a, dims, *args, traditional=_UNSET, base=_UNSET, scale=_UNSET, offset=_UNSET, freqs=None, **rest):
+        traced = d._traced
+        if traced is not None and d._direct is None and not args and not rest \
+                and traditional is not _UNSET and base is not _UNSET and scale is not _UNSET:
+            off = offset if type(offset) is array else convert(offset)  # None: not a value a kernel takes
+            if off is not None:
+                try:
+                    if freqs is None:
+                        return traced(kid, a, dims, traditional, base, scale, off)
+                    return traced(kid_freqs, a, dims, traditional, base, scale, off, freqs)
+                except Exception:
+                    pass  # what MLX cannot trace: the generic entry decides it
+        given = {k: v for k, v in (("traditional", traditional), ("base", base), ("scale", scale),
+                                   ("offset", offset)) if v is not _UNSET}
+        if freqs is not None:
+            given["freqs"] = freqs
+        return generic(a, dims, *args, **given, **rest)
+    return _like(rope, generic, no_grad)
+
+
+def _quantized_matmul_entry(generic, no_grad=None):
+    d = generic.dispatch
+    kid = d.keywords(("transpose", "group_size", "bits"))[0]
+
+    def quantized_matmul(x, w, /, scales, biases=None, transpose=_UNSET, group_size=_UNSET, bits=_UNSET, *args, **rest):
+        traced = d._traced
+        if traced is not None and d._direct is None and not args and not rest \
+                and transpose is not _UNSET and group_size is not _UNSET and bits is not _UNSET:
+            try:
+                return traced(kid, x, w, scales, biases, transpose, group_size, bits)
+            except Exception:
+                pass
+        if args:  # more positionals (mode): transpose, group_size and bits came positionally too
+            return generic(x, w, scales, biases, transpose, group_size, bits, *args, **rest)
+        given = {k: v for k, v in (("transpose", transpose), ("group_size", group_size), ("bits", bits))
+                 if v is not _UNSET}
+        return generic(x, w, scales, biases, **given, **rest)
+    return _like(quantized_matmul, generic, no_grad)
+
+
+def _with_entry(op_name: str, make):
+    """The op's entry (and its no_grad twin's) made by `make`, registered as `dispatch(op_name)`."""
+    generic = dispatch(op_name)
+    fast = make(generic, make(generic.no_grad))
+    _dispatches[op_name] = fast
+    return fast
+
+
+ENTRIES = {"rope": _rope_entry, "qgemv": _quantized_matmul_entry}  # op -> its fixed-signature entry's maker
+
 softmax = dispatch("softmax")
 rms_norm = dispatch("rms_norm")
 layer_norm = dispatch("layer_norm")
 swiglu = dispatch("swiglu")
-rope = dispatch("rope")  # the offset travels as data: one plan serves every decode step
+rope = _with_entry("rope", ENTRIES["rope"])
 gemv = dispatch("gemv")
-quantized_matmul = qgemv = dispatch("qgemv")
+quantized_matmul = qgemv = _with_entry("qgemv", ENTRIES["qgemv"])
 qgemv_swiglu = dispatch("qgemv_swiglu")  # (x, wg, sg, bg, wu, su, bu, group_size, bits): silu(x Wg^T) * (x Wu^T)
 scaled_dot_product_attention = decode_attention = dispatch("decode_attention")
 gelu = dispatch("gelu")

@@ -642,15 +642,67 @@ def test_traced_rope_takes_every_offset_as_data(rng, traced, resolves, some_shap
         kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
         _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
     assert d._traces == 1 and resolves == ["rope"] and sum(tuned.fallbacks().values()) == 1
-    # the same keywords in another order are another keyword set, answered alike
+    # tuned.rope has mx.fast.rope's own signature: keywords in another order are the same call
     for offset in (3, 4):
         _same(tuned.rope(x, 64, offset=offset, scale=1.0, base=10000.0, traditional=False),
+              mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset))
+    assert d._traces == 1
+    # through the generic entry (any op's) they are another keyword set, answered alike
+    for offset in (3, 4):
+        _same(d.function(x, 64, offset=offset, scale=1.0, base=10000.0, traditional=False),
               mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset))
     assert d._traces == 2
     # an offset the conversion refuses stays a value: the built-in answers it
     for offset in (-3, -3, 2 ** 25):
         kw = dict(traditional=False, base=10000.0, scale=1.0, offset=offset)
         _same(tuned.rope(x, 64, **kw), mx.fast.rope(x, 64, **kw))
+
+
+def test_keyword_entries_take_the_compiled_function_with_their_keywords_as_given(rng, traced, resolves,
+                                                                                 some_shape_served):
+    """tuned.rope and tuned.quantized_matmul have their built-ins' signatures (no dictionary
+    of keywords built per call): after the first call every call with the keywords is a
+    replay of the op's compiled function, in any keyword order; whatever else (a keyword left
+    out, an unknown one, a stream, an extra positional) takes the generic entry and answers
+    as the built-in does, its own error included."""
+    x = mx.array(rng.standard_normal((1, 4, 1, 64)).astype(np.float32))
+    kw = dict(traditional=False, base=10000.0, scale=1.0)
+    d = tuned.rope.dispatch
+    for offset in range(6):
+        _same(tuned.rope(x, 64, offset=offset, **kw), mx.fast.rope(x, 64, offset=offset, **kw))
+    assert d._traces == 1 and resolves == ["rope"]
+    with pytest.raises(TypeError) as builtin:
+        mx.fast.rope(x, 64, traditional=False, base=10000.0, offset=2)  # scale left out
+    with pytest.raises(TypeError) as ours:
+        tuned.rope(x, 64, traditional=False, base=10000.0, offset=2)
+    assert str(ours.value) == str(builtin.value)
+    with pytest.raises(TypeError) as builtin:
+        mx.fast.rope(x, 64, **kw, offset=2, colour=1)
+    with pytest.raises(TypeError) as ours:
+        tuned.rope(x, 64, offset=2, colour=1, **kw)
+    assert str(ours.value) == str(builtin.value)  # MLX's message, the keywords in the built-in's order
+    _same(tuned.rope(x, 64, offset=2, stream=mx.cpu, **kw), mx.fast.rope(x, 64, offset=2, **kw))
+    freqs = mx.array(np.geomspace(1.0, 1e4, 32).astype(np.float32))  # Llama 3's RoPE passes its own
+    before = d._traces
+    for offset in (1, 2):
+        llama3 = dict(traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+        _same(tuned.rope(x, 64, **llama3), mx.fast.rope(x, 64, **llama3))
+    _same(tuned.rope(x, 64, offset=3, freqs=None, **kw), mx.fast.rope(x, 64, offset=3, freqs=None, **kw))
+    assert d._traces == before + 1  # one for the calls with freqs, whatever their offset
+    assert tuned.rope.no_grad.dispatch is d.no_grad and tuned.rope.no_grad is not tuned.rope
+    _same(tuned.rope.no_grad(x, 64, offset=3, **kw), mx.fast.rope(x, 64, offset=3, **kw))
+
+    w, scales, biases = mx.quantize(mx.array(rng.standard_normal((128, 256)).astype(np.float32)), group_size=64, bits=4)
+    v = mx.array(rng.standard_normal((1, 256)).astype(np.float32))
+    q = tuned.quantized_matmul.dispatch
+    for _ in range(3):
+        _same(tuned.quantized_matmul(v, w, scales, biases, bits=4, group_size=64, transpose=True),
+              mx.quantized_matmul(v, w, scales, biases, transpose=True, group_size=64, bits=4))
+    assert q._traces == 1 and resolves.count("qgemv") == 1
+    _same(tuned.quantized_matmul(v, w, scales, biases, True, 64, 4, "affine"),  # mode, positionally
+          mx.quantized_matmul(v, w, scales, biases, True, 64, 4, "affine"))
+    _same(tuned.quantized_matmul(v, w, scales, biases),  # MLX's defaults: the generic entry
+          mx.quantized_matmul(v, w, scales, biases))
 
 
 def test_traced_fallbacks_count_once_and_strict_mode_refuses_them(monkeypatch, rng, traced, resolves,
