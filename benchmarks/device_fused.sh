@@ -27,6 +27,7 @@
 #   bash benchmarks/device_fused.sh freshtune # tune Llama-3-8B from an empty store, timed (freshtune+:
 #     resume it in the next call; freshvalidate: validate what it stored)
 #   bash benchmarks/device_fused.sh qwen3    # qk_norm_rope checked and swept on the GPU, Qwen3-8B tuned, validated
+#   bash benchmarks/device_fused.sh prefill  # where a 4-bit Llama prefill's time goes; the host table again
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -362,10 +363,19 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timed_tune 240 tune_mixtral.txt mixtral-8x7b --layers 8; pack
     run_validate 240 validate_mixtral-8x7b-4bit_8layers.json mixtral-8x7b --bits 4 --layers 8 --tokens 64 --repeats 2
     ;;
+  prefill)  # where Llama-3-8B 4-bit's prefill (512) goes: the whole prefill unpatched and patched,
+    # each op family of a layer alone in a chain x 32; then the host table again; ~5 min
+    with_lm
+    timeout 200 python benchmarks/prefill_breakdown.py --model llama-3-8b --bits 4 \
+      --out "$res/prefill_breakdown_llama.json" 2>&1 | grep -v "Warning" | tail -12; pack
+    timeout 120 python benchmarks/host_overhead.py --out "$res/host_overhead_dec05.json" \
+      > "$res/host_overhead_dec05.txt" 2>&1
+    grep -v "^ *\"\|^[{}]" "$res/host_overhead_dec05.txt" | head -60; pack
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill" >&2; exit 2 ;;
 esac
