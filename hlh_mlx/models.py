@@ -177,21 +177,43 @@ def weight_bytes(model: nn.Module) -> int:
 def decode_bytes(model: nn.Module) -> int:
     """Bytes of parameters one decode step of one token reads at least: every parameter but
     the rows of an embedding table the step only looks up (one row; the whole table where
-    the output head is that table: mlx-lm models without an `lm_head`), and of each MoE
-    block's stacked experts the top-k a token runs."""
+    the output head is that table: mlx-lm models without an `lm_head`), and of stacked
+    experts (mlx-lm's SwitchLinear layers, whatever the block calls them) the top-k a token
+    runs, where the block says how many (else all of them: never a limit set too high)."""
     from mlx.utils import tree_flatten
-
-    from . import moe
     modules = dict(model.named_modules())
     tied = not hasattr(model, "lm_head")
     total = 0.0
     for path, v in tree_flatten(model.parameters()):
-        owner = modules.get(path.rpartition(".")[0])
+        owner_path = path.rpartition(".")[0]
+        owner = modules.get(owner_path)
         if isinstance(owner, (nn.Embedding, nn.QuantizedEmbedding)) and not tied:
             total += v.nbytes / v.shape[0]  # one row
-        elif ".switch_mlp." in path:
-            block = modules[path.split(".switch_mlp.")[0]]
-            total += v.nbytes * moe.top_k(block) / v.shape[0]  # (experts, ...) stacked
+        elif type(owner).__name__ in _STACKED_EXPERTS:
+            k = _experts_per_token(model, modules, owner_path)
+            total += v.nbytes * min(k, v.shape[0]) / v.shape[0] if k else v.nbytes  # (experts, ...) stacked
         else:
             total += v.nbytes
     return int(total)
+
+
+_STACKED_EXPERTS = ("SwitchLinear", "QuantizedSwitchLinear")  # mlx_lm.models.switch_layers
+_TOP_K_NAMES = ("num_experts_per_tok", "top_k", "n_activated_experts", "num_activated_experts", "moe_topk")
+
+
+def _experts_per_token(model, modules: dict, path: str) -> int | None:
+    """How many of a stack's experts one token runs: the nearest enclosing module (or its
+    router, or the model's config) that names it; None when nothing does."""
+    while path:
+        path = path.rpartition(".")[0]
+        m = modules.get(path)
+        for holder in (m, getattr(m, "gate", None), getattr(m, "router", None)):
+            for name in _TOP_K_NAMES:
+                k = getattr(holder, name, None)
+                if type(k) is int and k > 0:
+                    return k
+    for name in _TOP_K_NAMES:
+        k = getattr(getattr(model, "args", None), name, None)
+        if type(k) is int and k > 0:
+            return k
+    return None

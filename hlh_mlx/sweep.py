@@ -230,9 +230,11 @@ class _Run:
             # one (selection compares a shape's newest method alone, so a new-method sample
             # without it would hide it); --retime times them again even where this method has
             for best in reversed(_stored_winners(p, self.path, shape, dtype)[:2]):
-                pending.appendleft((best, "new"))
                 if p.retime:
                     self.forced.add(best.id)
+                elif key(best) in self.done:
+                    continue  # timed by this method already: no slot of the budget for it
+                pending.appendleft((best, "new"))
         self.seen: set[str] = set()
         self.retried: set[str] = set()
         self.counted: set[str] = set()  # variants progress has been told about

@@ -100,9 +100,17 @@ def _rope_entry(generic, no_grad=None):
     convert = ops.get("rope").dynamic["offset"]  # the offset travels as data: one plan serves every step
 
     def rope(a, dims, *args, traditional=_UNSET, base=_UNSET, scale=_UNSET, offset=_UNSET, freqs=None, **rest):
+        if args or rest or traditional is _UNSET or base is _UNSET or scale is _UNSET or offset is _UNSET:
+            given = {k: v for k, v in (("traditional", traditional), ("base", base), ("scale", scale),
+                                       ("offset", offset)) if v is not _UNSET}
+            if freqs is not None:
+                given["freqs"] = freqs
+            return generic(a, dims, *args, **given, **rest)
+        direct = d._direct  # an op no stored variant serves anywhere: the built-in, nothing else
+        if direct is not None:
+            return direct(a, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
         traced = d._traced
-        if traced is not None and d._direct is None and not args and not rest \
-                and traditional is not _UNSET and base is not _UNSET and scale is not _UNSET:
+        if traced is not None:
             off = offset if type(offset) is array else convert(offset)  # None: not a value a kernel takes
             if off is not None:
                 try:
@@ -111,31 +119,42 @@ def _rope_entry(generic, no_grad=None):
                     return traced(kid_freqs, a, dims, traditional, base, scale, off, freqs)
                 except Exception:
                     pass  # what MLX cannot trace: the generic entry decides it
-        given = {k: v for k, v in (("traditional", traditional), ("base", base), ("scale", scale),
-                                   ("offset", offset)) if v is not _UNSET}
-        if freqs is not None:
-            given["freqs"] = freqs
-        return generic(a, dims, *args, **given, **rest)
+        if freqs is None:
+            return generic(a, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+        return generic(a, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
     return _like(rope, generic, no_grad)
 
 
 def _quantized_matmul_entry(generic, no_grad=None):
     d = generic.dispatch
-    kid = d.keywords(("transpose", "group_size", "bits"))[0]
+    names = ("transpose", "group_size", "bits")
+    kid, kid_mode = d.keywords(names)[0], d.keywords((*names, "mode"))[0]  # hlh_mlx.nn passes mode
 
-    def quantized_matmul(x, w, /, scales, biases=None, transpose=_UNSET, group_size=_UNSET, bits=_UNSET, *args, **rest):
+    def quantized_matmul(x, w, /, scales, biases=None, transpose=_UNSET, group_size=_UNSET, bits=_UNSET,
+                         *args, mode=_UNSET, **rest):
+        if args:  # more positionals (mode): transpose, group_size and bits came positionally too
+            return generic(x, w, scales, biases, transpose, group_size, bits, *args,
+                           **({} if mode is _UNSET else {"mode": mode}), **rest)
+        if rest or transpose is _UNSET or group_size is _UNSET or bits is _UNSET:
+            given = {k: v for k, v in (("transpose", transpose), ("group_size", group_size), ("bits", bits),
+                                       ("mode", mode)) if v is not _UNSET}
+            return generic(x, w, scales, biases, **given, **rest)
+        direct = d._direct
+        if direct is not None:
+            if mode is _UNSET:
+                return direct(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+            return direct(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode)
         traced = d._traced
-        if traced is not None and d._direct is None and not args and not rest \
-                and transpose is not _UNSET and group_size is not _UNSET and bits is not _UNSET:
+        if traced is not None:
             try:
-                return traced(kid, x, w, scales, biases, transpose, group_size, bits)
+                if mode is _UNSET:
+                    return traced(kid, x, w, scales, biases, transpose, group_size, bits)
+                return traced(kid_mode, x, w, scales, biases, transpose, group_size, bits, mode)
             except Exception:
                 pass
-        if args:  # more positionals (mode): transpose, group_size and bits came positionally too
-            return generic(x, w, scales, biases, transpose, group_size, bits, *args, **rest)
-        given = {k: v for k, v in (("transpose", transpose), ("group_size", group_size), ("bits", bits))
-                 if v is not _UNSET}
-        return generic(x, w, scales, biases, **given, **rest)
+        if mode is _UNSET:
+            return generic(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+        return generic(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode)
     return _like(quantized_matmul, generic, no_grad)
 
 

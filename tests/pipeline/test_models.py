@@ -158,6 +158,27 @@ def test_decode_bytes_count_what_one_token_reads():
     assert models.decode_bytes(moe_model) == models.weight_bytes(moe_model) - emb + emb // 211 - experts // 2
 
 
+@pytest.mark.parametrize("family", ["deepseek", "gpt_oss"])
+def test_decode_bytes_find_experts_and_their_count_wherever_a_family_keeps_them(family):
+    """DeepSeek keeps top-k on its router, gpt-oss its experts under `experts`: both stacks
+    are mlx-lm SwitchLinear layers, found by type; 8 experts, 2 a token."""
+    import importlib
+    arch = importlib.import_module(f"mlx_lm.models.{family}")
+    common = dict(model_type=family, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, num_experts_per_tok=2)
+    extra = {"deepseek": dict(moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=8),
+             "gpt_oss": dict(num_local_experts=8, head_dim=16, rms_norm_eps=1e-5, sliding_window=16,
+                             rope_theta=10000.0, rope_scaling=None,
+                             layer_types=["sliding_attention", "full_attention"])}[family]
+    args = arch.ModelArgs.from_dict({**common, **extra})
+    model = arch.Model(args)
+    switch = {p for p, m in model.named_modules() if type(m).__name__ == "SwitchLinear"}
+    experts = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.rpartition(".")[0] in switch)
+    emb = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k.startswith("model.embed_tokens."))
+    assert switch and experts
+    assert models.decode_bytes(model) == models.weight_bytes(model) - emb + emb // 64 - experts + experts // 4
+
+
 def test_checkpoint_directory_round_trip(tmp_path):
     model, about = models.load("tiny-llama", bits=4, seed=3)
     path = models.save(model, about, tmp_path / "ck")

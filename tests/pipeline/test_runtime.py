@@ -699,6 +699,10 @@ def test_keyword_entries_take_the_compiled_function_with_their_keywords_as_given
         _same(tuned.quantized_matmul(v, w, scales, biases, bits=4, group_size=64, transpose=True),
               mx.quantized_matmul(v, w, scales, biases, transpose=True, group_size=64, bits=4))
     assert q._traces == 1 and resolves.count("qgemv") == 1
+    for _ in range(3):  # hlh_mlx.nn.QuantizedLinear passes mode=: a keyword set of its own, replayed too
+        _same(tuned.quantized_matmul.no_grad(v, w, scales, biases, transpose=True, group_size=64, bits=4, mode="affine"),
+              mx.quantized_matmul(v, w, scales, biases, transpose=True, group_size=64, bits=4, mode="affine"))
+    assert q.no_grad._traces == 1
     _same(tuned.quantized_matmul(v, w, scales, biases, True, 64, 4, "affine"),  # mode, positionally
           mx.quantized_matmul(v, w, scales, biases, True, 64, 4, "affine"))
     _same(tuned.quantized_matmul(v, w, scales, biases),  # MLX's defaults: the generic entry
