@@ -78,8 +78,9 @@ def __getattr__(name: str):
 # Entries with the built-in's own signature, for ops called with several keywords: CPython
 # binds a keyword to a named parameter directly, where the generic entry (`**kwargs`)
 # collects a dictionary and numbers its keys on every call; here the keywords' number is
-# fixed once and their values go to the op's compiled function as they are. Anything else
-# (a keyword left out, an unknown one, a stream, freqs) takes the generic entry, which
+# fixed once and their values go to the op's compiled function (or, for an op no variant
+# serves anywhere, to the built-in) as they are. Anything else (a keyword left out, an
+# unknown one, a stream, a positional past the signature) takes the generic entry, which
 # answers it as it always did (the built-in's own error included).
 _UNSET = object()
 
