@@ -204,16 +204,15 @@ _TOP_K_NAMES = ("num_experts_per_tok", "top_k", "n_activated_experts", "num_acti
 def _experts_per_token(model, modules: dict, path: str) -> int | None:
     """How many of a stack's experts one token runs: the nearest enclosing module (or its
     router, or the model's config) that names it; None when nothing does."""
+    holders = []
     while path:
         path = path.rpartition(".")[0]
         m = modules.get(path)
-        for holder in (m, getattr(m, "gate", None), getattr(m, "router", None)):
-            for name in _TOP_K_NAMES:
-                k = getattr(holder, name, None)
-                if type(k) is int and k > 0:
-                    return k
-    for name in _TOP_K_NAMES:
-        k = getattr(getattr(model, "args", None), name, None)
-        if type(k) is int and k > 0:
-            return k
+        holders += [m, getattr(m, "gate", None), getattr(m, "router", None)]
+    holders.append(getattr(model, "args", None))
+    for holder in holders:
+        for name in _TOP_K_NAMES:
+            k = getattr(holder, name, None)
+            if type(k) is int and k > 0:
+                return k
     return None

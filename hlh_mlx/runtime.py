@@ -673,12 +673,17 @@ class Dispatch(_Keywords):
 
 def _entry(d: Dispatch):
     """The function behind `tuned.<op>`: the hot path over the Dispatch's plans."""
-    call = _hot_path(d.plans, d._decide, d)
+    return entry_function(_hot_path(d.plans, d._decide, d), d, None if d.no_grad is d else d.no_grad.function)
+
+
+def entry_function(call, d: Dispatch, no_grad=None):
+    """`call` as a `tuned.<op>` function of `d`: named as the op, carrying what callers read
+    (`dispatch`, `plans`, `plan_for`, `no_grad`: `call` itself when None, ...)."""
     call.__name__, call.__qualname__, call.__module__ = d.op_name, f"hlh_mlx.tuned {d.op_name}", "hlh_mlx.tuned"
     call.__doc__ = d.__doc__
     call.dispatch, call.op_name, call.builtin, call.differentiable = d, d.op_name, d.builtin, d.differentiable
     call.plans, call.fallbacks, call.plan_for = d.plans, d.fallbacks, d.plan_for
-    call.no_grad = call if d.no_grad is d else d.no_grad.function
+    call.no_grad = call if no_grad is None else no_grad
     return call
 
 

@@ -85,15 +85,6 @@ def __getattr__(name: str):
 _UNSET = object()
 
 
-def _like(fast, generic, no_grad):
-    """`fast` carrying what callers read of a tuned function (`runtime._entry`)."""
-    for k in ("__name__", "__qualname__", "__module__", "__doc__", "dispatch", "op_name", "builtin",
-              "differentiable", "plans", "fallbacks", "plan_for"):
-        setattr(fast, k, getattr(generic, k))
-    fast.no_grad = fast if no_grad is None else no_grad
-    return fast
-
-
 def _rope_entry(generic, no_grad=None):
     d, array = generic.dispatch, mx.array
     names = ("traditional", "base", "scale", "offset")
@@ -123,7 +114,7 @@ def _rope_entry(generic, no_grad=None):
         if freqs is None:
             return generic(a, dims, traditional=traditional, base=base, scale=scale, offset=offset)
         return generic(a, dims, traditional=traditional, base=base, scale=scale, offset=offset, freqs=freqs)
-    return _like(rope, generic, no_grad)
+    return runtime.entry_function(rope, d, no_grad)
 
 
 def _quantized_matmul_entry(generic, no_grad=None):
@@ -156,7 +147,7 @@ def _quantized_matmul_entry(generic, no_grad=None):
         if mode is _UNSET:
             return generic(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
         return generic(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode)
-    return _like(quantized_matmul, generic, no_grad)
+    return runtime.entry_function(quantized_matmul, d, no_grad)
 
 
 def _with_entry(op_name: str, make):
