@@ -28,6 +28,7 @@
 #     resume it in the next call; freshvalidate: validate what it stored)
 #   bash benchmarks/device_fused.sh qwen3    # qk_norm_rope checked and swept on the GPU, Qwen3-8B tuned, validated
 #   bash benchmarks/device_fused.sh prefill  # where a 4-bit Llama prefill's time goes; the host table again
+#   bash benchmarks/device_fused.sh qmm      # the prefill's 4-bit matmul (qmm) checked, swept, the prefill again
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -372,10 +373,19 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
       > "$res/host_overhead_dec05.txt" 2>&1
     grep -v "^ *\"\|^[{}]" "$res/host_overhead_dec05.txt" | head -60; pack
     ;;
+  qmm)  # the prefill's 4-bit matmul as a dequantizing kernel + MLX's matmul: checked on the GPU,
+    # swept at Llama-3-8B's four projection shapes at 511 rows, then the prefill unpatched vs
+    # patched (prefill_breakdown.py); ~7 min
+    with_lm
+    timeout 90 python -m hlh_mlx check qmm --backend cuda --dtype float16 2>&1 | tail -3 | tee "$res/check_qmm.txt"
+    sweep qmm 240 --budget 12
+    timeout 220 python benchmarks/prefill_breakdown.py --model llama-3-8b --bits 4 \
+      --out "$res/prefill_breakdown_qmm.json" 2>&1 | grep -v "Warning" | tail -12; pack
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill|qmm" >&2; exit 2 ;;
 esac

@@ -98,16 +98,18 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator,
     dt = DTYPES[dtype]
     inputs = op.make_inputs(shape, dt, rng)
     out_dtypes = op.output_dtypes(dt)
-    out_shapes = op.output_shapes(shape)
+    out_shapes = op.kernel_shapes(shape)
     refs = op.reference(*inputs)
     scales = op.magnitude(*inputs) if op.magnitude else None
     tol = op.tolerance[dtype]
     again = None
     if all(mx.issubdtype(d, mx.floating) for d in out_dtypes):
-        outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=poison_value(out_dtypes[0]))
+        outs = op.complete(inputs, kernel(inputs, shape, dtype, out_shapes, out_dtypes,
+                                          init_value=poison_value(out_dtypes[0])))
         mx.eval(outs, refs, scales)
         if repeat:
-            again = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=poison_value(out_dtypes[0]))
+            again = op.complete(inputs, kernel(inputs, shape, dtype, out_shapes, out_dtypes,
+                                               init_value=poison_value(out_dtypes[0])))
             mx.eval(again)
     else:  # an integer output: NaN poisons nothing, so two runs with two poisons
         outs = kernel(inputs, shape, dtype, out_shapes, out_dtypes, init_value=POISONS[0])
@@ -121,6 +123,7 @@ def check(kernel, op: OpSpec, shape: dict, dtype: str, rng: np.random.Generator,
                 return CheckResult(False, dict(shape), dtype, None, None, tol,
                                    f"output {i}: {int(unwritten.sum())} of {unwritten.size} elements never written, "
                                    f"first at {first}")
+        outs, again = op.complete(inputs, outs), op.complete(inputs, again)
     ok, rel, mabs, err = compare(outs, refs, tol, scales)
     if ok and repeat:
         err = _differs_between_runs(outs, again)

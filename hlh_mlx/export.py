@@ -94,6 +94,8 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
     _identifiers(t.inputs, "input name", str(t.path))
     if not op.export_dims:
         raise ExportError(f"op {op_name} has no export description")
+    if op.then is not None and not op.export_then:
+        raise ExportError(f"op {op_name} runs MLX ops after its kernel and has no export_then to write them")
     dims = list(op.export_dims)
     where = str(t.path)
     grid = [_python_expr(e.text, p, where) for e in t.grid]
@@ -111,7 +113,8 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
     input_dtypes = _input_dtypes(op, dtypes)
     from .ops.spec import DTYPES
     output_dtypes = {d: tuple(str(x).split(".")[-1] for x in op.output_dtypes(DTYPES[d])) for d in dtypes}
-    n_out = len(t.outputs)
+    # what the op runs after its kernel (qmm's matmul), an expression the op spec wrote
+    then = f"\n    outs = {op.export_then}" if op.then is not None else ""
     dims_code = "\n".join(f"    {d} = {op.export_dims[d]}" for d in dims)
     guard = "\n".join(f"    if {x}.shape != {s}:\n        raise ValueError(f\"[{op.name}] {x} must have shape {s}, got {{{x}.shape}}\")"
                       for x, s in zip(t.inputs, _input_shapes(op)))
@@ -160,8 +163,8 @@ def {op.name}({args}):
     grid = ({", ".join(grid)},)
     outs = _kernel(inputs=arrays, template=[{", ".join(targs)}], grid=grid, threadgroup=THREADGROUP,
                    output_shapes=[{out_shapes}],
-                   output_dtypes=[getattr(mx, o) for o in OUTPUT_DTYPES[str(dtype).split(".")[-1]]])
-    return outs[0] if {n_out} == 1 else tuple(outs)
+                   output_dtypes=[getattr(mx, o) for o in OUTPUT_DTYPES[str(dtype).split(".")[-1]]]){then}
+    return outs[0] if len(outs) == 1 else tuple(outs)
 '''
     if fmt == "kernelbot":
         text += f'''

@@ -350,6 +350,24 @@ def _bind(op, args, kwargs):
 _TUNED_DTYPES = frozenset(DTYPES.values())
 
 
+def binding(op_name: str, args, kwargs):
+    """(op, Call) for these arguments: the op's own binding, else that of the first op in its
+    spec's `also` that takes them (a quantized_matmul of several rows is qmm's); where none
+    does, (the op, why each refused)."""
+    op = ops.get(op_name)
+    call = _bind(op, args, kwargs)
+    if not isinstance(call, str) or not op.also:
+        return op, call
+    reasons = {call: call}
+    for other in op.also:
+        spec = ops.get(other)
+        got = _bind(spec, args, kwargs)
+        if not isinstance(got, str):
+            return spec, got
+        reasons.setdefault(got, f"{other}: {got}")
+    return op, "; ".join(reasons.values())
+
+
 def choose(op_name: str, call) -> select.Choice:
     """The variant (or the built-in) for a bound call, remembered per shape and dtype."""
     if isinstance(call, str):
@@ -439,8 +457,9 @@ def _array_slots(args, kwargs, dynamic):
 
 def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
     """The variant's launch for this signature: caller's arrays in, caller's outputs out."""
-    launch = _kernel(choice.variant).launcher(call.shape, call.dtype, call.out_shapes or op.output_shapes(call.shape),
-                                              op.output_dtypes(DTYPES[call.dtype]))
+    launch = op.finished(_kernel(choice.variant).launcher(call.shape, call.dtype,
+                                                          call.out_shapes or op.kernel_shapes(call.shape),
+                                                          op.output_dtypes(DTYPES[call.dtype])))
     pos, names = _array_slots(args, kwargs, op.dynamic)
     # the other arguments, without the first call's arrays (a plan must not keep a
     # prefill's activations alive)
@@ -540,11 +559,10 @@ def builtin_refuses(builtin, args, kwargs) -> bool:
 
 def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False):
     """The plan for these arguments (not remembered): the built-in or the variant."""
-    op = ops.get(op_name)
     if builtin_refuses(builtin, args, kwargs):
         return builtin, select.Choice(None, None, "the built-in refuses these arguments (its error is raised)")
-    call = _bind(op, args, kwargs)
-    choice = choose(op_name, call)
+    op, call = binding(op_name, args, kwargs)
+    choice = choose(op.name, call)
     if choice.variant is None:
         return _fallback_plan(op_name, choice.reason, builtin), choice
     return _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable), choice
@@ -653,8 +671,8 @@ class Dispatch(_Keywords):
         the calls a program makes (`hlh_mlx tune`), nor a `recording` block."""
         if _lenient_depth[0] or _recording_depth[0] or _strict_now():
             return False
-        be = backend()
-        return select.never_chosen(self.op_name, device_slug(), be)
+        be, slug = backend(), device_slug()
+        return all(select.never_chosen(name, slug, be) for name in (self.op_name, *ops.get(self.op_name).also))
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
@@ -690,27 +708,30 @@ def entry_function(call, d: Dispatch, no_grad=None):
 def explain(op_name: str, *args, **kwargs) -> str:
     """Which variant (id, parameters, chain latency, host cost, the built-in's) or the
     built-in would run for these arguments, and why."""
-    return str(choose(op_name, _bind(ops.get(op_name), args, kwargs)))
+    op, call = binding(op_name, args, kwargs)
+    said = str(choose(op.name, call))
+    return said if op.name == op_name else f"as {op.name}: {said}"
 
 
 def serves(op_name: str, *args, **kwargs) -> bool:
     """Whether a stored variant (not the built-in) would run for these arguments: for callers
     choosing between a fused op and the separately tuned ops it replaces."""
-    return choose(op_name, _bind(ops.get(op_name), args, kwargs)).variant is not None
+    op, call = binding(op_name, args, kwargs)
+    return choose(op.name, call).variant is not None
 
 
 def expected_us(op_name: str, *args, **kwargs) -> float | None:
     """What one call with these arguments is expected to cost a program, from the store:
     chain latency + host time (microseconds) of the variant that would run, or of the
     built-in as last timed at this exact shape on this device; None when nothing was timed."""
-    call = _bind(ops.get(op_name), args, kwargs)
+    op, call = binding(op_name, args, kwargs)
     if isinstance(call, str):
         return None
-    c = choose(op_name, call)
+    c = choose(op.name, call)
     if c.variant is not None:
         return 1e3 * select.end_to_end_ms(c.record["timing"])
     be = backend()
-    return select.builtin_us(op_name, call, device_slug(), be)
+    return select.builtin_us(op.name, call, device_slug(), be)
 
 
 def decisions() -> dict:

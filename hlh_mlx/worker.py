@@ -91,7 +91,7 @@ def handle(req: dict) -> dict:
         # timed as hlh_mlx.tuned runs it (runtime.dispatched: the op's compiled function
         # where the back end replays custom kernels, else the signature looked up), the
         # launch worked out once, so the host cost stored is the one users pay
-        launch = kernel.launcher(shape, dtype, op.output_shapes(shape), op.output_dtypes(DTYPES[dtype]))
+        launch = op.finished(kernel.launcher(shape, dtype, op.kernel_shapes(shape), op.output_dtypes(DTYPES[dtype])))
         reply["timing"] = _time(op, dispatched(compiled_for(req["backend"], launch)), shape, dtype)
         reply.update(_device(req))
     return reply

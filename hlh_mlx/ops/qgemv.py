@@ -35,17 +35,25 @@ def _builtin(x, wq, scales, biases):
     return [mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=g, bits=4)]
 
 
-def bind(x, w, scales, biases, transpose=True, group_size=64, bits=4, **kwargs):
+def quantized_reason(x, w, scales, biases, transpose, group_size, bits, kwargs) -> str | None:
+    """Why no 4-bit kernel takes these quantized_matmul arguments, or None (qgemv's and qmm's)."""
     if not transpose or bits != 4 or group_size not in QUANT_GROUPS or kwargs.get("mode", "affine") != "affine":
         return f"tuned kernels take transpose=True, bits=4, affine mode, group_size in {QUANT_GROUPS}"
     if biases is None or x.dtype != scales.dtype or x.dtype != biases.dtype or w.dtype != mx.uint32:
         return "x, scales and biases must share one dtype; w must be uint32"
-    k = x.shape[-1]
-    if x.size != k:
-        return f"one token only ({x.size // k} rows given)"
-    n = w.shape[0]
+    k, n = x.shape[-1], w.shape[0]
     if w.shape != (n, k // 8) or scales.shape != (n, k // group_size) or biases.shape != scales.shape:
         return "w, scales and biases do not match x's last dimension and the group size"
+    return None
+
+
+def bind(x, w, scales, biases=None, transpose=True, group_size=64, bits=4, **kwargs):
+    why = quantized_reason(x, w, scales, biases, transpose, group_size, bits, kwargs)
+    if why:
+        return why
+    k, n = x.shape[-1], w.shape[0]
+    if x.size != k:
+        return f"one token only ({x.size // k} rows given)"
     return Call([as_shape(x, (1, k)), w, scales, biases], {"N": n, "K": k, "G": group_size}, dtype_name(x.dtype),
                 [(*x.shape[:-1], n)])
 
@@ -66,6 +74,7 @@ OP = OpSpec(
     edge_shapes=[{"N": 1, "K": 128, "G": 128}, {"N": 37, "K": 320, "G": 64}, {"N": 5, "K": 384, "G": 128}],
     bind=bind,
     function=mx.quantized_matmul,
+    also=("qmm",),  # several rows (a prefill)
     export_dims={"N": "w.shape[0]", "K": "x.shape[1]", "G": "x.shape[1] // scales.shape[1]"},
     export_inputs=["(1, K)", "(N, K // 8)", "(N, K // G)", "(N, K // G)"],
     export_outputs=["(1, N)"],

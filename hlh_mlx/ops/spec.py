@@ -129,6 +129,37 @@ class OpSpec:
     # dims that are 0/1 switches of the op (rope's TRAD, norm_qkv_rope's B), not sizes: selection
     # never serves one setting from the other's records (the built-in differs too)
     flags: tuple[str, ...] = ()
+    # an op computed by a kernel and then MLX ops (qmm: the kernel dequantizes the weight,
+    # MLX's matmul multiplies): (inputs, kernel outputs) -> the op's outputs, run after every
+    # launch (check, timing, hlh_mlx.tuned), so what is checked and timed is the whole op.
+    # The kernel writes kernel_output_shapes (default: output_shapes); an element it leaves
+    # unwritten still shows, its poison reaching the op's outputs. export_then: `then` as a
+    # Python expression of the input names and `outs`, for exported modules.
+    then: Callable | None = None
+    kernel_output_shapes: Callable | None = None
+    export_then: str = ""
+    # other ops of the same MLX function that take the calls this op's bind refuses (qgemv
+    # takes one token, qmm several rows): hlh_mlx.tuned tries them in order, so one
+    # `tuned.quantized_matmul` serves a decode step and a prefill
+    also: tuple[str, ...] = ()
+
+    def kernel_shapes(self, shape: Shape) -> list:
+        """The shapes of what a kernel of this op writes."""
+        return (self.kernel_output_shapes or self.output_shapes)(shape)
+
+    def complete(self, inputs, outs):
+        """A kernel's outputs as the op's: `then` applied, where the op has one."""
+        return outs if self.then is None else self.then(inputs, outs)
+
+    def finished(self, launch):
+        """`launch` (inputs -> the kernel's outputs) as the whole op."""
+        then = self.then
+        if then is None:
+            return launch
+
+        def run(*inputs):
+            return then(inputs, launch(*inputs))
+        return run
 
     def baseline(self, *inputs):
         return (self.builtin or self.reference)(*inputs)
