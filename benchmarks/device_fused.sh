@@ -29,6 +29,7 @@
 #   bash benchmarks/device_fused.sh qwen3    # qk_norm_rope checked and swept on the GPU, Qwen3-8B tuned, validated
 #   bash benchmarks/device_fused.sh prefill  # where a 4-bit Llama prefill's time goes; the host table again
 #   bash benchmarks/device_fused.sh qmm      # the prefill's 4-bit matmul (qmm) checked, swept, the prefill again
+#   bash benchmarks/device_fused.sh qmm2     # qmm at 128/511/2048 rows, Llama validated at 512 and 2048 tokens
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -382,10 +383,23 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timeout 220 python benchmarks/prefill_breakdown.py --model llama-3-8b --bits 4 \
       --out "$res/prefill_breakdown_qmm.json" 2>&1 | grep -v "Warning" | tail -12; pack
     ;;
+  qmm2)  # qmm's q/o shape again (its built-in timed out compiling in the first sweep), qmm at
+    # 128 and 2048 rows (what a short prompt and a long prompt's 2048-token chunks run), then
+    # Llama-3-8B validated with a 512- and a 2048-token prompt, and its prefill broken down; ~9 min
+    with_lm
+    sweep qmm 70 --budget 6 --shape 511x4096x4096x64
+    sweep qmm 200 --budget 4 --shape 128x4096x4096x64 --shape 128x1024x4096x64 --shape 128x14336x4096x64 \
+      --shape 128x4096x14336x64 --shape 2048x4096x4096x64 --shape 2048x1024x4096x64 --shape 2048x14336x4096x64 \
+      --shape 2048x4096x14336x64
+    run_validate 100 validate_llama_qmm_512.json llama-3-8b --bits 4 --tokens 32 --repeats 3
+    run_validate 120 validate_llama_qmm_2048.json llama-3-8b --bits 4 --tokens 32 --repeats 3 --prompt-tokens 2048
+    timeout 150 python benchmarks/prefill_breakdown.py --model llama-3-8b --bits 4 \
+      --out "$res/prefill_breakdown_qmm2.json" 2>&1 | grep -v "Warning" | head -2; pack
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill|qmm" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill|qmm|qmm2" >&2; exit 2 ;;
 esac
