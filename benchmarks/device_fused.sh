@@ -387,7 +387,7 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     # 128 and 2048 rows (what a short prompt and a long prompt's 2048-token chunks run), then
     # Llama-3-8B validated with a 512- and a 2048-token prompt, and its prefill broken down; ~9 min
     with_lm
-    sweep qmm 70 --budget 6 --shape 511x4096x4096x64
+    sweep qmm 70 --retime --budget 6 --shape 511x4096x4096x64
     sweep qmm 200 --budget 4 --shape 128x4096x4096x64 --shape 128x1024x4096x64 --shape 128x14336x4096x64 \
       --shape 128x4096x14336x64 --shape 2048x4096x4096x64 --shape 2048x1024x4096x64 --shape 2048x14336x4096x64 \
       --shape 2048x4096x14336x64
