@@ -1,5 +1,6 @@
 """Tuned kernels as drop-in functions: `hlh_mlx.tuned.softmax(x)` and friends
-(softmax, rms_norm, layer_norm, swiglu, gelu, matmul, gemv, quantized_matmul, rope,
+(softmax, rms_norm, layer_norm, swiglu, gelu, matmul, gemv, quantized_matmul (one token
+through qgemv, several rows through qmm: `OpSpec.also`), rope,
 scaled_dot_product_attention; the fused decoder ops qgemv_swiglu, qgemv_add,
 norm_qgemv_swiglu, norm_qkv_rope, qk_norm_rope and add_rms_norm, and the MoE ops moe_route,
 moe_qgemv_swiglu and moe_qgemv_combine, with the built-in compositions they replace), with
