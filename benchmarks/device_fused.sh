@@ -30,6 +30,7 @@
 #   bash benchmarks/device_fused.sh prefill  # where a 4-bit Llama prefill's time goes; the host table again
 #   bash benchmarks/device_fused.sh qmm      # the prefill's 4-bit matmul (qmm) checked, swept, the prefill again
 #   bash benchmarks/device_fused.sh qmm2     # qmm at 128/511/2048 rows, Llama validated at 512 and 2048 tokens
+#   bash benchmarks/device_fused.sh gemv16   # the fp16 gemv searched at 4096x4096 and 4096x14336
 # sweeps: norm_qkv_rope and norm_qgemv_swiglu at Llama-3-8B's decode shapes, the templates'
 #   expected winners first (their `expect`), timed as a model calls them.
 # models: hlh_mlx validate llama-3-8b 4-bit at 8 and 32 layers (mlx-lm's generation loop,
@@ -396,10 +397,16 @@ r=d.node_cost(); print(json.dumps(r, indent=1)); open('$res/node_cost.json','w')
     timeout 150 python benchmarks/prefill_breakdown.py --model llama-3-8b --bits 4 \
       --out "$res/prefill_breakdown_qmm2.json" 2>&1 | grep -v "Warning" | head -2; pack
     ;;
+  gemv16)  # the fp16 gemv (decode's unquantized projections) searched at 4096x4096 and 4096x14336,
+    # the two shapes where the copy rate leaves room for 1.3x in a chain; the template's expected
+    # winners first; ~6 min
+    sweep gemv 330 --template splitk --budget 20 --shape 1x4096x4096 --shape 1x4096x14336 \
+      $(picks KS=4,RPT=1,TEAMS=2,U=4,CS=0,ASYNC=1 KS=8,RPT=1,TEAMS=1,U=4,CS=0,ASYNC=1 KS=4,RPT=2,TEAMS=2,U=8,CS=1,ASYNC=0)
+    ;;
   freshvalidate)  # the model as the fresh tune left it: validated with that store and nothing else
     with_lm
     export HLH_MLX_VARIANTS=/tmp/hlh-fresh HLH_MLX_SHIPPED=0
     run_validate 500 validate_llama-3-8b-4bit_fresh.json llama-3-8b --bits 4 --tokens 64 --repeats 3
     ;;
-  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill|qmm|qmm2" >&2; exit 2 ;;
+  *) echo "usage: $0 sweeps|models|host|profile|method6|short|validate|moe|experts|pre|stalls|calls|scalars|rescalar|hostpaths|loop|again|rescalar2|calls33|experts2|final|bias|bias2|forced|freshtune|freshtune+|freshvalidate|traced|moetune|qwen2det|qwen3|mixtral|prefill|qmm|qmm2|gemv16" >&2; exit 2 ;;
 esac
