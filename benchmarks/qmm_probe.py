@@ -42,12 +42,19 @@ def cases(m: int, n: int, k: int, g: int, dtype):
     }
 
 
-def main(argv=None):
+outputs = paths.given_output  # the files this run writes
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,16,64,128,256,511")
     ap.add_argument("--group", type=int, default=64)
     paths.output_options(ap)
-    args = paths.parse_refusing_overwrite(ap, argv, paths.given_output)
+    return paths.parse_refusing_overwrite(ap, argv, outputs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = [int(r) for r in args.rows.split(",")]
     result = {"device": str(mx.default_device()), "mlx": mx.__version__, "group": args.group,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "cases": []}

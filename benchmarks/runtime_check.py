@@ -39,7 +39,7 @@ def main():
     # the full plan path, as hlh_mlx.tuned builds it, with the built-in's gradient inside
     choice = runtime.select.Choice(v, {"shape_str": "64x4096", "dtype": dtype, "device": "?"}, "check")
     call = op.bind(x, w, 1e-5)
-    plan = runtime._tuned_plan(op, choice, (x, w, 1e-5), {}, call, mx.fast.rms_norm, True)
+    plan = runtime._tuned_plan(op, choice, (x, w, 1e-5), {}, call, mx.fast.rms_norm, True, "rms_norm")
     close(plan(x, w, 1e-5), "tuned plan")
     close(mx.compile(lambda x, w: plan(x, w, 1e-5))(x, w), "tuned plan inside the user's mx.compile"
           + ("" if be in backends.COMPILABLE else " (the built-in runs there on the emulator)"))

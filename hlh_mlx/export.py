@@ -94,8 +94,13 @@ def render_module(op_name: str, variant_id: str, fmt: str = "module") -> str:
     _identifiers(t.inputs, "input name", str(t.path))
     if not op.export_dims:
         raise ExportError(f"op {op_name} has no export description")
-    if op.then is not None and not op.export_then:
-        raise ExportError(f"op {op_name} runs MLX ops after its kernel and has no export_then to write them")
+    if op.then is not None:  # what the op runs after its kernel, written by the op's spec
+        if not op.export_then:
+            raise ExportError(f"op {op_name} runs MLX ops after its kernel and has no export_then to write them")
+        names = {n.id for n in ast.walk(ast.parse(op.export_then, mode="eval")) if isinstance(n, ast.Name)}
+        if names - set(t.inputs) - {"outs", "mx"}:
+            raise ExportError(f"op {op_name}'s export_then names {sorted(names - set(t.inputs) - {'outs', 'mx'})}, "
+                              f"not inputs of {t.relpath} ({', '.join(t.inputs)})")
     dims = list(op.export_dims)
     where = str(t.path)
     grid = [_python_expr(e.text, p, where) for e in t.grid]

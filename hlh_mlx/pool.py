@@ -173,7 +173,7 @@ class LocalLane(Lane):
     def _run_unit(self, jobs, timeout):
         out = []
         for job in jobs:
-            reply = self.worker.request(job, timeout)
+            reply = self.worker.request(job, job.get("timeout") or timeout)
             if reply.get("status") in ("crashed", "timeout"):
                 self.state.restarts += 1
             out.append(reply)

@@ -120,7 +120,7 @@ def run_unit(jobs: list[dict], timeout: float, env: dict, texts: dict) -> dict:
     replies = []
     for job in jobs:
         job, moved = _localize(job, texts)
-        reply = w.request(job, timeout)
+        reply = w.request(job, job.get("timeout") or timeout)
         if moved and isinstance(reply.get("error"), str):
             reply["error"] = reply["error"].replace(*moved)
         replies.append(reply)

@@ -455,10 +455,14 @@ def _array_slots(args, kwargs, dynamic):
     return pos, names
 
 
-def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
-    """The variant's launch for this signature: caller's arrays in, caller's outputs out."""
-    launch = op.finished(_kernel(choice.variant).launcher(call.shape, call.dtype,
-                                                          call.out_shapes or op.kernel_shapes(call.shape),
+def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool, name: str):
+    """The variant's launch for this signature: caller's arrays in, caller's outputs out.
+    `name`: the op the caller called (a fallback is counted under it: qgemv's, for a call
+    its spec sends to qmm)."""
+    # a Call's out_shapes are the caller's shapes of the op's outputs, which the kernel of
+    # an op with `then` does not write
+    shapes = op.kernel_shapes(call.shape) if op.then else call.out_shapes or op.output_shapes(call.shape)
+    launch = op.finished(_kernel(choice.variant).launcher(call.shape, call.dtype, shapes,
                                                           op.output_dtypes(DTYPES[call.dtype])))
     pos, names = _array_slots(args, kwargs, op.dynamic)
     # the other arguments, without the first call's arrays (a plan must not keep a
@@ -508,7 +512,7 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
         # stop_gradient would cost a graph node per input on every call
     core = compiled_for(backend(), fn)
     if backend() not in backends.COMPILABLE:
-        core = _eager_or_builtin(core, op.name, builtin, rebuild)
+        core = _eager_or_builtin(core, name, builtin, rebuild)
     dynamic = tuple(n for n in names if n in op.dynamic)
 
     if not names and pos == tuple(range(n_pos)):
@@ -523,7 +527,7 @@ def _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable: bool):
                     if data is None:  # a value bind would refuse (rope's offset -3): the built-in
                         # answers, checked and counted as any fallback (strict mode raises)
                         why = f"{n}={arrays[n_pos + j]!r} is not a value the kernel takes"
-                        return _fallback_plan(op.name, why, builtin)(*args, **kwargs)
+                        return _fallback_plan(name, why, builtin)(*args, **kwargs)
                     arrays[n_pos + j] = data
             return core(*arrays)
     return plan
@@ -565,7 +569,7 @@ def resolve(op_name: str, builtin, args, kwargs, *, differentiable: bool = False
     choice = choose(op.name, call)
     if choice.variant is None:
         return _fallback_plan(op_name, choice.reason, builtin), choice
-    return _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable), choice
+    return _tuned_plan(op, choice, args, kwargs, call, builtin, differentiable, op_name), choice
 
 
 class Dispatch(_Keywords):

@@ -23,8 +23,11 @@ from .pool import Worker  # noqa: F401  (the worker process; it lives in pool, w
 from .variants import Variant
 
 DEFAULT_EMULATOR_BUDGET = 16
-# The limit of a built-in's second try at a shape, after its first ran out of time.
-BUILTIN_RETRY_TIMEOUT = 600.0
+# The built-in's limit per timing, whatever the variants' is: MLX compiles some built-ins
+# on their first call in a process (its CUDA quantized matmul for several rows ran past a
+# device sweep's 60 s), and a built-in without a timing leaves its run's variants nothing
+# to be ranked against.
+BUILTIN_TIMEOUT = 600.0
 # A GPU-sized shape on the emulator runs for minutes and proves nothing a small one does not
 # (a 4096^3 matmul ran 245 s and timed out blaming the kernels).
 EMULATOR_MAX_BYTES = 64 * 2**20
@@ -172,7 +175,8 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None, po
     is run once more in the same run (a worker killed from outside costs only its variant)."""
     from . import pool as pool_mod
     path = store.path_for(p.device.slug, p.op.name)
-    stale = {json.dumps(r, sort_keys=True) for r in store.to_redo(store.read(path), _redo_mode(p))}
+    records = store.read(path)
+    stale = {json.dumps(r, sort_keys=True) for r in store.to_redo(records, _redo_mode(p)) + _unranked(records)}
     rerun: set[tuple] = set()  # keys whose crash this run runs again
 
     def is_done(r):  # a record written before this run that it redoes does not count
@@ -180,7 +184,7 @@ def run(p: Plan, *, progress=None, worker: Worker | None = None, notify=None, po
             return False
         return json.dumps(r, sort_keys=True) not in stale
 
-    done = {store.result_key(r) for r in store.read(path) if is_done(r)}
+    done = {store.result_key(r) for r in records if is_done(r)}
     if pool is None:
         pool = pool_mod.Pool([pool_mod.LocalLane(worker or Worker(), owned=worker is None)])
     ctx = _Run(p, path, pool, progress, notify, is_done, done, rerun)
@@ -208,7 +212,6 @@ class _Run:
         self.is_done, self.done, self.rerun = is_done, done, rerun
         self.timed = p.device.can_time
         self.stale_after = 2 * p.timeout + 60
-        self.builtin_status = None  # of the built-in's last timing
 
     # -- one shape -----------------------------------------------------------------------
     def shape(self, shape, dtype):
@@ -224,13 +227,6 @@ class _Run:
             lane = pool.lanes[0]
             self._wait_idle(lane)
             self._submit(lane, None)
-            self._wait_idle(lane)
-            if self.builtin_status in ("timeout", "crashed"):
-                # MLX compiles some built-ins on their first call (its CUDA quantized matmul
-                # for several rows: longer than a kernel's limit): once more, with room for
-                # that, before any variant is ranked against it
-                self._submit(lane, None, timeout=max(p.timeout, BUILTIN_RETRY_TIMEOUT))
-                self._wait_idle(lane)
         if self.progress and self.timed:
             self.progress(None, shape, dtype)
         pending: deque = deque((v, "new") for v in p.first_sample(shape, dtype))
@@ -326,7 +322,7 @@ class _Run:
             self.done.add(k)
         return state
 
-    def _submit(self, lane, v, timeout: float | None = None):
+    def _submit(self, lane, v):
         """Hand `lane` the variant `v` (None: the built-in alone), preceded by the built-in
         where the lane has not timed it for this shape in this run."""
         shape, dtype = self.cur
@@ -337,7 +333,7 @@ class _Run:
         if v is not None:
             unit.append(((v, False), _job(self.p, v, shape, dtype)))
         label = f"{v.label() if v else 'built-in'} {self.p.op.shape_str(shape)} {dtype}"
-        self.pool.submit(lane, unit, timeout or self.p.timeout, label)
+        self.pool.submit(lane, unit, self.p.timeout, label)
 
     def _wait_idle(self, lane):
         while lane.outstanding:
@@ -369,8 +365,6 @@ class _Run:
     def _reply(self, lane, tag, reply, pending):
         v, repeat = tag
         self._write(lane, v, reply, repeat=repeat)
-        if v is None and not repeat:
-            self.builtin_status = reply.get("status")
         if v is None or repeat:
             return
         shape, dtype = self.cur
@@ -406,6 +400,23 @@ class _Run:
                 self._reply(*got, deque())
 
 
+def _unranked(records) -> list[dict]:
+    """Timed variant records whose run has no timed built-in to rank them against (the
+    built-in timed out or crashed before them on that device): not done, so the next run
+    times them again after its built-in."""
+    last: dict = {}  # (shape, dtype, back end, method, device) -> the built-in record written last
+    out = []
+    for r in records:
+        if r.get("repeat") or r.get("source", "local") != "local":
+            continue
+        key = (r.get("shape_str"), r.get("dtype"), r.get("backend"), r.get("timing_method", 1), r.get("timed_on"))
+        if r.get("template") == "builtin":
+            last[key] = r
+        elif r.get("timing") and not (last.get(key) or {}).get("timing"):
+            out.append(r)
+    return out
+
+
 def _local(path) -> list[dict]:
     """This machine's own records: a pulled pack's results share the file but are never
     ranked, refined from or retimed as the user's own."""
@@ -434,8 +445,9 @@ def _stored_winners(p: Plan, path, shape, dtype) -> list[Variant]:
 
 
 def _job(p: Plan, v: Variant | None, shape, dtype) -> dict:
-    if v is None:
-        return {"kind": "builtin", "op": p.op.name, "backend": p.backend, "dtype": dtype, "time_shape": shape}
+    if v is None:  # its own limit (a lane gives each job of a unit the job's "timeout" where set)
+        return {"kind": "builtin", "op": p.op.name, "backend": p.backend, "dtype": dtype, "time_shape": shape,
+                "timeout": max(p.timeout, BUILTIN_TIMEOUT)}
     checks = list(p.op.edge_shapes) + [shape]
     return {"kind": "variant", "op": p.op.name, "backend": p.backend, "dtype": dtype,
             "template": str(v.template.path), "params": v.param_dict, "check_shapes": checks,

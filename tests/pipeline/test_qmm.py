@@ -132,3 +132,32 @@ print("ok")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr
+
+
+def test_a_call_sent_to_qmm_counts_its_fallbacks_under_the_name_called(store_dir, rng):
+    write(store_dir, "qmm", {"M": 8, "N": 64, "K": 512, "G": 64}, "float32", variant("qmm", "dequant"), 0.5, 1.0)
+    tuned.refresh()
+    wq, s, b = quantized(rng, 64, 512, 64)
+    x = mx.array(rng.standard_normal((6, 512)).astype(np.float32))
+    # inside mx.compile the emulator's kernels cannot run: the built-in answers, counted
+    f = mx.compile(lambda x: tuned.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))
+    np.testing.assert_allclose(np.asarray(f(x)), np.asarray(builtin(x, wq, s, b, 64)), rtol=1e-5, atol=1e-5)
+    mx.eval(tuned.quantized_matmul(x[:3], wq, s, b, transpose=True, group_size=64, bits=4))  # no record near 3 rows
+    assert tuned.fallbacks() and {op for op, _ in tuned.fallbacks()} == {"qgemv"}
+
+
+def test_export_refuses_a_then_that_names_what_the_template_does_not_take(extra_templates, monkeypatch):
+    import dataclasses
+
+    from hlh_mlx import export, templates, variants
+    text = (ROOT / "templates" / "qmm" / "dequant.metal.j2").read_text()
+    extra_templates("qmm", "renamed.metal.j2", text.replace('inputs = ["x",', 'inputs = ["a",'))
+    t = next(t for t in templates.discover("qmm") if t.family == "renamed")
+    v = variants.expand(t)[0]
+    with pytest.raises(export.ExportError, match=r"export_then names \['x'\]"):
+        export.render_module("qmm", v.id)
+    real = ops.get
+    bare = dataclasses.replace(real("qmm"), export_then="")
+    monkeypatch.setattr(export.ops, "get", lambda name: bare if name == "qmm" else real(name))
+    with pytest.raises(export.ExportError, match="no export_then"):
+        export.render_module("qmm", variant("qmm", "dequant").id)

@@ -261,40 +261,51 @@ def test_a_new_timing_method_times_the_old_methods_winner_again(store_dir, monke
 
 
 class CompilingGPU(ScriptedGPU):
-    """A GPU whose built-in compiles on its first call, past the kernels' limit: its first
-    timing times out; the timeouts it was given are recorded."""
+    """A GPU whose built-in compiles on its first call for longer than the limit a variant
+    gets: a built-in timing under that limit times out. The limits it was given are recorded."""
 
-    def __init__(self, *a):
+    def __init__(self, *a, compile_s=100):
         super().__init__(*a)
-        self.limits = []
+        self.limits, self.compile_s = [], compile_s
 
     def request(self, job, timeout):
-        self.limits.append(timeout)
-        if job["kind"] == "builtin" and self.limits.count(timeout) == 1 and len(self.limits) == 1:
-            self.asked.append(("builtin", False))
+        self.limits.append(("builtin" if job["kind"] == "builtin" else "variant", timeout))
+        if job["kind"] == "builtin" and timeout < self.compile_s:
+            self.asked.append(("builtin", bool(job.get("repeat"))))
             return {"status": "timeout", "error": f"no answer in {timeout} s", "checks": []}
         return super().request(job, timeout)
 
 
-def test_a_builtin_that_times_out_is_timed_again_with_room_before_any_variant(store_dir):
+def test_the_builtin_gets_room_to_compile_and_variants_it_failed_are_timed_again(store_dir, monkeypatch):
     """MLX's CUDA quantized matmul for several rows compiled for longer than the 60 s a
-    device sweep gave each job: the shape's variants had no built-in of their run to be
-    ranked against, and selection never served them (H100, 2026-12-05)."""
+    device sweep gave each job: its timing timed out, the shape's variants had no built-in of
+    their run to be ranked against, and selection never served them (H100, 2026-12-05)."""
     import dataclasses
 
     from hlh_mlx import backends, rank, sweep
-    base = sweep.plan("matmul", backend="emulator", template="tiled", shapes=[{"M": 64, "N": 64, "K": 64}],
-                      dtypes=["float32"], timeout=60)
+    shape = {"M": 64, "N": 64, "K": 64}
+    base = sweep.plan("matmul", backend="emulator", template="tiled", shapes=[shape], dtypes=["float32"], timeout=60)
     gpu = backends.Device("scripted-gpu", "Scripted GPU", "none", "cuda")
     by_bs = {v.param_dict["BS"]: v for v in base.space if v.param_dict.get("PAD", 0) == 0}
+    plan = dataclasses.replace(base, device=gpu, candidates=[by_bs[8]], budget=None)
+    # a run of before: the built-in had the variants' limit and timed out
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "BUILTIN_TIMEOUT", 0)
+        sweep.run(plan, worker=CompilingGPU(1.0, {8: 0.52}))
+    rows = rank.table_rows(store.read(store_dir / "scripted-gpu" / "matmul.jsonl"), "matmul", shape, "float32",
+                           "emulator")
+    assert next(r for r in rows if r["variant"] != "mlx built-in")["speedup"] is None  # nothing to rank against
     w = CompilingGPU(1.0, {8: 0.5})
-    sweep.run(dataclasses.replace(base, device=gpu, candidates=[by_bs[8]], budget=None), worker=w)
-    assert w.asked[:3] == [("builtin", False), ("builtin", False), (8, False)]
-    assert w.limits[:3] == [60, sweep.BUILTIN_RETRY_TIMEOUT, 60]
-    rows = rank.table_rows(store.read(store_dir / "scripted-gpu" / "matmul.jsonl"), "matmul",
-                           {"M": 64, "N": 64, "K": 64}, "float32", "emulator")
-    best = next(r for r in rows if r["variant"] != "mlx built-in")
-    assert best["speedup"] == pytest.approx(2.0)  # ranked against the second timing
+    sweep.run(plan, worker=w)  # nothing new in the plan, but the variant the failed built-in left unranked
+    assert [a for a in w.asked if not a[1]] == [("builtin", False), (8, False)]
+    assert all(t == sweep.BUILTIN_TIMEOUT for kind, t in w.limits if kind == "builtin")
+    assert all(t == 60 for kind, t in w.limits if kind == "variant")
+    rows = rank.table_rows(store.read(store_dir / "scripted-gpu" / "matmul.jsonl"), "matmul", shape, "float32",
+                           "emulator")
+    assert next(r for r in rows if r["variant"] != "mlx built-in")["speedup"] == pytest.approx(2.0)
+    w = CompilingGPU(1.0, {8: 0.5})
+    sweep.run(plan, worker=w)
+    assert w.asked == []  # ranked now: a rerun resumes
 
 
 class LoggingWorker:
