@@ -41,7 +41,21 @@
 set -uo pipefail
 source .device-mlx/env/activate.sh
 store=/tmp/hlh-variants
-[ -d "$store" ] || cp -r variants "$store"
+# a machine may keep /tmp from an earlier session: the checkout's records the store there
+# lacks are appended to it (written later than that store's: selection reads the newest
+# record per variant last), so it never stands in for them
+python3 - "$store" <<'PY'
+import pathlib, sys
+store = pathlib.Path(sys.argv[1])
+for src in pathlib.Path("variants").rglob("*.jsonl"):
+    dst = store / src.relative_to("variants")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    have = dst.read_text().splitlines() if dst.exists() else []
+    seen = set(have)
+    new = [line for line in src.read_text().splitlines() if line not in seen]
+    if new:
+        dst.write_text("\n".join(have + new) + "\n")
+PY
 export HLH_MLX_VARIANTS="$store" PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/hlh-out}"; res=/tmp/hlh-results; mkdir -p "$out" "$res"
 pack() { tar -czf "$out/fused.tar.gz" -C / "${store#/}" "${res#/}"; }
