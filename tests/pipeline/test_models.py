@@ -214,6 +214,9 @@ def test_tune_sweeps_the_calls_the_model_makes_and_resumes(store_dir):
     assert ("qgemv_swiglu", "256x128x64", "float16") in calls and ("qgemv", "256x128x64", "float16") not in calls
     assert ("rms_norm", "5x128", "float16") in calls and ("rms_norm", "1x128", "float16") in calls
     assert ("add_rms_norm", "5x128", "float16") in calls and ("add_rms_norm", "1x128", "float16") in calls
+    # the prefill's 4-bit projections, 5 rows each: qmm's (one token's are qgemv's)
+    assert {("qmm", "5x128x128x64", "float16"), ("qmm", "5x256x128x64", "float16"),
+            ("qmm", "5x128x256x64", "float16")} <= calls
     # the fused decoder ops the blocks weigh against their separate calls: tuned too, so a
     # device with none of them stored gets them from one `tune`
     assert {("norm_qkv_rope", "128x64x128x64x32x0", "float16"), ("qgemv_add", "128x128x64", "float16"),
