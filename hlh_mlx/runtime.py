@@ -10,7 +10,9 @@ shapes and dtypes, every other argument's value) binds it (validation in Python)
   plan is the built-in itself, so a fallback costs the signature and the lookup only;
   and where no stored variant of the op beats the built-in at any shape on this device
   (`select.never_chosen`), the op's first call makes every later one the built-in
-  directly, with no signature (strict mode off, outside `lenient` and `recording` blocks);
+  directly, with no signature (strict mode off, outside `lenient` and `recording` blocks;
+  for an op whose spec sends some calls on to other ops, `also`, its own calls where only
+  those others are served, told apart by the spec's `takes`);
 - the variant's kernel, launched with every argument worked out once, wrapped with the
   reshapes that map the caller's arrays onto the kernel's and, on back ends whose custom
   kernels `mx.compile` can replay (Metal, CUDA), compiled: the replay skips the Python
@@ -160,7 +162,7 @@ class _Keywords:
         return flat[:n], dict(zip(names, flat[n:]))
 
 
-def _hot_path(plans: dict, decide, owner):
+def _hot_path(plans: dict, decide, owner, direct: bool = True):
     """call(*args, **kwargs): `owner._traced` (the op's compiled function) where set, with
     the keywords numbered (`owner.keywords`) and dynamic values made data; else, or for an
     argument MLX cannot trace, the signature built inline (as `signature` builds it: a
@@ -171,9 +173,9 @@ def _hot_path(plans: dict, decide, owner):
     A, dk, vk = _ARRAY, _DKEY, _value_key
 
     def call(*args, **kwargs):
-        direct = owner._direct
-        if direct is not None:  # an op no stored variant serves at any shape: the built-in
-            return direct(*args, **kwargs)
+        to = owner._direct if direct else None
+        if to is not None:  # an op no stored variant serves at any shape: the built-in
+            return to(*args, **kwargs)
         traced = owner._traced
         if traced is not None:
             try:
@@ -266,8 +268,8 @@ def _resume_direct() -> None:
     anywhere take the direct path again (their later calls find their plans remembered, so
     no new decision would set it)."""
     for d in _dispatches:
-        if d.plans and d._direct is None and d._serves_none():
-            d._direct = d.builtin
+        if d.plans and d._direct is None:
+            d._direct = d._direct_path()
 
 
 def _strict_now() -> bool:
@@ -602,6 +604,8 @@ class Dispatch(_Keywords):
         self._signatures = set()  # the distinct calls among them (bounded by MAX_TRACES)
         self._untraced = False  # MAX_TRACES reached: the Python path until refresh()
         self.function = _entry(self)
+        # the hot path without the direct one, for a router's calls that are not the op's own
+        self._undirected = _hot_path(self.plans, self._decide, self, direct=False)
         _dispatches.append(self)
 
     def _plan(self, args, kwargs, key=None):
@@ -625,8 +629,7 @@ class Dispatch(_Keywords):
         if type(plan) is _Fallback:
             plan.dispatch, plan.key = self, key
             self.fallbacks[key] = plan
-            if self._serves_none():
-                self._direct = self.builtin  # counted once: this call (its plan settles below)
+            self._direct = self._direct_path()  # counted once: this call (its plan settles below)
         self.plans[key] = plan
         return plan
 
@@ -668,15 +671,28 @@ class Dispatch(_Keywords):
             self._traced, self._untraced = None, True
         return self.plan_for(args, kwargs, key)(*args, **kwargs)
 
-    def _serves_none(self) -> bool:
-        """Whether every call of this op runs the built-in here, and may do so with no
-        signature: no stored variant beats it at any shape, strict mode is off (checked now:
-        whatever turns it on again resets `_direct`), and no `lenient` block is recording
-        the calls a program makes (`hlh_mlx tune`), nor a `recording` block."""
+    def _direct_path(self):
+        """What the op's calls may run with no signature, or None (decide each distinct call):
+        the built-in where no stored variant of the op, nor of the ops its spec sends calls on
+        to (`also`), beats it at any shape here; where only those others have such variants and
+        the spec tells its own calls cheaply (`takes`), a router: the built-in for its own
+        calls, the decided path for the rest. None while strict mode is on (checked now:
+        whatever turns it on again resets `_direct`) and inside `lenient` and `recording`
+        blocks (every distinct call is decided there: `hlh_mlx tune` records them so)."""
         if _lenient_depth[0] or _recording_depth[0] or _strict_now():
-            return False
-        be, slug = backend(), device_slug()
-        return all(select.never_chosen(name, slug, be) for name in (self.op_name, *ops.get(self.op_name).also))
+            return None
+        spec, be, slug = ops.get(self.op_name), backend(), device_slug()
+        if not select.never_chosen(self.op_name, slug, be):
+            return None
+        if all(select.never_chosen(name, slug, be) for name in spec.also):
+            return self.builtin
+        if spec.takes is None:
+            return None
+        takes, builtin, rest = spec.takes, self.builtin, self._undirected
+
+        def route(*args, **kwargs):
+            return builtin(*args, **kwargs) if takes(*args, **kwargs) else rest(*args, **kwargs)
+        return route
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)

@@ -75,6 +75,7 @@ OP = OpSpec(
     bind=bind,
     function=mx.quantized_matmul,
     also=("qmm",),  # several rows (a prefill)
+    takes=lambda x, *args, **kwargs: type(x) is not mx.array or x.ndim == 0 or x.size == x.shape[-1],
     export_dims={"N": "w.shape[0]", "K": "x.shape[1]", "G": "x.shape[1] // scales.shape[1]"},
     export_inputs=["(1, K)", "(N, K // 8)", "(N, K // G)", "(N, K // G)"],
     export_outputs=["(1, N)"],

@@ -142,6 +142,10 @@ class OpSpec:
     # takes one token, qmm several rows): hlh_mlx.tuned tries them in order, so one
     # `tuned.quantized_matmul` serves a decode step and a prefill
     also: tuple[str, ...] = ()
+    # with `also`: a cheap test, on `function`'s arguments, that a call is this op's own (qgemv:
+    # one row), so that where only the `also` ops have tuned variants on a device this op's
+    # calls can go straight to the built-in, with no signature built
+    takes: Callable | None = None
 
     def kernel_shapes(self, shape: Shape) -> list:
         """The shapes of what a kernel of this op writes."""

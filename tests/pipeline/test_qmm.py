@@ -161,3 +161,24 @@ def test_export_refuses_a_then_that_names_what_the_template_does_not_take(extra_
     monkeypatch.setattr(export.ops, "get", lambda name: bare if name == "qmm" else real(name))
     with pytest.raises(export.ExportError, match="no export_then"):
         export.render_module("qmm", variant("qmm", "dequant").id)
+
+
+def test_where_only_qmm_is_tuned_one_token_goes_straight_to_the_builtin(store_dir, rng):
+    """qgemv's direct path (no signature: the built-in) must not be lost because qmm has
+    variants: its one-token calls are told apart by `takes`, the rest decided as before."""
+    write(store_dir, "qmm", {"M": 8, "N": 64, "K": 512, "G": 64}, "float32", variant("qmm", "dequant"), 0.5, 1.0)
+    tuned.refresh()
+    wq, s, b = quantized(rng, 64, 512, 64)
+    wq2, s2, b2 = quantized(rng, 32, 512, 64)
+    one = mx.array(rng.standard_normal((1, 512)).astype(np.float32))
+    for w in ((wq, s, b), (wq2, s2, b2), (wq, s, b)):  # two one-token signatures
+        y = tuned.quantized_matmul(one, *w, transpose=True, group_size=64, bits=4)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(builtin(one, *w, 64)), rtol=1e-5, atol=1e-5)
+    assert tuned.quantized_matmul.dispatch._direct is not None
+    assert sum(tuned.fallbacks().values()) == 1  # the first decided, the second went straight through
+    x = mx.array(rng.standard_normal((6, 512)).astype(np.float32))  # several rows: still qmm's variant
+    np.testing.assert_allclose(np.asarray(tuned.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)),
+                               np.asarray(builtin(x, wq, s, b, 64)), rtol=1e-4, atol=1e-4)
+    assert sum(tuned.fallbacks().values()) == 1 and "as qmm: variant" in tuned.explain(
+        "qgemv", x, wq, s, b, transpose=True, group_size=64, bits=4)
+    assert ops.get("qgemv").takes(mx.array(1.0)) and not ops.get("qgemv").takes(x)
