@@ -268,8 +268,8 @@ def _resume_direct() -> None:
     anywhere take the direct path again (their later calls find their plans remembered, so
     no new decision would set it)."""
     for d in _dispatches:
-        if d.plans and d._direct is None:
-            d._direct = d._direct_path()
+        if d.plans and d._direct is None and d._direct_path() is d.builtin:  # a router waits for its own call
+            d._direct = d.builtin
 
 
 def _strict_now() -> bool:
@@ -629,7 +629,7 @@ class Dispatch(_Keywords):
         if type(plan) is _Fallback:
             plan.dispatch, plan.key = self, key
             self.fallbacks[key] = plan
-            self._direct = self._direct_path()  # counted once: this call (its plan settles below)
+            self._direct = self._direct_path(args, kwargs)  # counted once: this call (its plan settles below)
         self.plans[key] = plan
         return plan
 
@@ -671,14 +671,15 @@ class Dispatch(_Keywords):
             self._traced, self._untraced = None, True
         return self.plan_for(args, kwargs, key)(*args, **kwargs)
 
-    def _direct_path(self):
+    def _direct_path(self, args=None, kwargs=None):
         """What the op's calls may run with no signature, or None (decide each distinct call):
         the built-in where no stored variant of the op, nor of the ops its spec sends calls on
         to (`also`), beats it at any shape here; where only those others have such variants and
         the spec tells its own calls cheaply (`takes`), a router: the built-in for its own
-        calls, the decided path for the rest. None while strict mode is on (checked now:
-        whatever turns it on again resets `_direct`) and inside `lenient` and `recording`
-        blocks (every distinct call is decided there: `hlh_mlx tune` records them so)."""
+        calls, the decided path for the rest, once one of its own calls (`args`, `kwargs`:
+        the fallback being decided) has been decided and counted. None while strict mode is
+        on (checked now: whatever turns it on again resets `_direct`) and inside `lenient` and
+        `recording` blocks (every distinct call is decided there: `hlh_mlx tune` records them so)."""
         if _lenient_depth[0] or _recording_depth[0] or _strict_now():
             return None
         spec, be, slug = ops.get(self.op_name), backend(), device_slug()
@@ -686,7 +687,7 @@ class Dispatch(_Keywords):
             return None
         if all(select.never_chosen(name, slug, be) for name in spec.also):
             return self.builtin
-        if spec.takes is None:
+        if spec.takes is None or args is None or not spec.takes(*args, **kwargs):
             return None
         takes, builtin, rest = spec.takes, self.builtin, self._undirected
 

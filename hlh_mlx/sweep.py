@@ -211,7 +211,8 @@ class _Run:
         self.p, self.path, self.pool, self.progress, self.notify = p, path, pool, progress, notify
         self.is_done, self.done, self.rerun = is_done, done, rerun
         self.timed = p.device.can_time
-        self.stale_after = 2 * p.timeout + 60
+        # a claim is dead once its unit (the built-in, with its own limit, and a variant) is overdue
+        self.stale_after = p.timeout + max(p.timeout, BUILTIN_TIMEOUT) + 60
 
     # -- one shape -----------------------------------------------------------------------
     def shape(self, shape, dtype):
@@ -392,7 +393,9 @@ class _Run:
             on = (first or {}).get("timed_on")
             lane = next((x for x in self.pool.lanes if on and x.timed_on == on), lane)
         self._wait_idle(lane)
-        unit = [((v, True), dict(_job(p, v, shape, dtype), repeat=True)) for v in [None] + ([best] if best else [])]
+        # the second timings under the variants' limit: this worker has built the built-in already
+        unit = [((v, True), dict(_job(p, v, shape, dtype), repeat=True, timeout=p.timeout))
+                for v in [None] + ([best] if best else [])]
         self.pool.submit(lane, unit, p.timeout, "timing the winner again")
         while lane.outstanding:
             got = self.pool.get(timeout=self.POLL)
@@ -401,20 +404,29 @@ class _Run:
 
 
 def _unranked(records) -> list[dict]:
-    """Timed variant records whose run has no timed built-in to rank them against (the
-    built-in timed out or crashed before them on that device): not done, so the next run
-    times them again after its built-in."""
-    last: dict = {}  # (shape, dtype, back end, method, device) -> the built-in record written last
-    out = []
+    """The records of variants whose newest timing (the one selection ranks) has no timed
+    built-in of its run to be ranked against (the built-in timed out or crashed before it on
+    that device): not done, so the next run times them again after its built-in. Not once
+    the built-in has failed store.MAX_HANG_ATTEMPTS times in a row there (it is not timed
+    again by itself, so neither are they)."""
+    last: dict = {}    # (shape, dtype, back end, method, device) -> the built-in record written last
+    failed: dict = {}  # (shape, dtype, back end, method) -> the built-in's failures since it last answered
+    newest: dict = {}  # (shape, dtype, back end, method, variant) -> (its newest timed record, ranked?)
+    mine: dict = {}    # the same key -> every record of it
     for r in records:
         if r.get("repeat") or r.get("source", "local") != "local":
             continue
-        key = (r.get("shape_str"), r.get("dtype"), r.get("backend"), r.get("timing_method", 1), r.get("timed_on"))
+        group = (r.get("shape_str"), r.get("dtype"), r.get("backend"), r.get("timing_method", 1))
         if r.get("template") == "builtin":
-            last[key] = r
-        elif r.get("timing") and not (last.get(key) or {}).get("timing"):
-            out.append(r)
-    return out
+            last[(*group, r.get("timed_on"))] = r
+            failed[group] = 0 if r.get("timing") else failed.get(group, 0) + (r.get("status") in store.RETRY_STATUSES)
+            continue
+        key = (*group, r.get("variant_id"))
+        mine.setdefault(key, []).append(r)
+        if r.get("timing"):
+            newest[key] = bool((last.get((*group, r.get("timed_on"))) or {}).get("timing"))
+    return [r for key, ranked in newest.items() if not ranked and failed.get(key[:4], 0) < store.MAX_HANG_ATTEMPTS
+            for r in mine[key]]
 
 
 def _local(path) -> list[dict]:

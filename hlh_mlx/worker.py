@@ -68,7 +68,8 @@ def handle(req: dict) -> dict:
             os.environ.get("HLH_MLX_SANITIZE", "1") != "0"
     template = templates.load(req["template"])
     variant = variants.make(template, req["params"])
-    reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash}
+    # the inputs' seed goes back into the record: which inputs proved it, and no two records alike
+    reply: dict = {"status": "ok", "checks": [], "source_hash": variant.source_hash, "seed": req.get("seed")}
     try:
         kernel = backends.Kernel(variant, req["backend"], sanitize=sanitize)
         if req.get("repeat"):  # a second timing of a variant this run already proved

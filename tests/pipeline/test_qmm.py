@@ -182,3 +182,18 @@ def test_where_only_qmm_is_tuned_one_token_goes_straight_to_the_builtin(store_di
     assert sum(tuned.fallbacks().values()) == 1 and "as qmm: variant" in tuned.explain(
         "qgemv", x, wq, s, b, transpose=True, group_size=64, bits=4)
     assert ops.get("qgemv").takes(mx.array(1.0)) and not ops.get("qgemv").takes(x)
+
+
+def test_a_prefill_fallback_does_not_hide_the_first_decode_fallback(store_dir, rng):
+    """The router goes in when one of qgemv's own calls falls back, so that call is decided
+    and counted; a several-row fallback first must not install it."""
+    write(store_dir, "qmm", {"M": 8, "N": 64, "K": 512, "G": 64}, "float32", variant("qmm", "dequant"), 0.5, 1.0)
+    tuned.refresh()
+    wq, s, b = quantized(rng, 64, 512, 64)
+    kw = dict(transpose=True, group_size=64, bits=4)
+    many = mx.array(rng.standard_normal((100, 512)).astype(np.float32))  # no qmm record within 2x of 100 rows
+    mx.eval(tuned.quantized_matmul(many, wq, s, b, **kw))
+    assert sum(tuned.fallbacks().values()) == 1 and tuned.quantized_matmul.dispatch._direct is None
+    one = mx.array(rng.standard_normal((1, 512)).astype(np.float32))
+    mx.eval(tuned.quantized_matmul(one, wq, s, b, **kw))
+    assert sum(tuned.fallbacks().values()) == 2 and tuned.quantized_matmul.dispatch._direct is not None

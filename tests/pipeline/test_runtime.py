@@ -258,7 +258,7 @@ def test_a_traced_variant_refuses_a_bool_offset_as_mlx_does(store_dir, rng, monk
 def some_shape_served(monkeypatch):
     """As if a stored variant beat the built-in at some other shape: calls are decided per
     signature (no op-wide direct path)."""
-    monkeypatch.setattr(runtime.Dispatch, "_direct_path", lambda self: None)
+    monkeypatch.setattr(runtime.Dispatch, "_direct_path", lambda self, *call: None)
 
 
 def test_a_remembered_fallback_is_counted_once_and_then_is_the_builtin_itself(rng, resolves, some_shape_served):

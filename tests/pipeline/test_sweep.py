@@ -264,15 +264,20 @@ class CompilingGPU(ScriptedGPU):
     """A GPU whose built-in compiles on its first call for longer than the limit a variant
     gets: a built-in timing under that limit times out. The limits it was given are recorded."""
 
-    def __init__(self, *a, compile_s=100):
+    def __init__(self, *a, compile_s=100, never=False):
         super().__init__(*a)
-        self.limits, self.compile_s = [], compile_s
+        self.limits, self.compile_s, self.never, self.warm = [], compile_s, never, False
+
+    def _builtin_answers(self, job, timeout):
+        return not self.never and (timeout >= self.compile_s or (job.get("repeat") and self.warm))
 
     def request(self, job, timeout):
-        self.limits.append(("builtin" if job["kind"] == "builtin" else "variant", timeout))
-        if job["kind"] == "builtin" and timeout < self.compile_s:
-            self.asked.append(("builtin", bool(job.get("repeat"))))
-            return {"status": "timeout", "error": f"no answer in {timeout} s", "checks": []}
+        self.limits.append(("builtin" if job["kind"] == "builtin" else "variant", bool(job.get("repeat")), timeout))
+        if job["kind"] == "builtin":
+            if not self._builtin_answers(job, timeout):
+                self.asked.append(("builtin", bool(job.get("repeat"))))
+                return {"status": "timeout", "error": f"no answer in {timeout} s", "checks": []}
+            self.warm = True  # built once in this process: a second timing needs no room
         return super().request(job, timeout)
 
 
@@ -298,14 +303,40 @@ def test_the_builtin_gets_room_to_compile_and_variants_it_failed_are_timed_again
     w = CompilingGPU(1.0, {8: 0.5})
     sweep.run(plan, worker=w)  # nothing new in the plan, but the variant the failed built-in left unranked
     assert [a for a in w.asked if not a[1]] == [("builtin", False), (8, False)]
-    assert all(t == sweep.BUILTIN_TIMEOUT for kind, t in w.limits if kind == "builtin")
-    assert all(t == 60 for kind, t in w.limits if kind == "variant")
+    assert all(t == sweep.BUILTIN_TIMEOUT for kind, again, t in w.limits if kind == "builtin" and not again)
+    assert all(t == 60 for kind, again, t in w.limits if kind == "variant" or again)
     rows = rank.table_rows(store.read(store_dir / "scripted-gpu" / "matmul.jsonl"), "matmul", shape, "float32",
                            "emulator")
     assert next(r for r in rows if r["variant"] != "mlx built-in")["speedup"] == pytest.approx(2.0)
     w = CompilingGPU(1.0, {8: 0.5})
     sweep.run(plan, worker=w)
     assert w.asked == []  # ranked now: a rerun resumes
+    # a --retime whose built-in fails leaves the variant's newest timing unranked: the next
+    # plain run times it again (selection ranks the newest timing alone)
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "BUILTIN_TIMEOUT", 0)
+        sweep.run(dataclasses.replace(plan, retime=True), worker=CompilingGPU(1.0, {8: 0.51}))
+    w = CompilingGPU(1.0, {8: 0.49})
+    sweep.run(plan, worker=w)
+    assert [a for a in w.asked if not a[1]] == [("builtin", False), (8, False)]
+
+
+def test_variants_are_not_timed_again_for_a_builtin_that_never_answers(store_dir):
+    import dataclasses
+
+    from hlh_mlx import backends, sweep
+    shape = {"M": 64, "N": 64, "K": 64}
+    base = sweep.plan("matmul", backend="emulator", template="tiled", shapes=[shape], dtypes=["float32"], timeout=60)
+    gpu = backends.Device("scripted-gpu", "Scripted GPU", "none", "cuda")
+    by_bs = {v.param_dict["BS"]: v for v in base.space if v.param_dict.get("PAD", 0) == 0}
+    plan = dataclasses.replace(base, device=gpu, candidates=[by_bs[8]], budget=None)
+    asked = []
+    for ms in (0.5, 0.51, 0.52, 0.53):
+        w = CompilingGPU(1.0, {8: ms}, never=True)
+        sweep.run(plan, worker=w)
+        asked.append([a for a in w.asked if not a[1]])
+    assert asked[0] == [("builtin", False), (8, False)] and asked[1] == [("builtin", False), (8, False)]
+    assert asked[2:] == [[], []]  # the built-in failed store.MAX_HANG_ATTEMPTS times: nothing more to rank against
 
 
 class LoggingWorker:
