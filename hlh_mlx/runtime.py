@@ -629,7 +629,9 @@ class Dispatch(_Keywords):
         if type(plan) is _Fallback:
             plan.dispatch, plan.key = self, key
             self.fallbacks[key] = plan
-            self._direct = self._direct_path(args, kwargs)  # counted once: this call (its plan settles below)
+            direct = self._direct_path(args, kwargs)
+            if direct is not None:  # counted once: this call (its plan settles below)
+                self._direct = direct  # (a several-row fallback through a router leaves it in place)
         self.plans[key] = plan
         return plan
 

@@ -197,3 +197,6 @@ def test_a_prefill_fallback_does_not_hide_the_first_decode_fallback(store_dir, r
     one = mx.array(rng.standard_normal((1, 512)).astype(np.float32))
     mx.eval(tuned.quantized_matmul(one, wq, s, b, **kw))
     assert sum(tuned.fallbacks().values()) == 2 and tuned.quantized_matmul.dispatch._direct is not None
+    router = tuned.quantized_matmul.dispatch._direct
+    mx.eval(tuned.quantized_matmul(many[:90], wq, s, b, **kw))  # another several-row fallback, through it
+    assert sum(tuned.fallbacks().values()) == 3 and tuned.quantized_matmul.dispatch._direct is router
