@@ -411,7 +411,7 @@ def _unranked(records) -> list[dict]:
     again by itself, so neither are they)."""
     last: dict = {}    # (shape, dtype, back end, method, device) -> the built-in record written last
     failed: dict = {}  # (shape, dtype, back end, method) -> the built-in's failures since it last answered
-    newest: dict = {}  # (shape, dtype, back end, method, variant) -> (its newest timed record, ranked?)
+    newest: dict = {}  # (shape, dtype, back end, method, variant) -> whether its newest timing has a built-in
     mine: dict = {}    # the same key -> every record of it
     for r in records:
         if r.get("repeat") or r.get("source", "local") != "local":
