@@ -9,7 +9,7 @@ the sweep measures whether it does, at each M, against the built-in, the whole o
 
 import mlx.core as mx
 
-from .qgemv import _inputs as _one_row_inputs, _magnitude, _reference, quantized_reason
+from .qgemv import _builtin, _inputs as _one_row_inputs, _magnitude, _reference, quantized_reason
 from .spec import ROUNDED_ONCE, Call, OpSpec, dtype_name, random_array
 
 # N * K / 8 packed words are indexed in 32 bits by the kernels
@@ -19,11 +19,6 @@ MAX_WORDS = 2**31
 def _inputs(shape, dtype, rng):
     x, wq, scales, biases = _one_row_inputs({k: shape[k] for k in ("N", "K", "G")}, dtype, rng)
     return [random_array(rng, (shape["M"], shape["K"]), dtype), wq, scales, biases]
-
-
-def _builtin(x, wq, scales, biases):
-    g = wq.shape[1] * 8 // scales.shape[1]
-    return [mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=g, bits=4)]
 
 
 def _then(inputs, outs):
