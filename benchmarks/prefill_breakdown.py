@@ -46,13 +46,6 @@ def prefill_ms(model, prompt: list[int], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def chain_ms(fn, make) -> float:
-    """Latency of fn(*make()) in a dependent chain, input copies (weights too) filling 2 GB."""
-    first = make()
-    sets, resident = timing.input_sets(lambda: first, sum(a.nbytes for a in first))
-    return timing.measure(fn, sets, cache_resident=resident).median_ms
-
-
 def _normal(*shape, dtype):
     return mx.random.normal(shape).astype(dtype)
 
@@ -101,7 +94,7 @@ def layer_cases(model, m: int, dtype) -> dict:
 def breakdown(model, m: int, dtype, layers: int) -> dict:
     out = {}
     for family, cs in layer_cases(model, m, dtype).items():
-        per_layer = sum(chain_ms(fn, make) for fn, make in cs)
+        per_layer = sum(timing.chain_ms(fn, make()) for fn, make in cs)
         out[family] = {"per_layer_ms": round(per_layer, 4), "model_ms": round(per_layer * layers, 3)}
     return out
 

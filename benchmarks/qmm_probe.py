@@ -19,12 +19,6 @@ from hlh_mlx import paths, timing
 SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
 
 
-def chain_ms(fn, make) -> float:
-    first = make()
-    sets, resident = timing.input_sets(lambda: first, sum(a.nbytes for a in first))
-    return timing.measure(fn, sets, cache_resident=resident).median_ms
-
-
 def cases(m: int, n: int, k: int, g: int, dtype):
     def quantized():
         w = mx.random.normal((n, k)).astype(dtype) * k ** -0.5
@@ -61,7 +55,7 @@ def main(argv=None):
     print(f"{'rows':>5s} {'proj':8s} {'quantized_matmul':>17s} {'dequant+matmul':>15s} {'fp16 matmul':>12s}  (ms, chain)")
     for m in rows:
         for name, (n, k) in SHAPES.items():
-            got = {label: chain_ms(fn, make) for label, (fn, make) in cases(m, n, k, args.group, mx.float16).items()}
+            got = {label: timing.chain_ms(fn, make()) for label, (fn, make) in cases(m, n, k, args.group, mx.float16).items()}
             result["cases"].append({"rows": m, "proj": name, "N": n, "K": k, **got})
             print(f"{m:5d} {name:8s} {got['quantized_matmul']:17.4f} {got['dequantize+matmul']:15.4f} "
                   f"{got['fp16 matmul']:12.4f}", flush=True)

@@ -92,6 +92,13 @@ def input_sets(make, nbytes: int) -> tuple[list, bool]:
     return sets, n < want
 
 
+def chain_ms(fn, inputs: list) -> float:
+    """Median latency (ms) of fn(*inputs) in a dependent chain, copies of the inputs filling
+    ROTATE_BYTES: for benchmarks timing MLX calls that are not an op spec's."""
+    sets, resident = input_sets(lambda: inputs, sum(a.nbytes for a in inputs))
+    return measure(fn, sets, cache_resident=resident).median_ms
+
+
 def chained(previous: mx.array, x: mx.array) -> tuple[mx.array, str]:
     """x's place filled from `previous` (the last call's first output), so the call that
     reads it must wait for the call that wrote it. A view when `previous` has enough
